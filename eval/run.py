@@ -1,0 +1,100 @@
+"""`prorank eval`: BM25 top-k, optionally reranked by a model's relevance score, with IR metrics.
+
+Reads top to bottom: load the split, retrieve, rerank the top `rerank_depth` of each query (the rest
+keeps its BM25 order below them), evaluate, then report to JSON and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval.metrics import evaluate, ranked_to_run
+from eval.rerank import score_pairs
+from prorank.bm25 import Ranking, bm25_search
+from prorank.config import ProRankConfig
+from prorank.data import BeirDataset, load_dataset
+from prorank.prompt import PromptBuilder, document_text
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, dict[str, float]]  # system ("bm25", "model") -> measure -> value
+    settings: dict[str, object]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.metrics, "settings": self.settings, "seconds": self.seconds}
+
+
+def rerank(
+    model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
+    batch_size: int = 16, progress: bool = True,
+) -> dict[str, list[str]]:
+    """Each query's BM25 list with its top `depth` reordered by the model's score."""
+    pairs, owners = [], []
+    for qid, hits in ranking.items():
+        for doc_id, _ in hits[:depth]:
+            doc = dataset.corpus[doc_id]
+            pairs.append((dataset.queries[qid], document_text(doc.title, doc.text)))
+            owners.append((qid, doc_id))
+    scores = score_pairs(model, builder, pairs, batch_size=batch_size, progress=progress)
+    by_query: dict[str, list[tuple[float, str]]] = {qid: [] for qid in ranking}
+    for (qid, doc_id), score in zip(owners, scores):
+        by_query[qid].append((score, doc_id))
+    ranked = {}
+    for qid, hits in ranking.items():
+        top = [doc for _, doc in sorted(by_query[qid], key=lambda t: -t[0])]
+        ranked[qid] = top + [doc for doc, _ in hits[depth:]]
+    return ranked
+
+
+def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = True) -> EvalReport:
+    """BM25 metrics, plus the model's when one is given (or configured in `cfg.model`)."""
+    clock = time.perf_counter()
+    dataset = load_dataset(cfg.data)
+    query_ids = dataset.query_ids[: cfg.eval.max_queries]
+    ranking = bm25_search(dataset, query_ids, cfg.bm25)
+    seconds = {"bm25": time.perf_counter() - clock}
+    metrics = {"bm25": evaluate(dataset.qrels, ranked_to_run({q: [d for d, _ in h] for q, h in ranking.items()}))}
+    depth = min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
+    settings: dict[str, object] = {
+        "dataset": dataset.name, "source": dataset.source, "split": cfg.data.split,
+        "queries": len(query_ids), "queries_in_split": len(dataset.query_ids),
+        "bm25_top_k": cfg.bm25.top_k,
+    }
+    if model is None and (cfg.model.path or cfg.model.hub_id):
+        from prorank.models import load_causal_lm, resolve_model
+
+        model, tokenizer = load_causal_lm(cfg.model)
+        settings["model"] = resolve_model(cfg.model)
+    if model is not None:
+        clock = time.perf_counter()
+        builder = PromptBuilder(tokenizer, cfg.prompt.max_length, cfg.prompt.max_query_tokens)
+        ranked = rerank(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
+        seconds["model"] = time.perf_counter() - clock
+        metrics["model"] = evaluate(dataset.qrels, ranked_to_run(ranked))
+        settings.update(rerank_depth=depth, max_length=cfg.prompt.max_length,
+                        max_query_tokens=cfg.prompt.max_query_tokens, pairs=sum(min(depth, len(h)) for h in ranking.values()))
+    report = EvalReport(metrics, settings, seconds)
+    write_tensorboard(report, cfg.eval.tensorboard_dir or default_tensorboard_dir(dataset.name, cfg.data.split))
+    if cfg.eval.output:
+        Path(cfg.eval.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.eval.output).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
+
+
+def default_tensorboard_dir(dataset: str, split: str) -> str:
+    return str(Path("runs") / "eval" / f"{dataset}-{split}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def write_tensorboard(report: EvalReport, log_dir: str, step: int = 0) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir) as writer:
+        for system, values in report.metrics.items():
+            for name, value in values.items():
+                writer.add_scalar(f"eval/{system}/{name}", value, step)
+    report.settings["tensorboard_dir"] = log_dir

@@ -1,0 +1,92 @@
+"""First-stage BM25 candidates (bm25s), cached on disk by dataset content and parameters.
+
+Two cache levels: the index (by corpus fingerprint and index parameters) and the ranked lists (by
+index key, top-k and the query set). Writes are atomic, so an interrupted run never leaves a cache
+entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prorank.config import BM25Config
+from prorank.data import BeirDataset
+
+log = logging.getLogger(__name__)
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs index building at DEBUG
+
+Ranking = dict[str, list[tuple[str, float]]]  # query id -> [(doc id, score)], best first
+
+
+def cache_root(cfg: BM25Config) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("PRORANK_CACHE", Path.home() / ".cache" / "prorank")) / "bm25"
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _index_key(dataset: BeirDataset, cfg: BM25Config) -> str:
+    params = cfg.model_dump(include={"k1", "b", "method", "stemmer", "stopwords"})
+    return f"{dataset.name}-{_digest([dataset.fingerprint, params])}"
+
+
+def _tokenize(texts: list[str], cfg: BM25Config):
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer(cfg.stemmer) if cfg.stemmer else None
+    return bm25s.tokenize(texts, stopwords=cfg.stopwords, stemmer=stemmer, show_progress=False)
+
+
+def _load_or_build_index(dataset: BeirDataset, cfg: BM25Config, folder: Path):
+    import bm25s
+
+    if (folder / "params.index.json").is_file():
+        return bm25s.BM25.load(str(folder))
+    docs = list(dataset.corpus.values())
+    log.info("building BM25 index of %d documents", len(docs))
+    retriever = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
+    retriever.index(_tokenize([f"{d.title} {d.text}".strip() for d in docs], cfg), show_progress=False)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    retriever.save(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return retriever
+
+
+def bm25_search(dataset: BeirDataset, query_ids: list[str], cfg: BM25Config) -> Ranking:
+    """Top `cfg.top_k` documents for each query id, from the cache when it has them."""
+    unknown = [q for q in query_ids if q not in dataset.queries]
+    if unknown:
+        raise KeyError(f"unknown query ids: {unknown[:5]}")
+    root = cache_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    index_key = _index_key(dataset, cfg)
+    k = min(cfg.top_k, len(dataset.corpus))
+    run_path = root / f"{index_key}-run-{_digest([k, query_ids])}.json"
+    if run_path.is_file():
+        cached = json.loads(run_path.read_text())
+        return {qid: [(d, s) for d, s in cached[qid]] for qid in query_ids}
+
+    retriever = _load_or_build_index(dataset, cfg, root / index_key)
+    doc_ids = list(dataset.corpus)
+    indices, scores = retriever.retrieve(
+        _tokenize([dataset.queries[q] for q in query_ids], cfg), k=k, show_progress=False
+    )
+    ranking: Ranking = {
+        qid: [(doc_ids[int(i)], float(s)) for i, s in zip(idx_row, score_row)]
+        for qid, idx_row, score_row in zip(query_ids, indices, scores)
+    }
+    tmp = run_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ranking))
+    tmp.replace(run_path)
+    return ranking

