@@ -1,0 +1,1 @@
+"""Ray actors that hold live vLLM engines and generate grouped relevance judgments."""

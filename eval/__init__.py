@@ -1,0 +1,1 @@
+"""Reranking of BM25 candidates with a model's relevance score, and IR metrics."""

@@ -1,0 +1,1 @@
+"""The DeepSpeed ZeRO learner: GRPO prompt warmup, then fine-grained score learning."""

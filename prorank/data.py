@@ -84,7 +84,7 @@ def _row_id(where: str, row: dict[str, Any]) -> str:
     return value
 
 
-def parse_corpus(records: Iterable[Record]) -> dict[str, Document]:
+def parse_corpus(records: Iterable[Record], label: str) -> dict[str, Document]:
     corpus: dict[str, Document] = {}
     first_seen: dict[str, str] = {}
     for where, row in records:
@@ -97,11 +97,11 @@ def parse_corpus(records: Iterable[Record]) -> dict[str, Document]:
         corpus[doc_id] = Document(doc_id, title.strip(), text.strip())
         first_seen[doc_id] = where
     if not corpus:
-        raise DataError("corpus is empty")
+        raise DataError(f"{label}: corpus is empty")
     return corpus
 
 
-def parse_queries(records: Iterable[Record]) -> dict[str, str]:
+def parse_queries(records: Iterable[Record], label: str) -> dict[str, str]:
     queries: dict[str, str] = {}
     for where, row in records:
         qid = _row_id(where, row)
@@ -111,15 +111,17 @@ def parse_queries(records: Iterable[Record]) -> dict[str, str]:
         if not text:
             raise DataError(f"{where}: query {qid!r} has an empty text")
         queries[qid] = text
+    if not queries:
+        raise DataError(f"{label}: no queries")
     return queries
 
 
 def parse_qrels(
-    records: Iterable[Record], corpus: dict[str, Document], queries: dict[str, str]
+    records: Iterable[Record], corpus: dict[str, Document], queries: dict[str, str], label: str
 ) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     for where, row in records:
-        qid, did, raw_score = str(row["query-id"]), str(row["corpus-id"]), row["score"]
+        qid, did, raw_score = str(row["query-id"]).strip(), str(row["corpus-id"]).strip(), row["score"]
         try:
             score = int(raw_score)
         except (TypeError, ValueError):
@@ -132,7 +134,7 @@ def parse_qrels(
             raise DataError(f"{where}: duplicate qrel for query {qid!r}, document {did!r}")
         qrels[qid][did] = score
     if not qrels:
-        raise DataError("qrels are empty")
+        raise DataError(f"{label}: no qrels")
     return qrels
 
 
@@ -181,9 +183,10 @@ def load_local(folder: str | Path, split: str) -> BeirDataset:
     if not qrels_path.is_file():
         available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
         raise DataError(f"split {split!r} not found: no {qrels_path} (available: {available or 'none'})")
-    corpus = parse_corpus(_jsonl_records(_require(root / "corpus.jsonl")))
-    queries = parse_queries(_jsonl_records(_require(root / "queries.jsonl")))
-    qrels = parse_qrels(_tsv_qrels_records(qrels_path), corpus, queries)
+    corpus_path, queries_path = _require(root / "corpus.jsonl"), _require(root / "queries.jsonl")
+    corpus = parse_corpus(_jsonl_records(corpus_path), str(corpus_path))
+    queries = parse_queries(_jsonl_records(queries_path), str(queries_path))
+    qrels = parse_qrels(_tsv_qrels_records(qrels_path), corpus, queries, str(qrels_path))
     return BeirDataset(root.resolve().name, split, corpus, queries, qrels, source=str(root))
 
 
@@ -211,9 +214,10 @@ def load_hub(hub_id: str, split: str) -> BeirDataset:
         raise DataError(f"split {split!r} not found in {qrels_id}: {err}") from err
     except Exception as err:
         raise DataError(f"cannot load {qrels_id} from the hub: {err}") from err
-    corpus = parse_corpus(_hub_records(corpus_rows, f"hub:{hub_id}/corpus"))
-    queries = parse_queries(_hub_records(query_rows, f"hub:{hub_id}/queries"))
-    qrels = parse_qrels(_hub_records(qrels_rows, f"hub:{qrels_id}/{split}"), corpus, queries)
+    labels = (f"hub:{hub_id}/corpus", f"hub:{hub_id}/queries", f"hub:{qrels_id}/{split}")
+    corpus = parse_corpus(_hub_records(corpus_rows, labels[0]), labels[0])
+    queries = parse_queries(_hub_records(query_rows, labels[1]), labels[1])
+    qrels = parse_qrels(_hub_records(qrels_rows, labels[2]), corpus, queries, labels[2])
     return BeirDataset(hub_id.rsplit("/", 1)[-1], split, corpus, queries, qrels, source=f"hub:{hub_id}")
 
 

@@ -1,0 +1,1 @@
+"""The gRPC reward service: scores grouped judgments against qrels."""

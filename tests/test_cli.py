@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from prorank.cli import app, source_values
+from prorank.config import ConfigError
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_bm25_only_eval_writes_json_and_tensorboard(scifact_dir, tmp_path):
+    out = tmp_path / "r.json"
+    res = _run("eval", "--data", scifact_dir, "--max-queries", 30, "--output", out, f"eval.tensorboard_dir={tmp_path}/tb")
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert set(report["bm25"]) == {"nDCG@10", "RR@10", "R@100"} and "model" not in report
+    assert report["settings"]["queries"] == 30
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert "nDCG@10" in res.output and "bm25" in res.output
+
+
+def test_model_eval_from_config_file(scifact_dir, tiny_model_dir, tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        f"data: {{path: {scifact_dir}, split: test}}\nmodel: {{path: {tiny_model_dir}}}\n"
+        f"prompt: {{max_length: 256}}\nbm25: {{top_k: 20}}\n"
+        f"eval: {{rerank_depth: 5, max_queries: 4, output: {tmp_path}/m.json, tensorboard_dir: {tmp_path}/tb}}\n"
+    )
+    res = _run("eval", "--config", cfg)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert set(report) >= {"bm25", "model"} and report["settings"]["pairs"] == 20
+    assert report["settings"]["rerank_depth"] == 5
+    # Only the top 5 were reordered: recall at 20 cannot change.
+    assert report["model"]["R@100"] == report["bm25"]["R@100"]
+    assert "bounded run" in res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "bm25.topk=3"], "bm25.topk: Extra inputs are not permitted"),
+        (["eval", "--top-k", "0"], "bm25.top_k: Input should be greater than or equal to 1"),
+        (["eval", "--data", "./no/such/folder"], "no such folder, and not a hub id"),
+        (["eval", "--data", "{scifact}", "--split", "dev"], "split 'dev' not found"),
+        (["eval", "--data", "{scifact}", "--model", "/no/model"], "no such folder"),
+    ],
+)
+def test_errors_are_clear_and_exit_2(scifact_dir, args, message):
+    res = _run(*[a.format(scifact=scifact_dir) for a in args])
+    assert res.exit_code == 2
+    assert message in res.output
+
+
+def test_source_values(tmp_path):
+    assert source_values("data", str(tmp_path)) == {"data.path": str(tmp_path)}
+    assert source_values("data", "scifact", "BeIR") == {"data.path": None, "data.hub_id": "BeIR/scifact"}
+    assert source_values("model", "Qwen/Qwen2.5-0.5B-Instruct")["model.hub_id"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    with pytest.raises(ConfigError):
+        source_values("model", "a/b/c")
+
+
+def test_tiny_model_command(tmp_path):
+    res = _run("tiny-model", "--output", tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_console_entry_point_is_installed():
+    exe = Path(sys.executable).with_name("prorank")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "eval" in out and "convert-gguf" in out

@@ -1,0 +1,52 @@
+import pytest
+
+from prorank.config import ConfigError, load_config
+
+
+def test_defaults_and_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: /some/where\n  split: dev\nbm25:\n  top_k: 50\n")
+    cfg = load_config(path, ["bm25.k1=0.9", "eval.max_queries=7", "model.hub_id=org/name"])
+    assert cfg.data.path == "/some/where" and cfg.data.split == "dev"
+    assert cfg.bm25.top_k == 50 and cfg.bm25.k1 == 0.9 and cfg.bm25.b == 0.75
+    assert cfg.eval.max_queries == 7 and cfg.model.hub_id == "org/name"
+
+
+def test_typed_values_then_string_overrides_win():
+    cfg = load_config(None, ["bm25.top_k=20"], {"bm25.top_k": 10, "data.split": "train"})
+    assert cfg.bm25.top_k == 20 and cfg.data.split == "train"
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("bm25:\n  topk: 5\n")
+    with pytest.raises(ConfigError, match=r"bm25\.topk: Extra inputs are not permitted") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ConfigError, match=r"nosuch: Extra inputs"):
+        load_config(None, ["nosuch.key=1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"bm25\.top_k: Input should be a valid integer"):
+        load_config(None, ["bm25.top_k=many"])
+    with pytest.raises(ConfigError, match=r"eval\.batch_size: Input should be greater than or equal to 1"):
+        load_config(None, ["eval.batch_size=0"])
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["bm25.k1"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["bm25.k1=1", "bm25.k1.x=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_data_needs_a_source():
+    with pytest.raises(ConfigError, match="give data.path"):
+        load_config(None, ["data.hub_id=null"])
