@@ -73,12 +73,43 @@ class EvalConfig(Section):
     tensorboard_dir: str | None = None
 
 
+class SamplingConfig(Section):
+    """How actors sample a group of G judgments per prompt."""
+
+    group_size: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class ActorConfig(Section):
+    """The rollout actor pool: Ray actors, each holding a live vLLM engine."""
+
+    num_actors: int = Field(1, ge=0)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = {}  # Ray custom resources, to place actors on their node type
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(1024, ge=64)
+    block_size: int | None = 32  # KV block; 32 is the CPU backend's smallest (best prefix sharing)
+    kv_cache_gib: int = Field(1, ge=1)  # KV cache size on CPU (vLLM takes whole GiB)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = True
+    chunk_size: int = Field(16, ge=1)  # prompts per dispatched unit of work
+    max_chunks_in_flight: int = Field(2, ge=1)  # per actor
+    max_restarts: int = Field(3, ge=0)  # consecutive actor failures before the pool gives up
+
+
 class ProRankConfig(Section):
     data: DataConfig = DataConfig()
     bm25: BM25Config = BM25Config()
     prompt: PromptConfig = PromptConfig()
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    actors: ActorConfig = ActorConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -171,3 +171,18 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, vocab_size: int = 51
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def weights_to_bytes(named_tensors) -> bytes:
+    """Named tensors -> one safetensors blob. Tensors that share storage (tied embeddings) are copied,
+    since safetensors refuses aliases."""
+    import safetensors.torch
+
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in named_tensors.items():
+        tensor = tensor.detach()
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return safetensors.torch.save(out)

@@ -65,3 +65,14 @@ def write_beir(root: Path, corpus, queries, qrels_lines, split: str = "test") ->
     (root / "qrels").mkdir(exist_ok=True)
     (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(l + "\n" for l in qrels_lines))
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session; 4 logical CPUs so that 3 one-CPU actors fit on 2 cores."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

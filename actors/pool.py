@@ -1,0 +1,225 @@
+"""A pool of rollout actors: Ray actors each holding a live vLLM engine (`actors.engine.RolloutEngine`).
+
+The driver owns a queue of chunks (a few requests each) and hands the next chunk to the ready actor with
+the fewest prompts in flight, so a slow or busy actor gets less work. Every chunk stays recorded against
+its actor until its results are collected; if the actor dies, its chunks go back to the front of the
+queue and a replacement is started, so no request is lost and none is answered twice.
+
+`scale(n)` works while requests stream: a removed actor takes no new work and is stopped once its chunks
+are done; a new actor loads the latest weights before it is given any work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import RayActorError
+
+from actors.engine import RolloutEngine
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig
+from prorank.models import weights_to_bytes
+from prorank.rollout import GroupResult, RolloutRequest
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(RuntimeError):
+    """The pool cannot make progress (actors keep dying, or there are none to run the work)."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    name: str
+    handle: object
+    ready_ref: object | None  # pending until the engine is up with the latest weights
+    inflight: dict = field(default_factory=dict)  # chunk ObjectRef -> its requests
+    version: int = 0
+    draining: bool = False
+
+    @property
+    def load(self) -> int:
+        return sum(len(chunk) for chunk in self.inflight.values())
+
+
+class ActorPool:
+    def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig):
+        self.model, self.cfg, self.sampling, self.prompt = model, actors, sampling, prompt
+        self.slots: dict[str, _Slot] = {}
+        self.replaced = 0  # actors replaced after dying, for metrics
+        self._queue: deque[list[RolloutRequest]] = deque()
+        self._finished: list[GroupResult] = []  # collected, not yet handed to the caller
+        self._next_index = 0
+        self._weights: tuple[int, object] | None = None  # latest (version, ObjectRef of the blob)
+        self._failures = 0  # consecutive actor deaths; reset by any success
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(actors.kv_cache_gib),
+               "TOKENIZERS_PARALLELISM": "false"}
+        self._actor_cls = ray.remote(RolloutEngine).options(
+            num_cpus=actors.num_cpus, num_gpus=actors.num_gpus, resources=actors.resources or None,
+            max_restarts=0, runtime_env={"env_vars": env},
+        )
+
+    # ------------------------------------------------------------ membership
+
+    def start(self, wait: bool = True) -> ActorPool:
+        self.scale(self.cfg.num_actors)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def scale(self, n: int) -> None:
+        """Grow or shrink to `n` actors without pausing the work in flight."""
+        if n < 0:
+            raise ValueError(f"cannot scale to {n} actors")
+        active = [s for s in self.slots.values() if not s.draining]
+        for _ in range(n - len(active)):
+            self._spawn()
+        # Shrink starting actors first, then the least loaded ones.
+        for slot in sorted(active, key=lambda s: (s.ready_ref is None, s.load))[: max(0, len(active) - n)]:
+            slot.draining = True
+        self._reap()
+
+    @property
+    def size(self) -> int:
+        return sum(not s.draining for s in self.slots.values())
+
+    @property
+    def latest_version(self) -> int:
+        return self._weights[0] if self._weights else 0
+
+    def versions(self) -> dict[str, int]:
+        """Weights version each live actor serves (as last confirmed by the actor)."""
+        return {s.name: s.version for s in self.slots.values() if s.ready_ref is None}
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        while any(s.ready_ref is not None for s in self.slots.values()):
+            if not self._pump(timeout=timeout) and timeout is not None:
+                raise TimeoutError(f"rollout actors not ready after {timeout}s")
+
+    def shutdown(self) -> None:
+        for slot in self.slots.values():
+            ray.kill(slot.handle)
+        self.slots.clear()
+        self._queue.clear()
+
+    def _spawn(self) -> None:
+        index, self._next_index = self._next_index, self._next_index + 1
+        name = f"rollout-{index}"
+        handle = self._actor_cls.remote(self.model, self.cfg, self.sampling, self.prompt, name, index)
+        # Actor calls run in order: the engine starts, loads the latest weights, then takes work.
+        ready = handle.load_weights.remote(*self._weights) if self._weights else handle.info.remote()
+        self.slots[name] = _Slot(name, handle, ready)
+
+    def _reap(self) -> None:
+        for slot in [s for s in self.slots.values() if s.draining and not s.inflight]:
+            ray.kill(slot.handle)
+            del self.slots[slot.name]
+
+    def _lost(self, slot: _Slot, err: Exception) -> None:
+        """An actor died: requeue its chunks first in line, replace it unless it was being removed."""
+        if self.slots.pop(slot.name, None) is None:
+            return  # already handled through another of its refs
+        self._queue.extendleft(reversed(list(slot.inflight.values())))
+        slot.inflight.clear()
+        self._failures += 1
+        self.replaced += 1
+        log.warning("actor %s died (%s); %d chunk(s) requeued", slot.name, type(err).__name__, len(self._queue))
+        if self._failures > self.cfg.max_restarts:
+            raise PoolError(f"rollout actors died {self._failures} times in a row; last: {slot.name}: {err}")
+        if not slot.draining:
+            self._spawn()
+
+    # ------------------------------------------------------------ work
+
+    def submit(self, requests: Sequence[RolloutRequest]) -> None:
+        size = self.cfg.chunk_size
+        self._queue.extend(list(requests[i : i + size]) for i in range(0, len(requests), size))
+        self._dispatch()
+
+    def poll(self, timeout: float | None = 1.0) -> list[GroupResult]:
+        """Results that finished within `timeout` seconds (possibly none)."""
+        self._pump(timeout)
+        results, self._finished = self._finished, []
+        return results
+
+    def stream(self, requests: Sequence[RolloutRequest]) -> Iterator[GroupResult]:
+        """Groups as they finish, each request exactly once. One stream at a time per pool."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique within a batch")
+        self.submit(requests)
+        remaining = len(requests)
+        while remaining:
+            for result in self.poll(timeout=1.0):
+                remaining -= 1
+                yield result
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[GroupResult]:
+        """Results in the order of `requests`."""
+        by_id = {r.request_id: r for r in self.stream(requests)}
+        return [by_id[r.request_id] for r in requests]
+
+    def update_weights(self, version: int, weights) -> dict[str, int]:
+        """Apply a complete weight set (named tensors or a safetensors blob) to every actor, in place.
+
+        Blocks until each live actor serves `version`; actors started later load it before any work.
+        """
+        if version <= self.latest_version:
+            return self.versions()  # never go back to an older version
+        if not isinstance(weights, (bytes, bytearray)):
+            weights = weights_to_bytes(weights)
+        self._weights = (version, ray.put(bytes(weights)))
+        pending = {s.handle.load_weights.remote(*self._weights): s for s in list(self.slots.values())}
+        for ref, slot in pending.items():
+            try:
+                slot.version = ray.get(ref)
+            except RayActorError as err:
+                self._lost(slot, err)
+        self.wait_ready()
+        return self.versions()
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            free = [s for s in self.slots.values()
+                    if not s.draining and s.ready_ref is None and len(s.inflight) < self.cfg.max_chunks_in_flight]
+            if not free:
+                return
+            slot = min(free, key=lambda s: s.load)
+            chunk = self._queue.popleft()
+            slot.inflight[slot.handle.generate.remote(chunk)] = chunk
+
+    def _pump(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` for actor replies and act on them; False if none came."""
+        self._dispatch()
+        waiting = {ref: s for s in self.slots.values() for ref in s.inflight}
+        waiting |= {s.ready_ref: s for s in self.slots.values() if s.ready_ref is not None}
+        if not waiting:
+            if self._queue:
+                raise PoolError(f"{sum(map(len, self._queue))} requests queued but the pool has no actors")
+            return False
+        done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
+        if done:  # collect everything else that is already finished too
+            done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        for ref in done:
+            slot = waiting[ref]
+            if slot.name not in self.slots:
+                continue
+            try:
+                value = ray.get(ref)
+            except RayActorError as err:
+                self._lost(slot, err)
+                continue
+            self._failures = 0
+            if ref == slot.ready_ref:
+                slot.ready_ref = None
+                slot.version = value if isinstance(value, int) else value["version"]
+            else:
+                del slot.inflight[ref]
+                slot.version = max([slot.version] + [r.version for r in value])
+                self._finished.extend(value)
+        self._reap()
+        self._dispatch()
+        return bool(done)

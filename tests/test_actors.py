@@ -1,0 +1,133 @@
+"""The rollout actor pool with real Ray and real vLLM (CPU) on a tiny model; one pool for the module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("vllm")
+
+from actors.pool import ActorPool  # noqa: E402
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig  # noqa: E402
+from prorank.prompt import INVALID, parse_judgment  # noqa: E402
+from prorank.rollout import RolloutRequest  # noqa: E402
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, tiny_model_dir):
+    cfg = ActorConfig(num_actors=2, num_cpus=1, max_model_len=384, kv_cache_gib=1, chunk_size=3)
+    sampling = SamplingConfig(group_size=G, max_tokens=3, seed=1)
+    pool = ActorPool(str(tiny_model_dir), cfg, sampling, PromptConfig(max_length=256, max_query_tokens=16))
+    pool.start()
+    yield pool
+    pool.shutdown()
+
+
+def requests_from(dataset, n: int, tag: str = "r") -> list[RolloutRequest]:
+    out = []
+    for qid in dataset.query_ids:
+        for did in dataset.qrels[qid]:
+            doc = dataset.corpus[did]
+            out.append(RolloutRequest(f"{tag}{len(out)}", qid, did, dataset.queries[qid], f"{doc.title} {doc.text}"))
+            if len(out) == n:
+                return out
+    return out
+
+
+def hf_logprobs(model, prompt_ids, token_ids):
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1)[torch.arange(len(token_ids)), token_ids]
+
+
+def test_groups_have_the_promised_shape(pool, scifact_test):
+    reqs = requests_from(scifact_test, 10)
+    results = pool.generate(reqs)
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]
+    for req, res in zip(reqs, results):
+        assert (res.query_id, res.doc_id) == (req.query_id, req.doc_id)
+        assert len(res.completions) == G and 0 < res.prompt_len <= 256
+        assert res.version == pool.latest_version and res.actor.startswith("rollout-")
+        for c in res.completions:
+            assert 1 <= len(c.token_ids) == len(c.logprobs) <= 3
+            assert all(lp <= 0 for lp in c.logprobs)
+            assert c.judgment == parse_judgment(c.text) and c.judgment in (0, 1, INVALID)
+    assert {r.actor for r in results} == set(pool.versions())  # both actors got work
+
+
+def test_sampled_logprobs_match_transformers(pool, tiny_model, scifact_test):
+    model = tiny_model[0]
+    for res in pool.generate(requests_from(scifact_test, 3, "lp")):
+        for c in res.completions:
+            expected = hf_logprobs(model, res.prompt_ids, c.token_ids)
+            assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4), (c.logprobs, expected)
+
+
+def test_long_prompt_is_truncated_not_rejected(pool):
+    long = RolloutRequest("long", "q", "d", "a query " * 100, "a very long document " * 2000)
+    (res,) = pool.generate([long])
+    assert res.prompt_len <= 384 - 3 and len(res.completions) == G
+
+
+def test_weights_update_in_place(pool, tiny_model, scifact_test):
+    model = tiny_model[0]
+    req = requests_from(scifact_test, 1, "w")
+    before = pool.generate(req)[0]
+    torch.manual_seed(0)
+    new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    version = pool.latest_version + 1
+    assert set(pool.update_weights(version, new).values()) == {version}
+
+    from transformers import AutoModelForCausalLM
+
+    updated = AutoModelForCausalLM.from_config(model.config).eval()
+    updated.load_state_dict(new)
+    after = pool.generate(req)[0]
+    assert after.version == version and after.prompt_ids == before.prompt_ids
+    for c in after.completions:
+        assert torch.allclose(torch.tensor(c.logprobs), hf_logprobs(updated, after.prompt_ids, c.token_ids), atol=1e-4)
+    old_view = hf_logprobs(model, after.prompt_ids, after.completions[0].token_ids)
+    assert not torch.allclose(torch.tensor(after.completions[0].logprobs), old_view, atol=1e-3)
+    assert pool.update_weights(version - 1, new) == pool.versions()  # an older version is ignored
+    assert set(pool.versions().values()) == {version}
+
+
+def test_scale_up_and_down_while_streaming(pool, tiny_model, scifact_test):
+    version = pool.latest_version + 1
+    pool.update_weights(version, tiny_model[0].state_dict())
+    first, second = requests_from(scifact_test, 60, "s")[:24], requests_from(scifact_test, 60, "s")[24:]
+    seen = []
+    for res in pool.stream(first):  # grow while a stream runs
+        seen.append(res)
+        if len(seen) == 1:
+            pool.scale(3)
+            assert pool.size == 3
+    pool.wait_ready()
+    assert pool.versions() == {"rollout-0": version, "rollout-1": version, "rollout-2": version}
+    for res in pool.stream(second):  # shrink while a stream runs
+        seen.append(res)
+        if len(seen) == len(first) + 6:
+            pool.scale(1)
+            assert pool.size == 1
+    assert sorted(r.request_id for r in seen) == sorted(r.request_id for r in first + second)  # once each
+    assert {r.actor for r in seen[len(first):]} >= {"rollout-2"}  # the added actor took work
+    assert {r.version for r in seen} == {version}  # it loaded the latest weights before any work
+    assert pool.size == 1 and len(pool.slots) == 1  # the removed ones were stopped once drained
+
+
+def test_killed_actor_is_replaced_and_its_work_redone(pool, scifact_test):
+    reqs = requests_from(scifact_test, 15, "k")
+    replaced, seen, killed = pool.replaced, [], None
+    for res in pool.stream(reqs):
+        seen.append(res.request_id)
+        if killed is None:
+            victim = next(s for s in pool.slots.values() if s.inflight)
+            killed = victim.name
+            ray.kill(victim.handle)
+    assert sorted(seen) == sorted(r.request_id for r in reqs)
+    assert pool.replaced == replaced + 1 and killed not in pool.slots and pool.size == 1
+    assert set(pool.versions().values()) == {pool.latest_version}
