@@ -128,3 +128,50 @@ def tiny_model_command(
     from prorank.models import build_tiny_model
 
     typer.echo(f"model written to {build_tiny_model(output, seed)}")
+
+
+reward_app = typer.Typer(no_args_is_help=True, help="The reward service.")
+app.add_typer(reward_app, name="reward")
+
+
+@reward_app.command("serve")
+def reward_serve_command(
+    config: ConfigOpt = None,
+    data: Annotated[Optional[str], typer.Option(help="BEIR folder, or hub id.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="qrels split to serve, e.g. train")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (0: any free one).")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(help="File holding the token (else $PRORANK_TOKEN).")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate; with --tls-key, TLS only.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option()] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Serve rewards for grouped judgments against a split's qrels until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from prorank.data import DataError, load_dataset
+    from prorank.security import SecurityError
+    from reward.server import RewardServer
+
+    try:
+        values = {**source_values("data", data, hub_default_owner="BeIR"), "data.split": split,
+                  "reward.host": host, "reward.port": port,
+                  **{f"reward.{k}": str(v) for k, v in
+                     {"token_file": token_file, "tls_cert": tls_cert, "tls_key": tls_key}.items() if v}}
+        values = {k: v for k, v in values.items() if v is not None or k == "data.path"}
+        cfg = load_config(config, overrides or [], values)
+        dataset = load_dataset(cfg.data)
+        server = RewardServer(dataset.qrels, cfg.reward).start()
+    except (ConfigError, DataError, SecurityError) as err:
+        _fail(err)
+    except RuntimeError as err:  # grpc: the port could not be bound
+        _fail(f"cannot serve on {cfg.reward.host}:{cfg.reward.port}: {err}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    typer.echo(f"reward service for {dataset.name}/{cfg.data.split} ({len(dataset.qrels)} queries) "
+               f"on {server.address}", err=True)
+    stop.wait()
+    typer.echo("shutting down", err=True)
+    server.stop()

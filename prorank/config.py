@@ -102,6 +102,38 @@ class ActorConfig(Section):
     max_restarts: int = Field(3, ge=0)  # consecutive actor failures before the pool gives up
 
 
+class RewardConfig(Section):
+    """The reward service (server side) and how clients reach it."""
+
+    host: str = "127.0.0.1"  # loopback unless configured: set 0.0.0.0 (with TLS) on a cluster
+    port: int = Field(50151, ge=0, le=65535)  # 0: any free port
+    token_file: str | None = None  # else $PRORANK_TOKEN; a server will not start without a token
+    tls_cert: str | None = None  # PEM; with tls_key the server speaks TLS only
+    tls_key: str | None = None
+    tls_ca: str | None = None  # PEM the clients trust (the cert itself when self-signed)
+    open_health_check: bool = False  # let the health service answer without a token (k8s probes)
+    strict_format: bool = True  # format reward: exactly "0"/"1" (strict) or a leading answer (lenient)
+    relevance_threshold: int = 1  # a qrel score at or above this is relevant
+    format_weight: float = 1.0
+    relevance_weight: float = 1.0
+    max_workers: int = Field(4, ge=1)
+    max_message_mb: int = Field(64, ge=4)
+    grace_seconds: float = Field(5.0, ge=0)
+    replicas: int = Field(1, ge=1)  # started as Ray actors by the training job
+    num_cpus: float = Field(1, ge=0)  # per replica actor
+    resources: dict[str, float] = {}  # Ray custom resources, to place replicas on their node type
+    addresses: list[str] = []  # clients: replicas to use; empty means the job's own
+    timeout_seconds: float = Field(10.0, gt=0)  # client deadline per call
+    retries: int = Field(3, ge=0)
+    backoff_seconds: float = Field(0.05, ge=0)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RewardConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("reward.tls_cert and reward.tls_key go together")
+        return self
+
+
 class ProRankConfig(Section):
     data: DataConfig = DataConfig()
     bm25: BM25Config = BM25Config()
@@ -110,6 +142,7 @@ class ProRankConfig(Section):
     eval: EvalConfig = EvalConfig()
     sampling: SamplingConfig = SamplingConfig()
     actors: ActorConfig = ActorConfig()
+    reward: RewardConfig = RewardConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

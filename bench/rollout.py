@@ -1,0 +1,104 @@
+"""Judgments/s: one vLLM rollout actor vs transformers `generate(num_return_sequences=G)`, then 1 vs 2
+actors, on the same SciFact prompts and model, each timed after a warm-up, in one script.
+
+    .venv/bin/python bench/rollout.py --data ../shared/data/scifact \
+        --model models/SmolLM2-135M-Instruct --prompts 32 --group-size 8 --max-tokens 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def scifact_requests(data: str, n: int):
+    from prorank.config import DataConfig
+    from prorank.data import load_dataset
+    from prorank.rollout import RolloutRequest
+
+    ds = load_dataset(DataConfig(path=data, split="test"))
+    reqs = []
+    for qid in ds.query_ids:
+        for did in ds.qrels[qid]:
+            doc = ds.corpus[did]
+            reqs.append(RolloutRequest(f"r{len(reqs)}", qid, did, ds.queries[qid], f"{doc.title} {doc.text}"))
+    return reqs[:n]
+
+
+def transformers_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int) -> float:
+    import torch
+
+    from prorank.config import ModelConfig
+    from prorank.models import load_causal_lm
+    from prorank.prompt import PromptBuilder
+
+    model, tok = load_causal_lm(ModelConfig(path=model_dir))
+    builder = PromptBuilder(tok, prompt_cfg.max_length, prompt_cfg.max_query_tokens)
+    prompts = builder.encode_batch([(r.query, r.document) for r in reqs])
+
+    def run(batch):
+        with torch.inference_mode():
+            for ids in batch:
+                model.generate(torch.tensor([ids]), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                               num_return_sequences=group, max_new_tokens=max_tokens,
+                               pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
+
+    run(prompts[:2])  # warm-up
+    start = time.perf_counter()
+    run(prompts)
+    return len(prompts) * group / (time.perf_counter() - start)
+
+
+def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, actors: int, cpus: float) -> float:
+    from actors.pool import ActorPool
+    from prorank.config import ActorConfig, SamplingConfig
+
+    pool = ActorPool(model_dir, ActorConfig(num_actors=actors, num_cpus=cpus, max_model_len=1024, chunk_size=4),
+                     SamplingConfig(group_size=group, max_tokens=max_tokens), prompt_cfg).start()
+    try:
+        warm = [r.__class__(f"w{i}", r.query_id, r.doc_id, r.query, r.document + " warm-up")
+                for i, r in enumerate(reqs[: 2 * actors])]
+        pool.generate(warm)  # also compiles the logprobs helper once per machine
+        start = time.perf_counter()
+        results = pool.generate(reqs)
+        seconds = time.perf_counter() - start
+    finally:
+        pool.shutdown()
+    return sum(len(r.completions) for r in results) / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+
+    import ray
+
+    from prorank.config import PromptConfig
+
+    prompt_cfg = PromptConfig(max_length=args.max_length)
+    reqs = scifact_requests(args.data, args.prompts)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    g, t = args.group_size, args.max_tokens
+    one = pool_rate(args.model, reqs, prompt_cfg, g, t, actors=1, cpus=args.cpus)
+    print(f"vLLM, 1 actor ({args.cpus} CPUs):  {one:8.2f} judgments/s", flush=True)
+    two = pool_rate(args.model, reqs, prompt_cfg, g, t, actors=2, cpus=args.cpus / 2)
+    print(f"vLLM, 2 actors ({args.cpus / 2:g} CPUs each): {two:8.2f} judgments/s", flush=True)
+    ray.shutdown()
+    hf = transformers_rate(args.model, reqs, prompt_cfg, g, t)
+    print(f"transformers generate:         {hf:8.2f} judgments/s")
+    print(f"ratio vLLM 1 actor / transformers: {one / hf:.2f}x")
+    print(f"ratio 2 actors / 1 actor:          {two / one:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""What every gRPC service of ours shares: a bearer token on every call, optional TLS.
+
+Services bind 127.0.0.1 unless configured otherwise, refuse to start without a token, and answer a call
+without the right token with UNAUTHENTICATED, logging the peer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "PRORANK_TOKEN"
+
+
+class SecurityError(ValueError):
+    """A token or certificate that cannot be used."""
+
+
+def load_token(token_file: str | None) -> str:
+    """The token from `token_file`, else from $PRORANK_TOKEN; an error when neither gives one."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as err:
+            raise SecurityError(f"cannot read token file {token_file}: {err.strerror}") from err
+        if not token:
+            raise SecurityError(f"token file {token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise SecurityError(f"no token: give a token file or set ${TOKEN_ENV}")
+    return token
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise SecurityError(f"cannot read {what} {path}: {err.strerror}") from err
+
+
+def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(_read(key, "TLS key"), _read(cert, "TLS certificate"))])
+
+
+def channel_credentials(ca: str | None) -> grpc.ChannelCredentials:
+    """TLS trusting `ca` (PEM), or the system roots when None."""
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca, "TLS CA") if ca else None)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Lets a call through only with `authorization: Bearer <token>`; `open_methods` need none."""
+
+    def __init__(self, token: str, open_methods: frozenset[str] = frozenset()):
+        self._expected = f"Bearer {token}".encode()
+        self._open = open_methods
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method in self._open:
+            return handler
+        supplied = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(supplied.encode(), self._expected):
+            return handler
+        return _deny_like(handler, details.method)
+
+
+def _deny_like(handler, method: str):
+    def deny(request, context):
+        log.warning("refused %s from %s: missing or wrong token", method, context.peer())
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+
+    kinds = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    for kind, make in kinds.items():
+        if getattr(handler, kind) is not None:
+            return make(deny, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler

@@ -1,0 +1,33 @@
+"""Reward service replicas as Ray actors, for the training job: each loads the qrels and serves."""
+
+from __future__ import annotations
+
+import ray
+
+from prorank.config import DataConfig, RewardConfig
+
+
+class RewardReplica:
+    def __init__(self, data: DataConfig, cfg: RewardConfig, token: str):
+        from prorank.data import load_dataset
+        from reward.server import RewardServer
+
+        # Several replicas may share a node: each takes a free port.
+        self.server = RewardServer(load_dataset(data).qrels, cfg.model_copy(update={"port": 0}), token).start()
+
+    def address(self) -> str:
+        host = self.server.cfg.host
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = ray.util.get_node_ip_address()
+        return f"{host}:{self.server.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_replicas(data: DataConfig, cfg: RewardConfig, token: str) -> tuple[list, list[str]]:
+    """`cfg.replicas` reward actors; returns their handles and addresses once all are serving."""
+    cls = ray.remote(RewardReplica).options(num_cpus=cfg.num_cpus, resources=cfg.resources or None,
+                                            max_restarts=0)
+    handles = [cls.remote(data, cfg, token) for _ in range(cfg.replicas)]
+    return handles, ray.get([h.address.remote() for h in handles])

@@ -1,0 +1,41 @@
+"""The reward of a sampled judgment: pure functions, used by the service and in-process alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import fmean, pstdev
+
+from prorank.config import RewardConfig
+from prorank.prompt import INVALID, parse_judgment
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionScore:
+    format: float
+    relevance: float
+    total: float
+    judgment: int
+
+
+def label_of(qrels_for_query: dict[str, int], doc_id: str, threshold: int) -> int:
+    """1 when the document's qrel score reaches `threshold`; documents absent from the qrels are 0."""
+    return int(qrels_for_query.get(doc_id, 0) >= threshold)
+
+
+def score_completions(completions: Sequence[str], label: int, cfg: RewardConfig) -> list[CompletionScore]:
+    """Format reward (exactly one allowed answer), relevance reward (the answer equals `label`) and
+    their weighted total, for each completion of one group."""
+    out = []
+    for text in completions:
+        judgment = parse_judgment(text, strict=cfg.strict_format)
+        fmt = float(judgment != INVALID)
+        rel = float(judgment == label)
+        out.append(CompletionScore(fmt, rel, cfg.format_weight * fmt + cfg.relevance_weight * rel, judgment))
+    return out
+
+
+def group_stats(scores: Sequence[CompletionScore]) -> tuple[float, float]:
+    """Mean and population std of the group's totals (what GRPO normalises with)."""
+    totals = [s.total for s in scores]
+    return fmean(totals), pstdev(totals)
