@@ -27,6 +27,7 @@ class RolloutEngine:
             model=model, dtype=actors.dtype, max_model_len=actors.max_model_len,
             tensor_parallel_size=actors.tensor_parallel_size, seed=sampling.seed + seed_offset,
             enable_prefix_caching=True, enforce_eager=actors.enforce_eager,
+            logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes
             worker_extension_cls="actors.vllm_extension.WeightLoaderExtension",
         )
         if actors.block_size:

@@ -1,7 +1,7 @@
 """Scored pairs/s of the eval scorer: batched + length-bucketed vs batched in arrival order vs one pair at a
 time, on the same real SciFact BM25 pairs and the same model, in one process.
 
-    .venv/bin/python bench/eval_throughput.py --data ../shared/data/scifact \
+    .venv/bin/python -m bench.eval_throughput --data ../shared/data/scifact \
         --model models/SmolLM2-135M-Instruct --pairs 64 --batch-size 16
 """
 

@@ -1,7 +1,7 @@
 """Judgments/s: one vLLM rollout actor vs transformers `generate(num_return_sequences=G)`, then 1 vs 2
 actors, on the same SciFact prompts and model, each timed after a warm-up, in one script.
 
-    .venv/bin/python bench/rollout.py --data ../shared/data/scifact \
+    .venv/bin/python -m bench.rollout --data ../shared/data/scifact \
         --model models/SmolLM2-135M-Instruct --prompts 32 --group-size 8 --max-tokens 4
 """
 

@@ -134,6 +134,39 @@ class RewardConfig(Section):
         return self
 
 
+class LearnerConfig(Section):
+    """The DeepSpeed learner: K data-parallel ranks applying GRPO."""
+
+    num_ranks: int = Field(2, ge=1)
+    zero_stage: Literal[2, 3] = 2
+    num_cpus: float = Field(1, ge=0)  # per rank actor
+    num_gpus: float = Field(0, ge=0)  # per rank actor (1 on GPU clusters)
+    resources: dict[str, float] = {}  # Ray custom resources, to place ranks on learner nodes
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 on GPUs; CPUs without bf16 units are slower
+    groups_per_step: int = Field(8, ge=1)  # the global batch of one learner step
+    micro_batch_groups: int = Field(2, ge=1)  # per rank, per forward/backward
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup, to total_steps
+    total_steps: int = Field(1000, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    clip_eps: float = Field(0.2, gt=0)
+    beta: float = Field(0.04, ge=0)  # KL to the reference; 0 does not load the reference
+    scale_advantages_by_std: bool = True
+    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    shared_prefix: bool = True  # encode a group's prompt once (see learner.forward)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> LearnerConfig:
+        per_step = self.num_ranks * self.micro_batch_groups
+        if self.groups_per_step % per_step:
+            raise ValueError(f"learner.groups_per_step ({self.groups_per_step}) must be a multiple of "
+                             f"num_ranks * micro_batch_groups ({per_step})")
+        return self
+
+
 class ProRankConfig(Section):
     data: DataConfig = DataConfig()
     bm25: BM25Config = BM25Config()
@@ -143,6 +176,7 @@ class ProRankConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
     actors: ActorConfig = ActorConfig()
     reward: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -41,3 +41,19 @@ class GroupResult:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+
+@dataclass(slots=True)
+class ScoredGroup:
+    """What the learner trains on: one prompt, its G sampled completions, their rewards."""
+
+    prompt_ids: list[int]
+    completions: list[list[int]]  # G token id lists
+    behaviour_logprobs: list[list[float]]  # the actors' logprob of each sampled token
+    rewards: list[float]  # G totals from the reward service
+    version: int = 0  # weights version that sampled it
+
+    @classmethod
+    def from_result(cls, result: GroupResult, rewards: list[float]) -> ScoredGroup:
+        return cls(result.prompt_ids, [c.token_ids for c in result.completions],
+                   [c.logprobs for c in result.completions], list(rewards), result.version)

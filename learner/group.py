@@ -1,0 +1,106 @@
+"""The learner as the driver sees it: K DeepSpeed ranks (Ray actors) that step together.
+
+`step(groups)` splits a global batch of scored groups across the ranks, runs one optimizer step, and
+reduces the ranks' statistics into the step's metrics. `full_weights()` gathers the complete state dict
+on rank 0 for broadcast; `save`/`load` write and read atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import ray
+
+from learner.rank import LearnerRank
+from learner.step import step_normalizer
+from prorank.config import LearnerConfig
+from prorank.rollout import ScoredGroup
+
+LATEST = "LATEST"
+
+
+class LearnerGroup:
+    def __init__(self, model_path: str, cfg: LearnerConfig, temperature: float = 1.0):
+        self.cfg = cfg
+        remote = ray.remote(LearnerRank).options(
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None, max_restarts=0,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
+        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, temperature) for r in range(cfg.num_ranks)]
+        address, port = ray.get(self.ranks[0].master_address.remote())
+        ray.get([rank.setup.remote(address, port) for rank in self.ranks])
+        self.steps = 0
+
+    def step(self, groups: list[ScoredGroup]) -> dict[str, float]:
+        """One optimizer step on `cfg.groups_per_step` groups; returns the step's metrics."""
+        if len(groups) != self.cfg.groups_per_step:
+            raise ValueError(f"a learner step takes {self.cfg.groups_per_step} groups, got {len(groups)}")
+        start = time.perf_counter()
+        normalizer = step_normalizer(groups, self.cfg)
+        k = len(self.ranks)
+        parts = ray.get([rank.train_step.remote(groups[r::k], normalizer) for r, rank in enumerate(self.ranks)])
+        seconds = time.perf_counter() - start
+        self.steps += 1
+        summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in ("grad_norm", "lr", "seconds")}
+        rewards = [r for g in groups for r in g.rewards]
+        metrics = {
+            "loss": summed["loss"],
+            "kl": summed.get("kl", 0.0),
+            "clip_fraction": summed["clipped"],
+            "ratio_mean": summed["ratio"],
+            "entropy": summed["entropy"],
+            "mismatch_kl": summed["mismatch_kl"],
+            "grad_norm": parts[0]["grad_norm"],
+            "lr": parts[0]["lr"],
+            "reward_mean": statistics.fmean(rewards),
+            "reward_std": statistics.pstdev(rewards),
+            "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups) / len(groups),
+            "tokens_per_second": summed["tokens"] / seconds,
+            "prompt_tokens": summed["prompt_tokens"],
+            "step_seconds": seconds,
+        }
+        return metrics
+
+    def full_weights(self) -> tuple[dict, float]:
+        """The full state dict (named CPU tensors) gathered on rank 0, and the seconds it took."""
+        start = time.perf_counter()
+        states = ray.get([rank.full_state_dict.remote() for rank in self.ranks])
+        return states[0], time.perf_counter() - start
+
+    def save(self, root: str | Path, driver_state: dict | None = None) -> Path:
+        """Write a checkpoint to root/step-N atomically: into a temporary folder, then one rename, then
+        LATEST is replaced. A crash at any point leaves the previous checkpoint and LATEST intact."""
+        root = Path(root)
+        final = root / f"step-{self.steps}"
+        tmp = root / f".tmp-step-{self.steps}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ray.get([rank.save.remote(str(tmp)) for rank in self.ranks])
+        (tmp / "driver.json").write_text(json.dumps({"steps": self.steps, **(driver_state or {})}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(final.name)
+        pointer.replace(root / LATEST)
+        return final
+
+    def load(self, root: str | Path) -> dict:
+        """Restore the checkpoint LATEST points to; returns the driver state saved with it."""
+        root = Path(root)
+        latest = root / LATEST
+        if not latest.is_file():
+            raise FileNotFoundError(f"no checkpoint under {root} (missing {latest})")
+        folder = root / latest.read_text().strip()
+        ray.get([rank.load.remote(str(folder)) for rank in self.ranks])
+        state = json.loads((folder / "driver.json").read_text())
+        self.steps = state["steps"]
+        return state
+
+    def shutdown(self) -> None:
+        for rank in self.ranks:
+            ray.kill(rank)
+        self.ranks = []

@@ -1,0 +1,151 @@
+"""One data-parallel rank of the learner: a DeepSpeed ZeRO engine in its own process.
+
+Ranks run as Ray actors rather than under a torch launcher: the training job already runs on Ray, so one
+scheduler places learner ranks, rollout actors and reward replicas on their own node types (custom
+resources), the driver sees a rank that dies, and no second launcher has to be started on every node.
+Each rank sets the usual torch.distributed variables itself and joins the group (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from learner.step import lr_lambda, micro_batch_loss
+from prorank.config import LearnerConfig
+from prorank.rollout import ScoredGroup
+
+
+class LearnerRank:
+    def __init__(self, rank: int, world: int, model_path: str, cfg: LearnerConfig, temperature: float = 1.0):
+        self.rank, self.world, self.model_path, self.cfg, self.temperature = rank, world, model_path, cfg, temperature
+        self.gpu = cfg.num_gpus > 0
+        if not self.gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def master_address(self) -> tuple[str, int]:
+        """This node's address and a free port, for rank 0 to host the process group."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+        from transformers import AutoModelForCausalLM
+
+        from prorank.models import load_tokenizer
+
+        cfg = self.cfg
+        deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo", auto_mpi_discovery=False)
+        torch.manual_seed(cfg.seed)
+        dtype = getattr(torch, cfg.dtype)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.ref = None
+        if cfg.beta > 0:  # a frozen copy of the starting policy; skipped entirely when beta is 0
+            self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval().requires_grad_(False)
+            if self.gpu:
+                self.ref.cuda()
+        self.pad_id = load_tokenizer(self.model_path).pad_token_id
+        self.micro_batches = cfg.groups_per_step // (self.world * cfg.micro_batch_groups)
+        # DeepSpeed 0.19.8's ZeRO-3 got gradient accumulation across engine steps wrong here (updates
+        # differed from the single-process run; one micro-batch per step matched it exactly). Under
+        # ZeRO-3 a rank therefore sums its micro-batch losses into one backward and one step.
+        self.accumulation = 1 if cfg.zero_stage == 3 else self.micro_batches
+        ds_config = {
+            "train_batch_size": cfg.groups_per_step,
+            "train_micro_batch_size_per_gpu": cfg.groups_per_step // (self.world * self.accumulation),
+            "gradient_accumulation_steps": self.accumulation,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            # torch's AdamW: the same update as the single-process loop, no fused-kernel build on CPU.
+            "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                      "torch_adam": True}},
+            "bf16": {"enabled": cfg.dtype == "bfloat16"},
+            "steps_per_print": 2**31 - 1,
+        }
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)),
+        )
+
+    def train_step(self, groups: list[ScoredGroup], normalizer: float) -> dict[str, float]:
+        """This rank's share of one step: micro-batches with accumulation (ZeRO-3: one summed backward),
+        then the optimizer step.
+
+        The loss of each micro-batch is scaled back up by accumulation * world, because DeepSpeed divides
+        by both (gradient accumulation, data-parallel mean): the sum over all ranks and micro-batches is
+        then exactly the batch loss over the global `normalizer`.
+        """
+        cfg, engine = self.cfg, self.engine
+        engine.train()
+        start = time.perf_counter()
+        totals: dict[str, float] = {}
+        micro = [groups[i : i + cfg.micro_batch_groups] for i in range(0, len(groups), cfg.micro_batch_groups)]
+        if len(micro) != self.micro_batches:
+            raise ValueError(f"rank {self.rank}: got {len(groups)} groups, expected "
+                             f"{self.micro_batches * cfg.micro_batch_groups}")
+        pending = None  # ZeRO-3: the summed loss of this rank's micro-batches
+        for batch in micro:
+            loss, stats = micro_batch_loss(engine.module, self.ref, batch, normalizer, cfg, self.pad_id,
+                                           self.temperature)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            if self.accumulation < self.micro_batches:  # folded into one backward (ZeRO-3)
+                pending = loss if pending is None else pending + loss
+                continue
+            engine.backward(loss * self.accumulation * self.world)
+            engine.step()
+        if pending is not None:
+            engine.backward(pending * self.world)
+            engine.step()
+        grad_norm = engine.get_global_grad_norm()
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["seconds"] = time.perf_counter() - start
+        return totals
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full weights as named tensors on rank 0 (None elsewhere). A collective: call on every rank."""
+        import deepspeed
+
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return self._cpu_state(module) if self.rank == 0 else None
+        return self._cpu_state(module) if self.rank == 0 else None
+
+    @staticmethod
+    def _cpu_state(module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def save(self, folder: str) -> None:
+        """Model, optimizer and scheduler (DeepSpeed's checkpoint) plus this rank's RNG states."""
+        self.engine.save_checkpoint(folder, tag="state")
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, Path(folder) / f"rng-rank{self.rank}.pt")
+        torch.distributed.barrier()
+
+    def load(self, folder: str) -> None:
+        path, _ = self.engine.load_checkpoint(folder, tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
+        rng = torch.load(Path(folder) / f"rng-rank{self.rank}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])

@@ -1,0 +1,83 @@
+"""One GRPO micro-batch, shared by the DeepSpeed ranks and the plain torch loop, plus the LR schedule.
+
+Both paths call `micro_batch_loss` on the same groups with the same global normaliser, which is what
+makes a K-rank DeepSpeed step equal to one single-process step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
+from learner.grpo import batch_normalizer, group_advantages, grpo_loss, token_weights
+from prorank.config import LearnerConfig
+from prorank.rollout import ScoredGroup
+
+
+def lr_lambda(cfg: LearnerConfig):
+    """Multiplier of cfg.lr at a step: linear warmup, then constant, linear or cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def completion_masks(groups: Sequence[ScoredGroup]) -> list[torch.Tensor]:
+    """One [G, T] mask per group, for `batch_normalizer`."""
+    out = []
+    for g in groups:
+        width = max(len(c) for c in g.completions)
+        out.append(torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in g.completions]))
+    return out
+
+
+def step_normalizer(groups: Sequence[ScoredGroup], cfg: LearnerConfig) -> float:
+    return batch_normalizer(completion_masks(groups), cfg.aggregation)
+
+
+def _pad(rows: Sequence[Sequence[float]], like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(list(row), dtype=like.dtype)
+    return out
+
+
+def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer: float, cfg: LearnerConfig,
+                     pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed GRPO loss of `groups` over `normalizer`, and sums of statistics for the step's metrics."""
+    forward = shared_prefix_group_logprobs if cfg.shared_prefix else naive_group_logprobs
+    total = torch.zeros((), device=next(model.parameters()).device)
+    stats: dict[str, float] = defaultdict(float)
+    for g in groups:
+        out = forward(model, g.prompt_ids, g.completions, pad_id, temperature)
+        behaviour = _pad(g.behaviour_logprobs, out.logprobs.detach())
+        advantages = group_advantages(torch.tensor([g.rewards], dtype=torch.float32),
+                                      cfg.scale_advantages_by_std)[0].to(out.logprobs.device)
+        ref = None
+        if ref_model is not None and cfg.beta > 0:
+            with torch.no_grad():
+                ref = forward(ref_model, g.prompt_ids, g.completions, pad_id, temperature).logprobs
+        loss, sums = grpo_loss(out.logprobs, behaviour, advantages, out.mask, normalizer, cfg.clip_eps,
+                               ref, cfg.beta, cfg.aggregation)
+        total = total + loss
+        weights = token_weights(out.mask, cfg.aggregation)
+        stats["loss"] += loss.item()
+        stats["entropy"] += (out.entropy * weights).sum().item() / normalizer
+        stats["mismatch_kl"] += (behaviour - out.logprobs.detach()).mul(weights).sum().item() / normalizer
+        for key, value in sums.items():
+            stats[key] += value.item() / normalizer
+        stats["tokens"] += out.mask.sum().item()
+        stats["prompt_tokens"] += len(g.prompt_ids) * (1 if cfg.shared_prefix else len(g.completions))
+    return total, stats

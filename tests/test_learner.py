@@ -1,0 +1,144 @@
+"""The learner: shared-prefix forward, and real DeepSpeed ZeRO-2/3 with 2 ranks on CPU (tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
+from prorank.config import LearnerConfig
+from prorank.prompt import PromptBuilder
+from prorank.rollout import ScoredGroup
+
+
+def test_shared_prefix_equals_naive_forward(tiny_model):
+    model, tok = tiny_model
+    builder = PromptBuilder(tok, max_length=256)
+    prompt = builder.encode("does the drug lower blood pressure?", "Patients had a lower risk after the trial.")
+    zero, one = builder.answer_ids
+    for completions in ([[one, tok.eos_token_id], [zero], [one, 40, tok.eos_token_id]], [[one], [zero]]):
+        grads = []
+        outs = []
+        for fn in (naive_group_logprobs, shared_prefix_group_logprobs):
+            model.zero_grad(set_to_none=True)
+            out = fn(model, prompt, completions, tok.pad_token_id, temperature=0.7)
+            (out.logprobs.sum() + out.logprobs[:, 0].mean()).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            outs.append(out)
+        assert torch.equal(outs[0].mask, outs[1].mask)
+        assert torch.allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+        assert torch.allclose(outs[0].entropy, outs[1].entropy, atol=1e-4)
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-5)
+    model.zero_grad(set_to_none=True)
+
+
+def scifact_groups(dataset, tok, model, n: int) -> list[ScoredGroup]:
+    """On-policy groups from real SciFact prompts: G=4 answers "1"/"0", rewarded like the reward service
+    (format 1 + relevance 1), half the prompts with a relevant document, half with a non-relevant one."""
+    builder = PromptBuilder(tok, max_length=256)
+    zero, one = builder.answer_ids
+    eos = tok.eos_token_id
+    completions = [[one, eos], [zero, eos], [one, eos], [zero, eos]]
+    groups = []
+    docs = list(dataset.corpus.values())
+    for i, qid in enumerate(dataset.query_ids[:n]):
+        relevant = i % 2 == 0
+        doc = dataset.corpus[next(iter(dataset.qrels[qid]))] if relevant else docs[i * 7]
+        prompt = builder.encode(dataset.queries[qid], f"{doc.title} {doc.text}")
+        with torch.no_grad():
+            behaviour = naive_group_logprobs(model, prompt, completions, tok.pad_token_id)
+        rewards = [1.0 + float((c[0] == one) == relevant) for c in completions]
+        groups.append(ScoredGroup(prompt, completions, [row[: len(c)].tolist() for row, c in
+                                                         zip(behaviour.logprobs, completions)], rewards))
+    return groups
+
+
+def rewarded_logprob(model, groups, tok) -> float:
+    """Mean logprob of the rewarded completions."""
+    total = 0.0
+    with torch.no_grad():
+        for g in groups:
+            out = naive_group_logprobs(model, g.prompt_ids, g.completions, tok.pad_token_id)
+            best = max(g.rewards)
+            total += sum(out.logprobs[i].sum().item() for i, r in enumerate(g.rewards) if r == best)
+    return total / len(groups)
+
+
+def _cfg(stage: int) -> LearnerConfig:
+    return LearnerConfig(num_ranks=2, zero_stage=stage, groups_per_step=4, micro_batch_groups=1, lr=2e-3,
+                         warmup_steps=1, lr_schedule="linear", total_steps=10, beta=0.05, grad_clip=1.0)
+
+
+@pytest.fixture(scope="module")
+def groups(scifact_test, tiny_model):
+    model, tok = tiny_model
+    return scifact_groups(scifact_test, tok, model, 4)
+
+
+def _reference_run(tiny_model_dir, cfg, groups, steps):
+    from transformers import AutoModelForCausalLM
+
+    from learner.torch_loop import TorchLearner
+    from prorank.models import load_tokenizer
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    loop = TorchLearner(model, ref, cfg, load_tokenizer(str(tiny_model_dir)).pad_token_id)
+    losses = [loop.step(groups)["loss"] for _ in range(steps)]
+    return model, losses
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_ranks_learn_and_match_single_process(ray_local, tiny_model_dir, tiny_model, groups, stage):
+    from learner.group import LearnerGroup
+
+    cfg = _cfg(stage)
+    learner = LearnerGroup(str(tiny_model_dir), cfg)
+    try:
+        metrics = [learner.step(groups) for _ in range(3)]
+        weights, seconds = learner.full_weights()
+    finally:
+        learner.shutdown()
+    assert seconds >= 0 and set(weights) >= {n for n, _ in tiny_model[0].named_parameters()}
+    m = metrics[0]
+    assert m["reward_mean"] == 1.5 and m["zero_variance_groups"] == 0 and m["lr"] > 0
+    assert m["kl"] == pytest.approx(0, abs=1e-6) and metrics[-1]["kl"] > 0  # starts at the reference
+    assert 0 <= m["clip_fraction"] <= 1 and m["entropy"] > 0 and m["grad_norm"] > 0
+
+    reference, losses = _reference_run(tiny_model_dir, cfg, groups, 3)
+    assert [x["loss"] for x in metrics] == pytest.approx(losses, rel=1e-3, abs=1e-5)
+    # Adam divides by the gradient's own scale, so entries whose gradient is rounding noise move by
+    # noise-driven amounts; compare each tensor's update as a whole instead of entry by entry.
+    start = tiny_model[0].state_dict()
+    for name, t in reference.state_dict().items():
+        update = (t - start[name]).norm()
+        assert update > 0, name
+        assert (weights[name] - t).norm() <= 2e-3 * update, (name, (weights[name] - t).norm() / update)
+
+    policy = type(reference)(reference.config)
+    policy.load_state_dict(weights)
+    before = rewarded_logprob(tiny_model[0], groups, tiny_model[1])
+    assert rewarded_logprob(policy.eval(), groups, tiny_model[1]) > before + 0.05
+
+
+def test_checkpoint_resume_gives_the_same_loss(ray_local, tiny_model_dir, groups, tmp_path):
+    from learner.group import LearnerGroup
+
+    cfg = _cfg(2)
+    learner = LearnerGroup(str(tiny_model_dir), cfg)
+    try:
+        learner.step(groups)
+        learner.save(tmp_path, {"data_position": 17})
+        uninterrupted = [learner.step(groups)["loss"] for _ in range(2)]
+        (tmp_path / ".tmp-step-9").mkdir()  # debris of a crashed save must not matter
+    finally:
+        learner.shutdown()
+    resumed = LearnerGroup(str(tiny_model_dir), cfg)
+    try:
+        state = resumed.load(tmp_path)
+        assert state == {"steps": 1, "data_position": 17}
+        assert [resumed.step(groups)["loss"] for _ in range(2)] == pytest.approx(uninterrupted, abs=1e-6)
+    finally:
+        resumed.shutdown()
