@@ -35,6 +35,11 @@ def source_values(section: str, spec: str | None, hub_default_owner: str | None 
     return {f"{section}.path": None, f"{section}.hub_id": spec}
 
 
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """Flag values the user gave; a source's `path` stays even when None, to clear the config's."""
+    return {k: v for k, v in values.items() if v is not None or k.endswith(".path")}
+
+
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -75,8 +80,7 @@ def eval_command(
             "eval.max_queries": max_queries, "eval.batch_size": batch_size,
             "eval.output": str(output) if output else None,
         }
-        values = {k: v for k, v in values.items() if v is not None or k in ("data.path", "model.path")}
-        cfg = load_config(config, overrides or [], values)
+        cfg = load_config(config, overrides or [], _given(values))
         report = run_eval(cfg, progress=sys.stderr.isatty())
     except (ConfigError, DataError, ModelError, PromptError) as err:
         _fail(err)
@@ -159,8 +163,7 @@ def reward_serve_command(
                   "reward.host": host, "reward.port": port,
                   **{f"reward.{k}": str(v) for k, v in
                      {"token_file": token_file, "tls_cert": tls_cert, "tls_key": tls_key}.items() if v}}
-        values = {k: v for k, v in values.items() if v is not None or k == "data.path"}
-        cfg = load_config(config, overrides or [], values)
+        cfg = load_config(config, overrides or [], _given(values))
         dataset = load_dataset(cfg.data)
         server = RewardServer(dataset.qrels, cfg.reward).start()
     except (ConfigError, DataError, SecurityError) as err:
