@@ -215,7 +215,8 @@ class ActorPool:
             self._failures = 0
             if ref == slot.ready_ref:
                 slot.ready_ref = None
-                slot.version = value if isinstance(value, int) else value["version"]
+                # An update sent while the actor was starting may already have been confirmed.
+                slot.version = max(slot.version, value if isinstance(value, int) else value["version"])
             else:
                 del slot.inflight[ref]
                 slot.version = max([slot.version] + [r.version for r in value])

@@ -58,7 +58,8 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
     query_ids = dataset.query_ids[: cfg.eval.max_queries]
     ranking = bm25_search(dataset, query_ids, cfg.bm25)
     seconds = {"bm25": time.perf_counter() - clock}
-    metrics = {"bm25": evaluate(dataset.qrels, ranked_to_run({q: [d for d, _ in h] for q, h in ranking.items()}))}
+    bm25_order = {qid: [doc for doc, _ in hits] for qid, hits in ranking.items()}
+    metrics = {"bm25": evaluate(dataset.qrels, ranked_to_run(bm25_order))}
     depth = min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
     settings: dict[str, object] = {
         "dataset": dataset.name, "source": dataset.source, "split": cfg.data.split,
@@ -77,7 +78,8 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
         seconds["model"] = time.perf_counter() - clock
         metrics["model"] = evaluate(dataset.qrels, ranked_to_run(ranked))
         settings.update(rerank_depth=depth, max_length=cfg.prompt.max_length,
-                        max_query_tokens=cfg.prompt.max_query_tokens, pairs=sum(min(depth, len(h)) for h in ranking.values()))
+                        max_query_tokens=cfg.prompt.max_query_tokens,
+                        pairs=sum(min(depth, len(hits)) for hits in ranking.values()))
     report = EvalReport(metrics, settings, seconds)
     write_tensorboard(report, cfg.eval.tensorboard_dir or default_tensorboard_dir(dataset.name, cfg.data.split))
     if cfg.eval.output:
