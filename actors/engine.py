@@ -5,6 +5,7 @@ Plain Python, so it can be tested and benchmarked directly; `actors.pool` runs i
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -12,6 +13,8 @@ from prorank.config import ActorConfig, PromptConfig, SamplingConfig
 from prorank.models import load_tokenizer, weights_to_bytes
 from prorank.prompt import PromptBuilder, parse_judgment
 from prorank.rollout import Completion, GroupResult, RolloutRequest
+
+log = logging.getLogger(__name__)
 
 
 class RolloutEngine:
@@ -43,7 +46,9 @@ class RolloutEngine:
             max_tokens=sampling.max_tokens, logprobs=0,
         )
         self.name = name
+        self.model, self.dtype = model, actors.dtype
         self.version = 0
+        self.expected = None  # names, dtypes and shapes a weight version must have; read on first sync
 
     def info(self) -> dict[str, object]:
         return {"name": self.name, "version": self.version, "pid": os.getpid()}
@@ -72,6 +77,35 @@ class RolloutEngine:
                                        self.version, self.name, seconds))
         return results
 
+    def sync_weights(self, address: str, token: str, tls_ca: str | None = None, wait_seconds: float = 300.0) -> dict:
+        """Pull the newest version above the one served from the learner's weight server, verify it,
+        apply it in place, and report back. A bad transfer is refused and reported; the engine keeps
+        serving its last good version."""
+        from actors.weight_receiver import fetch_version, report
+        from protocol import weights_pb2
+        from protocol.weights_codec import WeightError
+
+        if self.expected is None:
+            self.expected = _expected_specs(self.model, self.dtype)
+        def tell(applied: bool, error: str = "") -> dict:
+            try:  # the learner's table is informative: failing to update it must not fail the actor
+                report(address, token, weights_pb2.Ack(version=self.version, applied=applied, error=error,
+                                                       receiver=self.name), tls_ca)
+            except Exception as err:  # noqa: BLE001 - grpc raises several types
+                log.warning("%s: could not report version %d to %s: %s", self.name, self.version, address, err)
+            return {"version": self.version, "applied": applied, "error": error}
+
+        try:
+            got = fetch_version(address, token, self.version, self.name, self.expected, tls_ca,
+                                timeout=wait_seconds)
+        except WeightError as err:
+            return tell(False, str(err))
+        if got is None:
+            return {"version": self.version, "applied": False, "error": ""}
+        manifest, blob = got
+        self.load_weights(manifest.version, bytes(blob))
+        return tell(True)
+
     def load_weights(self, version: int, weights) -> int:
         """Apply a complete set of named tensors (a dict, or a safetensors blob) as `version`, in place.
 
@@ -85,3 +119,16 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()  # cached prompt activations belong to the old weights
         self.version = version
         return version
+
+
+def _expected_specs(model: str, dtype: str):
+    """The named tensors of the model's state dict (tied ones included), built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from protocol.weights_codec import expected_specs
+
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return expected_specs(skeleton.state_dict())

@@ -54,6 +54,7 @@ class ActorPool:
         self._finished: list[GroupResult] = []  # collected, not yet handed to the caller
         self._next_index = 0
         self._weights: tuple[int, object] | None = None  # latest (version, ObjectRef of the blob)
+        self._weight_server: tuple[str, str, str | None] | None = None  # (address, token, tls_ca)
         self._failures = 0  # consecutive actor deaths; reset by any success
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(actors.kv_cache_gib),
                "TOKENIZERS_PARALLELISM": "false"}
@@ -88,7 +89,8 @@ class ActorPool:
 
     @property
     def latest_version(self) -> int:
-        return self._weights[0] if self._weights else 0
+        """The newest version the pool has handed out or seen an actor apply."""
+        return max([self._weights[0] if self._weights else 0] + [s.version for s in self.slots.values()])
 
     def versions(self) -> dict[str, int]:
         """Weights version each live actor serves (as last confirmed by the actor)."""
@@ -110,7 +112,12 @@ class ActorPool:
         name = f"rollout-{index}"
         handle = self._actor_cls.remote(self.model, self.cfg, self.sampling, self.prompt, name, index)
         # Actor calls run in order: the engine starts, loads the latest weights, then takes work.
-        ready = handle.load_weights.remote(*self._weights) if self._weights else handle.info.remote()
+        if self._weight_server:  # pull the newest version, if one is published, before any work
+            ready = handle.sync_weights.remote(*self._weight_server, wait_seconds=1.0)
+        elif self._weights:
+            ready = handle.load_weights.remote(*self._weights)
+        else:
+            ready = handle.info.remote()
         self.slots[name] = _Slot(name, handle, ready)
 
     def _reap(self) -> None:
@@ -172,6 +179,7 @@ class ActorPool:
         if not isinstance(weights, (bytes, bytearray)):
             weights = weights_to_bytes(weights)
         self._weights = (version, ray.put(bytes(weights)))
+        self._weight_server = None  # new actors now take this version from the object store
         pending = {s.handle.load_weights.remote(*self._weights): s for s in list(self.slots.values())}
         for ref, slot in pending.items():
             try:
@@ -180,6 +188,24 @@ class ActorPool:
                 self._lost(slot, err)
         self.wait_ready()
         return self.versions()
+
+    def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
+                     wait_seconds: float = 300.0) -> dict[str, dict]:
+        """Every actor pulls the newest version from the learner's weight server (in parallel) and
+        applies it; actors started later do the same before any work. Returns each actor's answer."""
+        self._weight_server = (address, token, tls_ca)
+        self._weights = None  # new actors now pull from the weight server
+        pending = {s.handle.sync_weights.remote(address, token, tls_ca, wait_seconds): s
+                   for s in list(self.slots.values())}
+        answers = {}
+        for ref, slot in pending.items():
+            try:
+                answers[slot.name] = ray.get(ref)
+                slot.version = max(slot.version, answers[slot.name]["version"])
+            except RayActorError as err:
+                self._lost(slot, err)
+        self.wait_ready()
+        return answers
 
     def _dispatch(self) -> None:
         while self._queue:

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protocol import weights_pb2 as protocol_dot_weights__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,121 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class WeightsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Fetch = channel.unary_stream(
+                '/prorank.weights.v1.Weights/Fetch',
+                request_serializer=protocol_dot_weights__pb2.FetchRequest.SerializeToString,
+                response_deserializer=protocol_dot_weights__pb2.WeightMessage.FromString,
+                _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/prorank.weights.v1.Weights/Report',
+                request_serializer=protocol_dot_weights__pb2.Ack.SerializeToString,
+                response_deserializer=protocol_dot_weights__pb2.ReportReply.FromString,
+                _registered_method=True)
+
+
+class WeightsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Fetch(self, request, context):
+        """The newest version above min_version: its manifest, then its bytes in order. Waits up to the
+        call's deadline for such a version to be published.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Report(self, request, context):
+        """A receiver says which version it serves now (or why it refused one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WeightsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=protocol_dot_weights__pb2.FetchRequest.FromString,
+                    response_serializer=protocol_dot_weights__pb2.WeightMessage.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=protocol_dot_weights__pb2.Ack.FromString,
+                    response_serializer=protocol_dot_weights__pb2.ReportReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'prorank.weights.v1.Weights', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('prorank.weights.v1.Weights', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Weights:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prorank.weights.v1.Weights/Fetch',
+            protocol_dot_weights__pb2.FetchRequest.SerializeToString,
+            protocol_dot_weights__pb2.WeightMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prorank.weights.v1.Weights/Report',
+            protocol_dot_weights__pb2.Ack.SerializeToString,
+            protocol_dot_weights__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

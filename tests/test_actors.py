@@ -96,6 +96,40 @@ def test_weights_update_in_place(pool, tiny_model, scifact_test):
     assert set(pool.versions().values()) == {version}
 
 
+def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test):
+    from learner.weight_server import WeightServer
+
+    model = tiny_model[0]
+    server = WeightServer("sync-token").start()
+    try:
+        version = pool.latest_version + 1
+        torch.manual_seed(1)
+        new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        server.publisher.publish(version, new)
+        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+        assert answers and all(a == {"version": version, "applied": True, "error": ""} for a in answers.values())
+        assert server.publisher.wait_for(set(answers), version, timeout=5)  # the learner knows who serves what
+
+        from transformers import AutoModelForCausalLM
+
+        updated = AutoModelForCausalLM.from_config(model.config).eval()
+        updated.load_state_dict(new)
+        for res in pool.generate(requests_from(scifact_test, 2, "g")):
+            assert res.version == version
+            for c in res.completions:
+                expected = hf_logprobs(updated, res.prompt_ids, c.token_ids)
+                assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+
+        server.publisher.publish(version + 1, new)
+        server.publisher._buffer[100] ^= 0x01  # corrupted after its checksum was taken
+        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+        assert all(not a["applied"] and "checksum" in a["error"] for a in answers.values())
+        assert set(pool.versions().values()) == {version}  # still serving the last good version
+        assert all("checksum" in error for _, error in server.publisher.receivers.values())
+    finally:
+        server.stop(0)
+
+
 def test_scale_up_and_down_while_streaming(pool, tiny_model, scifact_test):
     version = pool.latest_version + 1
     pool.update_weights(version, tiny_model[0].state_dict())

@@ -1,0 +1,141 @@
+"""Weight versions over real gRPC on loopback: codec checks, security, corrupt and partial transfers."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import safetensors.torch
+import torch
+
+from actors.weight_receiver import fetch_version
+from learner.weight_server import WeightPublisher, WeightServer
+from protocol import weights_pb2, weights_pb2_grpc
+from prorank.security import auth_metadata
+from protocol.weights_codec import WeightError, check_manifest, expected_specs, pack, verify
+
+TOKEN = "weights-token"
+
+
+def state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(300, 200, generator=g), "b.bias": torch.randn(7, generator=g),
+            "c.half": torch.randn(33, 5, generator=g).to(torch.bfloat16)}
+
+
+@pytest.fixture
+def server():
+    srv = WeightServer(TOKEN, chunk_bytes=64 * 1024).start()
+    yield srv
+    srv.stop(0)
+
+
+def test_round_trip_is_exact(server):
+    server.publisher.publish(1, state())
+    manifest, blob = fetch_version(server.address, TOKEN, 0, "r", expected_specs(state()), timeout=10)
+    assert manifest.version == 1 and len(manifest.tensors) == 3
+    got = safetensors.torch.load(bytes(blob))
+    for name, tensor in state().items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_manifest_checks():
+    manifest, buffer = pack(3, state(), 1024)
+    check_manifest(manifest, expected_specs(state()))
+    wrong_shape = {**state(), "b.bias": torch.zeros(8)}
+    with pytest.raises(WeightError, match=r"tensor b.bias: got FLOAT32\[7\], expected FLOAT32\[8\]"):
+        check_manifest(manifest, expected_specs(wrong_shape))
+    wrong_dtype = {**state(), "b.bias": torch.zeros(7, dtype=torch.float16)}
+    with pytest.raises(WeightError, match=r"tensor b.bias: got FLOAT32\[7\], expected FLOAT16\[7\]"):
+        check_manifest(manifest, expected_specs(wrong_dtype))
+    with pytest.raises(WeightError, match=r"unknown tensors \['a.weight'\], missing \['z'\]"):
+        check_manifest(manifest, expected_specs({"z": torch.zeros(1), "b.bias": torch.zeros(7),
+                                                 "c.half": torch.zeros(33, 5, dtype=torch.bfloat16)}))
+    buffer[5] ^= 0xFF
+    with pytest.raises(WeightError, match=r"version 3: tensor a.weight: checksum"):
+        verify(manifest, memoryview(buffer))
+    manifest.tensors[1].nbytes += 4
+    with pytest.raises(WeightError, match=r"tensor b.bias: bytes at .* do not fit"):
+        check_manifest(manifest, None)
+
+
+def test_corrupt_chunk_is_rejected(server):
+    server.publisher.publish(1, state())
+    server.publisher._buffer[70_000] ^= 0x01  # one flipped bit in the second chunk, after checksumming
+    with pytest.raises(WeightError, match=r"version 1: tensor a.weight: checksum"):
+        fetch_version(server.address, TOKEN, 0, "r", timeout=10)
+
+
+def test_mismatched_version_is_rejected_before_any_byte(server):
+    server.publisher.publish(1, state())
+    other = expected_specs({"x": torch.zeros(3)})
+    with pytest.raises(WeightError, match=r"unknown tensors"):
+        fetch_version(server.address, TOKEN, 0, "r", other, timeout=10)
+
+
+def test_stale_and_absent_versions(server):
+    assert fetch_version(server.address, TOKEN, 0, "r", timeout=0.5) is None  # nothing published yet
+    server.publisher.publish(2, state())
+    assert fetch_version(server.address, TOKEN, 2, "r", timeout=0.5) is None  # nothing newer than 2
+    with pytest.raises(ValueError, match="not newer"):
+        server.publisher.publish(1, state())
+
+
+def test_unauthenticated_is_refused(server):
+    server.publisher.publish(1, state())
+    with pytest.raises(WeightError, match="UNAUTHENTICATED"):
+        fetch_version(server.address, "wrong", 0, "r", timeout=5)
+
+
+class _Truncating(WeightPublisher):
+    """Sends the manifest and only the first chunk, as a learner that dies mid-stream would."""
+
+    def Fetch(self, request, context):
+        stream = super().Fetch(request, context)
+        yield next(stream)
+        yield next(stream)
+
+
+def test_partial_transfer_is_rejected():
+    srv = WeightServer(TOKEN, publisher=_Truncating(64 * 1024)).start()
+    try:
+        srv.publisher.publish(1, state())
+        with pytest.raises(WeightError, match=r"partial transfer, 65536 of \d+ bytes"):
+            fetch_version(srv.address, TOKEN, 0, "r", timeout=10)
+    finally:
+        srv.stop(0)
+
+
+def test_a_receiver_that_dies_mid_stream_does_not_stall_others(server):
+    server.publisher.publish(1, state())
+    channel = grpc.insecure_channel(server.address)
+    stream = weights_pb2_grpc.WeightsStub(channel).Fetch(
+        weights_pb2.FetchRequest(min_version=0, receiver="dying"), metadata=auth_metadata(TOKEN), timeout=30)
+    assert next(stream).WhichOneof("kind") == "manifest"
+    assert next(stream).WhichOneof("kind") == "chunk"
+    results = []
+    others = [threading.Thread(target=lambda: results.append(fetch_version(server.address, TOKEN, 0, "ok", timeout=10)))
+              for _ in range(3)]
+    for t in others:
+        t.start()
+    stream.cancel()
+    channel.close()  # the dying receiver is gone mid-stream
+    for t in others:
+        t.join(timeout=30)
+    assert len(results) == 3 and all(r[0].version == 1 for r in results)
+
+
+def test_tls(tmp_path):
+    from tests.test_reward import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    srv = WeightServer(TOKEN, tls_cert=cert, tls_key=key).start()
+    try:
+        srv.publisher.publish(1, state())
+        manifest, _ = fetch_version(srv.address, TOKEN, 0, "r", tls_ca=cert, timeout=10)
+        assert manifest.version == 1
+        with pytest.raises(WeightError, match="UNAVAILABLE"):
+            fetch_version(srv.address, TOKEN, 0, "r", timeout=3)  # plaintext against TLS
+    finally:
+        srv.stop(0)
