@@ -77,7 +77,8 @@ class RolloutEngine:
                                        self.version, self.name, seconds))
         return results
 
-    def sync_weights(self, address: str, token: str, tls_ca: str | None = None, wait_seconds: float = 300.0) -> dict:
+    def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
+                     wait_seconds: float = 300.0) -> dict:
         """Pull the newest version above the one served from the learner's weight server, verify it,
         apply it in place, and report back. A bad transfer is refused and reported; the engine keeps
         serving its last good version."""
@@ -87,6 +88,7 @@ class RolloutEngine:
 
         if self.expected is None:
             self.expected = _expected_specs(self.model, self.dtype)
+
         def tell(applied: bool, error: str = "") -> dict:
             try:  # the learner's table is informative: failing to update it must not fail the actor
                 report(address, token, weights_pb2.Ack(version=self.version, applied=applied, error=error,
@@ -103,7 +105,7 @@ class RolloutEngine:
         if got is None:
             return {"version": self.version, "applied": False, "error": ""}
         manifest, blob = got
-        self.load_weights(manifest.version, bytes(blob))
+        self.load_weights(manifest.version, blob)
         return tell(True)
 
     def load_weights(self, version: int, weights) -> int:
