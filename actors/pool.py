@@ -180,13 +180,7 @@ class ActorPool:
             weights = weights_to_bytes(weights)
         self._weights = (version, ray.put(bytes(weights)))
         self._weight_server = None  # new actors now take this version from the object store
-        pending = {s.handle.load_weights.remote(*self._weights): s for s in list(self.slots.values())}
-        for ref, slot in pending.items():
-            try:
-                slot.version = ray.get(ref)
-            except RayActorError as err:
-                self._lost(slot, err)
-        self.wait_ready()
+        self._on_every_actor("load_weights", *self._weights)
         return self.versions()
 
     def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
@@ -195,15 +189,20 @@ class ActorPool:
         applies it; actors started later do the same before any work. Returns each actor's answer."""
         self._weight_server = (address, token, tls_ca)
         self._weights = None  # new actors now pull from the weight server
-        pending = {s.handle.sync_weights.remote(address, token, tls_ca, wait_seconds): s
-                   for s in list(self.slots.values())}
-        answers = {}
+        return self._on_every_actor("sync_weights", address, token, tls_ca, wait_seconds)
+
+    def _on_every_actor(self, method: str, *args) -> dict[str, object]:
+        """Call `method` on every actor at once and collect the answers by actor name. An actor that
+        dies meanwhile is replaced (the replacement gets the weights on start); then wait for all."""
+        pending = {getattr(s.handle, method).remote(*args): s for s in list(self.slots.values())}
+        answers: dict[str, object] = {}
         for ref, slot in pending.items():
             try:
                 answers[slot.name] = ray.get(ref)
-                slot.version = max(slot.version, answers[slot.name]["version"])
             except RayActorError as err:
                 self._lost(slot, err)
+                continue
+            slot.version = max(slot.version, _served_version(answers[slot.name]))
         self.wait_ready()
         return answers
 
@@ -242,7 +241,7 @@ class ActorPool:
             if ref == slot.ready_ref:
                 slot.ready_ref = None
                 # An update sent while the actor was starting may already have been confirmed.
-                slot.version = max(slot.version, value if isinstance(value, int) else value["version"])
+                slot.version = max(slot.version, _served_version(value))
             else:
                 del slot.inflight[ref]
                 slot.version = max([slot.version] + [r.version for r in value])
@@ -250,3 +249,8 @@ class ActorPool:
         self._reap()
         self._dispatch()
         return bool(done)
+
+
+def _served_version(answer) -> int:
+    """The version an actor serves, from `load_weights` (an int) or `info`/`sync_weights` (a dict)."""
+    return answer if isinstance(answer, int) else answer["version"]
