@@ -13,7 +13,7 @@ import time
 from protocol import reward_pb2
 from prorank.config import DataConfig, RewardConfig
 from prorank.data import load_dataset
-from reward.client import SyncRewardClient
+from reward.client import SyncRewardClient, client_options
 from reward.scoring import group_stats, label_of, score_completions
 from reward.server import RewardServer
 
@@ -52,7 +52,7 @@ def main() -> None:
     cfg = RewardConfig(port=0)
     qrels = load_dataset(DataConfig(path=args.data, split="train")).qrels
     server = RewardServer(qrels, cfg, TOKEN).start()
-    client = SyncRewardClient([server.address], TOKEN)
+    client = SyncRewardClient([server.address], TOKEN, **client_options(cfg))
     rng = random.Random(0)
     try:
         for batch in (64, 1024):

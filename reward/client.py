@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from protocol import reward_pb2, reward_pb2_grpc
+from prorank.config import RewardConfig
 from prorank.rollout import GroupResult
 from prorank.security import auth_metadata, channel_credentials
 
@@ -39,6 +40,12 @@ class _Replica:
     channel: grpc.aio.Channel
     inflight: int = 0
     rest_until: float = 0.0
+
+
+def client_options(cfg: RewardConfig) -> dict:
+    """Keyword arguments of RewardClient / SyncRewardClient from the reward config."""
+    return {"tls_ca": cfg.tls_ca, "tls": bool(cfg.tls_ca or cfg.tls_cert), "timeout": cfg.timeout_seconds,
+            "retries": cfg.retries, "backoff": cfg.backoff_seconds, "max_message_mb": cfg.max_message_mb}
 
 
 def groups_from_results(results: Sequence[GroupResult]) -> list[reward_pb2.Group]:

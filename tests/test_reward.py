@@ -168,7 +168,9 @@ def test_tls(train_qrels, tmp_path):
 
 
 def test_deadline_expiry(server):
-    client = client_for(server, timeout=1e-4, retries=0)
+    from reward.client import client_options
+
+    client = client_for(server, **client_options(RewardConfig(timeout_seconds=1e-4, retries=0)))
     big = [G(f"g{i}", "0", "31715818", *["1"] * 8) for i in range(20000)]
     with pytest.raises(RewardError, match="DEADLINE_EXCEEDED") as err:
         client.score(big)
