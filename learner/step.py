@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
+from learner.forward import naive_group_logprobs, pad_completions, shared_prefix_group_logprobs
 from learner.grpo import batch_normalizer, group_advantages, grpo_loss, token_weights
 from prorank.config import LearnerConfig
 from prorank.rollout import ScoredGroup
@@ -36,11 +36,7 @@ def lr_lambda(cfg: LearnerConfig):
 
 def completion_masks(groups: Sequence[ScoredGroup]) -> list[torch.Tensor]:
     """One [G, T] mask per group, for `batch_normalizer`."""
-    out = []
-    for g in groups:
-        width = max(len(c) for c in g.completions)
-        out.append(torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in g.completions]))
-    return out
+    return [pad_completions(g.completions, 0, "cpu")[1] for g in groups]
 
 
 def step_normalizer(groups: Sequence[ScoredGroup], cfg: LearnerConfig) -> float:
