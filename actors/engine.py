@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
 from prorank.models import load_tokenizer, weights_to_bytes
 from prorank.prompt import PromptBuilder, parse_judgment
 from prorank.rollout import Completion, GroupResult, RolloutRequest
@@ -49,6 +50,9 @@ class RolloutEngine:
         self.model, self.dtype = model, actors.dtype
         self.version = 0
         self.expected = None  # names, dtypes and shapes a weight version must have; read on first sync
+        self._relay = None  # this actor's weight server for the next actor, see sync_weights
+        self._buffer = None  # the last version's blob: the next one is received into it (no new 0.5 GB)
+        self.relay_address = ""
 
     def info(self) -> dict[str, object]:
         return {"name": self.name, "version": self.version, "pid": os.getpid()}
@@ -77,17 +81,19 @@ class RolloutEngine:
                                        self.version, self.name, seconds))
         return results
 
-    def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
-                     wait_seconds: float = 300.0) -> dict:
-        """Pull the newest version above the one served from the learner's weight server, verify it,
-        apply it in place, and report back. A bad transfer is refused and reported; the engine keeps
-        serving its last good version."""
+    def sync_weights(self, address: str, token: str, tls_ca: str | None = None, wait_seconds: float = 300.0,
+                     upstream: str | None = None, relay: WeightSyncConfig | None = None) -> dict:
+        """Pull the newest version above the one served, verify it, apply it in place, and report back
+        to the learner's weight server at `address`. With `upstream` (the previous actor's relay), pull
+        from there and fall back to `address` if it fails; with `relay`, serve the chunks onwards while
+        they arrive. A bad transfer is refused and reported; the engine keeps its last good version."""
         from actors.weight_receiver import fetch_version, report
         from protocol import weights_pb2
         from protocol.weights_codec import WeightError
 
         if self.expected is None:
             self.expected = _expected_specs(self.model, self.dtype)
+        publisher = self._relay_server(token, relay).publisher if relay and relay.relay else None
 
         def tell(applied: bool, error: str = "") -> dict:
             try:  # the learner's table is informative: failing to update it must not fail the actor
@@ -95,18 +101,41 @@ class RolloutEngine:
                                                        receiver=self.name), tls_ca)
             except Exception as err:  # noqa: BLE001 - grpc raises several types
                 log.warning("%s: could not report version %d to %s: %s", self.name, self.version, address, err)
-            return {"version": self.version, "applied": applied, "error": error}
+            return {"version": self.version, "applied": applied, "error": error, "source": source}
 
-        try:
-            got = fetch_version(address, token, self.version, self.name, self.expected, tls_ca,
-                                timeout=wait_seconds)
-        except WeightError as err:
-            return tell(False, str(err))
+        sources = [(upstream, relay.relay_wait_seconds if relay else wait_seconds)] if upstream else []
+        got, source = None, ""
+        for source, wait in sources + [(address, wait_seconds)]:
+            try:
+                got = fetch_version(source, token, self.version, self.name, self.expected, tls_ca,
+                                    timeout=wait, relay=publisher, buffer=self._buffer)
+            except WeightError as err:
+                if source == address:
+                    return tell(False, str(err))
+                log.warning("%s: relay %s failed (%s); pulling from the learner", self.name, source, err)
+                continue
+            if got is not None:
+                break
         if got is None:
-            return {"version": self.version, "applied": False, "error": ""}
-        manifest, blob = got
-        self.load_weights(manifest.version, blob)
+            return {"version": self.version, "applied": False, "error": "", "source": ""}
+        manifest, self._buffer = got
+        self.load_weights(manifest.version, self._buffer)
         return tell(True)
+
+    def _relay_server(self, token: str, cfg: WeightSyncConfig):
+        """This actor's weight server for the next actor in the pipeline, started on first use."""
+        if self._relay is None:
+            from protocol.weight_service import WeightServer
+
+            self._relay = WeightServer(token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                                       max_workers=4).start()
+            self.relay_address = _announced(cfg.relay_host, self._relay.port)
+        return self._relay
+
+    def relay_info(self, token: str, relay: WeightSyncConfig) -> str:
+        """Start the relay (if not yet) and return the address the next actor pulls from."""
+        self._relay_server(token, relay)
+        return self.relay_address
 
     def load_weights(self, version: int, weights) -> int:
         """Apply a complete set of named tensors (a dict, or a safetensors blob) as `version`, in place.
@@ -117,7 +146,7 @@ class RolloutEngine:
             return self.version
         if not isinstance(weights, (bytes, bytearray)):
             weights = weights_to_bytes(weights)
-        self.llm.collective_rpc("prorank_load_weights", args=(bytes(weights),))
+        self.llm.collective_rpc("prorank_load_weights", args=(weights,))
         self.llm.reset_prefix_cache()  # cached prompt activations belong to the old weights
         self.version = version
         return version
@@ -134,3 +163,12 @@ def _expected_specs(model: str, dtype: str):
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     return expected_specs(skeleton.state_dict())
+
+
+def _announced(host: str, port: int) -> str:
+    """The address other nodes reach a server bound to `host` on: the node's IP for a wildcard bind."""
+    if host in ("0.0.0.0", "::", ""):
+        import ray
+
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.engine import RolloutEngine
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
 from prorank.models import weights_to_bytes
 from prorank.rollout import GroupResult, RolloutRequest
 
@@ -39,6 +39,7 @@ class _Slot:
     inflight: dict = field(default_factory=dict)  # chunk ObjectRef -> its requests
     version: int = 0
     draining: bool = False
+    relay_address: str = ""  # where the next actor pulls weights from this one
 
     @property
     def load(self) -> int:
@@ -46,8 +47,10 @@ class _Slot:
 
 
 class ActorPool:
-    def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig):
+    def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig,
+                 weights: WeightSyncConfig | None = None):
         self.model, self.cfg, self.sampling, self.prompt = model, actors, sampling, prompt
+        self.weights = weights or WeightSyncConfig()
         self.slots: dict[str, _Slot] = {}
         self.replaced = 0  # actors replaced after dying, for metrics
         self._queue: deque[list[RolloutRequest]] = deque()
@@ -185,16 +188,34 @@ class ActorPool:
 
     def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
                      wait_seconds: float = 300.0) -> dict[str, dict]:
-        """Every actor pulls the newest version from the learner's weight server (in parallel) and
-        applies it; actors started later do the same before any work. Returns each actor's answer."""
+        """Every actor pulls the newest version and applies it; actors started later do the same before
+        any work. With `weights.relay`, the actors form a pipeline: the first pulls from the learner's
+        server at `address`, each next one from the relay of the one before, while it still receives.
+        Returns each actor's answer."""
         self._weight_server = (address, token, tls_ca)
         self._weights = None  # new actors now pull from the weight server
-        return self._on_every_actor("sync_weights", address, token, tls_ca, wait_seconds)
+        upstream: dict[str, str | None] = {}
+        if self.weights.relay:
+            previous = None
+            for slot in [s for s in self.slots.values() if s.ready_ref is None]:
+                upstream[slot.name] = previous
+                try:
+                    previous = self._relay_address(slot, token)
+                except RayActorError as err:
+                    self._lost(slot, err)
+        return self._on_every_actor(
+            "sync_weights", address, token, tls_ca, wait_seconds,
+            per_actor=lambda s: {"upstream": upstream.get(s.name), "relay": self.weights})
 
-    def _on_every_actor(self, method: str, *args) -> dict[str, object]:
+    def _relay_address(self, slot: _Slot, token: str) -> str:
+        if not slot.relay_address:
+            slot.relay_address = ray.get(slot.handle.relay_info.remote(token, self.weights))
+        return slot.relay_address
+
+    def _on_every_actor(self, method: str, *args, per_actor=lambda slot: {}) -> dict[str, object]:
         """Call `method` on every actor at once and collect the answers by actor name. An actor that
         dies meanwhile is replaced (the replacement gets the weights on start); then wait for all."""
-        pending = {getattr(s.handle, method).remote(*args): s for s in list(self.slots.values())}
+        pending = {getattr(s.handle, method).remote(*args, **per_actor(s)): s for s in list(self.slots.values())}
         answers: dict[str, object] = {}
         for ref, slot in pending.items():
             try:

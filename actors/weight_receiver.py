@@ -1,8 +1,10 @@
-"""The actors' side of weight sync: pull the newest version from the learner's weight server.
+"""The actors' side of weight sync: pull the newest version from the learner's weight server, or from
+the actor before this one in the relay pipeline.
 
 Chunks are written straight into a preallocated safetensors blob (header first, then the data section
 in the manifest's layout), checked for order and completeness, and every tensor's checksum is verified
 before anything is applied. Any failure raises WeightError and leaves the engine on its last version.
+With a `relay`, each chunk is also handed on, as received, to the actor's own weight server.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import grpc
 
 from protocol import weights_pb2, weights_pb2_grpc
+from protocol.weight_service import SERVICE, WeightPublisher
+from protocol.weights_codec import (CHANNEL_OPTIONS, Spec, WeightError, check_manifest, decode_chunk,
+                                    safetensors_header, verify)
 from prorank.security import auth_metadata, channel_credentials
-from protocol.weights_codec import CHANNEL_OPTIONS, Spec, WeightError, check_manifest, safetensors_header, verify
 
 
 def _channel(address: str, tls_ca: str | None, tls: bool) -> grpc.Channel:
@@ -22,47 +26,67 @@ def _channel(address: str, tls_ca: str | None, tls: bool) -> grpc.Channel:
 
 
 def fetch_version(address: str, token: str, min_version: int, receiver: str, expected: dict[str, Spec] | None = None,
-                  tls_ca: str | None = None, tls: bool = False, timeout: float = 300.0):
+                  tls_ca: str | None = None, tls: bool = False, timeout: float = 300.0,
+                  relay: WeightPublisher | None = None, buffer: bytearray | None = None):
     """(manifest, safetensors blob) of the newest version above `min_version`, or None if the server
-    has none before `timeout`. Raises WeightError for a refused call or a bad transfer."""
+    has none before `timeout`. Raises WeightError for a refused call or a bad transfer. The blob is
+    `buffer` when that has the right size: allocating 0.65 GB anew costs 0.27 s of page faults."""
     with _channel(address, tls_ca, tls) as channel:
-        stream = weights_pb2_grpc.WeightsStub(channel).Fetch(
-            weights_pb2.FetchRequest(min_version=min_version, receiver=receiver),
-            timeout=timeout, metadata=auth_metadata(token))
+        # Raw bytes in (no response deserializer): chunks are decoded as views, see decode_chunk.
+        fetch = channel.unary_stream(f"/{SERVICE}/Fetch", request_serializer=weights_pb2.FetchRequest.SerializeToString)
+        stream = fetch(weights_pb2.FetchRequest(min_version=min_version, receiver=receiver),
+                       timeout=timeout, metadata=auth_metadata(token))
         try:
-            return _receive(stream, min_version, expected)
+            return _receive(stream, min_version, expected, relay, buffer)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no version above" in (err.details() or ""):
                 return None
             raise WeightError(f"weight server {address}: {err.code().name}: {err.details()}") from None
 
 
-def _receive(stream, min_version: int, expected: dict[str, Spec] | None):
-    first = next(stream, None)
+def _receive(stream, min_version: int, expected: dict[str, Spec] | None, relay: WeightPublisher | None,
+             buffer: bytearray | None):
+    raw_manifest = next(stream, None)
+    first = weights_pb2.WeightMessage.FromString(raw_manifest) if raw_manifest else None
     if first is None or first.WhichOneof("kind") != "manifest":
         raise WeightError("the stream did not start with a manifest")
     manifest = first.manifest
     if manifest.version <= min_version:  # never go back, whatever a server sends
         raise WeightError(f"stale version {manifest.version}: already serving {min_version}")
-    check_manifest(manifest, expected)
-    header = safetensors_header(manifest)
-    blob = bytearray(len(header) + manifest.total_bytes)
-    blob[: len(header)] = header
-    data = memoryview(blob)[len(header) :]
-    received = 0
-    for message in stream:
-        chunk = message.chunk
-        if message.WhichOneof("kind") != "chunk" or chunk.version != manifest.version:
-            raise WeightError(f"version {manifest.version}: unexpected message in the stream")
-        end = chunk.offset + len(chunk.data)
-        if chunk.offset != received or end > manifest.total_bytes:
-            raise WeightError(f"version {manifest.version}: chunk at {chunk.offset} (+{len(chunk.data)}) does not "
-                              f"follow byte {received} of {manifest.total_bytes}")
-        data[chunk.offset : end] = chunk.data
-        received = end
-    if received != manifest.total_bytes:
-        raise WeightError(f"version {manifest.version}: partial transfer, {received} of {manifest.total_bytes} bytes")
-    verify(manifest, data)
+    if relay:  # downstream receivers check the manifest themselves: hand it on at once
+        relay.begin(manifest, raw_manifest)
+    error = "transfer interrupted"
+    try:
+        check_manifest(manifest, expected)
+        header = safetensors_header(manifest)
+        size = len(header) + manifest.total_bytes
+        blob = buffer if buffer is not None and len(buffer) == size else bytearray(size)
+        blob[: len(header)] = header
+        data = memoryview(blob)[len(header) :]
+        received = 0
+        for raw in stream:
+            version, offset, payload = decode_chunk(raw)
+            end = offset + len(payload)
+            if version != manifest.version:
+                raise WeightError(f"version {manifest.version}: a chunk of version {version} in the stream")
+            if offset != received or end > manifest.total_bytes:
+                raise WeightError(f"version {manifest.version}: chunk at {offset} (+{len(payload)}) does not "
+                                  f"follow byte {received} of {manifest.total_bytes}")
+            data[offset:end] = payload
+            received = end
+            if relay:
+                relay.append(version, raw)
+        if received != manifest.total_bytes:
+            raise WeightError(f"version {manifest.version}: partial transfer, {received} of "
+                              f"{manifest.total_bytes} bytes")
+        verify(manifest, data)
+        error = ""
+    except WeightError as err:
+        error = str(err)
+        raise
+    finally:
+        if relay:
+            relay.end(manifest.version, error)
     return manifest, blob
 
 

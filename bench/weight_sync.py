@@ -1,8 +1,10 @@
 """Weight sync speed, in one script: (a) raw loopback TCP with a plain socket, (b) one gRPC weight transfer
 of the model's fp32 weights into a receiver (received, reassembled and checksum-verified), then (c) the
-time until 1, 2 and 4 receivers (separate processes) hold a new version.
+time until 1, 2 and 4 receivers (separate processes) hold a new version: all pulling from the learner
+(star) or each from the one before (pipeline relay). With --actors, (d) the same through live vLLM actors
+(`ActorPool.sync_weights`): from publish to "every actor serves it".
 
-    .venv/bin/python -m bench.weight_sync --model models/SmolLM2-135M-Instruct
+    .venv/bin/python -m bench.weight_sync --model models/SmolLM2-135M-Instruct [--actors 1,2,4]
 """
 
 from __future__ import annotations
@@ -39,71 +41,140 @@ def raw_tcp_seconds(nbytes: int) -> float:
     return time.perf_counter() - start
 
 
-def _receiver(address: str, min_version: int, ready, go, out) -> None:
+def grpc_ceiling_seconds(address: str) -> float:
+    """The same stream with nothing done to the messages: what Python gRPC carries at best."""
+    import grpc
+
+    from protocol import weights_pb2
+    from protocol.weight_service import SERVICE
+    from protocol.weights_codec import CHANNEL_OPTIONS
+    from prorank.security import auth_metadata
+
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        fetch = channel.unary_stream(f"/{SERVICE}/Fetch", request_serializer=weights_pb2.FetchRequest.SerializeToString)
+        start = time.perf_counter()
+        for _ in fetch(weights_pb2.FetchRequest(min_version=0), metadata=auth_metadata(TOKEN), timeout=600):
+            pass
+        return time.perf_counter() - start
+
+
+def _receiver(upstream, relay: bool, addresses, go, out) -> None:
     from actors.weight_receiver import fetch_version
+    from protocol.weight_service import WeightServer
 
-    ready.set()
+    server = WeightServer(TOKEN).start() if relay else None
+    addresses.put(server.address if server else "")
+    source = upstream.get()
     go.wait()
-    start = time.perf_counter()
-    manifest, _ = fetch_version(address, TOKEN, min_version, "bench", timeout=600)
-    out.put((manifest.version, time.perf_counter() - start))
+    manifest, _ = fetch_version(source, TOKEN, 0, "bench", timeout=600, relay=server.publisher if server else None)
+    out.put((manifest.version, time.perf_counter()))
+    upstream.get()  # stay up (serving downstream) until told to go
+    if server:
+        server.stop(0)
 
 
-def fan_out_seconds(address: str, receivers: int, min_version: int) -> float:
+def fan_out_seconds(address: str, receivers: int, pipeline: bool) -> float:
+    """Seconds from go until every receiver holds the version (star: all pull from `address`)."""
     ctx = mp.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
-    readies = [ctx.Event() for _ in range(receivers)]
-    procs = [ctx.Process(target=_receiver, args=(address, min_version, r, go, out)) for r in readies]
+    upstreams = [ctx.Queue() for _ in range(receivers)]
+    addresses = [ctx.Queue() for _ in range(receivers)]
+    procs = [ctx.Process(target=_receiver, args=(upstreams[i], pipeline, addresses[i], go, out))
+             for i in range(receivers)]
     for p in procs:
         p.start()
-    for r in readies:
-        r.wait()
+    relays = [q.get() for q in addresses]
+    for i, q in enumerate(upstreams):
+        q.put(relays[i - 1] if pipeline and i else address)
+    time.sleep(0.5)
     start = time.perf_counter()
     go.set()
     results = [out.get() for _ in procs]
-    seconds = time.perf_counter() - start
+    seconds = max(t for _, t in results) - start
+    for q in upstreams:
+        q.put("done")
     for p in procs:
         p.join()
-    assert all(v > min_version for v, _ in results)
+    assert all(v > 0 for v, _ in results)
     return seconds
+
+
+def actors_seconds(model: str, state, counts: list[int]) -> None:
+    import ray
+
+    from actors.pool import ActorPool
+    from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
+    from protocol.weight_service import WeightServer
+
+    ray.init(num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False)
+    server = WeightServer(TOKEN).start()
+    version = 0
+    try:
+        for n in counts:
+            for relay in (False, True):
+                cfg = ActorConfig(num_actors=n, num_cpus=1, max_model_len=512, kv_cache_gib=1)
+                pool = ActorPool(model, cfg, SamplingConfig(), PromptConfig(), WeightSyncConfig(relay=relay)).start()
+                seconds = []
+                for _ in range(2):
+                    version += 1
+                    start = time.perf_counter()
+                    server.publisher.publish(version, state)
+                    answers = pool.sync_weights(server.address, TOKEN, wait_seconds=600)
+                    seconds.append(time.perf_counter() - start)
+                    assert all(a["applied"] for a in answers.values()), answers
+                pool.shutdown()
+                print(f"(d) {n} vLLM actor(s) serve the new version, {'pipeline' if relay else 'star'}: "
+                      f"{min(seconds):.2f}s (publish + transfer + load)", flush=True)
+    finally:
+        server.stop(0)
+        ray.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--chunk-mb", type=float, default=1)
+    ap.add_argument("--actors", default="", help="comma-separated vLLM actor counts for (d), e.g. 1,2,4")
     args = ap.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from actors.weight_receiver import fetch_version
-    from learner.weight_server import WeightServer
+    from protocol.weight_service import WeightServer
 
     state = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).state_dict()
     server = WeightServer(TOKEN, chunk_bytes=int(args.chunk_mb * 2**20)).start()
     try:
         manifest = server.publisher.publish(1, state)
-        nbytes = manifest.total_bytes
+        nbytes, gb = manifest.total_bytes, manifest.total_bytes / 1e9
         raw = min(raw_tcp_seconds(nbytes) for _ in range(2))
-        fetch_version(server.address, TOKEN, 0, "warm-up", timeout=600)
+        start = time.perf_counter()
+        _, blob = fetch_version(server.address, TOKEN, 0, "warm-up", timeout=600)
+        first_s = time.perf_counter() - start
+        ceiling = min(grpc_ceiling_seconds(server.address) for _ in range(2))
         grpc_s = float("inf")
-        for _ in range(2):
+        for _ in range(3):  # steady state: an actor receives each version into the last one's buffer
             start = time.perf_counter()
-            fetch_version(server.address, TOKEN, 0, "bench", timeout=600)
+            fetch_version(server.address, TOKEN, 0, "bench", timeout=600, buffer=blob)
             grpc_s = min(grpc_s, time.perf_counter() - start)
-        gb = nbytes / 1e9
         print(f"{gb:.3f} GB of fp32 weights, {len(manifest.tensors)} tensors, {args.chunk_mb:g} MiB chunks")
         print(f"(a) raw loopback TCP:  {gb / raw:6.2f} GB/s")
         print(f"(b) gRPC weight fetch: {gb / grpc_s:6.2f} GB/s (received, reassembled, verified)  "
               f"ratio (b)/(a) {raw / grpc_s:.2f}x")
-        times = {}
-        for n in (1, 2, 4):
-            times[n] = fan_out_seconds(server.address, n, 0)
-            print(f"(c) {n} receiver(s) hold the new version after {times[n]:.2f}s  "
-                  f"ratio vs 1 receiver {times[n] / times[1]:.2f}x", flush=True)
+        print(f"    the same into a new buffer (an actor's first sync): {gb / first_s:6.2f} GB/s  "
+              f"ratio {raw / first_s:.2f}x of (a)")
+        print(f"    gRPC stream, messages dropped unread: {gb / ceiling:6.2f} GB/s  ratio {raw / ceiling:.2f}x of (a)")
+        for pipeline in (False, True):
+            times = {}
+            for n in (1, 2, 4):
+                times[n] = fan_out_seconds(server.address, n, pipeline)
+                print(f"(c) {n} receiver(s), {'pipeline' if pipeline else 'star'}: all hold the version after "
+                      f"{times[n]:.2f}s  ratio vs 1 receiver {times[n] / times[1]:.2f}x", flush=True)
     finally:
         server.stop(0)
+    if args.actors:
+        actors_seconds(args.model, state, [int(n) for n in args.actors.split(",")])
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class LearnerGroup:
             "loss": summed["loss"],
             "kl": summed.get("kl", 0.0),
             "clip_fraction": summed["clipped"],
+            "truncated_fraction": summed.get("truncated", 0.0),
             "ratio_mean": summed["ratio"],
             "entropy": summed["entropy"],
             "mismatch_kl": summed["mismatch_kl"],

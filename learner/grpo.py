@@ -57,6 +57,7 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
     aggregation: Aggregation = "token_mean",
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level clipped surrogate plus beta * k3 KL to the reference, over completion tokens only.
 
@@ -66,15 +67,30 @@ def grpo_loss(
     mask: [N, T], 1 on completion tokens, 0 on padding.
     normalizer: total weight of the whole batch (token count for token_mean, sequence count for
         sequence_mean) so that sums over pieces of the batch add up to the batch mean.
-    returns: (scalar loss, sums of per-token statistics weighted like the loss: kl, clipped, ratio).
+    tis_cap: None: the ratio is taken against the behaviour policy (the sampler is the "old" policy).
+        A number C: truncated importance sampling. The ratio is taken against the learner's own
+        policy at the start of the step (`logprobs` detached), and each token is weighted by
+        min(pi_learner / pi_behaviour, C), which corrects for samples from a stale or numerically
+        different sampler (vLLM) without letting one token's weight explode.
+    returns: (scalar loss, sums of per-token statistics weighted like the loss: kl, clipped, ratio,
+        and with tis_cap, truncated: tokens whose importance weight hit the cap).
     """
     weights = token_weights(mask, aggregation)
-    ratio = torch.exp(logprobs - behaviour_logprobs)
+    stats = {}
+    if tis_cap is None:
+        ratio = torch.exp(logprobs - behaviour_logprobs)
+        importance = torch.ones_like(logprobs)
+    else:
+        old = logprobs.detach()
+        ratio = torch.exp(logprobs - old)
+        raw = torch.exp(old - behaviour_logprobs)
+        importance = torch.clamp(raw, max=tis_cap)
+        stats["truncated"] = ((raw > tis_cap).float() * weights).sum().detach()
     adv = advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    stats = {"clipped": ((clipped < unclipped).float() * weights).sum().detach()}
+    per_token = -torch.minimum(unclipped, clipped) * importance
+    stats["clipped"] = ((clipped < unclipped).float() * weights).sum().detach()
     if ref_logprobs is not None and beta > 0:
         kl = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + beta * kl

@@ -66,11 +66,12 @@ def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer
             with torch.no_grad():
                 ref = forward(ref_model, g.prompt_ids, g.completions, pad_id, temperature).logprobs
         loss, sums = grpo_loss(out.logprobs, behaviour, advantages, out.mask, normalizer, cfg.clip_eps,
-                               ref, cfg.beta, cfg.aggregation)
+                               ref, cfg.beta, cfg.aggregation, cfg.tis_cap)
         total = total + loss
         weights = token_weights(out.mask, cfg.aggregation)
         stats["loss"] += loss.item()
         stats["entropy"] += (out.entropy * weights).sum().item() / normalizer
+        # KL(behaviour || learner), k1 estimate on the sampled tokens: how far the sampler is off.
         stats["mismatch_kl"] += (behaviour - out.logprobs.detach()).mul(weights).sum().item() / normalizer
         for key, value in sums.items():
             stats[key] += value.item() / normalizer

@@ -107,6 +107,50 @@ def eval_command(
         console.print(f"metrics written to {cfg.eval.output}")
 
 
+@app.command("train")
+def train_command(
+    config: ConfigOpt = None,
+    address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (auto or host:port); "
+                                                   "default: start an embedded local Ray.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from train.output_dir/checkpoints/LATEST.")] = False,
+    steps: Annotated[Optional[int], typer.Option(help="Total learner steps (train.steps).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="sync or async (train.mode).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Logs, checkpoints, summary (train.output_dir).")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Stage 1 (GRPO prompt warmup): rollout actors, reward service and learner ranks as one Ray job."""
+    import signal
+
+    from prorank.data import DataError
+    from prorank.job import train
+    from prorank.models import ModelError
+    from prorank.security import SecurityError
+
+    try:
+        values = {"train.ray_address": address, "train.steps": steps, "train.mode": mode,
+                  "train.output_dir": str(output_dir) if output_dir else None}
+        cfg = load_config(config, overrides or [], _given(values))
+    except ConfigError as err:
+        _fail(err)
+
+    def interrupt(*_):  # SIGTERM (a scheduler's stop) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
+    try:
+        summary = train(cfg, resume=resume, progress=True)
+    except (DataError, ModelError, SecurityError, FileNotFoundError) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: every actor and server was stopped", err=True)
+        raise typer.Exit(130) from None
+    final = summary["final"]
+    typer.echo(f"done: {summary['steps']} steps; reward {final.get('train/reward/total_mean', float('nan')):.3f}, "
+               f"dev nDCG@10 {final.get('dev/ndcg@10', float('nan')):.4f} (BM25 {summary['dev_bm25'] or 0:.4f}); "
+               f"summary in {Path(cfg.train.output_dir) / 'summary.json'}")
+
+
 @app.command("convert-gguf")
 def convert_gguf_command(
     output: Annotated[Path, typer.Option(help="Folder for the safetensors model.")],
@@ -178,3 +222,7 @@ def reward_serve_command(
     stop.wait()
     typer.echo("shutting down", err=True)
     server.stop()
+
+
+if __name__ == "__main__":
+    app()

@@ -134,6 +134,28 @@ class RewardConfig(Section):
         return self
 
 
+class WeightSyncConfig(Section):
+    """The weight service: the learner's server, and the relay each actor runs for the next one."""
+
+    host: str = "127.0.0.1"  # the learner's server; 0.0.0.0 (with TLS) on a cluster
+    port: int = Field(0, ge=0, le=65535)  # 0: any free port
+    token_file: str | None = None  # else $PRORANK_TOKEN
+    tls_cert: str | None = None  # PEM; the learner's server and the actors' relays speak TLS with it
+    tls_key: str | None = None
+    tls_ca: str | None = None  # PEM the receivers trust
+    chunk_mb: float = Field(1.0, gt=0, le=32)
+    relay: bool = True  # actors pass chunks on in a pipeline: the learner sends one copy, not one per actor
+    relay_host: str = "127.0.0.1"  # where an actor's relay listens; 0.0.0.0 on a cluster (node IP is announced)
+    relay_wait_seconds: float = Field(30.0, gt=0)  # then an actor pulls from the learner directly
+    wait_seconds: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WeightSyncConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("weights.tls_cert and weights.tls_key go together")
+        return self
+
+
 class LearnerConfig(Section):
     """The DeepSpeed learner: K data-parallel ranks applying GRPO."""
 
@@ -156,6 +178,7 @@ class LearnerConfig(Section):
     scale_advantages_by_std: bool = True
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     shared_prefix: bool = True  # encode a group's prompt once (see learner.forward)
+    tis_cap: float | None = Field(2.0, gt=0)  # truncated importance sampling (learner.grpo); None: off
     seed: int = 0
 
     @model_validator(mode="after")
@@ -165,6 +188,27 @@ class LearnerConfig(Section):
             raise ValueError(f"learner.groups_per_step ({self.groups_per_step}) must be a multiple of "
                              f"num_ranks * micro_batch_groups ({per_step})")
         return self
+
+
+class TrainConfig(Section):
+    """The stage-1 job (`prorank train`): what each step samples, how often to evaluate and save."""
+
+    split: str = "train"  # qrels the prompts and the reward come from (data.path/hub_id as configured)
+    steps: int = Field(100, ge=1)
+    mode: Literal["sync", "async"] = "sync"  # async: actors generate step t+1 while the learner trains on t
+    max_staleness: int = Field(1, ge=0)  # policy versions; older samples are generated again
+    positives_per_query: int = Field(1, ge=1)
+    negatives_per_positive: float = Field(1.0, ge=0)  # BM25 hard negatives per positive
+    hard_negative_depth: int = Field(30, ge=1)  # negatives come from this BM25 top-k, minus the positives
+    max_train_queries: int | None = Field(None, ge=1)  # a subset, for quick runs
+    dev_queries: int = Field(50, ge=0)  # training queries held out for dev nDCG@10 (never sampled)
+    dev_every: int = Field(10, ge=0)  # steps; 0: only before and after the run
+    dev_depth: int = Field(10, ge=1)  # BM25 candidates the model reranks per dev query
+    checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
+    output_dir: str = "runs/train"  # tensorboard/, checkpoints/, metrics.jsonl, summary.json
+    seed: int = 0
+    ray_address: str | None = None  # None: an embedded local Ray; "auto" or host:port joins a cluster
+    ray_num_cpus: int | None = Field(None, ge=1)  # CPUs of the embedded Ray (None: all)
 
 
 class ProRankConfig(Section):
@@ -177,6 +221,8 @@ class ProRankConfig(Section):
     actors: ActorConfig = ActorConfig()
     reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
+    weights: WeightSyncConfig = WeightSyncConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -97,7 +97,7 @@ def test_weights_update_in_place(pool, tiny_model, scifact_test):
 
 
 def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test):
-    from learner.weight_server import WeightServer
+    from protocol.weight_service import WeightServer
 
     model = tiny_model[0]
     server = WeightServer("sync-token").start()
@@ -107,7 +107,11 @@ def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test)
         new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
         server.publisher.publish(version, new)
         answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
-        assert answers and all(a == {"version": version, "applied": True, "error": ""} for a in answers.values())
+        assert answers and all(a["version"] == version and a["applied"] and not a["error"] for a in answers.values())
+        # A pipeline: the first actor pulls from the learner, the second from the first actor's relay.
+        first, second = (pool.slots[name] for name in sorted(answers))
+        assert answers[first.name]["source"] == server.address
+        assert answers[second.name]["source"] == first.relay_address != server.address
         assert server.publisher.wait_for(set(answers), version, timeout=5)  # the learner knows who serves what
 
         from transformers import AutoModelForCausalLM
@@ -121,7 +125,9 @@ def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test)
                 assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
 
         server.publisher.publish(version + 1, new)
-        server.publisher._buffer[100] ^= 0x01  # corrupted after its checksum was taken
+        corrupt = bytearray(server.publisher._current.messages[1])
+        corrupt[-100] ^= 0x01  # a byte of the first chunk, flipped after its checksum was taken
+        server.publisher._current.messages[1] = bytes(corrupt)
         answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
         assert all(not a["applied"] and "checksum" in a["error"] for a in answers.values())
         assert set(pool.versions().values()) == {version}  # still serving the last good version

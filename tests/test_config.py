@@ -50,3 +50,10 @@ def test_malformed_override_and_file(tmp_path):
 def test_data_needs_a_source():
     with pytest.raises(ConfigError, match="give data.path"):
         load_config(None, ["data.hub_id=null"])
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(path, [])  # every key known, every value valid

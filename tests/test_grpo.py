@@ -71,3 +71,14 @@ def test_padding_is_ignored_and_aggregations():
     assert loss.item() == pytest.approx(-(1 + 3 + 3) / 3)
     with pytest.raises(ValueError, match="unknown aggregation"):
         token_weights(mask, "mean")
+
+
+def test_truncated_importance_sampling():
+    # Learner probs 0.5 and 0.4; the sampler gave 0.25 and 0.5: weights 2 (capped at 1.5) and 0.8.
+    lp = torch.tensor([[L(0.5), L(0.4)]], requires_grad=True)
+    behaviour = torch.tensor([[L(0.25), L(0.5)]])
+    loss, stats = grpo_loss(lp, behaviour, torch.tensor([1.0]), torch.ones_like(lp), 2.0, tis_cap=1.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(1.5 + 0.8) / 2)  # the ratio to the learner itself is 1
+    assert lp.grad[0].tolist() == pytest.approx([-1.5 / 2, -0.8 / 2])
+    assert stats["truncated"].item() == 1 and stats["clipped"].item() == 0

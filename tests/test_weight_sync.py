@@ -10,10 +10,11 @@ import safetensors.torch
 import torch
 
 from actors.weight_receiver import fetch_version
-from learner.weight_server import WeightPublisher, WeightServer
+from protocol.weight_service import WeightPublisher, WeightServer
 from protocol import weights_pb2, weights_pb2_grpc
 from prorank.security import auth_metadata
-from protocol.weights_codec import WeightError, check_manifest, expected_specs, pack, verify
+from protocol.weights_codec import (WeightError, check_manifest, decode_chunk, encode_messages, expected_specs,
+                                    pack, verify)
 
 TOKEN = "weights-token"
 
@@ -62,7 +63,10 @@ def test_manifest_checks():
 
 def test_corrupt_chunk_is_rejected(server):
     server.publisher.publish(1, state())
-    server.publisher._buffer[70_000] ^= 0x01  # one flipped bit in the second chunk, after checksumming
+    messages = server.publisher._current.messages
+    corrupt = bytearray(messages[2])
+    corrupt[-10] ^= 0x01  # one flipped bit in the second chunk, after checksumming
+    messages[2] = bytes(corrupt)
     with pytest.raises(WeightError, match=r"version 1: tensor a.weight: checksum"):
         fetch_version(server.address, TOKEN, 0, "r", timeout=10)
 
@@ -139,3 +143,67 @@ def test_tls(tmp_path):
             fetch_version(srv.address, TOKEN, 0, "r", timeout=3)  # plaintext against TLS
     finally:
         srv.stop(0)
+
+
+def test_chunk_decoding_matches_protobuf():
+    manifest, buffer = pack(9, state(), 1000)
+    messages = encode_messages(manifest, buffer)
+    assert weights_pb2.WeightMessage.FromString(messages[0]).manifest == manifest
+    for raw in messages[1:]:
+        version, offset, data = decode_chunk(raw)
+        chunk = weights_pb2.WeightMessage.FromString(raw).chunk
+        assert (version, offset, bytes(data)) == (chunk.version, chunk.offset, chunk.data)
+    # Other field orders and empty payloads still decode (through protobuf or the fast path).
+    odd = weights_pb2.WeightMessage(chunk=weights_pb2.Chunk(data=b"xy", offset=0, version=0)).SerializeToString()
+    assert decode_chunk(odd)[0:2] == (0, 0) and bytes(decode_chunk(odd)[2]) == b"xy"
+    with pytest.raises(WeightError, match="expected a chunk, got a manifest"):
+        decode_chunk(messages[0])
+    with pytest.raises(WeightError, match="not a WeightMessage"):
+        decode_chunk(b"\x12\xff\xff")
+
+
+def _relay_of(upstream: WeightServer, name: str) -> tuple[WeightServer, threading.Thread, list]:
+    """A relay: receives from `upstream` while serving what it has to the next receiver."""
+    relay = WeightServer(TOKEN, chunk_bytes=64 * 1024).start()
+    out: list = []
+
+    def run():
+        try:
+            out.append(fetch_version(upstream.address, TOKEN, 0, name, timeout=10, relay=relay.publisher))
+        except WeightError as err:
+            out.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return relay, thread, out
+
+
+def test_relay_pipeline_hands_on_every_byte(server):
+    first, t1, got1 = _relay_of(server, "a")
+    second, t2, got2 = _relay_of(first, "b")  # pulls from the first relay while it still receives
+    try:
+        server.publisher.publish(1, state())
+        manifest, blob = fetch_version(second.address, TOKEN, 0, "c", expected_specs(state()), timeout=10)
+        t1.join(10)
+        t2.join(10)
+        assert manifest.version == 1 and got1[0][0].version == 1 and got2[0][0].version == 1
+        got = safetensors.torch.load(bytes(blob))
+        assert all(torch.equal(got[name], tensor) for name, tensor in state().items())
+        assert first.publisher.version == second.publisher.version == 1
+    finally:
+        first.stop(0)
+        second.stop(0)
+
+
+def test_relay_passes_on_an_upstream_failure():
+    upstream = WeightServer(TOKEN, publisher=_Truncating(64 * 1024)).start()
+    relay, thread, got = _relay_of(upstream, "a")
+    try:
+        upstream.publisher.publish(1, state())
+        with pytest.raises(WeightError, match=r"UNAVAILABLE: relay of version 1: .*partial transfer"):
+            fetch_version(relay.address, TOKEN, 0, "b", timeout=10)
+        thread.join(10)
+        assert isinstance(got[0], WeightError)
+    finally:
+        upstream.stop(0)
+        relay.stop(0)

@@ -1,0 +1,40 @@
+"""Where a run's figures go: TensorBoard scalars, a metrics.jsonl line per step, and the console line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# The console line: the key figures, in this order, with their short names.
+CONSOLE = [("train/reward/total_mean", "reward"), ("train/reward/format_mean", "format"),
+           ("train/judgment_accuracy", "acc"), ("train/kl", "kl"), ("rollout/judgments_per_second", "j/s"),
+           ("weights/sync_seconds", "sync s"), ("dev/ndcg@10", "dev nDCG@10")]
+
+
+class RunLog:
+    def __init__(self, output_dir: str | Path, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # purge_step drops events a crashed run wrote after its last checkpoint, so curves do not fold back.
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step or None)
+        self._jsonl = (self.dir / "metrics.jsonl").open("a")
+        self.latest: dict[str, float] = {}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        self.latest.update(metrics)
+
+    def console_line(self) -> str:
+        return "  ".join(f"{short} {self.latest[key]:.3g}" for key, short in CONSOLE if key in self.latest)
+
+    def close(self) -> None:
+        self.writer.close()
+        self._jsonl.close()

@@ -1,0 +1,209 @@
+"""`prorank train` end to end, as users run it: the CLI in its own process with an embedded Ray, 2 vLLM
+actors, 1 reward replica, 2 DeepSpeed ZeRO-2 ranks, weights over gRPC, on a SciFact subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def answering_model(tmp_path_factory, scifact_dir):
+    """The tiny random model, nudged so that about a fifth of its first sampled tokens are "0" or "1":
+    like an instruct model, it must sometimes answer in format for GRPO to have a signal to follow."""
+    import torch
+
+    from prorank.config import ModelConfig
+    from prorank.data import load_local
+    from prorank.models import build_tiny_model, load_causal_lm
+    from prorank.prompt import PromptBuilder, answer_token_ids
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("answering-model"), seed=3)
+    model, tokenizer = load_causal_lm(ModelConfig(path=str(folder)))
+    builder = PromptBuilder(tokenizer, 256, 16)
+    data = load_local(scifact_dir, "train")
+    pairs = [(data.queries[q], data.corpus[d].text) for q in data.query_ids[:8] for d in list(data.qrels[q])[:1]]
+    with torch.no_grad():
+        hidden = [model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+                  for ids in builder.encode_batch(pairs)]
+        direction = torch.stack(hidden).mean(0)
+        answers = list(answer_token_ids(tokenizer))
+        emb = model.get_input_embeddings().weight
+        for boost in torch.linspace(0.5, 12, 48):  # the smallest boost giving a format rate >= 20%
+            trial = emb.clone()
+            trial[answers] += boost * direction / direction.dot(direction)
+            logits = torch.stack(hidden) @ trial.T
+            if logits.softmax(-1)[:, answers].sum(-1).mean() >= 0.2:
+                emb.copy_(trial)
+                break
+    model.save_pretrained(folder)
+    return folder
+
+
+def _config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = STEPS) -> Path:
+    cfg = {
+        "data": {"path": str(scifact)},
+        "model": {"path": str(model)},
+        "prompt": {"max_length": 192, "max_query_tokens": 16},
+        "sampling": {"group_size": 4, "max_tokens": 1, "temperature": 1.0},
+        "actors": {"num_actors": 2, "max_model_len": 256, "chunk_size": 2, "kv_cache_gib": 1},
+        "reward": {"port": 0},
+        "learner": {"num_ranks": 2, "zero_stage": 2, "groups_per_step": 8, "micro_batch_groups": 2,
+                    "lr": 3e-3, "beta": 0.01},
+        "eval": {"batch_size": 8},
+        "train": {"steps": steps, "mode": mode, "max_train_queries": 40, "dev_queries": 6, "dev_every": 5,
+                  "dev_depth": 5, "checkpoint_every": 5, "output_dir": str(tmp / f"run-{mode}"),
+                  "ray_num_cpus": 6},
+    }
+    path = tmp / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(config: Path, tag: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PRORANK_E2E_TAG": tag, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "prorank.cli", "train", "--config", str(config), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _leftovers(tag: str) -> list[str]:
+    """Processes still carrying the job's tag in their environment (every child inherits it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"PRORANK_E2E_TAG={tag}".encode() in environ:
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+def _gone(tag: str, timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := _leftovers(tag)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+def _port_free(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) != 0
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory, answering_model, scifact_dir) -> dict[str, Path]:
+    """Each mode run once, for STEPS steps; the tests below read their outputs."""
+    runs = {}
+    for mode in ("sync", "async"):
+        tmp = tmp_path_factory.mktemp(f"train-{mode}")
+        tag = uuid.uuid4().hex
+        proc = _start(_config(tmp, answering_model, scifact_dir, mode), tag)
+        output, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, output[-4000:]
+        assert not _gone(tag), "processes left running"
+        runs[mode] = tmp / f"run-{mode}"
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_train_end_to_end(mode, finished_runs):
+    run = finished_runs[mode]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert summary["versions"] and set(summary["versions"].values()) == {STEPS}  # every actor serves the last
+    assert all(_port_free(a) for a in summary["addresses"])
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "train/loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
+    assert [m["weights/min_actor_version"] for m in steps] == list(range(1, STEPS + 1))  # advances on every actor
+    fmt = [m["train/reward/format_mean"] for m in steps]
+    assert max(fmt[-3:]) > fmt[0], fmt  # the format reward rises above where it started
+    assert all(0 <= m["rollout/staleness_max"] <= (1 if mode == "async" else 0) for m in steps)
+    if mode == "async":
+        assert any(m["rollout/staleness_max"] == 1 for m in steps)  # really one step off-policy
+    assert any("dev/ndcg@10" in m for m in lines if m["step"] == 0)
+    assert (run / "checkpoints" / "LATEST").read_text() == f"step-{STEPS}"
+
+
+def test_tensorboard_shows_the_reward_curve(finished_runs, tmp_path):
+    """TensorBoard on the sync run's logs, opened in headless Chromium: the reward chart is there."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("no chromium (.ci/run installs Debian's chromium for this test)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(finished_runs["sync"] / "tensorboard"),
+                              "--host", "127.0.0.1", "--port", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _port_open(port):
+            time.sleep(0.5)
+        common = [browser, "--headless", "--no-sandbox", "--enable-unsafe-swiftshader", "--hide-scrollbars",
+                  "--window-size=1400,900", "--virtual-time-budget=30000"]
+        # The time-series view names every chart card in its DOM; the scalars view draws the curves as SVG.
+        cards = f"http://127.0.0.1:{port}/?tagFilter=reward%2Ftotal#timeseries"
+        dom = subprocess.run([*common, "--dump-dom", cards], capture_output=True, text=True, timeout=120).stdout
+        shot = ROOT / "runs" / "screenshots" / "tensorboard-reward.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        curve = f"http://127.0.0.1:{port}/#scalars&tagFilter=reward%2Ftotal_mean&_smoothingWeight=0"
+        subprocess.run([*common, f"--screenshot={shot}", curve], capture_output=True, timeout=120)
+    finally:
+        board.terminate()
+        board.wait(30)
+    assert "train/reward/total_mean" in dom  # the chart card of the reward curve was rendered
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1400, 900)
+    chart = image.crop((400, 220, 720, 420))  # the first (only) matching chart's plot area
+    curve_pixels = [px for px in chart.get_flattened_data() if px[0] > 200 and 60 < px[1] < 160 and px[2] < 110]
+    assert len(curve_pixels) > 30, "no reward curve drawn in the screenshot"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model, scifact_dir):
+    config = _config(tmp_path, answering_model, scifact_dir, "sync", steps=8)
+    tag = uuid.uuid4().hex
+    proc = _start(config, tag)
+    metrics = tmp_path / "run-sync" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:  # past the first checkpoint (step 5)
+        if metrics.is_file() and any(json.loads(x).get("step", 0) >= 6 for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-4000:]
+    assert not _gone(tag), "processes left running after Ctrl-C"
+
+    tag = uuid.uuid4().hex
+    proc = _start(config, tag, "--resume")
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-4000:]
+    assert not _gone(tag)
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    resumed = [m["step"] for m in lines if "train/loss" in m]
+    assert resumed[-3:] == [6, 7, 8]  # continued after the step-5 checkpoint
