@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
 from prorank.models import load_tokenizer, weights_to_bytes
 from prorank.prompt import PromptBuilder, parse_judgment
 from prorank.rollout import Completion, GroupResult, RolloutRequest
+from prorank.security import announced_address
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class RolloutEngine:
 
             self._relay = WeightServer(token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
                                        max_workers=4).start()
-            self.relay_address = _announced(cfg.relay_host, self._relay.port)
+            self.relay_address = announced_address(cfg.relay_host, self._relay.port)
         return self._relay
 
     def relay_info(self, token: str, relay: WeightSyncConfig) -> str:
@@ -164,11 +164,3 @@ def _expected_specs(model: str, dtype: str):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     return expected_specs(skeleton.state_dict())
 
-
-def _announced(host: str, port: int) -> str:
-    """The address other nodes reach a server bound to `host` on: the node's IP for a wildcard bind."""
-    if host in ("0.0.0.0", "::", ""):
-        import ray
-
-        host = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())
-    return f"{host}:{port}"

@@ -224,7 +224,6 @@ def _score(rewards, results: list) -> tuple[list, dict[str, float]]:
     metrics["train/judgment_accuracy"] = statistics.fmean(c.relevance for c in flat)  # invalid counts as wrong
     metrics["train/judgment_accuracy_valid"] = statistics.fmean(c.relevance for c in valid) if valid else 0.0
     metrics["train/positive_rate"] = statistics.fmean(a.label for a in answers)
-    metrics["train/zero_variance_groups"] = statistics.fmean(a.std == 0 for a in answers)
     return scored, metrics
 
 

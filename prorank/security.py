@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import socket
 from pathlib import Path
 
 import grpc
@@ -91,3 +92,12 @@ def _deny_like(handler, method: str):
             return make(deny, request_deserializer=handler.request_deserializer,
                         response_serializer=handler.response_serializer)
     return handler
+
+
+def announced_address(host: str, port: int) -> str:
+    """The address other nodes reach a server bound to `host` on: the node's IP for a wildcard bind."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        import ray
+
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"

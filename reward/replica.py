@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 
 from prorank.config import DataConfig, RewardConfig
+from prorank.security import announced_address
 
 
 class RewardReplica:
@@ -16,10 +17,7 @@ class RewardReplica:
         self.server = RewardServer(load_dataset(data).qrels, cfg.model_copy(update={"port": 0}), token).start()
 
     def address(self) -> str:
-        host = self.server.cfg.host
-        if host in ("0.0.0.0", "::", "[::]"):
-            host = ray.util.get_node_ip_address()
-        return f"{host}:{self.server.port}"
+        return announced_address(self.server.cfg.host, self.server.port)
 
     def stop(self) -> None:
         self.server.stop()
