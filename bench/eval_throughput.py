@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from eval.rerank import score_pairs
+from prorank.scoring import score_pairs
 from prorank.bm25 import bm25_search
 from prorank.config import BM25Config, DataConfig, ModelConfig
 from prorank.data import load_dataset

@@ -11,12 +11,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from eval.metrics import evaluate, ranked_to_run
-from eval.rerank import score_pairs
 from prorank.bm25 import Ranking, bm25_search
 from prorank.config import ProRankConfig
 from prorank.data import BeirDataset, load_dataset
 from prorank.prompt import PromptBuilder, document_text
+from prorank.scoring import score_query
 
 
 @dataclass
@@ -33,21 +35,20 @@ def rerank(
     model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
     batch_size: int = 16, progress: bool = True,
 ) -> dict[str, list[str]]:
-    """Each query's BM25 list with its top `depth` reordered by the model's score."""
-    pairs, owners = [], []
-    for qid, hits in ranking.items():
-        for doc_id, _ in hits[:depth]:
-            doc = dataset.corpus[doc_id]
-            pairs.append((dataset.queries[qid], document_text(doc.title, doc.text)))
-            owners.append((qid, doc_id))
-    scores = score_pairs(model, builder, pairs, batch_size=batch_size, progress=progress)
-    by_query: dict[str, list[tuple[float, str]]] = {qid: [] for qid in ranking}
-    for (qid, doc_id), score in zip(owners, scores):
-        by_query[qid].append((score, doc_id))
+    """Each query's BM25 list with its top `depth` reordered by the model's score (ties keep BM25 order).
+
+    A query's candidates are scored together, with the prompt tokens they share encoded once."""
     ranked = {}
+    bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
+               disable=not progress)
     for qid, hits in ranking.items():
-        top = [doc for _, doc in sorted(by_query[qid], key=lambda t: -t[0])]
-        ranked[qid] = top + [doc for doc, _ in hits[depth:]]
+        docs = [dataset.corpus[doc_id] for doc_id, _ in hits[:depth]]
+        scores = score_query(model, builder, dataset.queries[qid], [document_text(d.title, d.text) for d in docs],
+                             batch_size) if docs else []
+        order = sorted(range(len(docs)), key=lambda i: -scores[i])
+        ranked[qid] = [docs[i].doc_id for i in order] + [doc for doc, _ in hits[depth:]]
+        bar.update(len(docs))
+    bar.close()
     return ranked
 
 

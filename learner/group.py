@@ -1,8 +1,9 @@
 """The learner as the driver sees it: K DeepSpeed ranks (Ray actors) that step together.
 
-`step(groups)` splits a global batch of scored groups across the ranks, runs one optimizer step, and
-reduces the ranks' statistics into the step's metrics. `full_weights()` gathers the complete state dict
-on rank 0 for broadcast; `save`/`load` write and read atomic checkpoints.
+`step(groups)` (GRPO) and `score_step(groups)` (stage 2) split a global batch across the ranks, run one
+optimizer step, and reduce the ranks' statistics into the step's metrics. `full_weights()` gathers the
+complete state dict on rank 0 for broadcast; `save`/`load` write and read atomic checkpoints, each with
+a plain Hugging Face model folder beside DeepSpeed's state.
 """
 
 from __future__ import annotations
@@ -18,34 +19,44 @@ import ray
 from learner.rank import LearnerRank
 from learner.step import step_normalizer
 from prorank.config import LearnerConfig
-from prorank.rollout import ScoredGroup
+from prorank.models import save_model_dir
+from prorank.rollout import RankingGroup, ScoredGroup
 
 LATEST = "LATEST"
 
 
 class LearnerGroup:
-    def __init__(self, model_path: str, cfg: LearnerConfig, temperature: float = 1.0):
-        self.cfg = cfg
+    def __init__(self, model_path: str, cfg: LearnerConfig, temperature: float = 1.0, ranking: dict | None = None):
+        self.cfg, self.model_path = cfg, model_path
         remote = ray.remote(LearnerRank).options(
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None, max_restarts=0,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
-        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, temperature) for r in range(cfg.num_ranks)]
+        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, temperature, ranking)
+                      for r in range(cfg.num_ranks)]
         address, port = ray.get(self.ranks[0].master_address.remote())
         ray.get([rank.setup.remote(address, port) for rank in self.ranks])
         self.steps = 0
 
-    def step(self, groups: list[ScoredGroup]) -> dict[str, float]:
-        """One optimizer step on `cfg.groups_per_step` groups; returns the step's metrics."""
+    def _train(self, groups: list, normalizer: float) -> tuple[list[dict], dict[str, float], float]:
         if len(groups) != self.cfg.groups_per_step:
             raise ValueError(f"a learner step takes {self.cfg.groups_per_step} groups, got {len(groups)}")
         start = time.perf_counter()
-        normalizer = step_normalizer(groups, self.cfg)
         k = len(self.ranks)
         parts = ray.get([rank.train_step.remote(groups[r::k], normalizer) for r, rank in enumerate(self.ranks)])
-        seconds = time.perf_counter() - start
         self.steps += 1
         summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in ("grad_norm", "lr", "seconds")}
+        return parts, summed, time.perf_counter() - start
+
+    def score_step(self, groups: list[RankingGroup]) -> dict[str, float]:
+        """One stage-2 optimizer step on `cfg.groups_per_step` queries; returns the step's metrics."""
+        parts, summed, seconds = self._train(groups, float(len(groups)))
+        return {**summed, "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"], "step_seconds": seconds,
+                "prompt_tokens_per_second": summed["prompt_tokens"] / seconds}
+
+    def step(self, groups: list[ScoredGroup]) -> dict[str, float]:
+        """One GRPO optimizer step on `cfg.groups_per_step` groups; returns the step's metrics."""
+        parts, summed, seconds = self._train(groups, step_normalizer(groups, self.cfg))
         rewards = [r for g in groups for r in g.rewards]
         metrics = {
             "loss": summed["loss"],
@@ -72,9 +83,10 @@ class LearnerGroup:
         states = ray.get([rank.full_state_dict.remote() for rank in self.ranks])
         return states[0], time.perf_counter() - start
 
-    def save(self, root: str | Path, driver_state: dict | None = None) -> Path:
+    def save(self, root: str | Path, driver_state: dict | None = None, weights: dict | None = None) -> Path:
         """Write a checkpoint to root/step-N atomically: into a temporary folder, then one rename, then
-        LATEST is replaced. A crash at any point leaves the previous checkpoint and LATEST intact."""
+        LATEST is replaced. A crash at any point leaves the previous checkpoint and LATEST intact.
+        `weights` (the full state dict) also go into step-N/model, a model folder transformers loads."""
         root = Path(root)
         final = root / f"step-{self.steps}"
         tmp = root / f".tmp-step-{self.steps}"
@@ -82,6 +94,8 @@ class LearnerGroup:
         tmp.mkdir(parents=True)
         ray.get([rank.save.remote(str(tmp)) for rank in self.ranks])
         (tmp / "driver.json").write_text(json.dumps({"steps": self.steps, **(driver_state or {})}))
+        if weights is not None:
+            save_model_dir(weights, self.model_path, tmp / "model")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         pointer = root / f".{LATEST}.tmp"

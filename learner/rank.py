@@ -17,14 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learner.score_step import score_micro_batch_loss
 from learner.step import lr_lambda, micro_batch_loss
 from prorank.config import LearnerConfig
-from prorank.rollout import ScoredGroup
+from prorank.rollout import RankingGroup, ScoredGroup
 
 
 class LearnerRank:
-    def __init__(self, rank: int, world: int, model_path: str, cfg: LearnerConfig, temperature: float = 1.0):
+    """`temperature`: the sampling temperature (GRPO logprobs). `ranking`: the stage-2 loss settings,
+    {"weights": {"contrastive": w, "pairwise": w, "pointwise": w}, "temperature": t}."""
+
+    def __init__(self, rank: int, world: int, model_path: str, cfg: LearnerConfig, temperature: float = 1.0,
+                 ranking: dict | None = None):
         self.rank, self.world, self.model_path, self.cfg, self.temperature = rank, world, model_path, cfg, temperature
+        self.ranking = ranking
         self.gpu = cfg.num_gpus > 0
         if not self.gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -45,6 +51,7 @@ class LearnerRank:
         from transformers import AutoModelForCausalLM
 
         from prorank.models import load_tokenizer
+        from prorank.prompt import answer_token_ids
 
         cfg = self.cfg
         deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo", auto_mpi_discovery=False)
@@ -56,7 +63,9 @@ class LearnerRank:
             self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval().requires_grad_(False)
             if self.gpu:
                 self.ref.cuda()
-        self.pad_id = load_tokenizer(self.model_path).pad_token_id
+        tokenizer = load_tokenizer(self.model_path)
+        self.pad_id = tokenizer.pad_token_id
+        self.answer_ids = answer_token_ids(tokenizer)
         self.micro_batches = cfg.groups_per_step // (self.world * cfg.micro_batch_groups)
         # DeepSpeed 0.19.8's ZeRO-3 got gradient accumulation across engine steps wrong here (updates
         # differed from the single-process run; one micro-batch per step matched it exactly). Under
@@ -79,7 +88,15 @@ class LearnerRank:
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)),
         )
 
-    def train_step(self, groups: list[ScoredGroup], normalizer: float) -> dict[str, float]:
+    def _loss(self, batch: list, normalizer: float):
+        if isinstance(batch[0], RankingGroup):  # stage 2
+            return score_micro_batch_loss(self.engine.module, batch, normalizer, self.ranking["weights"],
+                                          self.ranking["temperature"], self.answer_ids, self.pad_id,
+                                          self.cfg.shared_prefix)
+        return micro_batch_loss(self.engine.module, self.ref, batch, normalizer, self.cfg, self.pad_id,
+                                self.temperature)
+
+    def train_step(self, groups: list[ScoredGroup] | list[RankingGroup], normalizer: float) -> dict[str, float]:
         """This rank's share of one step: micro-batches with accumulation (ZeRO-3: one summed backward),
         then the optimizer step.
 
@@ -97,8 +114,7 @@ class LearnerRank:
                              f"{self.micro_batches * cfg.micro_batch_groups}")
         pending = None  # ZeRO-3: the summed loss of this rank's micro-batches
         for batch in micro:
-            loss, stats = micro_batch_loss(engine.module, self.ref, batch, normalizer, cfg, self.pad_id,
-                                           self.temperature)
+            loss, stats = self._loss(batch, normalizer)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             if self.accumulation < self.micro_batches:  # folded into one backward (ZeRO-3)

@@ -1,7 +1,9 @@
-"""What one training step judges: prompts built from qrels positives and BM25 hard negatives.
+"""What one training step sees: prompts built from qrels positives and BM25 hard negatives.
 
-Step t's batch is a pure function of (seed, t), so a resumed run sees exactly the data order it would
-have seen without the interruption. Some training queries are held out as a dev set and never sampled.
+Warmup (stage 1) steps judge single (query, document) prompts; score (stage 2) steps rank one query's
+positives against its hard negatives. Step t's batch is a pure function of (seed, t), so a resumed run
+sees exactly the data order it would have seen without the interruption. Some training queries are
+held out as a dev set and never sampled by either stage.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import random
 
 from prorank.bm25 import Ranking
-from prorank.config import TrainConfig
+from prorank.config import ScoreConfig, TrainConfig
 from prorank.data import BeirDataset
-from prorank.prompt import document_text
-from prorank.rollout import RolloutRequest
+from prorank.prompt import PromptBuilder, document_text
+from prorank.rollout import RankingGroup, RolloutRequest
 
 
 class PromptSampler:
@@ -49,3 +51,41 @@ class PromptSampler:
                 if len(out) >= size:
                     break
         return out[:size]
+
+
+class RankingSampler:
+    """Stage-2 batches: per query, its positives (highest grade first) and `negatives` hard negatives
+    drawn from BM25's top `hard_negative_depth` minus every judged-relevant document, as token ids."""
+
+    def __init__(self, prompts: PromptSampler, ranking: Ranking, cfg: ScoreConfig, builder: PromptBuilder,
+                 seed: int = 0, relevance_threshold: int = 1):
+        self.dataset, self.cfg, self.builder, self.seed = prompts.dataset, cfg, builder, seed
+        qrels = self.dataset.qrels
+        self.query_ids = [q for q in prompts.train_query_ids
+                          if any(qrels[q].get(d, 0) < relevance_threshold
+                                 for d, _ in ranking.get(q, [])[: cfg.hard_negative_depth])]
+        if not self.query_ids:
+            raise ValueError(f"no training query has a hard negative in its BM25 top {cfg.hard_negative_depth}")
+        self.positives = {q: sorted(prompts.positives[q], key=lambda d: -qrels[q][d]) for q in self.query_ids}
+        self.negatives = {q: [d for d, _ in ranking.get(q, [])[: cfg.hard_negative_depth]
+                              if qrels[q].get(d, 0) < relevance_threshold] for q in self.query_ids}
+        self.threshold = relevance_threshold
+
+    def batch(self, step: int, size: int) -> list[RankingGroup]:
+        rng = random.Random(f"{self.seed}:score:{step}")
+        qids = []
+        while len(qids) < size:
+            qids += rng.sample(self.query_ids, min(size - len(qids), len(self.query_ids)))
+        groups = []
+        for qid in qids:
+            qrels = self.dataset.qrels[qid]
+            positives = self.positives[qid][: self.cfg.positives_per_query]
+            negatives = rng.sample(self.negatives[qid], min(self.cfg.negatives, len(self.negatives[qid])))
+            doc_ids = positives + negatives
+            # Labels: the qrels grade of a positive, 0 for a negative (below the relevance threshold).
+            labels = [qrels[d] if qrels.get(d, 0) >= self.threshold else 0 for d in doc_ids]
+            query = self.dataset.queries[qid]
+            docs = [self.dataset.corpus[d] for d in doc_ids]
+            ids = self.builder.encode_batch([(query, document_text(d.title, d.text)) for d in docs])
+            groups.append(RankingGroup(qid, doc_ids, labels, ids))
+        return groups

@@ -112,13 +112,16 @@ def train_command(
     config: ConfigOpt = None,
     address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (auto or host:port); "
                                                    "default: start an embedded local Ray.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from train.output_dir/checkpoints/LATEST.")] = False,
-    steps: Annotated[Optional[int], typer.Option(help="Total learner steps (train.steps).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue each stage from its latest checkpoint in "
+                                                 "train.output_dir; finished stages are skipped.")] = False,
+    stages: Annotated[Optional[str], typer.Option(help="warmup, score, or warmup,score (train.stages).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Warmup learner steps (train.steps).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="sync or async (train.mode).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Logs, checkpoints, summary (train.output_dir).")] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Stage 1 (GRPO prompt warmup): rollout actors, reward service and learner ranks as one Ray job."""
+    """Train: stage 1 (GRPO prompt warmup) and/or stage 2 (score learning), with rollout actors, reward
+    service and learner ranks as one Ray job."""
     import signal
 
     from prorank.data import DataError
@@ -127,7 +130,7 @@ def train_command(
     from prorank.security import SecurityError
 
     try:
-        values = {"train.ray_address": address, "train.steps": steps, "train.mode": mode,
+        values = {"train.ray_address": address, "train.steps": steps, "train.mode": mode, "train.stages": stages,
                   "train.output_dir": str(output_dir) if output_dir else None}
         cfg = load_config(config, overrides or [], _given(values))
     except ConfigError as err:
@@ -148,7 +151,43 @@ def train_command(
     final = summary["final"]
     typer.echo(f"done: {summary['steps']} steps; reward {final.get('train/reward/total_mean', float('nan')):.3f}, "
                f"dev nDCG@10 {final.get('dev/ndcg@10', float('nan')):.4f} (BM25 {summary['dev_bm25'] or 0:.4f}); "
-               f"summary in {Path(cfg.train.output_dir) / 'summary.json'}")
+               f"model in {summary['model']}; summary in {Path(cfg.train.output_dir) / 'summary.json'}")
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint step, a checkpoints folder (its LATEST), "
+                                                    "or a run's output dir (its final model).")],
+    output: Annotated[Path, typer.Option(help="Folder for the Hugging Face model.")],
+    eval_report: Annotated[Optional[list[Path]], typer.Option(
+        "--eval", help="`prorank eval` JSON report(s) for the model card's table.")] = None,
+    config: ConfigOpt = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the card; default: the folder name.")] = None,
+) -> None:
+    """Write a trained model as a Hugging Face model folder: safetensors, tokenizer, model card."""
+    import json
+
+    from prorank.export import export_model
+    from prorank.models import ModelError
+
+    try:
+        cfg = load_config(config, [])
+        reports = []
+        for path in eval_report or []:
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as err:
+                raise ConfigError(f"--eval {path}: {err}") from err
+        summary = checkpoint / "summary.json"
+        if summary.is_file():  # a run dir: its final model
+            checkpoint = Path(json.loads(summary.read_text())["model"])
+        prompt = None
+        if config:  # else the prompt settings the run recorded in its summary
+            prompt = {"max_length": cfg.prompt.max_length, "max_query_tokens": cfg.prompt.max_query_tokens}
+        out = export_model(checkpoint, output, reports, prompt, name)
+    except (ConfigError, ModelError) as err:
+        _fail(err)
+    typer.echo(f"exported to {out}")
 
 
 @app.command("convert-gguf")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -190,9 +190,13 @@ class LearnerConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    """The stage-1 job (`prorank train`): what each step samples, how often to evaluate and save."""
+Stage = Literal["warmup", "score"]
 
+
+class TrainConfig(Section):
+    """The job (`prorank train`): its stages, what each warmup step samples, how often to evaluate and save."""
+
+    stages: list[Stage] = ["warmup"]  # warmup: GRPO prompt warmup (stage 1); score: score learning (stage 2)
     split: str = "train"  # qrels the prompts and the reward come from (data.path/hub_id as configured)
     steps: int = Field(100, ge=1)
     mode: Literal["sync", "async"] = "sync"  # async: actors generate step t+1 while the learner trains on t
@@ -210,6 +214,51 @@ class TrainConfig(Section):
     ray_address: str | None = None  # None: an embedded local Ray; "auto" or host:port joins a cluster
     ray_num_cpus: int | None = Field(None, ge=1)  # CPUs of the embedded Ray (None: all)
 
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> TrainConfig:
+        if not self.stages or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"train.stages must name each stage once, got {self.stages}")
+        if self.stages == ["score", "warmup"]:
+            raise ValueError("train.stages: the warmup stage comes before the score stage")
+        return self
+
+
+class ScoreConfig(Section):
+    """Stage 2: fine-grained score learning on logit("1") - logit("0"), on the same DeepSpeed learner.
+
+    Each step takes `queries_per_step` training queries, each with up to `positives_per_query` qrels
+    positives and `negatives` hard negatives from BM25's top `hard_negative_depth` (positives excluded).
+    The learner keeps `learner.num_ranks`, `zero_stage`, `dtype`, `grad_clip` and its schedule's shape.
+    """
+
+    steps: int = Field(50, ge=1)
+    init_from: str | None = None  # checkpoint step dir or model dir; None: the warmup stage's final model
+    queries_per_step: int = Field(8, ge=1)
+    micro_batch_queries: int = Field(1, ge=1)  # per rank, per forward/backward
+    positives_per_query: int = Field(1, ge=1)
+    negatives: int = Field(7, ge=1)  # hard negatives per query
+    hard_negative_depth: int = Field(30, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    temperature: float = Field(1.0, gt=0)  # of the contrastive loss
+    contrastive_weight: float = Field(1.0, ge=0)
+    pairwise_weight: float = Field(0.0, ge=0)
+    pointwise_weight: float = Field(0.0, ge=0)
+    shared_prefix: bool = True  # encode system message + query once per query (see learner.forward)
+    dev_every: int = Field(10, ge=0)  # steps; 0: only before and after
+    checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> ScoreConfig:
+        if self.contrastive_weight + self.pairwise_weight + self.pointwise_weight <= 0:
+            raise ValueError("score: at least one of contrastive_weight, pairwise_weight, pointwise_weight must be > 0")
+        return self
+
 
 class ProRankConfig(Section):
     data: DataConfig = DataConfig()
@@ -223,6 +272,28 @@ class ProRankConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     weights: WeightSyncConfig = WeightSyncConfig()
     train: TrainConfig = TrainConfig()
+    score: ScoreConfig = ScoreConfig()
+
+    @model_validator(mode="after")
+    def _score_batch_divides(self) -> ProRankConfig:
+        if self.score.init_from and "warmup" in self.train.stages:
+            raise ValueError("score.init_from is for a job that starts at the score stage; with the warmup "
+                             "stage in train.stages, the score stage starts from the warmup's final model")
+        if "score" in self.train.stages:
+            per_step = self.learner.num_ranks * self.score.micro_batch_queries
+            if self.score.queries_per_step % per_step:
+                raise ValueError(f"score.queries_per_step ({self.score.queries_per_step}) must be a multiple of "
+                                 f"learner.num_ranks * score.micro_batch_queries ({per_step})")
+        return self
+
+    def score_learner(self) -> LearnerConfig:
+        """The learner settings of stage 2: the same ranks and ZeRO stage, the score stage's batch and lr,
+        no KL reference."""
+        sc = self.score
+        return self.learner.model_copy(update={
+            "lr": sc.lr, "warmup_steps": sc.warmup_steps, "groups_per_step": sc.queries_per_step,
+            "micro_batch_groups": sc.micro_batch_queries, "beta": 0.0, "total_steps": sc.steps,
+            "shared_prefix": sc.shared_prefix})
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

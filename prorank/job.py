@@ -1,133 +1,154 @@
-"""`prorank train`: the stage-1 job (GRPO prompt warmup) on Ray, read top to bottom.
+"""`prorank train`: the job, read top to bottom: its services, then its stages, then its summary.
 
-Start-up: Ray (embedded, or joined with `train.ray_address`), the reward replicas, the learner's weight
-server, the rollout actors and the learner ranks. Then per step t: the prompts of step t (qrels
-positives and BM25 hard negatives), G judgments each from the actors, rewards from the reward service,
-one GRPO step, and the new weights to every actor over gRPC (version t + 1).
-
-Async mode is one step off-policy: as soon as step t's judgments are in, the actors start on step
-t + 1 with the weights they have, while the learner trains on t. Every sample carries the version that
-generated it; one older than `train.max_staleness` versions is generated again, and the learner corrects
-the rest with truncated importance sampling (`learner.tis_cap`).
+Start-up: Ray (embedded, or joined with `train.ray_address`), the reward replicas (when the warmup
+runs), the learner's weight server and the rollout actors. Then each stage of `train.stages` in order:
+`warmup` (stage 1, GRPO prompt warmup: prorank/warmup_stage.py) and `score` (stage 2, fine-grained
+score learning: prorank/score_stage.py), each with its own DeepSpeed learner whose weights go to the
+actors over gRPC after every step. The weight version and the TensorBoard step run on across stages.
 
 Every `dev_every` steps: nDCG@10 on held-out training queries through the eval code; every
-`checkpoint_every` steps a checkpoint that `resume` continues from, with the same data order.
+`checkpoint_every` steps a checkpoint (DeepSpeed state plus a plain model folder) that `resume`
+continues from, with the same data order. A stage whose checkpoint is already complete is skipped.
 Everything started is stopped in reverse order on success, on Ctrl-C and on error.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
-import statistics
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+WARMUP_CHECKPOINTS, SCORE_CHECKPOINTS = "checkpoints", "score-checkpoints"
+
+
+@dataclass
+class Job:
+    """What the stages share: the config, the data, the running services and the run's log."""
+
+    cfg: object
+    out: Path
+    stack: ExitStack
+    dataset: object
+    ranking: dict
+    prompts: object  # prorank.batches.PromptSampler: the train/dev query split and warmup batches
+    model_path: str  # the weights the actors and the dev evaluation started from
+    progress: bool = True
+    pool: object = None
+    rewards: object = None
+    sync: object = None
+    dev: object = None
+    run: object = None
+    warmup_ran: bool = False
+
+    def progress_bar(self, stage: str, start: int, total: int):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
+                   desc=stage)
+        self.stack.callback(bar.close)
+        return bar
+
+
+def completed_steps(root: Path) -> int:
+    """Steps of the checkpoint LATEST points to under `root`; 0 when there is none."""
+    latest = root / "LATEST"
+    if not latest.is_file():
+        return 0
+    return json.loads((root / latest.read_text().strip() / "driver.json").read_text())["steps"]
 
 
 def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     """Run the job described by `cfg` (a validated ProRankConfig); returns the summary it writes."""
     from actors.pool import ActorPool
-    from learner.group import LearnerGroup
     from protocol.weight_service import WeightServer
     from prorank.batches import PromptSampler
     from prorank.bm25 import bm25_search
     from prorank.data import load_dataset
-    from prorank.models import resolve_model
+    from prorank.models import checkpoint_model_dir, resolve_model
+    from prorank.score_stage import run_score
     from prorank.tracking import RunLog
+    from prorank.warmup_stage import run_warmup
     from reward.client import SyncRewardClient, client_options
     from reward.replica import start_replicas
 
-    tc = cfg.train
+    tc, sc = cfg.train, cfg.score
     out = Path(tc.output_dir)
     data_cfg = cfg.data.model_copy(update={"split": tc.split})
     dataset = load_dataset(data_cfg)
-    depth = max(tc.hard_negative_depth, tc.dev_depth)
+    depth = max(tc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
     ranking = bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
-    sampler = PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold)
-    model_path = resolve_model(cfg.model)
     token = _job_token(cfg)
-    batch_size = cfg.learner.groups_per_step
+
+    # Which stages still have work, and the model each starts from (a finished warmup's final model).
+    warmup_done = completed_steps(out / WARMUP_CHECKPOINTS) if resume else 0
+    score_done = completed_steps(out / SCORE_CHECKPOINTS) if resume else 0
+    run_warm = "warmup" in tc.stages and warmup_done < tc.steps
+    run_sc = "score" in tc.stages and score_done < sc.steps
+    offset = tc.steps if "warmup" in tc.stages else 0  # the score stage's steps follow the warmup's
+    if sc.init_from:
+        score_init = checkpoint_model_dir(sc.init_from)
+    elif "warmup" in tc.stages:
+        score_init = str(out / WARMUP_CHECKPOINTS / "LATEST")  # resolved once the warmup has finished
+    else:
+        score_init = resolve_model(cfg.model)
+    model_path = resolve_model(cfg.model) if run_warm else checkpoint_model_dir(score_init)
 
     with ExitStack() as stack:  # stops everything started, in reverse order, however the run ends
+        job = Job(cfg, out, stack, dataset, ranking, PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold),
+                  model_path, progress)
         _start_ray(cfg, stack)
-        replicas, addresses = start_replicas(data_cfg, cfg.reward, token)
-        stack.callback(_stop_replicas, replicas)
-        rewards = SyncRewardClient(cfg.reward.addresses or addresses, token, **client_options(cfg.reward))
-        stack.callback(rewards.close)
+        addresses = []
+        if run_warm:
+            replicas, addresses = start_replicas(data_cfg, cfg.reward, token)
+            stack.callback(_stop_replicas, replicas)
+            job.rewards = SyncRewardClient(cfg.reward.addresses or addresses, token, **client_options(cfg.reward))
+            stack.callback(job.rewards.close)
         w = cfg.weights
         server = WeightServer(token, w.host, w.port, w.tls_cert, w.tls_key, chunk_bytes=int(w.chunk_mb * 2**20)).start()
         stack.callback(server.stop, 0)
-        pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, w).start(wait=False)
-        stack.callback(pool.shutdown)
-        learner = LearnerGroup(model_path, cfg.learner, cfg.sampling.temperature)
-        stack.callback(learner.shutdown)
-        pool.wait_ready()
+        job.pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, w).start(wait=False)
+        stack.callback(job.pool.shutdown)
+        job.sync = WeightSync(server, job.pool, token, w)
+        job.dev = DevEval(cfg, model_path, dataset, ranking, job.prompts.dev_query_ids)
+        job.pool.wait_ready()
+        resumed_at = warmup_done if run_warm else offset + score_done
+        job.run = RunLog(out, start_step=resumed_at)
+        stack.callback(job.run.close)
+        if not job.progress:
+            log.info("job: stages %s, resuming at step %d", tc.stages, resumed_at)
 
-        step = learner.load(out / "checkpoints")["steps"] if resume else 0
-        run = RunLog(out, start_step=step)
-        stack.callback(run.close)
-        dev = DevEval(cfg, model_path, dataset, ranking, sampler.dev_query_ids)
-        sync = WeightSync(server, pool, learner, token, w)
-        if step:  # resumed: the actors start from the checkpoint's weights
-            run.log(step, sync(step))
-        if dev.enabled and not step:
-            run.log(0, dev(None))
+        if run_warm:
+            run_warmup(job, resume=warmup_done > 0)
+        if run_sc:
+            run_score(job, resume=score_done > 0, init_model=checkpoint_model_dir(score_init), offset=offset)
 
-        bar = _progress(progress, step, tc.steps)
-        stack.callback(bar.close)
-        pending, inbox = None, {}  # async: the next step's requests, already with the actors
-        while step < tc.steps:
-            clock = time.perf_counter()
-            requests = pending or sampler.batch(step, batch_size)
-            if not pending:
-                pool.submit(requests)
-            results = _collect(pool, requests, inbox)
-            waited = time.perf_counter() - clock
-            pending = None
-            if tc.mode == "async" and step + 1 < tc.steps:
-                pending = sampler.batch(step + 1, batch_size)
-                pool.submit(pending)  # generated while the learner trains on this step
-            results, regenerated = _fresh(pool, results, requests, inbox, step, tc.max_staleness)
-
-            clock = time.perf_counter()
-            scored, reward_metrics = _score(rewards, results)
-            reward_seconds = time.perf_counter() - clock
-            train_metrics = learner.step(scored)
-            step += 1
-            metrics = {**reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}
-            metrics.update(_rollout_metrics(results, waited, step, regenerated))
-            metrics["time/wait_rewards_seconds"] = reward_seconds
-            metrics.update(sync(step))
-            metrics["weights/min_actor_version"] = float(min(pool.versions().values(), default=0))
-            if dev.enabled and tc.dev_every and step % tc.dev_every == 0 and step < tc.steps:
-                metrics.update(dev(sync.latest_state))
-            run.log(step, metrics)
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-                learner.save(out / "checkpoints")
-            bar.update(1)
-            bar.set_postfix_str(run.console_line(), refresh=True)
-
-        learner.save(out / "checkpoints")
-        final = dev(sync.latest_state) if dev.enabled else {}
-        if final:
-            run.log(step, final)
-        summary = {"steps": step, "versions": pool.versions(), "final": run.latest, "dev_bm25": dev.bm25,
-                   "output_dir": str(out), "addresses": [server.address, *addresses]}
+        summary = {"steps": job.run.last_step, "stages": tc.stages, "versions": job.pool.versions(),
+                   "final": job.run.latest, "dev_bm25": job.dev.bm25, "output_dir": str(out),
+                   "model": _final_model(out, tc.stages), "prompt": cfg.prompt.model_dump(), "addresses": [server.address, *addresses]}
         (out / "summary.json").write_text(_json(summary))
         return summary
+
+
+def _final_model(out: Path, stages: list[str]) -> str | None:
+    """The model folder of the job's last stage (what `prorank export` and `Reranker` take)."""
+    root = out / (SCORE_CHECKPOINTS if "score" in stages else WARMUP_CHECKPOINTS)
+    latest = root / "LATEST"
+    return str(root / latest.read_text().strip() / "model") if latest.is_file() else None
 
 
 class WeightSync:
     """After a learner step: gather the full weights, publish them as a version, have every actor pull."""
 
-    def __init__(self, server, pool, learner, token: str, cfg):
+    def __init__(self, server, pool, token: str, cfg, learner=None):
         self.server, self.pool, self.learner, self.token, self.cfg = server, pool, learner, token, cfg
-        self.latest_state = None
+        self.latest_state = None  # the weights of the version last synced
 
     def __call__(self, version: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -179,69 +200,6 @@ class DevEval:
                 "dev/seconds": time.perf_counter() - start}
 
 
-def _collect(pool, requests: list, inbox: dict) -> list:
-    """The results of `requests`, in order; others that arrive meanwhile (the next step's) stay in `inbox`."""
-    for result in _poll_until(pool, inbox, {r.request_id for r in requests}):
-        inbox[result.request_id] = result
-    return [inbox.pop(r.request_id) for r in requests]
-
-
-def _poll_until(pool, inbox: dict, wanted: set[str]):
-    while not wanted <= inbox.keys():
-        yield from pool.poll(timeout=1.0)
-
-
-def _fresh(pool, results: list, requests: list, inbox: dict, step: int, max_staleness: int) -> tuple[list, int]:
-    """Replace groups generated by weights more than `max_staleness` versions behind the learner's."""
-    stale = {r.request_id for r in results if step - r.version > max_staleness}
-    if not stale:
-        return results, 0
-    log.info("step %d: %d group(s) older than %d version(s) are generated again", step, len(stale), max_staleness)
-    again = [replace(r, request_id=f"{r.request_id}+") for r in requests if r.request_id in stale]
-    pool.submit(again)
-    redone = iter(_collect(pool, again, inbox))
-    return [next(redone) if r.request_id in stale else r for r in results], len(stale)
-
-
-def _score(rewards, results: list) -> tuple[list, dict[str, float]]:
-    """Rewards for every group, as ScoredGroups for the learner, and the reward figures of the step."""
-    from prorank.rollout import ScoredGroup
-    from reward.client import groups_from_results
-
-    answers = rewards.score(groups_from_results(results))
-    failed = [a for a in answers if a.error]
-    if failed:
-        raise RuntimeError(f"reward service refused {len(failed)} group(s); first: {failed[0].request_id}: "
-                           f"{failed[0].error}")
-    scored = [ScoredGroup.from_result(r, [c.total for c in a.rewards]) for r, a in zip(results, answers)]
-    flat = [c for a in answers for c in a.rewards]
-    metrics = {}
-    for name in ("total", "format", "relevance"):
-        values = [getattr(c, name) for c in flat]
-        metrics[f"train/reward/{name}_mean"] = statistics.fmean(values)
-        metrics[f"train/reward/{name}_std"] = statistics.pstdev(values)
-    valid = [c for c in flat if c.judgment >= 0]
-    metrics["train/judgment_accuracy"] = statistics.fmean(c.relevance for c in flat)  # invalid counts as wrong
-    metrics["train/judgment_accuracy_valid"] = statistics.fmean(c.relevance for c in valid) if valid else 0.0
-    metrics["train/positive_rate"] = statistics.fmean(a.label for a in answers)
-    return scored, metrics
-
-
-def _rollout_metrics(results: list, waited: float, step: int, regenerated: int) -> dict[str, float]:
-    judgments = sum(len(r.completions) for r in results)
-    tokens = sum(len(c.token_ids) for r in results for c in r.completions)
-    staleness = [step - 1 - r.version for r in results]
-    # Throughput while generating: the pool's busy seconds per actor, from each chunk's wall time (in
-    # async mode generation overlaps the learner step, so the driver's waiting time says nothing of it).
-    chunks = {(r.actor, r.seconds) for r in results}
-    busy = sum(seconds for _, seconds in chunks) / max(1, len({actor for actor, _ in chunks}))
-    return {"rollout/judgments_per_second": judgments / max(busy, 1e-9),
-            "rollout/tokens_per_second": tokens / max(busy, 1e-9),
-            "time/wait_rollouts_seconds": waited,
-            "rollout/staleness_mean": statistics.fmean(staleness), "rollout/staleness_max": float(max(staleness)),
-            "rollout/regenerated": float(regenerated)}
-
-
 def _job_token(cfg) -> str:
     """The configured token (file or $PRORANK_TOKEN), else a fresh one that only this job's services know."""
     from prorank.security import TOKEN_ENV, load_token
@@ -276,12 +234,6 @@ def _stop_replicas(replicas: list) -> None:
         except Exception as err:  # noqa: BLE001 - it is killed next either way
             log.warning("reward replica did not stop cleanly: %s", err)
         ray.kill(replica)
-
-
-def _progress(enabled: bool, start: int, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
 def _json(data) -> str:

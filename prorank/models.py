@@ -186,3 +186,47 @@ def weights_to_bytes(named_tensors) -> bytes:
         out[name] = tensor.clone() if ptr in seen else tensor.contiguous()
         seen.add(ptr)
     return safetensors.torch.save(out)
+
+
+def save_model_dir(state: dict, source: str, output_dir: str | Path) -> Path:
+    """A full state dict -> a model folder that transformers and vLLM load: model.safetensors, the
+    config, generation config and tokenizer of `source` (the model the weights were trained from).
+
+    A tied output head is the embedding itself, so it is not written twice (transformers re-ties it).
+    """
+    import safetensors.torch
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source)
+    tied = getattr(config, "tie_word_embeddings", False)
+    tensors = {name: t.detach().contiguous() for name, t in state.items()
+               if not (tied and name == "lm_head.weight")}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    try:
+        GenerationConfig.from_pretrained(source).save_pretrained(out)
+    except OSError:  # the source has none
+        pass
+    load_tokenizer(source).save_pretrained(out)
+    return out
+
+
+def checkpoint_model_dir(path: str) -> str:
+    """The model folder behind `path`: a model folder itself, a checkpoint step (its model/), or a
+    checkpoints root (the step its LATEST names). A path that does not exist is taken as a hub id."""
+    p = Path(path)
+    if p.name == "LATEST" or (p / "LATEST").is_file():
+        root = p.parent if p.name == "LATEST" else p
+        pointer = root / "LATEST"
+        if not pointer.is_file():
+            raise ModelError(f"no checkpoint under {root} (missing {pointer})")
+        p = root / pointer.read_text().strip()
+    if (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    if (p / "config.json").is_file():
+        return str(p)
+    if p.exists():
+        raise ModelError(f"{path} holds no model: expected config.json in it or in its model/ folder")
+    return path

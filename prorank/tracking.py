@@ -9,7 +9,8 @@ from pathlib import Path
 # The console line: the key figures, in this order, with their short names.
 CONSOLE = [("train/reward/total_mean", "reward"), ("train/reward/format_mean", "format"),
            ("train/judgment_accuracy", "acc"), ("train/kl", "kl"), ("rollout/judgments_per_second", "j/s"),
-           ("weights/sync_seconds", "sync s"), ("dev/ndcg@10", "dev nDCG@10")]
+           ("score/loss", "score loss"), ("score/margin", "margin"), ("weights/sync_seconds", "sync s"),
+           ("dev/ndcg@10", "dev nDCG@10")]
 
 
 class RunLog:
@@ -22,6 +23,7 @@ class RunLog:
         self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step or None)
         self._jsonl = (self.dir / "metrics.jsonl").open("a")
         self.latest: dict[str, float] = {}
+        self.last_step = start_step
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -31,6 +33,7 @@ class RunLog:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         self.latest.update(metrics)
+        self.last_step = step
 
     def console_line(self) -> str:
         return "  ".join(f"{short} {self.latest[key]:.3g}" for key, short in CONSOLE if key in self.latest)

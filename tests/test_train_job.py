@@ -1,5 +1,6 @@
 """`prorank train` end to end, as users run it: the CLI in its own process with an embedded Ray, 2 vLLM
-actors, 1 reward replica, 2 DeepSpeed ZeRO-2 ranks, weights over gRPC, on a SciFact subset."""
+actors, 1 reward replica, 2 DeepSpeed ZeRO-2 ranks, weights over gRPC, on a SciFact subset. The sync
+run goes on with the score stage (stage 2); its final model is exported and scored with plain transformers."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
+SCORE_STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def answering_model(tmp_path_factory, scifact_dir):
     return folder
 
 
-def _config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = STEPS) -> Path:
+def _config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = STEPS, stages: str = "warmup") -> Path:
     cfg = {
         "data": {"path": str(scifact)},
         "model": {"path": str(model)},
@@ -67,7 +69,10 @@ def _config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = STEPS
         "eval": {"batch_size": 8},
         "train": {"steps": steps, "mode": mode, "max_train_queries": 40, "dev_queries": 6, "dev_every": 5,
                   "dev_depth": 5, "checkpoint_every": 5, "output_dir": str(tmp / f"run-{mode}"),
-                  "ray_num_cpus": 6},
+                  "ray_num_cpus": 6, "stages": stages},
+        "score": {"steps": SCORE_STEPS, "queries_per_step": 4, "micro_batch_queries": 1, "negatives": 3,
+                  "lr": 1e-3, "contrastive_weight": 1.0, "pairwise_weight": 0.5, "pointwise_weight": 0.5,
+                  "dev_every": 2, "checkpoint_every": 2},
     }
     path = tmp / f"{mode}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -114,7 +119,8 @@ def finished_runs(tmp_path_factory, answering_model, scifact_dir) -> dict[str, P
     for mode in ("sync", "async"):
         tmp = tmp_path_factory.mktemp(f"train-{mode}")
         tag = uuid.uuid4().hex
-        proc = _start(_config(tmp, answering_model, scifact_dir, mode), tag)
+        stages = "warmup,score" if mode == "sync" else "warmup"
+        proc = _start(_config(tmp, answering_model, scifact_dir, mode, stages=stages), tag)
         output, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, output[-4000:]
         assert not _gone(tag), "processes left running"
@@ -126,8 +132,9 @@ def finished_runs(tmp_path_factory, answering_model, scifact_dir) -> dict[str, P
 def test_train_end_to_end(mode, finished_runs):
     run = finished_runs[mode]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == STEPS
-    assert summary["versions"] and set(summary["versions"].values()) == {STEPS}  # every actor serves the last
+    total = STEPS + (SCORE_STEPS if mode == "sync" else 0)
+    assert summary["steps"] == total
+    assert summary["versions"] and set(summary["versions"].values()) == {total}  # every actor serves the last
     assert all(_port_free(a) for a in summary["addresses"])
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "train/loss" in m]
@@ -140,6 +147,79 @@ def test_train_end_to_end(mode, finished_runs):
         assert any(m["rollout/staleness_max"] == 1 for m in steps)  # really one step off-policy
     assert any("dev/ndcg@10" in m for m in lines if m["step"] == 0)
     assert (run / "checkpoints" / "LATEST").read_text() == f"step-{STEPS}"
+    assert (run / "checkpoints" / f"step-{STEPS}" / "model" / "model.safetensors").is_file()
+
+
+def test_score_stage_follows_the_warmup(finished_runs):
+    run = finished_runs["sync"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "score/loss" in m]
+    assert [m["step"] for m in steps] == list(range(STEPS + 1, STEPS + SCORE_STEPS + 1))
+    assert [m["weights/version"] for m in steps] == [float(m["step"]) for m in steps]  # weights reach the actors
+    for m in steps:
+        assert m["score/loss"] == pytest.approx(m["score/loss_contrastive"] + 0.5 * m["score/loss_pairwise"]
+                                                + 0.5 * m["score/loss_pointwise"], rel=1e-3)
+        assert "score/margin" in m and "score/pairs_ordered" in m
+    dev_steps = [m["step"] for m in lines if "dev/ndcg@10" in m]
+    assert STEPS in dev_steps and STEPS + 2 in dev_steps and STEPS + SCORE_STEPS in dev_steps
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"] == ["warmup", "score"]
+    assert summary["model"] == str(run / "score-checkpoints" / f"step-{SCORE_STEPS}" / "model")
+
+
+def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp_path):
+    """`prorank export` of the run, scored by plain transformers in the mxbai-rerank-v2 layout, gives the
+    scores and the order that `prorank eval` and `Reranker` give."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from eval.run import rerank
+    from prorank import Reranker
+    from prorank.cli import app
+    from prorank.config import ModelConfig
+    from prorank.data import load_local
+    from prorank.models import load_causal_lm
+    from prorank.prompt import PromptBuilder, document_text
+    from prorank.scoring import score_pairs
+
+    out = tmp_path / "exported"
+    result = CliRunner().invoke(app, ["export", str(finished_runs["sync"]), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "query: {query}\\ndocument: {document}\\nRelevance:" in card and "logit(\"1\") - logit(\"0\")" in card
+    settings = json.loads((out / "prorank.json").read_text())
+    assert settings["max_length"] == 192 and settings["max_query_tokens"] == 16
+
+    data = load_local(scifact_dir, "train")
+    qid = data.query_ids[0]
+    doc_ids = list(data.corpus)[:4] + list(data.qrels[qid])
+    docs = [data.corpus[d].title for d in doc_ids]  # short: no truncation, so the plain layout is exact
+    tok = AutoTokenizer.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
+    expected = []
+    for doc in docs:
+        messages = [{"role": "system", "content": settings["system_prompt"]},
+                    {"role": "user", "content": f"query: {data.queries[qid]}\ndocument: {doc}\nRelevance:"}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            logits = plain(**ids).logits[0, -1]
+        expected.append((logits[one] - logits[zero]).item())
+
+    model, tokenizer = load_causal_lm(ModelConfig(path=str(out)))
+    builder = PromptBuilder(tokenizer, 512, 128)  # room for the whole query: the plain layout does not truncate
+    assert score_pairs(model, builder, [(data.queries[qid], d) for d in docs], progress=False) == \
+        pytest.approx(expected, abs=1e-4)
+    ranked = Reranker(str(out), max_length=512, max_query_tokens=128).rank(data.queries[qid], docs, top_k=3)
+    order = sorted(range(len(docs)), key=lambda i: -expected[i])
+    assert [r.index for r in ranked] == order[:3]
+    assert [r.score for r in ranked] == pytest.approx([expected[i] for i in order[:3]], abs=1e-4)
+    # `prorank eval`'s reranking of these candidates follows the same scores
+    titled = type(data)(data.name, data.split, {d: data.corpus[d].__class__(d, data.corpus[d].title, "")
+                                                for d in doc_ids}, data.queries, data.qrels)
+    reranked = rerank(model, builder, titled, {qid: [(d, 0.0) for d in doc_ids]}, len(doc_ids), progress=False)
+    assert reranked[qid] == [doc_ids[i] for i in order]
 
 
 def test_tensorboard_shows_the_reward_curve(finished_runs, tmp_path):

@@ -1,0 +1,55 @@
+"""Stage 2 of `prorank train`: fine-grained score learning, one loop read top to bottom.
+
+The score is logit("1") - logit("0") at the answer position of the stage-1 prompt; no layer is added.
+A fresh DeepSpeed learner (same ranks and ZeRO stage, its own optimizer and lr) starts from the warmup
+stage's final model (or `score.init_from`). Per step: `score.queries_per_step` training queries, each
+with its positives and BM25 hard negatives in one padded batch; the weighted mix of the listwise
+contrastive, pairwise and pointwise losses (learner.score_losses); one optimizer step; the new weights
+to every actor over gRPC, so that the actors and the dev evaluation serve the latest model.
+"""
+
+from __future__ import annotations
+
+
+def run_score(job, resume: bool, init_model: str, offset: int) -> None:
+    """Train stage 2 to `score.steps`, logging at global steps offset + 1 ... offset + score.steps."""
+    from learner.group import LearnerGroup
+    from prorank.batches import RankingSampler
+    from prorank.models import load_tokenizer
+    from prorank.prompt import PromptBuilder
+
+    cfg, sc, run, dev = job.cfg, job.cfg.score, job.run, job.dev
+    root = job.out / "score-checkpoints"
+    ranking_loss = {"weights": {"contrastive": sc.contrastive_weight, "pairwise": sc.pairwise_weight,
+                                "pointwise": sc.pointwise_weight}, "temperature": sc.temperature}
+    learner = LearnerGroup(init_model, cfg.score_learner(), cfg.sampling.temperature, ranking_loss)
+    job.stack.callback(learner.shutdown)
+    job.sync.learner = learner
+    builder = PromptBuilder(load_tokenizer(init_model), cfg.prompt.max_length, cfg.prompt.max_query_tokens)
+    sampler = RankingSampler(job.prompts, job.ranking, sc, builder, cfg.train.seed,
+                             cfg.reward.relevance_threshold)
+    step = learner.load(root)["steps"] if resume and (root / "LATEST").is_file() else 0
+    if step:  # resumed: the actors start from the checkpoint's weights
+        run.log(offset + step, job.sync(offset + step))
+    elif dev.enabled and not job.warmup_ran:  # else the warmup's final dev figures are the "before"
+        run.log(offset, dev(None))
+
+    bar = job.progress_bar("score", step, sc.steps)
+    while step < sc.steps:
+        groups = sampler.batch(step, sc.queries_per_step)
+        metrics = {f"score/{k}": v for k, v in learner.score_step(groups).items()}
+        step += 1
+        metrics.update(job.sync(offset + step))
+        if dev.enabled and sc.dev_every and step % sc.dev_every == 0 and step < sc.steps:
+            metrics.update(dev(job.sync.latest_state))
+        run.log(offset + step, metrics)
+        if sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps:
+            learner.save(root, weights=job.sync.latest_state)
+        bar.update(1)
+        bar.set_postfix_str(run.console_line(), refresh=True)
+    bar.close()
+
+    learner.save(root, weights=job.sync.latest_state)
+    if dev.enabled:
+        run.log(offset + step, dev(job.sync.latest_state))
+    learner.shutdown()

@@ -1,0 +1,215 @@
+"""Stage 2: the ranking losses against hand-computed values, the candidate forward, the sampler, and a
+short torch training loop in which the score learns to put positives above negatives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.score_losses import (listwise_contrastive, pairs_ordered, pairwise_preference, pointwise_bce,
+                                  score_margin)
+
+T = torch.tensor
+
+
+def _mask(labels):
+    return torch.ones_like(labels, dtype=torch.bool)
+
+
+def test_contrastive_hand_computed():
+    scores, labels = T([[2.0, 0.0, 1.0]]), T([[1, 0, 0]])
+    # -log(e^2 / (e^2 + e^0 + e^1)) = log(1 + e^-2 + e^-1)
+    assert listwise_contrastive(scores, labels, _mask(labels)).item() == pytest.approx(0.407606, abs=1e-5)
+    # temperature 0.5 doubles the logits: log(1 + e^-4 + e^-2)
+    assert listwise_contrastive(scores, labels, _mask(labels), 0.5).item() == pytest.approx(0.142932, abs=1e-5)
+
+
+def test_contrastive_several_positives_and_padding():
+    scores, labels = T([[1.0, 0.0, 0.0, 50.0]]), T([[1, 1, 0, 0]])
+    mask = T([[True, True, True, False]])  # the padded 50 must not count as a negative
+    # positive 1: log(1 + e^(0-1)); positive 2: log(1 + e^0); the other positive is not a negative
+    expected = (math.log(1 + math.exp(-1)) + math.log(2)) / 2
+    assert listwise_contrastive(scores, labels, mask).item() == pytest.approx(expected, abs=1e-5)
+    # a row without negatives contributes nothing
+    assert listwise_contrastive(T([[1.0, 2.0]]), T([[1, 1]]), _mask(T([[1, 1]]))).item() == 0.0
+
+
+def test_pairwise_respects_grades():
+    scores, labels = T([[1.0, 0.0, 2.0]]), T([[2, 1, 0]])
+    # pairs (0>1), (0>2), (1>2): softplus(-1), softplus(1), softplus(2)
+    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1)) + math.log1p(math.exp(2))) / 3
+    assert pairwise_preference(scores, labels, _mask(labels)).item() == pytest.approx(expected, abs=1e-5)
+    assert pairs_ordered(scores, labels, _mask(labels)).item() == pytest.approx(1 / 3)
+    same = T([[1, 1]])
+    assert pairwise_preference(T([[0.0, 3.0]]), same, _mask(same)).item() == 0.0  # equal grades: no pair
+
+
+def test_pointwise_and_margin():
+    scores, labels = T([[0.0, 2.0]]), T([[1, 0]])
+    expected = (math.log(2) + math.log1p(math.exp(2))) / 2
+    assert pointwise_bce(scores, labels, _mask(labels)).item() == pytest.approx(expected, abs=1e-5)
+    labels = T([[1, 0, 0]])
+    assert score_margin(T([[3.0, 1.0, 0.0]]), labels, _mask(labels)).item() == pytest.approx(2.5)
+
+
+def test_losses_are_per_row():
+    scores, labels = T([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), T([[1, 0, 0], [0, 0, 1]])
+    out = listwise_contrastive(scores, labels, _mask(labels))
+    assert out.shape == (2,)
+    assert out[1].item() == pytest.approx(math.log(3), abs=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_candidate_logits_match_the_eval_scorer(tiny_model, scifact_test, shared):
+    from prorank.scoring import candidate_answer_logits
+    from prorank.prompt import PromptBuilder, answer_logits, document_text
+
+    model, tokenizer = tiny_model
+    builder = PromptBuilder(tokenizer, 224, 16)
+    qid = scifact_test.query_ids[0]
+    docs = list(scifact_test.corpus.values())[:5]
+    texts = [d.title if i % 2 else document_text(d.title, d.text) for i, d in enumerate(docs)]  # short, long
+    prompts = builder.encode_batch([(scifact_test.queries[qid], t) for t in texts])
+    assert len(set(map(len, prompts))) > 1  # padding is exercised
+    with torch.no_grad():
+        expected = answer_logits(model, prompts, builder.answer_ids, tokenizer.pad_token_id)
+        got = candidate_answer_logits(model, prompts, builder.answer_ids, tokenizer.pad_token_id, shared)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_ranking_sampler(scifact_dir, tiny_model):
+    from prorank.batches import PromptSampler, RankingSampler
+    from prorank.bm25 import bm25_search
+    from prorank.config import BM25Config, ScoreConfig, TrainConfig
+    from prorank.data import load_local
+    from prorank.prompt import PromptBuilder
+
+    data = load_local(scifact_dir, "train")
+    tc = TrainConfig(max_train_queries=30, dev_queries=5)
+    ranking = bm25_search(data, data.query_ids[:40], BM25Config(top_k=30))
+    prompts = PromptSampler(data, ranking, tc)
+    sc = ScoreConfig(negatives=3, hard_negative_depth=20)
+    sampler = RankingSampler(prompts, ranking, sc, PromptBuilder(tiny_model[1], 224, 16))
+    groups = sampler.batch(0, 6)
+    assert len(groups) == 6 and groups == sampler.batch(0, 6)  # a pure function of the step
+    for g in groups:
+        assert g.query_id not in prompts.dev_query_ids
+        assert g.labels[0] >= 1 and g.labels[1:] == [0] * (len(g.labels) - 1) and len(g.labels) == 4
+        assert all(data.qrels[g.query_id].get(d, 0) == 0 for d in g.doc_ids[1:])  # negatives exclude positives
+        top = [d for d, _ in ranking[g.query_id][:20]]
+        assert all(d in top for d in g.doc_ids[1:])
+        assert len(g.prompt_ids) == 4
+
+
+def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
+    """A few AdamW steps of the mixed loss on fixed queries raise the positive-minus-negative margin."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.score_step import score_micro_batch_loss
+    from prorank.data import load_local
+    from prorank.models import load_tokenizer
+    from prorank.prompt import PromptBuilder, document_text
+    from prorank.rollout import RankingGroup
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    builder = PromptBuilder(tokenizer, 224, 16)
+    data = load_local(scifact_dir, "train")
+    docs = list(data.corpus)
+    groups = []
+    for i, qid in enumerate(data.query_ids[:4]):
+        pos = next(iter(data.qrels[qid]))
+        negs = [d for d in docs[i * 3 : i * 3 + 3] if d not in data.qrels[qid]]
+        ids = [pos, *negs]
+        pairs = [(data.queries[qid], document_text(data.corpus[d].title, data.corpus[d].text)) for d in ids]
+        groups.append(RankingGroup(qid, ids, [1] + [0] * len(negs), builder.encode_batch(pairs)))
+    weights = {"contrastive": 1.0, "pairwise": 0.5, "pointwise": 0.5}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    margins, losses = [], []
+    for _ in range(8):
+        loss, stats = score_micro_batch_loss(model, groups, len(groups), weights, 1.0, builder.answer_ids,
+                                             tokenizer.pad_token_id)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        margins.append(stats["margin"])
+        losses.append(stats["loss"])
+        assert stats["loss"] == pytest.approx(
+            stats["loss_contrastive"] + 0.5 * stats["loss_pairwise"] + 0.5 * stats["loss_pointwise"], rel=1e-4)
+    assert losses[-1] < losses[0]
+    assert margins[-1] > margins[0] + 0.5
+
+
+def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
+    from prorank.data import load_local
+    from prorank.prompt import PromptBuilder, document_text
+    from prorank.rollout import RankingGroup
+
+    builder = PromptBuilder(tokenizer, 224, 16)
+    data = load_local(scifact_dir, "train")
+    docs = list(data.corpus)
+    groups = []
+    for i, qid in enumerate(data.query_ids[:n]):
+        ids = [next(iter(data.qrels[qid]))] + [d for d in docs[i * 3 : i * 3 + 3] if d not in data.qrels[qid]]
+        pairs = [(data.queries[qid], document_text(data.corpus[d].title, data.corpus[d].text)) for d in ids]
+        groups.append(RankingGroup(qid, ids, [1] + [0] * (len(ids) - 1), builder.encode_batch(pairs)))
+    return groups, builder
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, scifact_dir, tmp_path, stage):
+    """The stage-2 step on 2 DeepSpeed ranks gives the losses of the same step in one torch process, and
+    its checkpoint carries a model folder with the trained weights."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import AutoModelForCausalLM
+
+    from learner.group import LearnerGroup
+    from learner.score_step import score_micro_batch_loss
+    from learner.step import lr_lambda
+    from prorank.config import ProRankConfig
+    from prorank.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    groups, builder = _ranking_groups(scifact_dir, tokenizer)
+    cfg = ProRankConfig.model_validate({
+        "learner": {"num_ranks": 2, "zero_stage": stage},
+        "train": {"stages": ["score"]},
+        "score": {"queries_per_step": 4, "micro_batch_queries": 1, "lr": 2e-3, "warmup_steps": 1, "steps": 10,
+                  "pairwise_weight": 0.5, "pointwise_weight": 0.5}})
+    lc = cfg.score_learner().model_copy(update={"lr_schedule": "linear"})
+    ranking = {"weights": {"contrastive": 1.0, "pairwise": 0.5, "pointwise": 0.5}, "temperature": 1.0}
+    learner = LearnerGroup(str(tiny_model_dir), lc, ranking=ranking)
+    try:
+        metrics = [learner.score_step(groups) for _ in range(3)]
+        weights, _ = learner.full_weights()
+        folder = learner.save(tmp_path, weights=weights)
+    finally:
+        learner.shutdown()
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    schedule = LambdaLR(opt, lr_lambda(lc))
+    losses = []
+    for _ in range(3):
+        loss_sum = 0.0
+        for g in groups:  # one query per micro-batch, summed over the step's 4 rows
+            loss, stats = score_micro_batch_loss(model, [g], len(groups), ranking["weights"], 1.0,
+                                                 builder.answer_ids, tokenizer.pad_token_id)
+            loss.backward()
+            loss_sum += stats["loss"]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        losses.append(loss_sum)
+    assert [m["loss"] for m in metrics] == pytest.approx(losses, rel=1e-3, abs=1e-5)
+    assert metrics[-1]["margin"] > metrics[0]["margin"]
+    assert metrics[0]["lr"] > 0 and metrics[0]["grad_norm"] > 0
+
+    saved = AutoModelForCausalLM.from_pretrained(folder / "model")
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
