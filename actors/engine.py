@@ -55,7 +55,10 @@ class RolloutEngine:
         self.relay_address = ""
 
     def info(self) -> dict[str, object]:
-        return {"name": self.name, "version": self.version, "pid": os.getpid()}
+        import ray
+
+        return {"name": self.name, "version": self.version, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def generate(self, requests: list[RolloutRequest]) -> list[GroupResult]:
         from vllm.inputs import TokensPrompt

@@ -99,6 +99,11 @@ class ActorPool:
         """Weights version each live actor serves (as last confirmed by the actor)."""
         return {s.name: s.version for s in self.slots.values() if s.ready_ref is None}
 
+    def nodes(self) -> dict[str, str]:
+        """The Ray node id each live actor runs on."""
+        live = [s for s in self.slots.values() if s.ready_ref is None]
+        return {s.name: info["node"] for s, info in zip(live, ray.get([s.handle.info.remote() for s in live]))}
+
     def wait_ready(self, timeout: float | None = None) -> None:
         while any(s.ready_ref is not None for s in self.slots.values()):
             if not self._pump(timeout=timeout) and timeout is not None:

@@ -77,6 +77,10 @@ class LearnerGroup:
         }
         return metrics
 
+    def nodes(self) -> list[str]:
+        """The Ray node id each rank runs on."""
+        return ray.get([rank.node.remote() for rank in self.ranks])
+
     def full_weights(self) -> tuple[dict, float]:
         """The full state dict (named CPU tensors) gathered on rank 0, and the seconds it took."""
         start = time.perf_counter()

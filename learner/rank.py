@@ -35,6 +35,11 @@ class LearnerRank:
         if not self.gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def master_address(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0 to host the process group."""
         import ray

@@ -217,6 +217,48 @@ def tiny_model_command(
     typer.echo(f"model written to {build_tiny_model(output, seed)}")
 
 
+scale_app = typer.Typer(no_args_is_help=True, help="Resize a running job.")
+app.add_typer(scale_app, name="scale")
+
+
+@scale_app.command("actors")
+def scale_actors_command(
+    count: Annotated[int, typer.Argument(help="Rollout actors the job should run.")],
+    address: Annotated[str, typer.Option(help="The job's Ray cluster (auto or host:port).")] = "auto",
+    job: Annotated[str, typer.Option(help="The job's train.job_name.")] = "prorank",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the job to apply it (0: do not wait).")] = 0,
+) -> None:
+    """Change the number of rollout actors of a running `prorank train` job, between two of its steps."""
+    import time
+
+    import ray
+
+    from prorank.control import NAMESPACE, find_control
+
+    if count < 0:
+        _fail(ValueError(f"cannot scale to {count} actors"))
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        control = find_control(job)
+        status = ray.get(control.set_actors.remote(count), timeout=30)
+        typer.echo(f"job {job}: {status.get('actors', '?')} actors at step {status.get('step', '?')} "
+                   f"({status.get('stage', '?')}); asked for {count}")
+        deadline = time.monotonic() + wait
+        while wait and time.monotonic() < deadline:
+            status = ray.get(control.get_status.remote(), timeout=30)
+            if status.get("actors") == count:
+                typer.echo(f"job {job}: {count} actors from step {status.get('step')}")
+                break
+            time.sleep(1)
+        else:
+            if wait:
+                _fail(TimeoutError(f"job {job} did not reach {count} actors in {wait:.0f} s"))
+    except LookupError as err:
+        _fail(err)
+    finally:
+        ray.shutdown()
+
+
 reward_app = typer.Typer(no_args_is_help=True, help="The reward service.")
 app.add_typer(reward_app, name="reward")
 

@@ -90,6 +90,7 @@ class ActorConfig(Section):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     resources: dict[str, float] = {}  # Ray custom resources, to place actors on their node type
+    per_node: int = Field(0, ge=0)  # >0: run this many actors on every node offering resources' first key
     tensor_parallel_size: int = Field(1, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int = Field(1024, ge=64)
@@ -213,6 +214,7 @@ class TrainConfig(Section):
     seed: int = 0
     ray_address: str | None = None  # None: an embedded local Ray; "auto" or host:port joins a cluster
     ray_num_cpus: int | None = Field(None, ge=1)  # CPUs of the embedded Ray (None: all)
+    job_name: str = Field("prorank", pattern=r"^[\w.-]+$")  # what `prorank scale ... --job` names
 
     @field_validator("stages", mode="before")
     @classmethod

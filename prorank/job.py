@@ -46,6 +46,21 @@ class Job:
     dev: object = None
     run: object = None
     warmup_ran: bool = False
+    control: object = None  # prorank.control.JobControl: `prorank scale actors N` writes to it
+    placement: dict = None  # role -> Ray node ids, for the summary
+
+    def between_steps(self, stage: str, step: int) -> dict[str, float]:
+        """Apply `prorank scale` (or per-node following) to the actor pool and report the job's state."""
+        from prorank.control import wanted_actors
+
+        actors = self.cfg.actors
+        wanted = wanted_actors(self.control, actors.per_node, actors.resources, self.pool.size)
+        if wanted != self.pool.size:
+            log.info("step %d: %d -> %d rollout actors", step, self.pool.size, wanted)
+            self.pool.scale(wanted)
+        self.control.report.remote({"stage": stage, "step": step, "actors": self.pool.size,
+                                    "versions": self.pool.versions()})
+        return {"actors/count": float(self.pool.size)}
 
     def progress_bar(self, stage: str, start: int, total: int):
         from tqdm import tqdm
@@ -70,6 +85,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     from protocol.weight_service import WeightServer
     from prorank.batches import PromptSampler
     from prorank.bm25 import bm25_search
+    from prorank.control import start_control
     from prorank.data import load_dataset
     from prorank.models import checkpoint_model_dir, resolve_model
     from prorank.score_stage import run_score
@@ -102,7 +118,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
 
     with ExitStack() as stack:  # stops everything started, in reverse order, however the run ends
         job = Job(cfg, out, stack, dataset, ranking, PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold),
-                  model_path, progress)
+                  model_path, progress, placement={})
         _start_ray(cfg, stack)
         addresses = []
         if run_warm:
@@ -113,6 +129,8 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         w = cfg.weights
         server = WeightServer(token, w.host, w.port, w.tls_cert, w.tls_key, chunk_bytes=int(w.chunk_mb * 2**20)).start()
         stack.callback(server.stop, 0)
+        job.control = start_control(tc.job_name)
+        stack.callback(ray_kill, job.control)
         job.pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, w).start(wait=False)
         stack.callback(job.pool.shutdown)
         job.sync = WeightSync(server, job.pool, token, w)
@@ -129,7 +147,9 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         if run_sc:
             run_score(job, resume=score_done > 0, init_model=checkpoint_model_dir(score_init), offset=offset)
 
+        job.placement["actors"] = sorted(set(job.pool.nodes().values()))
         summary = {"steps": job.run.last_step, "stages": tc.stages, "versions": job.pool.versions(),
+                   "placement": job.placement,
                    "final": job.run.latest, "dev_bm25": job.dev.bm25, "output_dir": str(out),
                    "model": _final_model(out, tc.stages), "prompt": cfg.prompt.model_dump(), "addresses": [server.address, *addresses]}
         (out / "summary.json").write_text(_json(summary))
@@ -223,6 +243,12 @@ def _start_ray(cfg, stack: ExitStack) -> None:
         cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     stack.callback(ray.shutdown)
+
+
+def ray_kill(handle) -> None:
+    import ray
+
+    ray.kill(handle)
 
 
 def _stop_replicas(replicas: list) -> None:

@@ -25,6 +25,7 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
     learner = LearnerGroup(init_model, cfg.score_learner(), cfg.sampling.temperature, ranking_loss)
     job.stack.callback(learner.shutdown)
     job.sync.learner = learner
+    job.placement["score_learner"] = sorted(set(learner.nodes()))
     builder = PromptBuilder(load_tokenizer(init_model), cfg.prompt.max_length, cfg.prompt.max_query_tokens)
     sampler = RankingSampler(job.prompts, job.ranking, sc, builder, cfg.train.seed,
                              cfg.reward.relevance_threshold)
@@ -36,8 +37,9 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
 
     bar = job.progress_bar("score", step, sc.steps)
     while step < sc.steps:
+        scaled = job.between_steps("score", offset + step)
         groups = sampler.batch(step, sc.queries_per_step)
-        metrics = {f"score/{k}": v for k, v in learner.score_step(groups).items()}
+        metrics = {**scaled, **{f"score/{k}": v for k, v in learner.score_step(groups).items()}}
         step += 1
         metrics.update(job.sync(offset + step))
         if dev.enabled and sc.dev_every and step % sc.dev_every == 0 and step < sc.steps:

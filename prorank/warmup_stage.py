@@ -29,6 +29,7 @@ def run_warmup(job, resume: bool) -> None:
     learner = LearnerGroup(job.model_path, cfg.learner, cfg.sampling.temperature)
     job.stack.callback(learner.shutdown)
     job.sync.learner = learner
+    job.placement["warmup_learner"] = sorted(set(learner.nodes()))
     step = learner.load(root)["steps"] if resume else 0
     if step:  # resumed: the actors start from the checkpoint's weights
         run.log(step, job.sync(step))
@@ -39,6 +40,7 @@ def run_warmup(job, resume: bool) -> None:
     batch_size = cfg.learner.groups_per_step
     pending, inbox = None, {}  # async: the next step's requests, already with the actors
     while step < tc.steps:
+        scaled = job.between_steps("warmup", step)
         clock = time.perf_counter()
         requests = pending or job.prompts.batch(step, batch_size)
         if not pending:
@@ -56,7 +58,7 @@ def run_warmup(job, resume: bool) -> None:
         reward_seconds = time.perf_counter() - clock
         train_metrics = learner.step(scored)
         step += 1
-        metrics = {**reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}
+        metrics = {**scaled, **reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}
         metrics.update(_rollout_metrics(results, waited, step, regenerated))
         metrics["time/wait_rewards_seconds"] = reward_seconds
         metrics.update(job.sync(step))

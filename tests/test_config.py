@@ -57,3 +57,17 @@ def test_shipped_configs_load():
 
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(path, [])  # every key known, every value valid
+
+
+def test_stages_and_score_section():
+    cfg = load_config(None, ["train.stages=warmup,score", "score.queries_per_step=4", "score.micro_batch_queries=2",
+                             "learner.num_ranks=2"])
+    assert cfg.train.stages == ["warmup", "score"]
+    lc = cfg.score_learner()
+    assert (lc.groups_per_step, lc.micro_batch_groups, lc.beta, lc.lr) == (4, 2, 0.0, cfg.score.lr)
+    for bad, key in [(["train.stages=score,warmup"], "train"), (["train.stages=warmup,warmup"], "train"),
+                     (["train.stages=score", "score.queries_per_step=3"], "queries_per_step"),
+                     (["score.init_from=x"], "init_from"), (["score.contrastive_weight=0"], "score"),
+                     (["train.job_name=a b"], "train.job_name")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, bad)

@@ -43,3 +43,21 @@ def test_smollm2_from_gguf_matches_the_gguf_model(smollm2_dir):
     expected = logits[builder.answer_ids[1]] - logits[builder.answer_ids[0]]
     assert ours.item() == pytest.approx(expected.item(), abs=1e-4)
     assert model.config.num_hidden_layers == 30 and sum(p.numel() for p in model.parameters()) > 1.3e8
+
+
+def test_checkpoint_model_dir_resolves_steps_roots_and_folders(tmp_path):
+    from prorank.models import ModelError, checkpoint_model_dir
+
+    root = tmp_path / "checkpoints"
+    model = root / "step-4" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (root / "LATEST").write_text("step-4")
+    assert checkpoint_model_dir(str(model)) == str(model)
+    assert checkpoint_model_dir(str(root / "step-4")) == str(model)
+    assert checkpoint_model_dir(str(root)) == str(model)
+    assert checkpoint_model_dir(str(root / "LATEST")) == str(model)
+    assert checkpoint_model_dir("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"  # a hub id
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="holds no model"):
+        checkpoint_model_dir(str(tmp_path / "empty"))

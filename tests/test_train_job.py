@@ -18,98 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 10
-SCORE_STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def answering_model(tmp_path_factory, scifact_dir):
-    """The tiny random model, nudged so that about a fifth of its first sampled tokens are "0" or "1":
-    like an instruct model, it must sometimes answer in format for GRPO to have a signal to follow."""
-    import torch
-
-    from prorank.config import ModelConfig
-    from prorank.data import load_local
-    from prorank.models import build_tiny_model, load_causal_lm
-    from prorank.prompt import PromptBuilder, answer_token_ids
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("answering-model"), seed=3)
-    model, tokenizer = load_causal_lm(ModelConfig(path=str(folder)))
-    builder = PromptBuilder(tokenizer, 256, 16)
-    data = load_local(scifact_dir, "train")
-    pairs = [(data.queries[q], data.corpus[d].text) for q in data.query_ids[:8] for d in list(data.qrels[q])[:1]]
-    with torch.no_grad():
-        hidden = [model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
-                  for ids in builder.encode_batch(pairs)]
-        direction = torch.stack(hidden).mean(0)
-        answers = list(answer_token_ids(tokenizer))
-        emb = model.get_input_embeddings().weight
-        for boost in torch.linspace(0.5, 12, 48):  # the smallest boost giving a format rate >= 20%
-            trial = emb.clone()
-            trial[answers] += boost * direction / direction.dot(direction)
-            logits = torch.stack(hidden) @ trial.T
-            if logits.softmax(-1)[:, answers].sum(-1).mean() >= 0.2:
-                emb.copy_(trial)
-                break
-    model.save_pretrained(folder)
-    return folder
-
-
-def _config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = STEPS, stages: str = "warmup") -> Path:
-    cfg = {
-        "data": {"path": str(scifact)},
-        "model": {"path": str(model)},
-        "prompt": {"max_length": 192, "max_query_tokens": 16},
-        "sampling": {"group_size": 4, "max_tokens": 1, "temperature": 1.0},
-        "actors": {"num_actors": 2, "max_model_len": 256, "chunk_size": 2, "kv_cache_gib": 1},
-        "reward": {"port": 0},
-        "learner": {"num_ranks": 2, "zero_stage": 2, "groups_per_step": 8, "micro_batch_groups": 2,
-                    "lr": 3e-3, "beta": 0.01},
-        "eval": {"batch_size": 8},
-        "train": {"steps": steps, "mode": mode, "max_train_queries": 40, "dev_queries": 6, "dev_every": 5,
-                  "dev_depth": 5, "checkpoint_every": 5, "output_dir": str(tmp / f"run-{mode}"),
-                  "ray_num_cpus": 6, "stages": stages},
-        "score": {"steps": SCORE_STEPS, "queries_per_step": 4, "micro_batch_queries": 1, "negatives": 3,
-                  "lr": 1e-3, "contrastive_weight": 1.0, "pairwise_weight": 0.5, "pointwise_weight": 0.5,
-                  "dev_every": 2, "checkpoint_every": 2},
-    }
-    path = tmp / f"{mode}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _start(config: Path, tag: str, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PRORANK_E2E_TAG": tag, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "prorank.cli", "train", "--config", str(config), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _leftovers(tag: str) -> list[str]:
-    """Processes still carrying the job's tag in their environment (every child inherits it)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"PRORANK_E2E_TAG={tag}".encode() in environ:
-            found.append(f"{pid}: {cmdline[:120]}")
-    return found
-
-
-def _gone(tag: str, timeout: float = 30) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while (left := _leftovers(tag)) and time.monotonic() < deadline:
-        time.sleep(1)
-    return left
-
-
-def _port_free(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    with socket.socket() as s:
-        return s.connect_ex((host, int(port))) != 0
+from jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +29,10 @@ def finished_runs(tmp_path_factory, answering_model, scifact_dir) -> dict[str, P
         tmp = tmp_path_factory.mktemp(f"train-{mode}")
         tag = uuid.uuid4().hex
         stages = "warmup,score" if mode == "sync" else "warmup"
-        proc = _start(_config(tmp, answering_model, scifact_dir, mode, stages=stages), tag)
+        proc = start_job(job_config(tmp, answering_model, scifact_dir, mode, stages=stages), tag)
         output, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, output[-4000:]
-        assert not _gone(tag), "processes left running"
+        assert not gone(tag), "processes left running"
         runs[mode] = tmp / f"run-{mode}"
     return runs
 
@@ -135,7 +44,7 @@ def test_train_end_to_end(mode, finished_runs):
     total = STEPS + (SCORE_STEPS if mode == "sync" else 0)
     assert summary["steps"] == total
     assert summary["versions"] and set(summary["versions"].values()) == {total}  # every actor serves the last
-    assert all(_port_free(a) for a in summary["addresses"])
+    assert all(port_free(a) for a in summary["addresses"])
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "train/loss" in m]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
@@ -265,9 +174,9 @@ def _port_open(port: int) -> bool:
 
 
 def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model, scifact_dir):
-    config = _config(tmp_path, answering_model, scifact_dir, "sync", steps=8)
+    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=8)
     tag = uuid.uuid4().hex
-    proc = _start(config, tag)
+    proc = start_job(config, tag)
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:  # past the first checkpoint (step 5)
@@ -277,13 +186,13 @@ def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model,
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-4000:]
-    assert not _gone(tag), "processes left running after Ctrl-C"
+    assert not gone(tag), "processes left running after Ctrl-C"
 
     tag = uuid.uuid4().hex
-    proc = _start(config, tag, "--resume")
+    proc = start_job(config, tag, "--resume")
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-4000:]
-    assert not _gone(tag)
+    assert not gone(tag)
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     resumed = [m["step"] for m in lines if "train/loss" in m]
     assert resumed[-3:] == [6, 7, 8]  # continued after the step-5 checkpoint

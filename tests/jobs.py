@@ -1,0 +1,77 @@
+"""Helpers of the tests that run `prorank train` as users do: a config, the CLI in its own process
+tagged through its environment, and a check that nothing it started is left running."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+SCORE_STEPS = 4
+
+
+def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = STEPS, stages: str = "warmup",
+               updates: dict[str, dict] | None = None) -> Path:
+    """The e2e job's config file; `updates` are merged into its sections."""
+    cfg = {
+        "data": {"path": str(scifact)},
+        "model": {"path": str(model)},
+        "prompt": {"max_length": 192, "max_query_tokens": 16},
+        "sampling": {"group_size": 4, "max_tokens": 1, "temperature": 1.0},
+        "actors": {"num_actors": 2, "max_model_len": 256, "chunk_size": 2, "kv_cache_gib": 1},
+        "reward": {"port": 0},
+        "learner": {"num_ranks": 2, "zero_stage": 2, "groups_per_step": 8, "micro_batch_groups": 2,
+                    "lr": 3e-3, "beta": 0.01},
+        "eval": {"batch_size": 8},
+        "train": {"steps": steps, "mode": mode, "max_train_queries": 40, "dev_queries": 6, "dev_every": 5,
+                  "dev_depth": 5, "checkpoint_every": 5, "output_dir": str(tmp / f"run-{mode}"),
+                  "ray_num_cpus": 6, "stages": stages},
+        "score": {"steps": SCORE_STEPS, "queries_per_step": 4, "micro_batch_queries": 1, "negatives": 3,
+                  "lr": 1e-3, "contrastive_weight": 1.0, "pairwise_weight": 0.5, "pointwise_weight": 0.5,
+                  "dev_every": 2, "checkpoint_every": 2},
+    }
+    for section, values in (updates or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_job(config: Path, tag: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PRORANK_E2E_TAG": tag, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "prorank.cli", "train", "--config", str(config), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def leftovers(tag: str) -> list[str]:
+    """Processes still carrying the job's tag in their environment (every child inherits it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"PRORANK_E2E_TAG={tag}".encode() in environ:
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+def gone(tag: str, timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := leftovers(tag)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+def port_free(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) != 0
