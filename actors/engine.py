@@ -85,15 +85,20 @@ class RolloutEngine:
         return results
 
     def sync_weights(self, address: str, token: str, tls_ca: str | None = None, wait_seconds: float = 300.0,
-                     upstream: str | None = None, relay: WeightSyncConfig | None = None) -> dict:
+                     upstream: str | None = None, relay: WeightSyncConfig | None = None,
+                     version: int | None = None) -> dict:
         """Pull the newest version above the one served, verify it, apply it in place, and report back
         to the learner's weight server at `address`. With `upstream` (the previous actor's relay), pull
         from there and fall back to `address` if it fails; with `relay`, serve the chunks onwards while
-        they arrive. A bad transfer is refused and reported; the engine keeps its last good version."""
+        they arrive. A bad transfer is refused and reported; the engine keeps its last good version.
+        `version`: the version the caller wants served; an engine already there (an actor that started
+        while it was being published and pulled it then) answers at once instead of waiting for a newer one."""
         from actors.weight_receiver import fetch_version, report
         from protocol import weights_pb2
         from protocol.weights_codec import WeightError
 
+        if version is not None and self.version >= version:
+            return {"version": self.version, "applied": True, "error": "", "source": "served already"}
         if self.expected is None:
             self.expected = _expected_specs(self.model, self.dtype)
         publisher = self._relay_server(token, relay).publisher if relay and relay.relay else None

@@ -192,10 +192,11 @@ class ActorPool:
         return self.versions()
 
     def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
-                     wait_seconds: float = 300.0) -> dict[str, dict]:
+                     wait_seconds: float = 300.0, version: int | None = None) -> dict[str, dict]:
         """Every actor pulls the newest version and applies it; actors started later do the same before
         any work. With `weights.relay`, the actors form a pipeline: the first pulls from the learner's
         server at `address`, each next one from the relay of the one before, while it still receives.
+        `version` is the one just published (an actor that already serves it answers at once).
         Returns each actor's answer."""
         self._weight_server = (address, token, tls_ca)
         self._weights = None  # new actors now pull from the weight server
@@ -210,7 +211,7 @@ class ActorPool:
                     self._lost(slot, err)
         return self._on_every_actor(
             "sync_weights", address, token, tls_ca, wait_seconds,
-            per_actor=lambda s: {"upstream": upstream.get(s.name), "relay": self.weights})
+            per_actor=lambda s: {"upstream": upstream.get(s.name), "relay": self.weights, "version": version})
 
     def _relay_address(self, slot: _Slot, token: str) -> str:
         if not slot.relay_address:

@@ -1,5 +1,6 @@
 """Scored pairs/s of the eval scorer: batched + length-bucketed vs batched in arrival order vs one pair at a
-time, on the same real SciFact BM25 pairs and the same model, in one process.
+time, and a query's candidates in one batch with or without their shared prompt prefix encoded once
+(what `prorank eval` does), on the same real SciFact BM25 pairs and the same model, in one process.
 
     .venv/bin/python -m bench.eval_throughput --data ../shared/data/scifact \
         --model models/SmolLM2-135M-Instruct --pairs 64 --batch-size 16
@@ -12,12 +13,12 @@ import time
 
 import torch
 
-from prorank.scoring import score_pairs
 from prorank.bm25 import bm25_search
 from prorank.config import BM25Config, DataConfig, ModelConfig
 from prorank.data import load_dataset
 from prorank.models import load_causal_lm
 from prorank.prompt import PromptBuilder, document_text
+from prorank.scoring import score_pairs, score_query
 
 
 def main() -> None:
@@ -43,19 +44,31 @@ def main() -> None:
     print(f"{len(pairs)} pairs, prompt tokens min/mean/max {min(lengths)}/{sum(lengths) / len(lengths):.0f}/"
           f"{max(lengths)}, torch threads {torch.get_num_threads()}")
 
+    queries: dict[str, list[str]] = {}
+    for query, doc in pairs:  # pairs come grouped by query
+        queries.setdefault(query, []).append(doc)
+
+    def per_query(shared: bool) -> list[float]:
+        return [s for q, docs in queries.items() for s in score_query(model, builder, q, docs, args.batch_size, shared)]
+
+    def bucketed(batch_size: int, buckets: bool):
+        return lambda: score_pairs(model, builder, pairs, batch_size=batch_size, bucketed=buckets, progress=False)
+
     variants = {
-        "one pair at a time": dict(batch_size=1, bucketed=False),
-        f"batch {args.batch_size}, arrival order": dict(batch_size=args.batch_size, bucketed=False),
-        f"batch {args.batch_size}, length-bucketed": dict(batch_size=args.batch_size, bucketed=True),
+        "one pair at a time": bucketed(1, False),
+        f"batch {args.batch_size}, arrival order": bucketed(args.batch_size, False),
+        f"batch {args.batch_size}, length-bucketed": bucketed(args.batch_size, True),
+        "per query, padded": lambda: per_query(False),
+        "per query, shared prefix": lambda: per_query(True),
     }
     score_pairs(model, builder, pairs[:4], batch_size=4, progress=False)  # warm-up
     rates: dict[str, float] = {}
     reference = None
-    for name, kw in variants.items():
+    for name, run in variants.items():
         best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()
-            scores = score_pairs(model, builder, pairs, progress=False, **kw)
+            scores = run()
             best = min(best, time.perf_counter() - start)
         reference = reference or scores
         drift = max(abs(a - b) for a, b in zip(scores, reference))

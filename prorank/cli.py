@@ -149,9 +149,11 @@ def train_command(
         typer.echo("interrupted: every actor and server was stopped", err=True)
         raise typer.Exit(130) from None
     final = summary["final"]
-    typer.echo(f"done: {summary['steps']} steps; reward {final.get('train/reward/total_mean', float('nan')):.3f}, "
-               f"dev nDCG@10 {final.get('dev/ndcg@10', float('nan')):.4f} (BM25 {summary['dev_bm25'] or 0:.4f}); "
-               f"model in {summary['model']}; summary in {Path(cfg.train.output_dir) / 'summary.json'}")
+    figures = [f"reward {final['train/reward/total_mean']:.3f}"] if "train/reward/total_mean" in final else []
+    if "dev/ndcg@10" in final:
+        figures.append(f"dev nDCG@10 {final['dev/ndcg@10']:.4f} (BM25 {summary['dev_bm25'] or 0:.4f})")
+    typer.echo(f"done: {summary['steps']} steps; {', '.join(figures) or 'no figures'}; model in {summary['model']}; "
+               f"summary in {Path(cfg.train.output_dir) / 'summary.json'}")
 
 
 @app.command("export")

@@ -117,8 +117,8 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     model_path = resolve_model(cfg.model) if run_warm else checkpoint_model_dir(score_init)
 
     with ExitStack() as stack:  # stops everything started, in reverse order, however the run ends
-        job = Job(cfg, out, stack, dataset, ranking, PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold),
-                  model_path, progress, placement={})
+        prompts = PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold)
+        job = Job(cfg, out, stack, dataset, ranking, prompts, model_path, progress, placement={})
         _start_ray(cfg, stack)
         addresses = []
         if run_warm:
@@ -139,8 +139,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         resumed_at = warmup_done if run_warm else offset + score_done
         job.run = RunLog(out, start_step=resumed_at)
         stack.callback(job.run.close)
-        if not job.progress:
-            log.info("job: stages %s, resuming at step %d", tc.stages, resumed_at)
+        log.info("job %s: stages %s from step %d", tc.job_name, tc.stages, resumed_at)
 
         if run_warm:
             run_warmup(job, resume=warmup_done > 0)
@@ -149,9 +148,9 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
 
         job.placement["actors"] = sorted(set(job.pool.nodes().values()))
         summary = {"steps": job.run.last_step, "stages": tc.stages, "versions": job.pool.versions(),
-                   "placement": job.placement,
-                   "final": job.run.latest, "dev_bm25": job.dev.bm25, "output_dir": str(out),
-                   "model": _final_model(out, tc.stages), "prompt": cfg.prompt.model_dump(), "addresses": [server.address, *addresses]}
+                   "placement": job.placement, "final": job.run.latest, "dev_bm25": job.dev.bm25,
+                   "output_dir": str(out), "model": _final_model(out, tc.stages),
+                   "prompt": cfg.prompt.model_dump(), "addresses": [server.address, *addresses]}
         (out / "summary.json").write_text(_json(summary))
         return summary
 
@@ -174,7 +173,8 @@ class WeightSync:
         start = time.perf_counter()
         state, gather = self.learner.full_weights()
         manifest = self.server.publisher.publish(version, state)
-        answers = self.pool.sync_weights(self.server.address, self.token, self.cfg.tls_ca, self.cfg.wait_seconds)
+        answers = self.pool.sync_weights(self.server.address, self.token, self.cfg.tls_ca, self.cfg.wait_seconds,
+                                         version)
         refused = {name: a["error"] for name, a in answers.items() if not a["applied"]}
         if refused:
             raise RuntimeError(f"actors refused weights version {version}: {refused}")

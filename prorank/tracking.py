@@ -19,8 +19,9 @@ class RunLog:
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a crashed run wrote after its last checkpoint, so curves do not fold back.
-        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step or None)
+        # purge_step drops events a crashed run wrote after its last checkpoint (at start_step, whose own
+        # figures were logged before it was saved), so curves do not fold back.
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self._jsonl = (self.dir / "metrics.jsonl").open("a")
         self.latest: dict[str, float] = {}
         self.last_step = start_step

@@ -181,9 +181,9 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
             time.sleep(1)
         _scale(address, env, job, 1)
         output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    except (AssertionError, subprocess.TimeoutExpired) as err:
+        proc.kill()
+        raise AssertionError(f"{err}\njob output:\n{proc.communicate()[0][-6000:]}") from None
     assert proc.returncode == 0, output[-4000:]
 
     counts = [int(m["actors/count"]) for m in _steps(metrics)]
