@@ -78,3 +78,17 @@ def test_console_entry_point_is_installed():
     exe = Path(sys.executable).with_name("prorank")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
     assert "eval" in out and "convert-gguf" in out
+
+
+def test_export_and_scale_refuse_bad_input(tmp_path, tiny_model_dir):
+    bad = tmp_path / "report.json"
+    bad.write_text("{not json")
+    result = runner.invoke(app, ["export", str(tiny_model_dir), "--output", str(tmp_path / "out"), "--eval", str(bad)])
+    assert result.exit_code == 2 and "report.json" in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["export", str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "holds no model" in result.output
+    result = runner.invoke(app, ["export", str(tiny_model_dir), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0 and (tmp_path / "out" / "README.md").is_file()
+    result = runner.invoke(app, ["scale", "actors", "--", "-1"])
+    assert result.exit_code == 2 and "cannot scale to -1" in result.output
