@@ -1,9 +1,10 @@
-"""Scored pairs/s of the eval scorer: batched + length-bucketed vs batched in arrival order vs one pair at a
-time, and a query's candidates in one batch with or without their shared prompt prefix encoded once
-(what `prorank eval` does), on the same real SciFact BM25 pairs and the same model, in one process.
+"""`prorank eval`'s reranking, float32 (exact: the scorer before `model.dtype: auto`) against bfloat16 weights,
+on the same real SciFact test queries, BM25 candidates and model, in one process: pairs/s, the ratio, the
+largest score difference, and nDCG@10 / RR@10 of both rerankings (an approximate scorer must keep nDCG@10
+within 0.005 of the exact one on the same pairs).
 
     .venv/bin/python -m bench.eval_throughput --data ../shared/data/scifact \
-        --model models/SmolLM2-135M-Instruct --pairs 64 --batch-size 16
+        --model models/SmolLM2-135M-Instruct --queries 40 --depth 20
 """
 
 from __future__ import annotations
@@ -13,70 +14,54 @@ import time
 
 import torch
 
+from eval.metrics import evaluate, ranked_to_run
+from eval.run import rerank
 from prorank.bm25 import bm25_search
 from prorank.config import BM25Config, DataConfig, ModelConfig
 from prorank.data import load_dataset
-from prorank.models import load_causal_lm
+from prorank.models import load_causal_lm, native_bf16
 from prorank.prompt import PromptBuilder, document_text
-from prorank.scoring import score_pairs, score_query
+from prorank.scoring import score_pairs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--depth", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--max-length", type=int, default=256)
     args = ap.parse_args()
 
     dataset = load_dataset(DataConfig(path=args.data, split="test"))
-    qids = dataset.query_ids[: -(-args.pairs // 10)]
-    ranking = bm25_search(dataset, qids, BM25Config(top_k=10))
-    pairs = [
-        (dataset.queries[q], document_text(dataset.corpus[d].title, dataset.corpus[d].text))
-        for q in qids for d, _ in ranking[q]
-    ][: args.pairs]
-    model, tok = load_causal_lm(ModelConfig(path=args.model))
-    builder = PromptBuilder(tok, max_length=args.max_length)
-    lengths = [len(x) for x in builder.encode_batch(pairs)]
-    print(f"{len(pairs)} pairs, prompt tokens min/mean/max {min(lengths)}/{sum(lengths) / len(lengths):.0f}/"
-          f"{max(lengths)}, torch threads {torch.get_num_threads()}")
+    qids = dataset.query_ids[: args.queries]
+    ranking = bm25_search(dataset, qids, BM25Config(top_k=100))
+    pairs = sum(min(args.depth, len(h)) for h in ranking.values())
+    print(f"{len(qids)} queries x top {args.depth} = {pairs} pairs, prompts up to {args.max_length} tokens, "
+          f"torch threads {torch.get_num_threads()}, native bf16: {native_bf16('cpu')}")
 
-    queries: dict[str, list[str]] = {}
-    for query, doc in pairs:  # pairs come grouped by query
-        queries.setdefault(query, []).append(doc)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tok = load_causal_lm(ModelConfig(path=args.model, dtype=dtype, device="cpu"))
+        builder = PromptBuilder(tok, args.max_length)
+        rerank(model, builder, dataset, {q: ranking[q] for q in qids[:1]}, args.depth, args.batch_size, False)
+        start = time.perf_counter()
+        ranked = rerank(model, builder, dataset, ranking, args.depth, args.batch_size, progress=False)
+        seconds = time.perf_counter() - start
+        # The score difference itself on a sample (a second pass over every pair would double the bench).
+        sample = [(dataset.queries[q], dataset.corpus[d]) for q in qids[:5] for d, _ in ranking[q][: args.depth]]
+        scores = score_pairs(model, builder, [(q, document_text(d.title, d.text)) for q, d in sample],
+                             batch_size=args.batch_size, progress=False)
+        results[dtype] = (pairs / seconds, evaluate(dataset.qrels, ranked_to_run(ranked)), scores)
+        del model
 
-    def per_query(shared: bool) -> list[float]:
-        return [s for q, docs in queries.items() for s in score_query(model, builder, q, docs, args.batch_size, shared)]
-
-    def bucketed(batch_size: int, buckets: bool):
-        return lambda: score_pairs(model, builder, pairs, batch_size=batch_size, bucketed=buckets, progress=False)
-
-    variants = {
-        "one pair at a time": bucketed(1, False),
-        f"batch {args.batch_size}, arrival order": bucketed(args.batch_size, False),
-        f"batch {args.batch_size}, length-bucketed": bucketed(args.batch_size, True),
-        "per query, padded": lambda: per_query(False),
-        "per query, shared prefix": lambda: per_query(True),
-    }
-    score_pairs(model, builder, pairs[:4], batch_size=4, progress=False)  # warm-up
-    rates: dict[str, float] = {}
-    reference = None
-    for name, run in variants.items():
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            scores = run()
-            best = min(best, time.perf_counter() - start)
-        reference = reference or scores
-        drift = max(abs(a - b) for a, b in zip(scores, reference))
-        rates[name] = len(pairs) / best
-        print(f"{name:32s} {rates[name]:7.2f} pairs/s  (max score drift vs first: {drift:.1e})")
-    base = rates["one pair at a time"]
-    for name, rate in rates.items():
-        print(f"ratio {name} / one pair at a time: {rate / base:.2f}x")
+    base_rate, base_metrics, base_scores = results["float32"]
+    for dtype, (rate, metrics, scores) in results.items():
+        drift = max(abs(a - b) for a, b in zip(scores, base_scores))
+        print(f"{dtype:9s} {rate:6.2f} pairs/s  ratio {rate / base_rate:.2f}x  nDCG@10 {metrics['nDCG@10']:.4f} "
+              f"(diff {metrics['nDCG@10'] - base_metrics['nDCG@10']:+.4f})  RR@10 {metrics['RR@10']:.4f}  "
+              f"max score diff {drift:.3f}")
 
 
 if __name__ == "__main__":

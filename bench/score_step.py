@@ -1,7 +1,9 @@
 """Stage-2 forward+backward on one query's candidates (real SciFact, BM25 hard negatives): the shared-
-prefix forward (system message and query encoded once) against one padded batch of whole prompts.
+prefix forward (system message and query encoded once) against one padded batch of whole prompts, and
+with `--trainable-layers N` the shared-prefix step with only the top N layers trained (learner.trainable_layers).
 
-    .venv/bin/python -m bench.score_step --data ../shared/data/scifact --model models/SmolLM2-135M-Instruct
+    .venv/bin/python -m bench.score_step --data ../shared/data/scifact --model models/SmolLM2-135M-Instruct \
+        --trainable-layers 10
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ def main() -> None:
     ap.add_argument("--negatives", type=int, default=7)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--trainable-layers", type=int, default=None)
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
 
+    from learner.rank import freeze_below
     from prorank.scoring import candidate_answer_logits, common_prefix_length
     from prorank.batches import PromptSampler, RankingSampler
     from prorank.bm25 import bm25_search
@@ -61,6 +65,11 @@ def main() -> None:
     naive, shared = run(False), run(True)
     print(f"padded batch:  {naive:.2f} s")
     print(f"shared prefix: {shared:.2f} s  ({naive / shared:.2f}x)")
+    if args.trainable_layers:
+        freeze_below(model, args.trainable_layers)
+        top = run(True)
+        print(f"shared prefix, top {args.trainable_layers} of {model.config.num_hidden_layers} layers trained: "
+              f"{top:.2f} s  ({shared / top:.2f}x faster than all layers)")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
         ranked = rerank(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
         seconds["model"] = time.perf_counter() - clock
         metrics["model"] = evaluate(dataset.qrels, ranked_to_run(ranked))
-        settings.update(rerank_depth=depth, max_length=cfg.prompt.max_length,
+        settings.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."), rerank_depth=depth, max_length=cfg.prompt.max_length,
                         max_query_tokens=cfg.prompt.max_query_tokens,
                         pairs=sum(min(depth, len(hits)) for hits in ranking.values()))
     report = EvalReport(metrics, settings, seconds)

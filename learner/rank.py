@@ -23,6 +23,23 @@ from prorank.config import LearnerConfig
 from prorank.rollout import RankingGroup, ScoredGroup
 
 
+def freeze_below(model, trainable_layers: int) -> None:
+    """Leave only the top `trainable_layers` decoder layers and the final norm trainable.
+
+    The frozen bottom runs outside autograd (none of its inputs or weights needs a gradient), so a step
+    costs the full forward plus the backward of the top layers only. Tied input/output embeddings stay
+    frozen with the bottom.
+    """
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    if trainable_layers > len(layers):
+        raise ValueError(f"learner.trainable_layers {trainable_layers}: the model has {len(layers)} layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - trainable_layers:]:
+        layer.requires_grad_(True)
+    decoder.norm.requires_grad_(True)
+
+
 class LearnerRank:
     """`temperature`: the sampling temperature (GRPO logprobs). `ranking`: the stage-2 loss settings,
     {"weights": {"contrastive": w, "pairwise": w, "pointwise": w}, "temperature": t}."""
@@ -63,6 +80,8 @@ class LearnerRank:
         torch.manual_seed(cfg.seed)
         dtype = getattr(torch, cfg.dtype)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if cfg.trainable_layers is not None:
+            freeze_below(model, cfg.trainable_layers)
         self.ref = None
         if cfg.beta > 0:  # a frozen copy of the starting policy; skipped entirely when beta is 0
             self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval().requires_grad_(False)

@@ -61,6 +61,8 @@ def eval_command(
     rerank_depth: Annotated[Optional[int], typer.Option(help="How many of them the model reranks.")] = None,
     max_queries: Annotated[Optional[int], typer.Option(help="Evaluate the first N queries.")] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="float32 (exact), bfloat16, or auto: bfloat16 where the CPU/GPU has native bf16 (model.dtype).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
     overrides: Overrides = None,
 ) -> None:
@@ -77,7 +79,7 @@ def eval_command(
         values = {
             **source_values("data", data, hub_default_owner="BeIR"), **source_values("model", model),
             "data.split": split, "bm25.top_k": top_k, "eval.rerank_depth": rerank_depth,
-            "eval.max_queries": max_queries, "eval.batch_size": batch_size,
+            "eval.max_queries": max_queries, "eval.batch_size": batch_size, "model.dtype": dtype,
             "eval.output": str(output) if output else None,
         }
         cfg = load_config(config, overrides or [], _given(values))
@@ -98,13 +100,29 @@ def eval_command(
         bounded = s["queries"] < s["queries_in_split"] or s["rerank_depth"] < s["bm25_top_k"]
         console.print(
             f"model {s['model'] if 'model' in s else ''}: reranked the top {s['rerank_depth']} of "
-            f"{s['bm25_top_k']} BM25 candidates, prompts cut to {s['max_length']} tokens; "
+            f"{s['bm25_top_k']} BM25 candidates, prompts cut to {s['max_length']} tokens, {s['dtype']}; "
             f"{s['pairs']} pairs in {report.seconds['model']:.0f}s"
             + (" (bounded run: not comparable to full-split figures)" if bounded else "")
         )
     console.print(f"TensorBoard: tensorboard --logdir {s['tensorboard_dir']}")
     if cfg.eval.output:
         console.print(f"metrics written to {cfg.eval.output}")
+
+
+@app.command("plot")
+def plot_command(
+    run: Annotated[Path, typer.Argument(help="A run folder (train.output_dir) or its metrics.jsonl.")],
+    output: Annotated[Path, typer.Option(help="The PNG to write.")],
+    title: Annotated[str, typer.Option(help="Figure title; default: the run folder.")] = "",
+) -> None:
+    """Plot dev nDCG@10 against wall-clock hours (BM25 on the same queries as a line) from metrics.jsonl."""
+    from prorank.plots import PlotError, plot_dev_curve
+
+    metrics = run / "metrics.jsonl" if run.is_dir() else run
+    try:
+        typer.echo(f"wrote {plot_dev_curve(metrics, output, title)}")
+    except PlotError as err:
+        _fail(err)
 
 
 @app.command("train")

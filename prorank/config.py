@@ -59,7 +59,9 @@ class ModelConfig(Section):
 
     path: str | None = None
     hub_id: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or
+    # AMX), else float32. Scores then differ from float32 by ~0.1-0.3 logits (bench/eval_throughput.py).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "auto"
 
 
@@ -179,6 +181,9 @@ class LearnerConfig(Section):
     scale_advantages_by_std: bool = True
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     shared_prefix: bool = True  # encode a group's prompt once (see learner.forward)
+    # Train only the top N decoder layers and the final norm; the embeddings and the layers below stay
+    # frozen and run without autograd (no activations kept, no gradients or optimizer state). None: all.
+    trainable_layers: int | None = Field(None, ge=1)
     tis_cap: float | None = Field(2.0, gt=0)  # truncated importance sampling (learner.grpo); None: off
     seed: int = 0
 
@@ -252,6 +257,9 @@ class ScoreConfig(Section):
     pairwise_weight: float = Field(0.0, ge=0)
     pointwise_weight: float = Field(0.0, ge=0)
     shared_prefix: bool = True  # encode system message + query once per query (see learner.forward)
+    # Weights to the actors every N steps (and at every dev evaluation, checkpoint and the end). Nothing
+    # samples from the actors in this stage, so on a small CPU the per-step sync is pure overhead.
+    sync_every: int = Field(1, ge=1)
     dev_every: int = Field(10, ge=0)  # steps; 0: only before and after
     checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
 

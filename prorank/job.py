@@ -94,6 +94,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     from reward.client import SyncRewardClient, client_options
     from reward.replica import start_replicas
 
+    started = time.monotonic()
     tc, sc = cfg.train, cfg.score
     out = Path(tc.output_dir)
     data_cfg = cfg.data.model_copy(update={"split": tc.split})
@@ -137,7 +138,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         job.dev = DevEval(cfg, model_path, dataset, ranking, job.prompts.dev_query_ids)
         job.pool.wait_ready()
         resumed_at = warmup_done if run_warm else offset + score_done
-        job.run = RunLog(out, start_step=resumed_at)
+        job.run = RunLog(out, start_step=resumed_at, started=started)
         stack.callback(job.run.close)
         log.info("job %s: stages %s from step %d", tc.job_name, tc.stages, resumed_at)
 
@@ -207,11 +208,15 @@ class DevEval:
         if self.model is None:
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+            from prorank.models import resolve_dtype
+
+            # The dtype `prorank eval` uses under this config (model.dtype), so the dev figures match it.
+            self.dtype = getattr(torch, resolve_dtype(self.cfg.model.dtype, "cpu"))
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).eval()
             self.builder = PromptBuilder(load_tokenizer(self.model_path), self.cfg.prompt.max_length,
                                          self.cfg.prompt.max_query_tokens)
         if state is not None:
-            self.model.load_state_dict({k: v.float() for k, v in state.items()})
+            self.model.load_state_dict({k: v.to(self.dtype) for k, v in state.items()})
         start = time.perf_counter()
         ranked = rerank(self.model, self.builder, self.dataset, self.ranking, self.cfg.train.dev_depth,
                         self.cfg.eval.batch_size, progress=False)

@@ -48,6 +48,27 @@ def pick_device(device: str) -> str:
     return device
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bfloat16 matrix products in hardware (else bf16 is emulated and slower
+    than float32, as on AVX-512 CPUs without the BF16 extension)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """A ModelConfig dtype with "auto" made concrete for `device`."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
@@ -63,9 +84,10 @@ def load_causal_lm(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(cfg)
-    dtype = getattr(torch, cfg.dtype)
+    device = pick_device(cfg.device)
+    dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    model.to(pick_device(cfg.device)).eval()
+    model.to(device).eval()
     return model, load_tokenizer(source)
 
 

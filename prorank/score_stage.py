@@ -41,11 +41,14 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
         groups = sampler.batch(step, sc.queries_per_step)
         metrics = {**scaled, **{f"score/{k}": v for k, v in learner.score_step(groups).items()}}
         step += 1
-        metrics.update(job.sync(offset + step))
-        if dev.enabled and sc.dev_every and step % sc.dev_every == 0 and step < sc.steps:
+        dev_due = dev.enabled and sc.dev_every and step % sc.dev_every == 0 and step < sc.steps
+        save_due = sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps
+        if dev_due or save_due or step % sc.sync_every == 0 or step == sc.steps:
+            metrics.update(job.sync(offset + step))
+        if dev_due:
             metrics.update(dev(job.sync.latest_state))
         run.log(offset + step, metrics)
-        if sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps:
+        if save_due:
             learner.save(root, weights=job.sync.latest_state)
         bar.update(1)
         bar.set_postfix_str(run.console_line(), refresh=True)

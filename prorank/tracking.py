@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 # The console line: the key figures, in this order, with their short names.
@@ -14,7 +15,8 @@ CONSOLE = [("train/reward/total_mean", "reward"), ("train/reward/format_mean", "
 
 
 class RunLog:
-    def __init__(self, output_dir: str | Path, start_step: int = 0):
+    def __init__(self, output_dir: str | Path, start_step: int = 0, started: float | None = None):
+        """`started`: time.monotonic() when the job began (its start-up counts on the clock)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(output_dir)
@@ -22,11 +24,27 @@ class RunLog:
         # purge_step drops events a crashed run wrote after its last checkpoint (at start_step, whose own
         # figures were logged before it was saved), so curves do not fold back.
         self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        # metrics.jsonl gets the same purge, and `time/wall_hours` (the job's own clock, which a resumed run
+        # continues from its checkpoint step's line) goes on every line: curves against hours, not steps.
+        kept = self._lines_up_to(start_step) if start_step else []
+        self._clock_offset = kept[-1].get("time/wall_hours", 0.0) * 3600 if kept else 0.0
+        self._started = time.monotonic() if started is None else started
+        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = (self.dir / "metrics.jsonl").open("a")
         self.latest: dict[str, float] = {}
         self.last_step = start_step
 
+    def _lines_up_to(self, step: int) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= step]
+
+    def wall_hours(self) -> float:
+        return (self._clock_offset + time.monotonic() - self._started) / 3600
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "time/wall_hours": self.wall_hours()}
         for key, value in metrics.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)

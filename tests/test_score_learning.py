@@ -159,14 +159,17 @@ def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
     return groups, builder
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, scifact_dir, tmp_path, stage):
+@pytest.mark.parametrize("stage,trainable", [(2, None), (3, None), (2, 1)])
+def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, scifact_dir, tmp_path, stage,
+                                                    trainable):
     """The stage-2 step on 2 DeepSpeed ranks gives the losses of the same step in one torch process, and
-    its checkpoint carries a model folder with the trained weights."""
+    its checkpoint carries a model folder with the trained weights. With `learner.trainable_layers`, only
+    the top layers (and the final norm) move, on both sides."""
     from torch.optim.lr_scheduler import LambdaLR
     from transformers import AutoModelForCausalLM
 
     from learner.group import LearnerGroup
+    from learner.rank import freeze_below
     from learner.score_step import score_micro_batch_loss
     from learner.step import lr_lambda
     from prorank.config import ProRankConfig
@@ -179,7 +182,7 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
         "train": {"stages": ["score"]},
         "score": {"queries_per_step": 4, "micro_batch_queries": 1, "lr": 2e-3, "warmup_steps": 1, "steps": 10,
                   "pairwise_weight": 0.5, "pointwise_weight": 0.5}})
-    lc = cfg.score_learner().model_copy(update={"lr_schedule": "linear"})
+    lc = cfg.score_learner().model_copy(update={"lr_schedule": "linear", "trainable_layers": trainable})
     ranking = {"weights": {"contrastive": 1.0, "pairwise": 0.5, "pointwise": 0.5}, "temperature": 1.0}
     learner = LearnerGroup(str(tiny_model_dir), lc, ranking=ranking)
     try:
@@ -191,7 +194,11 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    if trainable:
+        freeze_below(model, trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lc.lr,
+                            weight_decay=lc.weight_decay)
     schedule = LambdaLR(opt, lr_lambda(lc))
     losses = []
     for _ in range(3):
@@ -213,3 +220,24 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
     saved = AutoModelForCausalLM.from_pretrained(folder / "model")
     for name, tensor in saved.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
+    top = f"layers.{model.config.num_hidden_layers - 1}."
+    moved = {name for name in weights if not torch.equal(weights[name], initial[name])}
+    if trainable:  # the top layer and the final norm moved; the embeddings and the layers below did not
+        assert moved and all(top in name or name == "model.norm.weight" for name in moved), sorted(moved)
+        assert any(top in name for name in moved)
+    else:
+        assert "model.embed_tokens.weight" in moved
+
+
+def test_freeze_below_keeps_only_the_top_layers_trainable(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from learner.rank import freeze_below
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    freeze_below(model, 1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("model.layers.1.") or name == "model.norm.weight" for name in trainable)
+    assert "model.norm.weight" in trainable
+    with pytest.raises(ValueError, match="trainable_layers 3: the model has 2 layers"):
+        freeze_below(model, 3)

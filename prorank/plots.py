@@ -1,0 +1,65 @@
+"""The report figure of a training run: dev nDCG@10 against the job's wall-clock hours, from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class PlotError(ValueError):
+    """A run folder whose metrics cannot be plotted; the message names the file and line."""
+
+
+def dev_curve(metrics_file: str | Path) -> dict[str, list[float]]:
+    """{"hours", "ndcg", "steps"} of the lines with dev figures, the BM25 reference, and the hour the score
+    stage began (None without one). Lines without `time/wall_hours` (runs before it was logged) are refused."""
+    path = Path(metrics_file)
+    if not path.is_file():
+        raise PlotError(f"{path}: no such file (a run folder holds metrics.jsonl)")
+    hours, ndcg, steps, bm25, score_start = [], [], [], None, None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PlotError(f"{path}:{number}: not JSON: {err.msg}") from err
+        if "time/wall_hours" not in record:
+            raise PlotError(f"{path}:{number}: no time/wall_hours (logged by prorank train since this version)")
+        if score_start is None and any(k.startswith("score/") for k in record):
+            score_start = record["time/wall_hours"]
+        if "dev/ndcg@10" in record:
+            hours.append(record["time/wall_hours"])
+            ndcg.append(record["dev/ndcg@10"])
+            steps.append(record["step"])
+            bm25 = record.get("dev/bm25_ndcg@10", bm25)
+    if not hours:
+        raise PlotError(f"{path}: no dev/ndcg@10 figures (train.dev_queries was 0?)")
+    return {"hours": hours, "ndcg": ndcg, "steps": steps, "bm25": bm25, "score_start": score_start}
+
+
+def plot_dev_curve(metrics_file: str | Path, output: str | Path, title: str = "") -> Path:
+    """Write the PNG: the model's dev nDCG@10 per evaluation, BM25's on the same queries as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = dev_curve(metrics_file)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(curve["hours"], curve["ndcg"], marker="o", label="model (logit 1 - logit 0)")
+    for h, n, s in zip(curve["hours"], curve["ndcg"], curve["steps"]):
+        ax.annotate(f"step {s}", (h, n), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    if curve["bm25"] is not None:
+        ax.axhline(curve["bm25"], color="gray", linestyle="--", label=f"BM25 ({curve['bm25']:.3f})")
+    if curve["score_start"] is not None:
+        ax.axvline(curve["score_start"], color="tab:green", linestyle=":", label="stage 2 starts")
+    ax.set_xlabel("wall-clock hours (job clock)")
+    ax.set_ylabel("dev nDCG@10 (held-out train queries)")
+    ax.set_title(title or str(Path(metrics_file).parent))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    plt.close(fig)
+    return output
