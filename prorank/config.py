@@ -60,7 +60,8 @@ class ModelConfig(Section):
     path: str | None = None
     hub_id: str | None = None
     # auto: bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or
-    # AMX), else float32. Scores then differ from float32 by ~0.1-0.3 logits (bench/eval_throughput.py).
+    # AMX), else float32: 1.6-1.85x faster on such a CPU, scores within ~0.2-0.3 logits of float32
+    # (bench/eval_throughput.py).
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "auto"
 
