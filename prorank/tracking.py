@@ -44,12 +44,12 @@ class RunLog:
         return (self._clock_offset + time.monotonic() - self._started) / 3600
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        metrics = {**metrics, "time/wall_hours": self.wall_hours()}
         for key, value in metrics.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        # Only the jsonl gets the job clock: TensorBoard keeps a wall time on every event of its own.
+        self._jsonl.write(json.dumps({"step": step, **metrics, "time/wall_hours": self.wall_hours()}) + "\n")
         self._jsonl.flush()
         self.latest.update(metrics)
         self.last_step = step
