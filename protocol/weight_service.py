@@ -86,11 +86,10 @@ class WeightPublisher:
     def Fetch(self, request: weights_pb2.FetchRequest, context):
         with self._cond:
             remaining = context.time_remaining()
-            # Stop waiting a little before the caller's deadline and end the stream empty ("none yet"):
-            # a wait that ran into the deadline itself raced the client's own timer.
-            wait = None if remaining is None else max(0.0, remaining - min(0.5, 0.1 * remaining))
-            if not self._cond.wait_for(lambda: self.version > request.min_version, timeout=wait):
-                return
+            ok = self._cond.wait_for(lambda: self.version > request.min_version,
+                                     timeout=None if remaining is None else max(0.0, remaining))
+            if not ok:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no version above {request.min_version} yet")
             current = self._current  # a snapshot: a newer version swaps in a new object
         sent = 0
         while True:
