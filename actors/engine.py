@@ -13,7 +13,6 @@ from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSync
 from prorank.models import load_tokenizer, weights_to_bytes
 from prorank.prompt import PromptBuilder, parse_judgment
 from prorank.rollout import Completion, GroupResult, RolloutRequest
-from prorank.security import announced_address
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class RolloutEngine:
         they arrive. A bad transfer is refused and reported; the engine keeps its last good version.
         `version`: the version the caller wants served; an engine already there (an actor that started
         while it was being published and pulled it then) answers at once instead of waiting for a newer one."""
-        from actors.weight_receiver import fetch_version, report
+        from actors.weight_receiver import pull_newest, report
         from protocol import weights_pb2
         from protocol.weights_codec import WeightError
 
@@ -102,6 +101,8 @@ class RolloutEngine:
         if self.expected is None:
             self.expected = _expected_specs(self.model, self.dtype)
         publisher = self._relay_server(token, relay).publisher if relay and relay.relay else None
+
+        source = ""
 
         def tell(applied: bool, error: str = "") -> dict:
             try:  # the learner's table is informative: failing to update it must not fail the actor
@@ -112,18 +113,12 @@ class RolloutEngine:
             return {"version": self.version, "applied": applied, "error": error, "source": source}
 
         sources = [(upstream, relay.relay_wait_seconds if relay else wait_seconds)] if upstream else []
-        got, source = None, ""
-        for source, wait in sources + [(address, wait_seconds)]:
-            try:
-                got = fetch_version(source, token, self.version, self.name, self.expected, tls_ca,
-                                    timeout=wait, relay=publisher, buffer=self._buffer)
-            except WeightError as err:
-                if source == address:
-                    return tell(False, str(err))
-                log.warning("%s: relay %s failed (%s); pulling from the learner", self.name, source, err)
-                continue
-            if got is not None:
-                break
+        try:
+            got, source = pull_newest(sources + [(address, wait_seconds)], token, self.version, self.name,
+                                      self.expected, tls_ca, publisher, self._buffer)
+        except WeightError as err:
+            source = address
+            return tell(False, str(err))
         if got is None:
             return {"version": self.version, "applied": False, "error": "", "source": ""}
         manifest, self._buffer = got
@@ -137,7 +132,7 @@ class RolloutEngine:
 
             self._relay = WeightServer(token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
                                        max_workers=4).start()
-            self.relay_address = announced_address(cfg.relay_host, self._relay.port)
+            self.relay_address = self._relay.address  # the node's IP for a wildcard bind
         return self._relay
 
     def relay_info(self, token: str, relay: WeightSyncConfig) -> str:

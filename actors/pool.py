@@ -52,7 +52,8 @@ class ActorPool:
         self.model, self.cfg, self.sampling, self.prompt = model, actors, sampling, prompt
         self.weights = weights or WeightSyncConfig()
         self.slots: dict[str, _Slot] = {}
-        self.replaced = 0  # actors replaced after dying, for metrics
+        self.replaced = 0  # actors lost (died, or their node did), for metrics
+        self.requeued = 0  # requests put back in the queue after their actor was lost, for metrics
         self._queue: deque[list[RolloutRequest]] = deque()
         self._finished: list[GroupResult] = []  # collected, not yet handed to the caller
         self._next_index = 0
@@ -89,6 +90,11 @@ class ActorPool:
     @property
     def size(self) -> int:
         return sum(not s.draining for s in self.slots.values())
+
+    @property
+    def ready(self) -> int:
+        """Actors taking work now (the others are starting, or waiting for a node)."""
+        return sum(not s.draining and s.ready_ref is None for s in self.slots.values())
 
     @property
     def latest_version(self) -> int:
@@ -138,6 +144,7 @@ class ActorPool:
         if self.slots.pop(slot.name, None) is None:
             return  # already handled through another of its refs
         self._queue.extendleft(reversed(list(slot.inflight.values())))
+        self.requeued += sum(len(chunk) for chunk in slot.inflight.values())
         slot.inflight.clear()
         self._failures += 1
         self.replaced += 1
@@ -180,7 +187,7 @@ class ActorPool:
     def update_weights(self, version: int, weights) -> dict[str, int]:
         """Apply a complete weight set (named tensors or a safetensors blob) to every actor, in place.
 
-        Blocks until each live actor serves `version`; actors started later load it before any work.
+        Blocks until each serving actor serves `version`; starting ones load it before any work.
         """
         if version <= self.latest_version:
             return self.versions()  # never go back to an older version
@@ -219,9 +226,17 @@ class ActorPool:
         return slot.relay_address
 
     def _on_every_actor(self, method: str, *args, per_actor=lambda slot: {}) -> dict[str, object]:
-        """Call `method` on every actor at once and collect the answers by actor name. An actor that
-        dies meanwhile is replaced (the replacement gets the weights on start); then wait for all."""
-        pending = {getattr(s.handle, method).remote(*args, **per_actor(s)): s for s in list(self.slots.values())}
+        """Call `method` on every serving actor at once and collect the answers by actor name. An actor
+        that dies meanwhile is replaced (the replacement gets the weights on start). An actor still
+        starting gets the call queued behind its start-up and is not waited for: it may be waiting for
+        a node (one cut off the network comes back), and it takes no work before the call has run."""
+        pending = {}
+        for slot in list(self.slots.values()):
+            ref = getattr(slot.handle, method).remote(*args, **per_actor(slot))
+            if slot.ready_ref is None:
+                pending[ref] = slot
+            else:  # actor calls run in order: this one resolving means the start-up has too
+                slot.ready_ref = ref
         answers: dict[str, object] = {}
         for ref, slot in pending.items():
             try:
@@ -230,7 +245,6 @@ class ActorPool:
                 self._lost(slot, err)
                 continue
             slot.version = max(slot.version, _served_version(answers[slot.name]))
-        self.wait_ready()
         return answers
 
     def _dispatch(self) -> None:

@@ -9,6 +9,8 @@ With a `relay`, each chunk is also handed on, as received, to the actor's own we
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from protocol import weights_pb2, weights_pb2_grpc
@@ -16,6 +18,8 @@ from protocol.weight_service import SERVICE, WeightPublisher
 from protocol.weights_codec import (CHANNEL_OPTIONS, Spec, WeightError, check_manifest, decode_chunk,
                                     safetensors_header, verify)
 from prorank.security import auth_metadata, channel_credentials
+
+log = logging.getLogger(__name__)
 
 
 def _channel(address: str, tls_ca: str | None, tls: bool) -> grpc.Channel:
@@ -42,6 +46,27 @@ def fetch_version(address: str, token: str, min_version: int, receiver: str, exp
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no version above" in (err.details() or ""):
                 return None
             raise WeightError(f"weight server {address}: {err.code().name}: {err.details()}") from None
+
+
+def pull_newest(sources: list[tuple[str, float]], token: str, min_version: int, receiver: str,
+                expected: dict[str, Spec] | None = None, tls_ca: str | None = None,
+                relay: WeightPublisher | None = None, buffer: bytearray | None = None):
+    """((manifest, blob) or None, the source it came from): the newest version from the first of
+    `sources` ((address, seconds) pairs: the relay before this receiver, then the learner) that has
+    one. A source that fails (a relay hop that died or was cut off mid-transfer) is skipped for the
+    next; the last one's failure is raised (WeightError)."""
+    for i, (source, wait) in enumerate(sources):
+        try:
+            got = fetch_version(source, token, min_version, receiver, expected, tls_ca, timeout=wait,
+                                relay=relay, buffer=buffer)
+        except WeightError as err:
+            if i == len(sources) - 1:
+                raise
+            log.warning("%s: weights from %s failed (%s); trying %s", receiver, source, err, sources[i + 1][0])
+            continue
+        if got is not None:
+            return got, source
+    return None, ""
 
 
 def _receive(stream, min_version: int, expected: dict[str, Spec] | None, relay: WeightPublisher | None,

@@ -279,6 +279,27 @@ def scale_actors_command(
         ray.shutdown()
 
 
+@app.command("stop")
+def stop_command(
+    address: Annotated[str, typer.Option(help="The job's Ray cluster (auto or host:port).")] = "auto",
+    job: Annotated[str, typer.Option(help="The job's train.job_name.")] = "prorank",
+) -> None:
+    """End a running `prorank train` job after its current step: it saves a checkpoint and its model and
+    writes its summary, as at its last step (`--resume` continues it later)."""
+    import ray
+
+    from prorank.control import NAMESPACE, find_control
+
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        status = ray.get(find_control(job).request_stop.remote(), timeout=30)
+        typer.echo(f"job {job}: stopping after step {status.get('step', '?')} ({status.get('stage', '?')})")
+    except LookupError as err:
+        _fail(err)
+    finally:
+        ray.shutdown()
+
+
 reward_app = typer.Typer(no_args_is_help=True, help="The reward service.")
 app.add_typer(reward_app, name="reward")
 

@@ -5,7 +5,8 @@ The job starts a named Ray actor, `JobControl`, in the `prorank` namespace. `pro
 the job reads it between steps and grows or shrinks its actor pool (new actors pull the latest weights
 before they take work). With `actors.per_node` set, the pool also follows the cluster: per_node actors
 for every live node that offers the actors' custom resource, so actors join when such nodes appear.
-An explicit `prorank scale` wins over per-node following until the job ends.
+An explicit `prorank scale` wins over per-node following until the job ends. `prorank stop --job ...`
+ends the job after its current step, with a checkpoint and its summary, as if it had reached its last step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ class JobControl:
     def __init__(self):
         self.desired: int | None = None
         self.status: dict = {}
+        self.stop = False
+
+    def request_stop(self) -> dict:
+        """`prorank stop`: the job ends after its current step, saving its model as at the end."""
+        self.stop = True
+        return self.status
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
     def set_actors(self, n: int) -> dict:
         if n < 0:
@@ -52,7 +62,12 @@ def start_control(job_name: str):
     else:
         raise RuntimeError(f"a job named {job_name!r} already runs on this Ray cluster (actor {name}); "
                            "set train.job_name")
-    return ray.remote(JobControl).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: it lives and dies with the job, not with an actor node cut off the network.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(JobControl).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                                          scheduling_strategy=here).remote()
 
 
 def find_control(job_name: str):

@@ -48,9 +48,12 @@ class Job:
     warmup_ran: bool = False
     control: object = None  # prorank.control.JobControl: `prorank scale actors N` writes to it
     placement: dict = None  # role -> Ray node ids, for the summary
+    stopping: bool = False  # `prorank stop` asked: the stages end after the current step
 
     def between_steps(self, stage: str, step: int) -> dict[str, float]:
         """Apply `prorank scale` (or per-node following) to the actor pool and report the job's state."""
+        import ray
+
         from prorank.control import wanted_actors
 
         actors = self.cfg.actors
@@ -60,7 +63,11 @@ class Job:
             self.pool.scale(wanted)
         self.control.report.remote({"stage": stage, "step": step, "actors": self.pool.size,
                                     "versions": self.pool.versions()})
-        return {"actors/count": float(self.pool.size)}
+        if ray.get(self.control.stop_requested.remote(), timeout=10) and not self.stopping:
+            log.info("step %d: stop requested; ending the job", step)
+            self.stopping = True
+        return {"actors/count": float(self.pool.size), "actors/ready": float(self.pool.ready),
+                "actors/lost": float(self.pool.replaced), "rollout/requeued": float(self.pool.requeued)}
 
     def progress_bar(self, stage: str, start: int, total: int):
         from tqdm import tqdm
@@ -144,7 +151,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
 
         if run_warm:
             run_warmup(job, resume=warmup_done > 0)
-        if run_sc:
+        if run_sc and not job.stopping:
             run_score(job, resume=score_done > 0, init_model=checkpoint_model_dir(score_init), offset=offset)
 
         job.placement["actors"] = sorted(set(job.pool.nodes().values()))

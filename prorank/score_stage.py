@@ -38,6 +38,8 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
     bar = job.progress_bar("score", step, sc.steps)
     while step < sc.steps:
         scaled = job.between_steps("score", offset + step)
+        if job.stopping:
+            break
         groups = sampler.batch(step, sc.queries_per_step)
         metrics = {**scaled, **{f"score/{k}": v for k, v in learner.score_step(groups).items()}}
         step += 1
@@ -53,6 +55,8 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
         bar.update(1)
         bar.set_postfix_str(run.console_line(), refresh=True)
     bar.close()
+    if job.stopping and step % sc.sync_every:  # stopped between syncs: the model saved is the learner's
+        run.log(offset + step, job.sync(offset + step))
 
     learner.save(root, weights=job.sync.latest_state)
     if dev.enabled:

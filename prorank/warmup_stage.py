@@ -41,6 +41,8 @@ def run_warmup(job, resume: bool) -> None:
     pending, inbox = None, {}  # async: the next step's requests, already with the actors
     while step < tc.steps:
         scaled = job.between_steps("warmup", step)
+        if job.stopping:
+            break
         clock = time.perf_counter()
         requests = pending or job.prompts.batch(step, batch_size)
         if not pending:
@@ -82,6 +84,8 @@ def run_warmup(job, resume: bool) -> None:
 def _collect(pool, requests: list, inbox: dict) -> list:
     """The results of `requests`, in order; others that arrive meanwhile (the next step's) stay in `inbox`."""
     for result in _poll_until(pool, inbox, {r.request_id for r in requests}):
+        if result.request_id in inbox:  # the pool answers each request once: a second answer is a bug
+            raise RuntimeError(f"request {result.request_id} was answered twice (by {result.actor})")
         inbox[result.request_id] = result
     return [inbox.pop(r.request_id) for r in requests]
 
@@ -135,7 +139,7 @@ def _rollout_metrics(results: list, waited: float, step: int, regenerated: int) 
     # async mode generation overlaps the learner step, so the driver's waiting time says nothing of it).
     chunks = {(r.actor, r.seconds) for r in results}
     busy = sum(seconds for _, seconds in chunks) / max(1, len({actor for actor, _ in chunks}))
-    return {"rollout/judgments_per_second": judgments / max(busy, 1e-9),
+    return {"rollout/groups": float(len(results)), "rollout/judgments_per_second": judgments / max(busy, 1e-9),
             "rollout/tokens_per_second": tokens / max(busy, 1e-9),
             "time/wait_rollouts_seconds": waited,
             "rollout/staleness_mean": statistics.fmean(staleness), "rollout/staleness_max": float(max(staleness)),

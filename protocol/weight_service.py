@@ -24,7 +24,7 @@ import torch
 
 from protocol import weights_pb2
 from protocol.weights_codec import CHANNEL_OPTIONS, CHUNK_BYTES, encode_messages, pack
-from prorank.security import TokenAuthInterceptor, server_credentials
+from prorank.security import TokenAuthInterceptor, announced_address, server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE = "prorank.weights.v1.Weights"
@@ -150,7 +150,7 @@ class WeightServer:
         target = f"{host}:{port}"
         self.port = (self.server.add_secure_port(target, server_credentials(tls_cert, tls_key)) if tls_cert
                      else self.server.add_insecure_port(target))
-        self.address = f"{host}:{self.port}"
+        self.address = announced_address(host, self.port)  # a wildcard bind announces the node's IP
 
     def start(self) -> WeightServer:
         self.server.start()

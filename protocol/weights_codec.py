@@ -29,7 +29,12 @@ Spec = tuple[int, tuple[int, ...]]  # (proto dtype, shape)
 CHUNK_BYTES = 2**20
 CHANNEL_OPTIONS = [("grpc.http2.max_frame_size", 2**24 - 1), ("grpc.http2.bdp_probe", 1),
                    ("grpc.http2.lookahead_bytes", 64 * 2**20),
-                   ("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
+                   ("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20),
+                   # A peer cut off the network mid-transfer sends no RST: without pings a stream would
+                   # wait out its whole deadline. Both ends ping every 5 s and drop the link after 5 s
+                   # unanswered (the server accepts pings that often).
+                   ("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0)]
 
 
 class WeightError(ValueError):

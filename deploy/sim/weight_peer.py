@@ -1,0 +1,91 @@
+"""One weight-sync peer, run inside a node of the simulated cluster (bench/fanout.py, tests/test_simcluster.py).
+
+    python -m deploy.sim.weight_peer serve --host IP --model DIR|--size-mb N   (the learner's server)
+    python -m deploy.sim.weight_peer pull --name R [--relay-host IP]           (an actor's receiver)
+
+The code paths are the job's: `WeightServer` publishing a version, and `pull_newest` (the receiver's
+fallback from the relay before it to the learner) with the actor's own relay server. A peer speaks
+JSON lines: `serve` prints {"address"} once published and serves until stdin closes; `pull` prints
+{"relay"} (its relay's address, or ""), then reads one line {"sources": [[address, seconds], ...]},
+pulls, prints {"version", "source", "bytes", "done": wall clock} and keeps relaying until stdin closes.
+Token and TLS come from --token-file / --tls-cert/--tls-key (servers) and --tls-ca (receivers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _say(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def _state(model: str | None, size_mb: float) -> dict:
+    import torch
+
+    if model:
+        from safetensors.torch import load_file
+        from pathlib import Path
+
+        state = {}
+        for path in sorted(Path(model).glob("*.safetensors")):
+            state.update(load_file(path))
+        return state
+    n = int(size_mb * 2**20 / 4 / 8)
+    generator = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(n, generator=generator) for i in range(8)}
+
+
+def serve(args) -> None:
+    from protocol.weight_service import WeightServer
+
+    server = WeightServer(args.token, host=args.host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
+    manifest = server.publisher.publish(args.version, _state(args.model, args.size_mb))
+    _say(address=server.address, bytes=manifest.total_bytes)
+    sys.stdin.read()  # until the orchestrator closes our stdin
+    server.stop(0)
+
+
+def pull(args) -> None:
+    from actors.weight_receiver import pull_newest
+    from protocol.weight_service import WeightServer
+
+    relay = (WeightServer(args.token, host=args.relay_host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
+             if args.relay_host else None)
+    _say(relay=relay.address if relay else "")
+    order = json.loads(sys.stdin.readline())
+    got, source = pull_newest([tuple(s) for s in order["sources"]], args.token, 0, args.name, tls_ca=args.tls_ca,
+                              relay=relay.publisher if relay else None)
+    manifest = got[0] if got else None
+    _say(version=manifest.version if manifest else 0, source=source, done=time.time(),
+         bytes=manifest.total_bytes if manifest else 0)
+    sys.stdin.read()
+    if relay:
+        relay.stop(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=["serve", "pull"])
+    parser.add_argument("--token-file", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--relay-host", default="")
+    parser.add_argument("--name", default="peer")
+    parser.add_argument("--model")
+    parser.add_argument("--size-mb", type=float, default=64)
+    parser.add_argument("--version", type=int, default=1)
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--tls-ca")
+    args = parser.parse_args()
+    from prorank.security import load_token
+
+    args.token = load_token(args.token_file)
+    serve(args) if args.role == "serve" else pull(args)
+
+
+if __name__ == "__main__":
+    main()
