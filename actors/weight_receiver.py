@@ -10,6 +10,7 @@ With a `relay`, each chunk is also handed on, as received, to the actor's own we
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -29,23 +30,31 @@ def _channel(address: str, tls_ca: str | None, tls: bool) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
+TRANSFER_SECONDS = 600.0  # deadline for a transfer once a version is on its way (a dead peer is found sooner by keepalive)
+
+
 def fetch_version(address: str, token: str, min_version: int, receiver: str, expected: dict[str, Spec] | None = None,
                   tls_ca: str | None = None, tls: bool = False, timeout: float = 300.0,
                   relay: WeightPublisher | None = None, buffer: bytearray | None = None):
     """(manifest, safetensors blob) of the newest version above `min_version`, or None if the server
-    has none before `timeout`. Raises WeightError for a refused call or a bad transfer. The blob is
-    `buffer` when that has the right size: allocating 0.65 GB anew costs 0.27 s of page faults."""
+    has none before `timeout` (the server says "none yet": never an error). Raises WeightError for a
+    refused call or a bad transfer. The blob is `buffer` when that has the right size: allocating
+    0.65 GB anew costs 0.27 s of page faults."""
+    deadline = time.monotonic() + timeout
     with _channel(address, tls_ca, tls) as channel:
         # Raw bytes in (no response deserializer): chunks are decoded as views, see decode_chunk.
         fetch = channel.unary_stream(f"/{SERVICE}/Fetch", request_serializer=weights_pb2.FetchRequest.SerializeToString)
-        stream = fetch(weights_pb2.FetchRequest(min_version=min_version, receiver=receiver),
-                       timeout=timeout, metadata=auth_metadata(token))
-        try:
-            return _receive(stream, min_version, expected, relay, buffer)
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no version above" in (err.details() or ""):
-                return None
-            raise WeightError(f"weight server {address}: {err.code().name}: {err.details()}") from None
+        while (wait := deadline - time.monotonic()) > 0:
+            request = weights_pb2.FetchRequest(min_version=min_version, receiver=receiver, wait_ms=int(wait * 1000))
+            stream = fetch(request, timeout=wait + TRANSFER_SECONDS, metadata=auth_metadata(token))
+            try:
+                got = _receive(stream, min_version, expected, relay, buffer)
+            except grpc.RpcError as err:
+                raise WeightError(f"weight server {address}: {err.code().name}: {err.details()}") from None
+            if got is not None:
+                return got
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # "none yet" early: a busy server
+    return None
 
 
 def pull_newest(sources: list[tuple[str, float]], token: str, min_version: int, receiver: str,
@@ -73,6 +82,8 @@ def _receive(stream, min_version: int, expected: dict[str, Spec] | None, relay: 
              buffer: bytearray | None):
     raw_manifest = next(stream, None)
     first = weights_pb2.WeightMessage.FromString(raw_manifest) if raw_manifest else None
+    if first is not None and first.WhichOneof("kind") == "none_yet":
+        return None
     if first is None or first.WhichOneof("kind") != "manifest":
         raise WeightError("the stream did not start with a manifest")
     manifest = first.manifest

@@ -13,13 +13,13 @@ link-limited lower bound, weight bytes / link rate. Token and TLS on, as on a cl
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
 import time
 
 from deploy.sim.cluster import ROOT, SimCluster, can_create_namespaces
+from deploy.sim.weight_peer import answer, order
 
 
 def rate_bits(rate: str) -> float:
@@ -28,17 +28,6 @@ def rate_bits(rate: str) -> float:
     if not m:
         raise ValueError(f"rate {rate!r}: use bit, kbit, mbit or gbit")
     return float(m[1]) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m[2]]
-
-
-def _line(proc: subprocess.Popen, timeout: float = 600) -> dict:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        line = proc.stdout.readline()
-        if line.startswith("{"):
-            return json.loads(line)
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"peer exited ({proc.returncode}) without answering")
-    raise TimeoutError("no answer from a peer")
 
 
 def sync_seconds(cluster: SimCluster, learner: str, actors: int, relay: bool) -> tuple[float, list[str]]:
@@ -52,13 +41,11 @@ def sync_seconds(cluster: SimCluster, learner: str, actors: int, relay: bool) ->
             argv = [*common, "--name", f"actor{i}", *(["--relay-host", node.ip] if relay else [])]
             peers.append(cluster.popen(node, argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        text=True))
-        relays = [_line(p)["relay"] for p in peers]
+        relays = [answer(p)["relay"] for p in peers]
         go = time.time()
         for i, peer in enumerate(peers):
-            sources = [[relays[i - 1], 600]] if relay and i else []
-            peer.stdin.write(json.dumps({"sources": sources + [[learner, 600]]}) + "\n")
-            peer.stdin.flush()
-        done = [_line(p) for p in peers]
+            order(peer, ([[relays[i - 1], 600]] if relay and i else []) + [[learner, 600]])
+        done = [answer(p) for p in peers]
     finally:
         for peer in peers:
             peer.stdin.close()
@@ -87,7 +74,7 @@ def main() -> None:
                 "--token-file", str(cluster.token_file), "--tls-cert", str(cluster.cert), "--tls-key", str(cluster.key)]
         argv += ["--model", args.model] if args.model else ["--size-mb", str(args.size_mb)]
         server = cluster.popen(0, argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        published = _line(server)
+        published = answer(server)
         nbytes = published["bytes"]
         bound = nbytes * 8 / rate_bits(args.rate)
         print(f"{nbytes / 1e6:.1f} MB of weights, links {args.rate} each way (tc tbf), TLS + token; "

@@ -60,7 +60,7 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
     ranking = bm25_search(dataset, query_ids, cfg.bm25)
     seconds = {"bm25": time.perf_counter() - clock}
     bm25_order = {qid: [doc for doc, _ in hits] for qid, hits in ranking.items()}
-    metrics = {"bm25": evaluate(dataset.qrels, ranked_to_run(bm25_order))}
+    metrics = {"bm25": evaluate(dataset.eval_qrels, ranked_to_run(bm25_order))}
     depth = min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
     settings: dict[str, object] = {
         "dataset": dataset.name, "source": dataset.source, "split": cfg.data.split,
@@ -77,7 +77,7 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
         builder = PromptBuilder(tokenizer, cfg.prompt.max_length, cfg.prompt.max_query_tokens)
         ranked = rerank(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
         seconds["model"] = time.perf_counter() - clock
-        metrics["model"] = evaluate(dataset.qrels, ranked_to_run(ranked))
+        metrics["model"] = evaluate(dataset.eval_qrels, ranked_to_run(ranked))
         settings.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."), rerank_depth=depth, max_length=cfg.prompt.max_length,
                         max_query_tokens=cfg.prompt.max_query_tokens,
                         pairs=sum(min(depth, len(hits)) for hits in ranking.values()))

@@ -18,6 +18,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. bm25.k1=1.2")]
+StrictOpt = Annotated[Optional[bool], typer.Option("--strict", help="Refuse empty documents and qrels naming "
+                                                   "unknown documents or queries (data.strict); default: "
+                                                   "keep them as the IR tools do, with one warning.")]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -64,6 +67,7 @@ def eval_command(
     dtype: Annotated[Optional[str], typer.Option(
         help="float32 (exact), bfloat16, or auto: bfloat16 where the CPU/GPU has native bf16 (model.dtype).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
+    strict: StrictOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """Rerank BM25 top-k with a model's relevance score; report nDCG@10, RR@10, R@100."""
@@ -80,7 +84,7 @@ def eval_command(
             **source_values("data", data, hub_default_owner="BeIR"), **source_values("model", model),
             "data.split": split, "bm25.top_k": top_k, "eval.rerank_depth": rerank_depth,
             "eval.max_queries": max_queries, "eval.batch_size": batch_size, "model.dtype": dtype,
-            "eval.output": str(output) if output else None,
+            "eval.output": str(output) if output else None, "data.strict": strict,
         }
         cfg = load_config(config, overrides or [], _given(values))
         report = run_eval(cfg, progress=sys.stderr.isatty())
@@ -136,6 +140,7 @@ def train_command(
     steps: Annotated[Optional[int], typer.Option(help="Warmup learner steps (train.steps).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="sync or async (train.mode).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Logs, checkpoints, summary (train.output_dir).")] = None,
+    strict: StrictOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """Train: stage 1 (GRPO prompt warmup) and/or stage 2 (score learning), with rollout actors, reward
@@ -149,7 +154,7 @@ def train_command(
 
     try:
         values = {"train.ray_address": address, "train.steps": steps, "train.mode": mode, "train.stages": stages,
-                  "train.output_dir": str(output_dir) if output_dir else None}
+                  "train.output_dir": str(output_dir) if output_dir else None, "data.strict": strict}
         cfg = load_config(config, overrides or [], _given(values))
     except ConfigError as err:
         _fail(err)

@@ -27,6 +27,9 @@ class DataConfig(Section):
     path: str | None = None
     hub_id: str | None = "BeIR/scifact"
     split: str = "test"
+    # Published BEIR collections hold empty documents and qrels naming documents or queries that are not
+    # there; they are kept / counted as the IR tools do, with one warning. strict: refuse them instead.
+    strict: bool = False
 
     @model_validator(mode="after")
     def _some_source(self) -> DataConfig:
@@ -122,14 +125,20 @@ class RewardConfig(Section):
     relevance_weight: float = 1.0
     max_workers: int = Field(4, ge=1)
     max_message_mb: int = Field(64, ge=4)
+    max_groups: int = Field(4096, ge=1)  # per Score call; more is refused (INVALID_ARGUMENT)
+    max_completions: int = Field(64, ge=1)  # per group (G); more is refused
+    max_completion_chars: int = Field(4096, ge=1)  # per completion; longer is refused
     grace_seconds: float = Field(5.0, ge=0)
     replicas: int = Field(1, ge=1)  # started as Ray actors by the training job
     num_cpus: float = Field(1, ge=0)  # per replica actor
     resources: dict[str, float] = {}  # Ray custom resources, to place replicas on their node type
     addresses: list[str] = []  # clients: replicas to use; empty means the job's own
     timeout_seconds: float = Field(10.0, gt=0)  # client deadline per call
-    retries: int = Field(3, ge=0)
-    backoff_seconds: float = Field(0.05, ge=0)
+    # Retries back off exponentially (0.2, 0.4, ... capped at 2 s): about 10 s in all, so a replica
+    # restarted in a few seconds fails no step, even when it is the only one.
+    retries: int = Field(8, ge=0)
+    backoff_seconds: float = Field(0.2, ge=0)
+    max_backoff_seconds: float = Field(2.0, ge=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> RewardConfig:

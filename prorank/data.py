@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,18 @@ class BeirDataset:
     split: str
     corpus: dict[str, Document]
     queries: dict[str, str]
-    qrels: dict[str, dict[str, int]]
+    qrels: dict[str, dict[str, int]]  # what training and the reward use: documents in the corpus only
     source: str = ""
+    # Qrels naming documents that are not in the corpus: never retrievable, yet relevant. Evaluation
+    # counts them (`eval_qrels`), as BEIR's evaluation, pytrec_eval and ir_datasets do.
+    missing_docs: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def eval_qrels(self) -> dict[str, dict[str, int]]:
+        """The split's qrels as published (for metrics): `qrels` plus those naming missing documents."""
+        if not self.missing_docs:
+            return self.qrels
+        return {q: {**self.qrels.get(q, {}), **self.missing_docs.get(q, {})} for q in self.qrels}
 
     @property
     def query_ids(self) -> list[str]:
@@ -84,20 +94,28 @@ def _row_id(where: str, row: dict[str, Any]) -> str:
     return value
 
 
-def parse_corpus(records: Iterable[Record], label: str) -> dict[str, Document]:
+def parse_corpus(records: Iterable[Record], label: str, strict: bool = False) -> dict[str, Document]:
+    """Documents by id. One with an empty title and text is kept (it is indexed, never retrieved) and
+    counted in one warning; with `strict` it is an error naming file and line."""
     corpus: dict[str, Document] = {}
     first_seen: dict[str, str] = {}
+    empty: list[str] = []
     for where, row in records:
         doc_id = _row_id(where, row)
         if doc_id in corpus:
             raise DataError(f"{where}: duplicate document id {doc_id!r} (first at {first_seen[doc_id]})")
         title, text = _text_field(where, row, "title"), _text_field(where, row, "text")
         if not title.strip() and not text.strip():
-            raise DataError(f"{where}: document {doc_id!r} has an empty title and text")
+            if strict:
+                raise DataError(f"{where}: document {doc_id!r} has an empty title and text (data.strict)")
+            empty.append(where)
         corpus[doc_id] = Document(doc_id, title.strip(), text.strip())
         first_seen[doc_id] = where
     if not corpus:
         raise DataError(f"{label}: corpus is empty")
+    if empty:
+        log.warning("%s: %d document(s) with an empty title and text kept (first at %s); "
+                    "data.strict=true refuses them", label, len(empty), empty[0])
     return corpus
 
 
@@ -116,26 +134,42 @@ def parse_queries(records: Iterable[Record], label: str) -> dict[str, str]:
     return queries
 
 
-def parse_qrels(
-    records: Iterable[Record], corpus: dict[str, Document], queries: dict[str, str], label: str
-) -> dict[str, dict[str, int]]:
+def parse_qrels(records: Iterable[Record], corpus: dict[str, Document], queries: dict[str, str], label: str,
+                strict: bool = False) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """(qrels of documents in the corpus, qrels of documents missing from it). A qrel naming an unknown
+    query is dropped (nothing can be ranked for it); both cases are counted in one warning, or, with
+    `strict`, the first is an error naming file and line."""
     qrels: dict[str, dict[str, int]] = {}
+    missing: dict[str, dict[str, int]] = {}
+    unknown_queries, first = 0, ""
     for where, row in records:
         qid, did, raw_score = str(row["query-id"]).strip(), str(row["corpus-id"]).strip(), row["score"]
         try:
             score = int(raw_score)
         except (TypeError, ValueError):
             raise DataError(f"{where}: score {raw_score!r} is not an integer") from None
+        if qid not in queries or did not in corpus:
+            what = f"unknown query {qid!r}" if qid not in queries else f"unknown document {did!r}"
+            if strict:
+                raise DataError(f"{where}: qrel names {what} (data.strict)")
+            first = first or f"{where}: {what}"
         if qid not in queries:
-            raise DataError(f"{where}: qrel names unknown query {qid!r}")
-        if did not in corpus:
-            raise DataError(f"{where}: qrel names unknown document {did!r}")
-        if did in qrels.setdefault(qid, {}):
+            unknown_queries += 1
+            continue
+        if did in qrels.setdefault(qid, {}) or did in missing.get(qid, {}):
             raise DataError(f"{where}: duplicate qrel for query {qid!r}, document {did!r}")
-        qrels[qid][did] = score
+        if did in corpus:
+            qrels[qid][did] = score
+        else:
+            missing.setdefault(qid, {})[did] = score
     if not qrels:
         raise DataError(f"{label}: no qrels")
-    return qrels
+    if first:
+        n_missing = sum(map(len, missing.values()))
+        log.warning("%s: %d qrel(s) name documents not in the corpus (kept for evaluation as relevant documents "
+                    "never retrieved, not used for training), %d name unknown queries (dropped); first: %s; "
+                    "data.strict=true refuses them", label, n_missing, unknown_queries, first)
+    return qrels, missing
 
 
 # ---------------------------------------------------------------- local folder
@@ -177,17 +211,17 @@ def _require(path: Path) -> Path:
     return path
 
 
-def load_local(folder: str | Path, split: str) -> BeirDataset:
+def load_local(folder: str | Path, split: str, strict: bool = False) -> BeirDataset:
     root = Path(folder)
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
         raise DataError(f"split {split!r} not found: no {qrels_path} (available: {available or 'none'})")
     corpus_path, queries_path = _require(root / "corpus.jsonl"), _require(root / "queries.jsonl")
-    corpus = parse_corpus(_jsonl_records(corpus_path), str(corpus_path))
+    corpus = parse_corpus(_jsonl_records(corpus_path), str(corpus_path), strict)
     queries = parse_queries(_jsonl_records(queries_path), str(queries_path))
-    qrels = parse_qrels(_tsv_qrels_records(qrels_path), corpus, queries, str(qrels_path))
-    return BeirDataset(root.resolve().name, split, corpus, queries, qrels, source=str(root))
+    qrels, missing = parse_qrels(_tsv_qrels_records(qrels_path), corpus, queries, str(qrels_path), strict)
+    return BeirDataset(root.resolve().name, split, corpus, queries, qrels, source=str(root), missing_docs=missing)
 
 
 # ---------------------------------------------------------------- Hugging Face hub
@@ -198,7 +232,7 @@ def _hub_records(rows: Iterable[dict[str, Any]], label: str) -> Iterator[Record]
         yield f"{label} row {i}", dict(row)
 
 
-def load_hub(hub_id: str, split: str) -> BeirDataset:
+def load_hub(hub_id: str, split: str, strict: bool = False) -> BeirDataset:
     """`BeIR/<name>` (configs corpus and queries) plus `BeIR/<name>-qrels` (one split per qrels file)."""
     import datasets  # heavy import, only for the hub path
 
@@ -215,18 +249,19 @@ def load_hub(hub_id: str, split: str) -> BeirDataset:
     except Exception as err:
         raise DataError(f"cannot load {qrels_id} from the hub: {err}") from err
     labels = (f"hub:{hub_id}/corpus", f"hub:{hub_id}/queries", f"hub:{qrels_id}/{split}")
-    corpus = parse_corpus(_hub_records(corpus_rows, labels[0]), labels[0])
+    corpus = parse_corpus(_hub_records(corpus_rows, labels[0]), labels[0], strict)
     queries = parse_queries(_hub_records(query_rows, labels[1]), labels[1])
-    qrels = parse_qrels(_hub_records(qrels_rows, labels[2]), corpus, queries, labels[2])
-    return BeirDataset(hub_id.rsplit("/", 1)[-1], split, corpus, queries, qrels, source=f"hub:{hub_id}")
+    qrels, missing = parse_qrels(_hub_records(qrels_rows, labels[2]), corpus, queries, labels[2], strict)
+    return BeirDataset(hub_id.rsplit("/", 1)[-1], split, corpus, queries, qrels, source=f"hub:{hub_id}",
+                       missing_docs=missing)
 
 
 def load_dataset(cfg: DataConfig) -> BeirDataset:
     """A local folder when `cfg.path` exists, else the hub id; an error if neither can be used."""
     if cfg.path and Path(cfg.path).is_dir():
-        return load_local(cfg.path, cfg.split)
+        return load_local(cfg.path, cfg.split, cfg.strict)
     if cfg.hub_id:
         if cfg.path:
             log.info("data.path %s is not a folder: loading %s from the hub", cfg.path, cfg.hub_id)
-        return load_hub(cfg.hub_id, cfg.split)
+        return load_hub(cfg.hub_id, cfg.split, cfg.strict)
     raise DataError(f"data.path {cfg.path!r} is not a folder and no data.hub_id is set")

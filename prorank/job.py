@@ -141,6 +141,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         stack.callback(ray_kill, job.control)
         job.pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, w).start(wait=False)
         stack.callback(job.pool.shutdown)
+        server.publisher.known = job.pool.slots  # only the job's actors (a live view) may report versions
         job.sync = WeightSync(server, job.pool, token, w)
         job.dev = DevEval(cfg, model_path, dataset, ranking, job.prompts.dev_query_ids)
         job.pool.wait_ready()
@@ -201,7 +202,7 @@ class DevEval:
         self.ranking = {q: ranking[q] for q in query_ids}
         self.enabled = bool(query_ids)
         self.model = None
-        self.bm25 = (evaluate(dataset.qrels, ranked_to_run({q: [d for d, _ in h] for q, h in self.ranking.items()}))
+        self.bm25 = (evaluate(dataset.eval_qrels, ranked_to_run({q: [d for d, _ in h] for q, h in self.ranking.items()}))
                      ["nDCG@10"] if query_ids else None)
 
     def __call__(self, state) -> dict[str, float]:
@@ -227,7 +228,7 @@ class DevEval:
         start = time.perf_counter()
         ranked = rerank(self.model, self.builder, self.dataset, self.ranking, self.cfg.train.dev_depth,
                         self.cfg.eval.batch_size, progress=False)
-        values = evaluate(self.dataset.qrels, ranked_to_run(ranked))
+        values = evaluate(self.dataset.eval_qrels, ranked_to_run(ranked))
         return {"dev/ndcg@10": values["nDCG@10"], "dev/mrr@10": values["RR@10"], "dev/bm25_ndcg@10": self.bm25,
                 "dev/seconds": time.perf_counter() - start}
 

@@ -87,10 +87,11 @@ def _deny_like(handler, method: str):
         "stream_unary": grpc.stream_unary_rpc_method_handler,
         "stream_stream": grpc.stream_stream_rpc_method_handler,
     }
+    # No request deserializer: a caller without the token never gets its bytes parsed (a large
+    # unauthenticated request costs no protobuf decoding, and garbage gets UNAUTHENTICATED, not INTERNAL).
     for kind, make in kinds.items():
         if getattr(handler, kind) is not None:
-            return make(deny, request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
+            return make(deny, request_deserializer=None, response_serializer=handler.response_serializer)
     return handler
 
 

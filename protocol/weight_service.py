@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from concurrent import futures
 
 import grpc
@@ -38,14 +38,27 @@ class _Version:
         self.error = ""  # set when a relayed transfer failed upstream
 
 
-class WeightPublisher:
-    """The servicer: Fetch streams the newest version (waiting for one), Report records who serves what."""
+MAX_WAIT_SECONDS = 30.0  # the longest one Fetch waits for a version; the caller asks again if it wants more
+DEADLINE_MARGIN = 0.5  # "none yet" goes out this long before the caller's deadline, so it always arrives
+MAX_RECEIVERS = 4096  # Report table entries kept (the oldest go first)
+MAX_NAME = 128  # characters of a receiver's name kept and logged
 
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES):
+
+class WeightPublisher:
+    """The servicer: Fetch streams the newest version (waiting for one), Report records who serves what.
+
+    A waiting Fetch re-checks every half second whether its caller is still there, and at most
+    `max_waiters` wait at once (the others are answered "none yet" at once and ask again), so waiting
+    receivers never take every worker thread from Report and from the receivers that have work."""
+
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, max_waiters: int = 8):
         self.chunk_bytes = chunk_bytes
+        self.max_waiters = max_waiters
         self._cond = threading.Condition()
         self._current: _Version | None = None
+        self._waiting = 0
         self.receivers: dict[str, tuple[int, str]] = {}  # receiver -> (version served, last error)
+        self.known: Container[str] | None = None  # when set, Report accepts only these receivers (the job's actors)
 
     @property
     def version(self) -> int:
@@ -84,13 +97,11 @@ class WeightPublisher:
             self._cond.notify_all()
 
     def Fetch(self, request: weights_pb2.FetchRequest, context):
-        with self._cond:
-            remaining = context.time_remaining()
-            ok = self._cond.wait_for(lambda: self.version > request.min_version,
-                                     timeout=None if remaining is None else max(0.0, remaining))
-            if not ok:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no version above {request.min_version} yet")
-            current = self._current  # a snapshot: a newer version swaps in a new object
+        current = self._wait_for_version(request, context)
+        if current is None:
+            if context.is_active():
+                yield _none_yet(self.version)
+            return
         sent = 0
         while True:
             with self._cond:
@@ -108,10 +119,44 @@ class WeightPublisher:
         if error:  # a relay's upstream failed: end this stream in error, the receiver falls back
             context.abort(grpc.StatusCode.UNAVAILABLE, f"relay of version {current.manifest.version}: {error}")
 
+    def _wait_for_version(self, request, context) -> _Version | None:
+        """The version to send, or None ("none yet") once the wait the caller asked for is over, the
+        caller left, or too many callers already wait."""
+        wait = min(request.wait_ms / 1000 if request.wait_ms else MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
+        remaining = context.time_remaining()
+        if remaining is not None:  # answer before the caller's deadline, not at it
+            wait = min(wait, remaining - DEADLINE_MARGIN)
+        end = time.monotonic() + max(0.0, wait)
+        newer = lambda: self.version > request.min_version  # noqa: E731
+        with self._cond:
+            if newer():
+                return self._current
+            if self._waiting >= self.max_waiters:
+                return None
+            self._waiting += 1
+            try:
+                while (left := end - time.monotonic()) > 0 and context.is_active():
+                    if self._cond.wait_for(newer, timeout=min(0.5, left)):
+                        return self._current  # a snapshot: a newer version swaps in a new object
+                return None
+            finally:
+                self._waiting -= 1
+
     def Report(self, request: weights_pb2.Ack, context) -> weights_pb2.ReportReply:
-        self.receivers[request.receiver or context.peer()] = (request.version, request.error)
+        name = (request.receiver or context.peer())[:MAX_NAME]
+        if self.known is not None and name not in self.known:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown receiver {name!r}")
+        if request.version > self.version:  # nobody can serve a version that was never published
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"receiver {name!r} reports version {request.version}; the newest is {self.version}")
+        error = request.error[:1000]
+        with self._cond:
+            self.receivers.pop(name, None)
+            self.receivers[name] = (request.version, error)
+            while len(self.receivers) > MAX_RECEIVERS:  # dicts keep insertion order: drop the oldest
+                self.receivers.pop(next(iter(self.receivers)))
         if not request.applied:
-            log.warning("receiver %s refused a version: %s", request.receiver, request.error)
+            log.warning("receiver %s refused a version: %s", name, error[:200])
         return weights_pb2.ReportReply()
 
     def wait_for(self, receivers: set[str], version: int, timeout: float) -> bool:
@@ -122,6 +167,10 @@ class WeightPublisher:
                 return True
             time.sleep(0.01)
         return False
+
+
+def _none_yet(version: int) -> bytes:
+    return weights_pb2.WeightMessage(none_yet=weights_pb2.NoneYet(version=version)).SerializeToString()
 
 
 def _handlers(publisher: WeightPublisher) -> grpc.GenericRpcHandler:
@@ -143,9 +192,11 @@ class WeightServer:
     def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, tls_cert: str | None = None,
                  tls_key: str | None = None, chunk_bytes: int = CHUNK_BYTES, max_workers: int = 16,
                  publisher: WeightPublisher | None = None):
-        self.publisher = publisher or WeightPublisher(chunk_bytes)
+        # Half the workers at most wait for a version; the rest stay for transfers and reports.
+        self.publisher = publisher or WeightPublisher(chunk_bytes, max_waiters=max(1, max_workers // 2))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                                  interceptors=[TokenAuthInterceptor(token)], options=CHANNEL_OPTIONS)
+                                  interceptors=[TokenAuthInterceptor(token)],
+                                  options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((_handlers(self.publisher),))
         target = f"{host}:{port}"
         self.port = (self.server.add_secure_port(target, server_credentials(tls_cert, tls_key)) if tls_cert

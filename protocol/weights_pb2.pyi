@@ -19,20 +19,30 @@ BFLOAT16: DType
 FLOAT16: DType
 
 class FetchRequest(_message.Message):
-    __slots__ = ("min_version", "receiver")
+    __slots__ = ("min_version", "receiver", "wait_ms")
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     min_version: int
     receiver: str
-    def __init__(self, min_version: _Optional[int] = ..., receiver: _Optional[str] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, min_version: _Optional[int] = ..., receiver: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class WeightMessage(_message.Message):
-    __slots__ = ("manifest", "chunk")
+    __slots__ = ("manifest", "chunk", "none_yet")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NONE_YET_FIELD_NUMBER: _ClassVar[int]
     manifest: Manifest
     chunk: Chunk
-    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    none_yet: NoneYet
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., none_yet: _Optional[_Union[NoneYet, _Mapping]] = ...) -> None: ...
+
+class NoneYet(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class ReportReply(_message.Message):
     __slots__ = ()

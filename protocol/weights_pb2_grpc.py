@@ -50,8 +50,9 @@ class WeightsServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Fetch(self, request, context):
-        """The newest version above min_version: its manifest, then its bytes in order. Waits up to the
-        call's deadline for such a version to be published.
+        """The newest version above min_version: its manifest, then its bytes in order. When there is none,
+        the server waits up to wait_ms (capped by the server) and then answers NoneYet: "no version yet"
+        is an answer, never a failure, and always comes before the caller's deadline.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,8 @@ class _Replica:
 def client_options(cfg: RewardConfig) -> dict:
     """Keyword arguments of RewardClient / SyncRewardClient from the reward config."""
     return {"tls_ca": cfg.tls_ca, "tls": bool(cfg.tls_ca or cfg.tls_cert), "timeout": cfg.timeout_seconds,
-            "retries": cfg.retries, "backoff": cfg.backoff_seconds, "max_message_mb": cfg.max_message_mb}
+            "retries": cfg.retries, "backoff": cfg.backoff_seconds, "max_backoff": cfg.max_backoff_seconds,
+            "max_message_mb": cfg.max_message_mb}
 
 
 def groups_from_results(results: Sequence[GroupResult]) -> list[reward_pb2.Group]:
@@ -57,7 +58,8 @@ class RewardClient:
     """Create it inside the event loop that will use it (gRPC aio channels belong to one loop)."""
 
     def __init__(self, addresses: Sequence[str], token: str, tls_ca: str | None = None, tls: bool = False,
-                 timeout: float = 10.0, retries: int = 3, backoff: float = 0.05, max_message_mb: int = 64):
+                 timeout: float = 10.0, retries: int = 8, backoff: float = 0.2, max_backoff: float = 2.0,
+                 max_message_mb: int = 64):
         if not addresses:
             raise ValueError("no reward service addresses")
         limit = max_message_mb * 2**20
@@ -69,7 +71,7 @@ class RewardClient:
                        else grpc.aio.insecure_channel(address, options=options))
             self.replicas.append(_Replica(address, reward_pb2_grpc.RewardStub(channel), channel))
         self.metadata = auth_metadata(token)
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self._turn = itertools.count()
 
     def _pick(self) -> _Replica:
@@ -95,7 +97,7 @@ class RewardClient:
                 replica.rest_until = time.monotonic() + REST_SECONDS
                 if attempt >= self.retries:
                     raise RewardError(f"{message} (after {attempt + 1} attempts)", err.code()) from None
-                await asyncio.sleep(self.backoff * 2**attempt)
+                await asyncio.sleep(min(self.backoff * 2**attempt, self.max_backoff))
             finally:
                 replica.inflight -= 1
         raise AssertionError("unreachable")

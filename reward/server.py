@@ -26,7 +26,7 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         self.qrels, self.cfg = qrels, cfg
 
     def Score(self, request: reward_pb2.ScoreRequest, context) -> reward_pb2.ScoreResponse:
-        problem = validate(request)
+        problem = validate(request, self.cfg)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return reward_pb2.ScoreResponse(groups=[self.score_group(g) for g in request.groups])
@@ -35,7 +35,7 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         judged = self.qrels.get(group.query_id)
         if judged is None:
             return reward_pb2.GroupReward(request_id=group.request_id, status=reward_pb2.UNKNOWN_QUERY,
-                                          error=f"unknown query id {group.query_id!r}")
+                                          error=f"unknown query id {clip(group.query_id)!r}")
         label = label_of(judged, group.doc_id, self.cfg.relevance_threshold)
         scores = score_completions(group.completions, label, self.cfg)
         mean, std = group_stats(scores)
@@ -46,17 +46,31 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         )
 
 
-def validate(request: reward_pb2.ScoreRequest) -> str | None:
-    """Why a request is malformed as a whole, or None."""
+def clip(text: str, limit: int = 100) -> str:
+    """Client input quoted in an error, cut to `limit` characters: an error never grows with the input."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def validate(request: reward_pb2.ScoreRequest, cfg: RewardConfig) -> str | None:
+    """Why a request is malformed or over the configured limits, or None."""
     if not request.groups:
         return "no groups in the request"
+    if len(request.groups) > cfg.max_groups:
+        return f"{len(request.groups)} groups in one request; at most {cfg.max_groups} (reward.max_groups)"
     for i, g in enumerate(request.groups):
+        where = f"group {i} ({clip(g.request_id) or 'no request_id'})"
         if not g.query_id:
-            return f"group {i} ({g.request_id or 'no request_id'}): empty query_id"
+            return f"{where}: empty query_id"
         if not g.doc_id:
-            return f"group {i} ({g.request_id or 'no request_id'}): empty doc_id"
+            return f"{where}: empty doc_id"
         if not g.completions:
-            return f"group {i} ({g.request_id or 'no request_id'}): no completions"
+            return f"{where}: no completions"
+        if len(g.completions) > cfg.max_completions:
+            return f"{where}: {len(g.completions)} completions; at most {cfg.max_completions} (reward.max_completions)"
+        longest = max(map(len, g.completions))
+        if longest > cfg.max_completion_chars:
+            return (f"{where}: a completion of {longest} characters; at most {cfg.max_completion_chars} "
+                    "(reward.max_completion_chars)")
     return None
 
 
@@ -71,7 +85,9 @@ class RewardServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
             interceptors=[TokenAuthInterceptor(token, open_methods)],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            # so_reuseport off: a second server on a port in use fails to start instead of sharing it.
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)],
         )
         reward_pb2_grpc.add_RewardServicer_to_server(RewardServicer(qrels, cfg), self.server)
         self.health = health.HealthServicer()

@@ -92,3 +92,41 @@ def test_export_and_scale_refuse_bad_input(tmp_path, tiny_model_dir):
     assert result.exit_code == 0 and (tmp_path / "out" / "README.md").is_file()
     result = runner.invoke(app, ["scale", "actors", "--", "-1"])
     assert result.exit_code == 2 and "cannot scale to -1" in result.output
+
+
+def test_eval_on_data_as_published_and_strict(scifact_dir, tmp_path):
+    """SciFact test as some published collections are: one document empty, one relevant document missing
+    from the corpus, one qrel for a query that is not there. It evaluates (the missing document counts as
+    relevant and never retrieved); --strict refuses it, naming file and line."""
+    root = tmp_path / "published"
+    (root / "qrels").mkdir(parents=True)
+    qrels_lines = (Path(scifact_dir) / "qrels" / "test.tsv").read_text().splitlines()
+    missing = qrels_lines[1].split("\t")[1]
+    corpus = []
+    for line in (Path(scifact_dir) / "corpus.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        if doc["_id"] == missing:
+            continue
+        if len(corpus) == 3:
+            doc["title"], doc["text"] = "", ""
+        corpus.append(json.dumps(doc))
+    (root / "corpus.jsonl").write_text("\n".join(corpus) + "\n")
+    (root / "queries.jsonl").write_text((Path(scifact_dir) / "queries.jsonl").read_text())
+    (root / "qrels" / "test.tsv").write_text("\n".join(qrels_lines + ["no-such-query\t4983\t1"]) + "\n")
+
+    out = tmp_path / "r.json"
+    res = _run("eval", "--data", root, "--max-queries", 5, "--output", out)
+    assert res.exit_code == 0, res.output
+    first = qrels_lines[1].split("\t")[0]
+    assert json.loads(out.read_text())["settings"]["queries"] == 5
+    full = _run("eval", "--data", scifact_dir, "--max-queries", 5, "--output", tmp_path / "full.json")
+    assert full.exit_code == 0
+    # The query whose only relevant document is missing stays in the evaluation with that document
+    # relevant and never retrieved (BM25 misses it in the full corpus too): the figures are the full
+    # corpus's, where dropping the qrel would have dropped the query and raised the mean.
+    got, want = (json.loads(p.read_text())["bm25"] for p in (out, tmp_path / "full.json"))
+    assert got == pytest.approx(want, abs=1e-9), (got, want)
+    assert first == "1" and (Path(scifact_dir) / "qrels" / "test.tsv").read_text().count("\n1\t") == 1
+
+    res = _run("eval", "--data", root, "--max-queries", 5, "--strict")
+    assert res.exit_code == 2 and "corpus.jsonl:4: document" in res.output and "data.strict" in res.output

@@ -36,7 +36,7 @@ def test_small_folder_roundtrip(tmp_path):
         (DOCS + [{"_id": "d3", "text": 5}], QUERIES, None, r"corpus.jsonl:3: field 'text' must be a string"),
         (DOCS, QUERIES + [{"_id": "q3", "text": "  "}], None, r"queries.jsonl:3: query 'q3' has an empty text"),
         (DOCS, QUERIES + [{"_id": "q1", "text": "dup"}], None, r"queries.jsonl:3: duplicate query id 'q1'"),
-        (DOCS, QUERIES, ["q9\td1\t1"], r"test.tsv:2: qrel names unknown query 'q9'"),
+        (DOCS, QUERIES, ["q1\td1\t1", "q9\td1\t1"], r"test.tsv:3: qrel names unknown query 'q9'"),
         (DOCS, QUERIES, ["q1\td1\t1", "q1\td9\t1"], r"test.tsv:3: qrel names unknown document 'd9'"),
         (DOCS, QUERIES, ["q1\td1\tx"], r"test.tsv:2: score 'x' is not an integer"),
         (DOCS, QUERIES, ["q1\td1"], r"test.tsv:2: expected 3 tab-separated columns, got 2"),
@@ -47,7 +47,33 @@ def test_small_folder_roundtrip(tmp_path):
 def test_bad_files_name_file_and_line(tmp_path, corpus, queries, qrels, message):
     root = write_beir(tmp_path / "ds", corpus, queries, ["q1\td1\t1"] if qrels is None else qrels)
     with pytest.raises(DataError, match=message):
+        load_local(root, "test", strict=True)
+    if "empty title" in message or "unknown" in message:  # as published: kept, with a warning
         load_local(root, "test")
+    else:  # truly malformed: an error either way
+        with pytest.raises(DataError, match=message):
+            load_local(root, "test")
+
+
+def test_data_as_published_is_kept_and_counted(tmp_path, caplog):
+    """An empty document is indexed (never retrieved); a qrel naming a document that is not in the corpus
+    counts in evaluation as a relevant document never retrieved, and is not trained on; a qrel naming
+    an unknown query is dropped. One warning each, with the counts."""
+    from eval.metrics import evaluate
+
+    docs = DOCS + [{"_id": "d3", "title": "", "text": ""}]
+    root = write_beir(tmp_path / "ds", docs, QUERIES, ["q1\td1\t1", "q1\td9\t1", "q2\td2\t1", "q7\td1\t1"])
+    with caplog.at_level("WARNING", logger="prorank.data"):
+        ds = load_local(root, "test")
+    assert ds.corpus["d3"].text == "" and ds.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    assert ds.missing_docs == {"q1": {"d9": 1}} and ds.eval_qrels == {"q1": {"d1": 1, "d9": 1}, "q2": {"d2": 1}}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "1 document(s) with an empty title and text kept (first at " in warnings[0] and "corpus.jsonl:3" in warnings[0]
+    assert "1 qrel(s) name documents not in the corpus" in warnings[1] and "1 name unknown queries" in warnings[1]
+    perfect = {"q1": {"d1": 2.0, "d3": 1.0}, "q2": {"d2": 2.0}}
+    assert evaluate(ds.qrels, perfect)["R@100"] == 1.0
+    assert evaluate(ds.eval_qrels, perfect)["R@100"] == 0.75  # d9 can never be retrieved: recall 1/2 on q1
 
 
 def test_missing_split_and_files(tmp_path):
@@ -96,4 +122,5 @@ def test_hub_loader_same_objects_and_errors(tmp_path, monkeypatch):
     bad = qrels + [{"query-id": "q1", "corpus-id": "nope", "score": 1}]
     monkeypatch.setattr(datasets, "load_dataset", _FakeHub(DOCS, QUERIES, {"test": bad}))
     with pytest.raises(DataError, match=r"hub:BeIR/toy-qrels/test row 2: qrel names unknown document 'nope'"):
-        load_hub("BeIR/toy", "test")
+        load_hub("BeIR/toy", "test", strict=True)
+    assert load_hub("BeIR/toy", "test").missing_docs == {"q1": {"nope": 1}}

@@ -1,5 +1,6 @@
 """deploy/: the manifests and scripts pass maintained validators offline, and a real 2-node Ray cluster on
-this machine runs a job with the actors on one node and the learner on the other, scaled 1 -> 2 -> 1."""
+this machine runs a job with the actors on one node and the learner on the other, scaled 1 -> 2 -> 1 and
+ended with `prorank stop`. (tests/test_simcluster.py does the same across network namespaces.)"""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_kuberay_manifests_validate():
 
 
 def test_shell_scripts_pass_shellcheck():
-    scripts = [DEPLOY / "slurm" / "prorank.sbatch", *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+    scripts = [DEPLOY / "slurm" / "prorank.sbatch", DEPLOY / "sim" / "simcluster.sh", *sorted((ROOT / "scripts").glob("*.sh")),
+               ROOT / ".ci" / "run"]
     out = subprocess.run([str(Path(sys.executable).parent / "shellcheck"), *map(str, scripts)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -144,10 +146,9 @@ def _nodes(address: str, env: dict) -> dict[str, set[str]]:
     return {k: set(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
-def _scale(address: str, env: dict, job: str, n: int) -> None:
-    out = subprocess.run([sys.executable, "-m", "prorank.cli", "scale", "actors", str(n), "--address", address,
-                          "--job", job, "--wait", "300"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=400)
+def _cli(address: str, env: dict, job: str, *args: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "prorank.cli", *args, "--address", address, "--job", job],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
@@ -161,8 +162,7 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
                                                                    scifact_dir):
     address, env, tag = two_node_cluster
     job = f"e2e-{tag[:8]}"
-    steps = 12
-    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=steps, updates={
+    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=5000, updates={
         "actors": {"num_actors": 1, "resources": {"actor_node": 1}},
         "learner": {"resources": {"learner_node": 1}},
         "reward": {"resources": {"learner_node": 1}},
@@ -171,23 +171,33 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
     proc = subprocess.Popen([sys.executable, "-m", "prorank.cli", "train", "--config", str(config), "--address",
                              address], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
+
+    def wait(cond) -> None:
+        while not cond() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+
     try:
         deadline = time.monotonic() + 600
-        while len(_steps(metrics)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-        _scale(address, env, job, 2)
+        wait(lambda: len(_steps(metrics)) >= 2)
+        _cli(address, env, job, "scale", "actors", "2", "--wait", "300")
+        wait(lambda: any(m["actors/ready"] == 2 for m in _steps(metrics)))  # the new actor took work
         at = len(_steps(metrics))
-        while len(_steps(metrics)) < at + 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-        _scale(address, env, job, 1)
+        wait(lambda: len(_steps(metrics)) >= at + 2)
+        _cli(address, env, job, "scale", "actors", "1", "--wait", "300")
+        at = len(_steps(metrics))
+        wait(lambda: len(_steps(metrics)) >= at + 2)
+        _cli(address, env, job, "stop")  # ends after its current step, with its summary
         output, _ = proc.communicate(timeout=600)
     except (AssertionError, subprocess.TimeoutExpired) as err:
         proc.kill()
         raise AssertionError(f"{err}\njob output:\n{proc.communicate()[0][-6000:]}") from None
     assert proc.returncode == 0, output[-4000:]
 
-    counts = [int(m["actors/count"]) for m in _steps(metrics)]
-    assert len(counts) == steps and counts[0] == 1 and counts[-1] == 1, counts
+    lines = _steps(metrics)
+    steps = lines[-1]["step"]
+    assert [m["step"] for m in lines] == list(range(1, steps + 1)) and steps < 5000
+    counts = [int(m["actors/count"]) for m in lines]
+    assert counts[0] == 1 and counts[-1] == 1, counts
     twos = [i for i, c in enumerate(counts) if c == 2]
     assert twos and twos == list(range(twos[0], twos[-1] + 1)), counts  # 1 -> 2 -> 1, while it trained
 

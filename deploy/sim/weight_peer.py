@@ -15,8 +15,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
+import threading
 import time
+
+
+def answer(proc, timeout: float = 600.0) -> dict:
+    """The next JSON line a peer process (text stdout pipe) prints; other lines are skipped. An error
+    if the peer exits first or says nothing for `timeout` seconds."""
+    lines = getattr(proc, "prorank_lines", None)
+    if lines is None:  # a reader thread, so that the wait is bounded
+        lines = proc.prorank_lines = queue.Queue()
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if line is None:
+            raise RuntimeError(f"peer exited ({proc.wait()}) without answering")
+        if line.startswith("{"):
+            return json.loads(line)
+    raise TimeoutError(f"no answer from a peer in {timeout:.0f} s")
+
+
+def order(proc, sources: list[list]) -> None:
+    """Tell a waiting `pull` peer where to pull from: [[address, seconds], ...] in order of preference."""
+    proc.stdin.write(json.dumps({"sources": sources}) + "\n")
+    proc.stdin.flush()
 
 
 def _say(**fields) -> None:

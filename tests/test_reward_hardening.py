@@ -1,0 +1,112 @@
+"""The reward service under careless and hostile clients, on real gRPC over loopback: refused before
+parsing without the token, errors that never grow with the input, limits on what one call may ask, no
+silent port sharing, and a client whose defaults ride out a replica restart."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+
+from protocol import reward_pb2
+from prorank.config import RewardConfig
+from prorank.security import auth_metadata
+from reward.client import RewardError, SyncRewardClient, client_options
+from reward.server import SERVICE, RewardServer
+
+TOKEN = "hardening-token"
+
+
+@pytest.fixture(scope="module")
+def qrels():
+    return {"q1": {"d1": 1}}
+
+
+@pytest.fixture
+def server(qrels):
+    srv = RewardServer(qrels, RewardConfig(port=0), TOKEN).start()
+    yield srv
+    srv.stop(0)
+
+
+def G(request_id="r", query_id="q1", doc_id="d1", completions=("1",)):
+    return reward_pb2.Group(request_id=request_id, query_id=query_id, doc_id=doc_id, completions=completions)
+
+
+def _score(server, groups, token=TOKEN):
+    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 * 2**20),
+                                                       ("grpc.max_receive_message_length", 64 * 2**20)]) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/Score", request_serializer=None,
+                                   response_deserializer=reward_pb2.ScoreResponse.FromString)
+        payload = groups if isinstance(groups, bytes) else reward_pb2.ScoreRequest(groups=groups).SerializeToString()
+        return call(payload, timeout=30, metadata=auth_metadata(token))
+
+
+def test_garbage_without_the_token_is_unauthenticated_not_parsed(server):
+    with pytest.raises(grpc.RpcError) as err:
+        _score(server, b"\xff" * (50 * 2**20), token="wrong")  # 50 MiB that is not a ScoreRequest
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # was INTERNAL, after parsing it
+
+
+def test_errors_quote_client_input_cut_short(server):
+    with pytest.raises(grpc.RpcError) as err:
+        _score(server, [G(request_id="x" * 8192, completions=())])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was RESOURCE_EXHAUSTED (the echo)
+    assert len(err.value.details()) < 300 and "8192 characters" in err.value.details()
+    (answer,) = _score(server, [G(query_id="q" * 20 * 2**20)]).groups  # a 20 MiB unknown query id
+    assert answer.status == reward_pb2.UNKNOWN_QUERY and len(answer.error) < 300
+
+
+@pytest.mark.parametrize("groups, message", [
+    ([G(completions=["1"] * 65)], "65 completions; at most 64 (reward.max_completions)"),
+    ([G(completions=["1" * 5000])], "a completion of 5000 characters; at most 4096"),
+    ([G(request_id=f"r{i}") for i in range(4097)], "4097 groups in one request; at most 4096"),
+])
+def test_limits_per_call(server, groups, message):
+    with pytest.raises(grpc.RpcError) as err:
+        _score(server, groups)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+def test_a_second_server_on_a_used_port_fails_to_start(server, qrels):
+    port = int(server.address.rsplit(":", 1)[1])
+    with pytest.raises(RuntimeError):
+        RewardServer(qrels, RewardConfig(port=port), TOKEN).start()
+
+
+def test_default_client_rides_out_a_restart_of_its_only_replica(qrels):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = RewardConfig(port=port)
+    first = RewardServer(qrels, cfg, TOKEN).start()
+    client = SyncRewardClient([first.address], TOKEN, **client_options(cfg))  # the job's defaults
+    restarted = []
+
+    def restart() -> None:
+        first.stop(0)
+        time.sleep(3.0)  # the replica is down for 3 s
+        restarted.append(RewardServer(qrels, cfg, TOKEN).start())
+
+    failed, answered = 0, 0
+    try:
+        thread = threading.Thread(target=restart)
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            if answered == 5 and not thread.is_alive() and not restarted:
+                thread.start()
+            try:
+                client.score([G(request_id=f"r{answered}")])
+                answered += 1
+            except RewardError:
+                failed += 1
+            time.sleep(0.02)
+        thread.join()
+    finally:
+        client.close()
+        for srv in restarted:
+            srv.stop(0)
+    assert failed == 0 and answered > 5
