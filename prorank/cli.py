@@ -147,6 +147,7 @@ def train_command(
     service and learner ranks as one Ray job."""
     import signal
 
+    from learner.group import LearnerError
     from prorank.data import DataError
     from prorank.job import train
     from prorank.models import ModelError
@@ -166,7 +167,7 @@ def train_command(
     typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
     try:
         summary = train(cfg, resume=resume, progress=True)
-    except (DataError, ModelError, SecurityError, FileNotFoundError) as err:
+    except (DataError, ModelError, SecurityError, FileNotFoundError, LearnerError) as err:
         _fail(err)
     except KeyboardInterrupt:
         typer.echo("interrupted: every actor and server was stopped", err=True)

@@ -142,3 +142,28 @@ def test_checkpoint_resume_gives_the_same_loss(ray_local, tiny_model_dir, groups
         assert [resumed.step(groups)["loss"] for _ in range(2)] == pytest.approx(uninterrupted, abs=1e-6)
     finally:
         resumed.shutdown()
+
+
+def test_a_rank_killed_mid_step_fails_the_step_naming_it(ray_local, tiny_model_dir, groups):
+    """Rank 1 dies while rank 0 waits for it in a collective: the step ends at once with an error
+    naming the rank and its node, instead of hanging until the process group's timeout."""
+    import threading
+    import time
+
+    import ray
+
+    from learner.group import LearnerError, LearnerGroup
+
+    learner = LearnerGroup(str(tiny_model_dir), _cfg(2))
+    try:
+        learner.step(groups)
+        killer = threading.Timer(0.3, lambda: ray.kill(learner.ranks[1]))
+        killer.start()
+        start = time.monotonic()
+        with pytest.raises(LearnerError, match=r"learner rank 1 on node [\d.]+ \(\w+\) failed in train_step: "):
+            for _ in range(50):  # steps until the kill lands in one
+                learner.step(groups)
+        assert time.monotonic() - start < 60
+        killer.join()
+    finally:
+        learner.shutdown()
