@@ -46,6 +46,7 @@ class RolloutEngine:
             max_tokens=sampling.max_tokens, logprobs=0,
         )
         self.name = name
+        self.seed, self.per_request_seed = sampling.seed, sampling.per_request_seed
         self.model, self.dtype = model, actors.dtype
         self.version = 0
         self.expected = None  # names, dtypes and shapes a weight version must have; read on first sync
@@ -64,8 +65,11 @@ class RolloutEngine:
 
         start = time.perf_counter()
         prompts = self.builder.encode_batch([(r.query, r.document) for r in requests])
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], self.params,
-                                    use_tqdm=False)
+        params = ([self.params.clone() for _ in requests] if self.per_request_seed else self.params)
+        if self.per_request_seed:
+            for p, r in zip(params, requests):
+                p.seed = request_seed(self.seed, r.request_id)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         seconds = time.perf_counter() - start
         results = []
         for req, prompt_ids, out in zip(requests, prompts, outputs):
@@ -153,6 +157,13 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()  # cached prompt activations belong to the old weights
         self.version = version
         return version
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """A request's own sampling seed: stable across processes (not Python's salted hash)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest(), "big") >> 1
 
 
 def _expected_specs(model: str, dtype: str):

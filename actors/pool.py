@@ -54,6 +54,7 @@ class ActorPool:
         self.slots: dict[str, _Slot] = {}
         self.replaced = 0  # actors lost (died, or their node did), for metrics
         self.requeued = 0  # requests put back in the queue after their actor was lost, for metrics
+        self.relay_fallbacks = 0  # weight pulls that fell back from a failed relay hop to the learner
         self._queue: deque[list[RolloutRequest]] = deque()
         self._finished: list[GroupResult] = []  # collected, not yet handed to the caller
         self._next_index = 0
@@ -216,9 +217,12 @@ class ActorPool:
                     previous = self._relay_address(slot, token)
                 except RayActorError as err:
                     self._lost(slot, err)
-        return self._on_every_actor(
+        answers = self._on_every_actor(
             "sync_weights", address, token, tls_ca, wait_seconds,
             per_actor=lambda s: {"upstream": upstream.get(s.name), "relay": self.weights, "version": version})
+        # An actor that had a relay before it but got the version from the learner: its relay hop failed.
+        self.relay_fallbacks += sum(1 for name, a in answers.items() if upstream.get(name) and a["source"] == address)
+        return answers
 
     def _relay_address(self, slot: _Slot, token: str) -> str:
         if not slot.relay_address:

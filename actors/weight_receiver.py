@@ -16,7 +16,7 @@ import grpc
 
 from protocol import weights_pb2, weights_pb2_grpc
 from protocol.weight_service import SERVICE, WeightPublisher
-from protocol.weights_codec import (CHANNEL_OPTIONS, Spec, WeightError, check_manifest, decode_chunk,
+from protocol.weights_codec import (CHANNEL_OPTIONS, Spec, TransferError, WeightError, check_manifest, decode_chunk,
                                     safetensors_header, verify)
 from prorank.security import auth_metadata, channel_credentials
 
@@ -30,6 +30,9 @@ def _channel(address: str, tls_ca: str | None, tls: bool) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
+# Answers that asking again will not change; any other gRPC failure is a broken transfer (TransferError).
+REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                      grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
 TRANSFER_SECONDS = 600.0  # deadline for a transfer once a version is on its way (a dead peer is found sooner by keepalive)
 
 
@@ -50,7 +53,8 @@ def fetch_version(address: str, token: str, min_version: int, receiver: str, exp
             try:
                 got = _receive(stream, min_version, expected, relay, buffer)
             except grpc.RpcError as err:
-                raise WeightError(f"weight server {address}: {err.code().name}: {err.details()}") from None
+                kind = WeightError if err.code() in REFUSALS else TransferError
+                raise kind(f"weight server {address}: {err.code().name}: {err.details()}") from None
             if got is not None:
                 return got
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # "none yet" early: a busy server
@@ -59,22 +63,29 @@ def fetch_version(address: str, token: str, min_version: int, receiver: str, exp
 
 def pull_newest(sources: list[tuple[str, float]], token: str, min_version: int, receiver: str,
                 expected: dict[str, Spec] | None = None, tls_ca: str | None = None,
-                relay: WeightPublisher | None = None, buffer: bytearray | None = None):
+                relay: WeightPublisher | None = None, buffer: bytearray | None = None, retries: int = 2):
     """((manifest, blob) or None, the source it came from): the newest version from the first of
     `sources` ((address, seconds) pairs: the relay before this receiver, then the learner) that has
     one. A source that fails (a relay hop that died or was cut off mid-transfer) is skipped for the
-    next; the last one's failure is raised (WeightError)."""
-    for i, (source, wait) in enumerate(sources):
+    next; the last one (the learner) is asked again `retries` times when its transfer broke, and
+    its failure is raised (WeightError) after that."""
+    attempts = [(s, w) for s, w in sources[:-1]] + [sources[-1]] * (1 + retries)
+    for i, (source, wait) in enumerate(attempts):
         try:
             got = fetch_version(source, token, min_version, receiver, expected, tls_ca, timeout=wait,
                                 relay=relay, buffer=buffer)
         except WeightError as err:
-            if i == len(sources) - 1:
+            last = i == len(attempts) - 1
+            if last or (i >= len(sources) - 1 and not isinstance(err, TransferError)):
                 raise
-            log.warning("%s: weights from %s failed (%s); trying %s", receiver, source, err, sources[i + 1][0])
+            log.warning("%s: weights from %s failed (%s); trying %s", receiver, source, err, attempts[i + 1][0])
+            if i >= len(sources) - 1:
+                time.sleep(0.5)  # the learner's transfer broke: a moment before asking it again
             continue
         if got is not None:
             return got, source
+        if i >= len(sources) - 1:
+            break  # the learner has none yet: no point asking again
     return None, ""
 
 
@@ -113,7 +124,7 @@ def _receive(stream, min_version: int, expected: dict[str, Spec] | None, relay: 
             if relay:
                 relay.append(version, raw)
         if received != manifest.total_bytes:
-            raise WeightError(f"version {manifest.version}: partial transfer, {received} of "
+            raise TransferError(f"version {manifest.version}: partial transfer, {received} of "
                               f"{manifest.total_bytes} bytes")
         verify(manifest, data)
         error = ""

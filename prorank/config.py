@@ -87,6 +87,10 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(4, ge=1)
     seed: int = 0
+    # Each request samples from its own seed (the seed and its request id): a request's judgments do not
+    # depend on which actor answers it or what it is batched with, so a job that loses an actor, or is
+    # resumed, generates what an uninterrupted one would. false: one random stream per engine.
+    per_request_seed: bool = True
 
 
 class ActorConfig(Section):
@@ -130,6 +134,7 @@ class RewardConfig(Section):
     max_completion_chars: int = Field(4096, ge=1)  # per completion; longer is refused
     grace_seconds: float = Field(5.0, ge=0)
     replicas: int = Field(1, ge=1)  # started as Ray actors by the training job
+    max_restarts: int = Field(3, ge=0)  # Ray restarts a replica that died this often (the client follows)
     num_cpus: float = Field(1, ge=0)  # per replica actor
     resources: dict[str, float] = {}  # Ray custom resources, to place replicas on their node type
     addresses: list[str] = []  # clients: replicas to use; empty means the job's own

@@ -42,6 +42,7 @@ class Job:
     progress: bool = True
     pool: object = None
     rewards: object = None
+    replicas: object = None  # reward.replica.ReplicaSet, while the warmup runs
     sync: object = None
     dev: object = None
     run: object = None
@@ -61,13 +62,17 @@ class Job:
         if wanted != self.pool.size:
             log.info("step %d: %d -> %d rollout actors", step, self.pool.size, wanted)
             self.pool.scale(wanted)
+        if self.replicas and not self.cfg.reward.addresses and (moved := self.replicas.refresh()):
+            log.info("step %d: reward replicas now at %s", step, moved)  # one was restarted
+            self.rewards.set_addresses(moved)
         self.control.report.remote({"stage": stage, "step": step, "actors": self.pool.size,
                                     "versions": self.pool.versions()})
         if ray.get(self.control.stop_requested.remote(), timeout=10) and not self.stopping:
             log.info("step %d: stop requested; ending the job", step)
             self.stopping = True
         return {"actors/count": float(self.pool.size), "actors/ready": float(self.pool.ready),
-                "actors/lost": float(self.pool.replaced), "rollout/requeued": float(self.pool.requeued)}
+                "actors/lost": float(self.pool.replaced), "rollout/requeued": float(self.pool.requeued),
+                "weights/relay_fallbacks": float(self.pool.relay_fallbacks)}
 
     def progress_bar(self, stage: str, start: int, total: int):
         from tqdm import tqdm
@@ -99,7 +104,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     from prorank.tracking import RunLog
     from prorank.warmup_stage import run_warmup
     from reward.client import SyncRewardClient, client_options
-    from reward.replica import start_replicas
+    from reward.replica import ReplicaSet
 
     started = time.monotonic()
     tc, sc = cfg.train, cfg.score
@@ -130,8 +135,9 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         _start_ray(cfg, stack)
         addresses = []
         if run_warm:
-            replicas, addresses = start_replicas(data_cfg, cfg.reward, token)
-            stack.callback(_stop_replicas, replicas)
+            job.replicas = ReplicaSet(data_cfg, cfg.reward, token)
+            stack.callback(job.replicas.stop)
+            addresses = list(job.replicas.addresses)
             job.rewards = SyncRewardClient(cfg.reward.addresses or addresses, token, **client_options(cfg.reward))
             stack.callback(job.rewards.close)
         w = cfg.weights
@@ -262,17 +268,6 @@ def ray_kill(handle) -> None:
     import ray
 
     ray.kill(handle)
-
-
-def _stop_replicas(replicas: list) -> None:
-    import ray
-
-    for replica in replicas:
-        try:
-            ray.get(replica.stop.remote(), timeout=10)
-        except Exception as err:  # noqa: BLE001 - it is killed next either way
-            log.warning("reward replica did not stop cleanly: %s", err)
-        ray.kill(replica)
 
 
 def _json(data) -> str:

@@ -252,3 +252,34 @@ def checkpoint_model_dir(path: str) -> str:
     if p.exists():
         raise ModelError(f"{path} holds no model: expected config.json in it or in its model/ folder")
     return path
+
+
+def build_answering_model(output_dir: str | Path, data_path: str | Path, rate: float = 0.2, seed: int = 3) -> Path:
+    """The tiny random model (`build_tiny_model`), nudged so that about `rate` of its first sampled tokens
+    on `data_path`'s training prompts are "0" or "1": like an instruct model, it must sometimes answer in
+    format for GRPO to have a signal to follow. For tests and benchmarks of the training loop."""
+    import torch
+
+    from prorank.config import ModelConfig
+    from prorank.data import load_local
+    from prorank.prompt import PromptBuilder, answer_token_ids
+
+    folder = build_tiny_model(output_dir, seed=seed)
+    model, tokenizer = load_causal_lm(ModelConfig(path=str(folder)))
+    builder = PromptBuilder(tokenizer, 256, 16)
+    data = load_local(data_path, "train")
+    pairs = [(data.queries[q], data.corpus[d].text) for q in data.query_ids[:8] for d in list(data.qrels[q])[:1]]
+    with torch.no_grad():
+        hidden = torch.stack([model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+                              for ids in builder.encode_batch(pairs)])
+        direction = hidden.mean(0)
+        answers = list(answer_token_ids(tokenizer))
+        emb = model.get_input_embeddings().weight
+        for boost in torch.linspace(0.5, 12, 48):  # the smallest boost giving the format rate
+            trial = emb.clone()
+            trial[answers] += boost * direction / direction.dot(direction)
+            if (hidden @ trial.T).softmax(-1)[:, answers].sum(-1).mean() >= rate:
+                emb.copy_(trial)
+                break
+    model.save_pretrained(folder)
+    return folder

@@ -41,6 +41,10 @@ class WeightError(ValueError):
     """A weight version that must not be applied; the message says which tensor or chunk and why."""
 
 
+class TransferError(WeightError):
+    """The transfer itself broke (connection lost, stream cut short): asking again may succeed."""
+
+
 def checksum(data) -> str:
     return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
 

@@ -63,16 +63,28 @@ class RewardClient:
         if not addresses:
             raise ValueError("no reward service addresses")
         limit = max_message_mb * 2**20
-        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-        creds = channel_credentials(tls_ca) if (tls or tls_ca) else None
-        self.replicas = []
-        for address in addresses:
-            channel = (grpc.aio.secure_channel(address, creds, options=options) if creds
-                       else grpc.aio.insecure_channel(address, options=options))
-            self.replicas.append(_Replica(address, reward_pb2_grpc.RewardStub(channel), channel))
+        # Reconnect within a second of a replica coming back (gRPC's default backoff grows to minutes,
+        # and calls fail at once while it waits: a restarted replica would stay unused).
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        self._creds = channel_credentials(tls_ca) if (tls or tls_ca) else None
+        self._options = options
+        self.replicas = [self._connect(a) for a in addresses]
         self.metadata = auth_metadata(token)
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self._turn = itertools.count()
+
+    def _connect(self, address: str) -> _Replica:
+        channel = (grpc.aio.secure_channel(address, self._creds, options=self._options) if self._creds
+                   else grpc.aio.insecure_channel(address, options=self._options))
+        return _Replica(address, reward_pb2_grpc.RewardStub(channel), channel)
+
+    async def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Follow replicas that moved (a restarted one serves on a new port); unchanged ones keep their channel."""
+        kept = {r.address: r for r in self.replicas}
+        self.replicas = [kept.pop(a, None) or self._connect(a) for a in addresses]
+        await asyncio.gather(*(r.channel.close() for r in kept.values()))
 
     def _pick(self) -> _Replica:
         now = time.monotonic()
@@ -124,6 +136,9 @@ class SyncRewardClient:
 
     def score(self, groups: Sequence[reward_pb2.Group]) -> list[reward_pb2.GroupReward]:
         return self._call(self.client.score(groups))
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        self._call(self.client.set_addresses(addresses))
 
     def close(self) -> None:
         self._call(self.client.close())

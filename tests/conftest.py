@@ -82,30 +82,6 @@ def ray_local():
 def answering_model(tmp_path_factory, scifact_dir):
     """The tiny random model, nudged so that about a fifth of its first sampled tokens are "0" or "1":
     like an instruct model, it must sometimes answer in format for GRPO to have a signal to follow."""
-    import torch
+    from prorank.models import build_answering_model
 
-    from prorank.config import ModelConfig
-    from prorank.data import load_local
-    from prorank.models import build_tiny_model, load_causal_lm
-    from prorank.prompt import PromptBuilder, answer_token_ids
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("answering-model"), seed=3)
-    model, tokenizer = load_causal_lm(ModelConfig(path=str(folder)))
-    builder = PromptBuilder(tokenizer, 256, 16)
-    data = load_local(scifact_dir, "train")
-    pairs = [(data.queries[q], data.corpus[d].text) for q in data.query_ids[:8] for d in list(data.qrels[q])[:1]]
-    with torch.no_grad():
-        hidden = [model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
-                  for ids in builder.encode_batch(pairs)]
-        direction = torch.stack(hidden).mean(0)
-        answers = list(answer_token_ids(tokenizer))
-        emb = model.get_input_embeddings().weight
-        for boost in torch.linspace(0.5, 12, 48):  # the smallest boost giving a format rate >= 20%
-            trial = emb.clone()
-            trial[answers] += boost * direction / direction.dot(direction)
-            logits = torch.stack(hidden) @ trial.T
-            if logits.softmax(-1)[:, answers].sum(-1).mean() >= 0.2:
-                emb.copy_(trial)
-                break
-    model.save_pretrained(folder)
-    return folder
+    return build_answering_model(tmp_path_factory.mktemp("answering-model"), scifact_dir)

@@ -67,6 +67,18 @@ def test_sampled_logprobs_match_transformers(pool, tiny_model, scifact_test):
             assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4), (c.logprobs, expected)
 
 
+def test_a_request_samples_the_same_whatever_actor_or_batch(pool, scifact_test):
+    """Per-request seeds: the judgments of a request do not depend on which actor answers it or on the
+    requests batched with it (what lets a job that lost an actor, or was resumed, match an uninterrupted one)."""
+    reqs = requests_from(scifact_test, 12, "seed")
+    together = {r.request_id: r for r in pool.generate(reqs)}
+    alone = {r.request_id: r for r in pool.generate(reqs[5:7][::-1])}
+    assert {together[i].actor for i in together} == set(pool.versions())  # spread over both actors
+    for rid, res in alone.items():
+        assert [c.token_ids for c in res.completions] == [c.token_ids for c in together[rid].completions]
+    assert len({tuple(map(tuple, (c.token_ids for c in r.completions))) for r in together.values()}) > 1
+
+
 def test_long_prompt_is_truncated_not_rejected(pool):
     long = RolloutRequest("long", "q", "d", "a query " * 100, "a very long document " * 2000)
     (res,) = pool.generate([long])

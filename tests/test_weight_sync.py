@@ -207,3 +207,34 @@ def test_relay_passes_on_an_upstream_failure():
     finally:
         upstream.stop(0)
         relay.stop(0)
+
+
+class _CutOnce(WeightPublisher):
+    """Its first stream stops after one chunk (a connection lost mid-transfer); later ones are whole."""
+
+    cuts = 1
+
+    def Fetch(self, request, context):
+        stream = super().Fetch(request, context)
+        if self.cuts:
+            self.cuts -= 1
+            yield next(stream)
+            yield next(stream)
+            return
+        yield from stream
+
+
+def test_a_transfer_cut_mid_stream_is_asked_again():
+    from actors.weight_receiver import pull_newest
+    from protocol.weights_codec import TransferError
+
+    srv = WeightServer(TOKEN, publisher=_CutOnce(64 * 1024)).start()
+    try:
+        srv.publisher.publish(1, state())
+        (manifest, _), source = pull_newest([(srv.address, 10)], TOKEN, 0, "r")
+        assert manifest.version == 1 and source == srv.address and srv.publisher.cuts == 0
+        srv.publisher.cuts = 5  # more cuts than retries: refused, naming the cut
+        with pytest.raises(TransferError, match="partial transfer"):
+            pull_newest([(srv.address, 10)], TOKEN, 0, "r", retries=2)
+    finally:
+        srv.stop(0)
