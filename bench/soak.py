@@ -66,8 +66,11 @@ class Cluster:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.address = f"127.0.0.1:{port}"
+        token = Path(self.temp) / "ray-token"
+        token.write_text(secrets.token_hex(32))
         self.env = {**os.environ, "PRORANK_SOAK_TAG": self.tag, "TOKENIZERS_PARALLELISM": "false",
-                    "RAY_USAGE_STATS_ENABLED": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         ray = str(Path(sys.executable).parent / "ray")
         subprocess.run([ray, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
                         "--num-cpus", "8", "--include-dashboard=false", "--disable-usage-stats", "--temp-dir",
@@ -94,10 +97,11 @@ class Cluster:
                 continue
         return found
 
-    def train(self, config: Path, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "prorank.cli", "train", "--config", str(config), "--address",
-                                 self.address, *extra], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    def train(self, config: Path, log: Path, *extra: str) -> subprocess.Popen:
+        with log.open("w") as out:  # a file, not a pipe: nobody reads while the job runs
+            return subprocess.Popen([sys.executable, "-m", "prorank.cli", "train", "--config", str(config),
+                                     "--address", self.address, *extra], cwd=ROOT, env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT)
 
 
 def _lines(metrics: Path) -> list[dict]:
@@ -128,78 +132,71 @@ def _signal(pid: int, sig: int) -> bool:
         return False
 
 
-def faulted_run(cluster: Cluster, config: Path, metrics: Path, steps: int, actor_kills: int, replica_kills: int,
-                cuts: int, crash_at: int, generation_seconds: float) -> dict:
-    """Run the job under the fault schedule; returns what was injected and survived."""
-    import ray
-
-    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")  # to see the job's actors go
+def faulted_run(cluster: Cluster, config: Path, metrics: Path, actor_kills: int, replica_kills: int, cuts: int,
+                crash_at: int, freeze_delay: float) -> dict:
+    """Run the job under the fault schedule (one fault a step at most), crash it, resume it; returns
+    what was injected and the job's own counts just before the crash."""
     kill_steps = [2 + 2 * i for i in range(actor_kills)]  # different steps, spread over the run
     replica_steps = [3 + 4 * i for i in range(replica_kills)]
     injected = {"actor kills": 0, "reward replica kills": 0, "relay freezes": 0, "driver SIGKILL": 0}
-    proc = cluster.train(config)
-    seen, froze_at = 0, -10
+    proc = cluster.train(config, config.with_suffix(".log"))
+    seen, froze_at, frozen, thaw_at = 0, -10, [], 0.0
     deadline = time.monotonic() + 1800
     try:
         while proc.poll() is None and time.monotonic() < deadline:
+            if frozen and time.monotonic() >= thaw_at:
+                frozen = [p for p in frozen if not _signal(p, signal.SIGCONT)]
             lines = _lines(metrics)
             if len(lines) == seen:
                 time.sleep(0.01)
                 continue
-            seen = len(lines)
-            step = lines[-1]["step"]
-            # Right as step + 1 starts: its requests are with the actors now.
-            if kill_steps and step >= kill_steps[0]:
-                kill_steps.pop(0)
-                injected["actor kills"] += any(_signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RolloutEngine")[:1])
-            if replica_steps and step >= replica_steps[0]:
-                replica_steps.pop(0)
-                injected["reward replica kills"] += any(_signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RewardReplica")[:1])
-            fallbacks = lines[-1]["weights/relay_fallbacks"]
-            if fallbacks < cuts and step - froze_at >= 3 and step < crash_at - 4:
-                # Freeze the oldest actor (the head of the relay pipeline) once this step's judgments are
-                # in, so that the weight sync finds it frozen: the next actor's pull from it breaks off
-                # and it falls back to the learner. A freeze that lands mid-generation only stalls the step.
-                froze_at = step
-                time.sleep(generation_seconds)
-                oldest = _actor_pids(cluster, "RolloutEngine")[:1]
-                injected["relay freezes"] += any(_signal(p, signal.SIGSTOP) for p in oldest)
-                time.sleep(FREEZE_SECONDS)
-                for pid in oldest:
-                    _signal(pid, signal.SIGCONT)
+            seen, step = len(lines), lines[-1]["step"]
             if step >= crash_at:
                 proc.kill()  # SIGKILL: no cleanup, no final checkpoint
                 injected["driver SIGKILL"] = 1
                 break
+            if step >= crash_at - 4 or frozen:
+                continue  # the steps just before the crash run undisturbed
+            # Right as step + 1 starts: its requests are with the actors now.
+            if kill_steps and step >= kill_steps[0]:
+                kill_steps.pop(0)
+                injected["actor kills"] += any(_signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RolloutEngine")[:1])
+            elif replica_steps and step >= replica_steps[0]:
+                replica_steps.pop(0)
+                injected["reward replica kills"] += any(_signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RewardReplica")[:1])
+            elif lines[-1]["weights/relay_fallbacks"] < cuts and step - froze_at >= 3:
+                # Freeze the oldest actor (the head of the relay pipeline) while the learner steps, so that
+                # the weight sync finds it frozen: the next actor's pull from it breaks off and falls back to
+                # the learner. A freeze that lands mid-generation only stalls the step (tried again later).
+                froze_at = step
+                time.sleep(freeze_delay)
+                frozen = [p for p in _actor_pids(cluster, "RolloutEngine")[:1] if _signal(p, signal.SIGSTOP)]
+                injected["relay freezes"] += bool(frozen)
+                thaw_at = time.monotonic() + FREEZE_SECONDS
+        for pid in frozen:
+            _signal(pid, signal.SIGCONT)
         proc.wait(60)
-        crashed_output = proc.stdout.read()
         if not injected["driver SIGKILL"]:
-            raise RuntimeError(f"the job ended before the crash step:\n{crashed_output[-4000:]}")
-        _wait_gone(f"prorank-control-{yaml.safe_load(config.read_text())['train']['job_name']}")
+            raise RuntimeError(f"the job ended before the crash step:\n{config.with_suffix('.log').read_text()[-4000:]}")
+        _wait_gone(cluster)
         before = _lines(metrics)[-1]
-        resumed = cluster.train(config, "--resume")
-        output, _ = resumed.communicate(timeout=1800)
-        if resumed.returncode:
-            raise RuntimeError(f"the resumed job failed:\n{output[-4000:]}")
+        resumed = cluster.train(config, config.with_suffix(".resumed.log"), "--resume")
+        if resumed.wait(1800):
+            raise RuntimeError(f"the resumed job failed:\n{config.with_suffix('.resumed.log').read_text()[-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
-        ray.shutdown()
     return {"injected": injected, "before_crash": before}
 
 
-def _wait_gone(name: str, timeout: float = 120) -> None:
-    """Ray removes a dead driver's actors shortly after it died; the resumed job reuses the name."""
-    import ray
-
+def _wait_gone(cluster: Cluster, timeout: float = 120) -> None:
+    """Ray removes a dead driver's actors shortly after it died; the resumed job reuses the job's name."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            ray.get_actor(name, namespace="prorank")
-        except ValueError:
+        if not any(_actor_pids(cluster, c) for c in ("JobControl", "RolloutEngine", "LearnerRank", "RewardReplica")):
             return
         time.sleep(1)
-    raise TimeoutError(f"actor {name} still alive {timeout:.0f} s after its driver died")
+    raise TimeoutError(f"the crashed job's actors still run {timeout:.0f} s after its driver died")
 
 
 def soak(data: str, model: str, work: Path, steps: int = 40, actor_kills: int = 10, replica_kills: int = 3,
@@ -207,14 +204,15 @@ def soak(data: str, model: str, work: Path, steps: int = 40, actor_kills: int = 
     crash_at = steps - 3  # after the checkpoint at a multiple of 5: the last steps are redone on resume
     cluster = Cluster()
     try:
-        reference = cluster.train(job_config(work / "reference", model, data, steps))
-        output, _ = reference.communicate(timeout=1800)
-        if reference.returncode:
-            raise RuntimeError(f"the reference job failed:\n{output[-4000:]}")
+        reference_config = job_config(work / "reference", model, data, steps)
+        if cluster.train(reference_config, work / "reference.log").wait(1800):
+            raise RuntimeError(f"the reference job failed:\n{(work / 'reference.log').read_text()[-4000:]}")
         config = job_config(work / "faulted", model, data, steps)
-        waits = sorted(m["time/wait_rollouts_seconds"] for m in _lines(work / "reference" / "metrics.jsonl"))
-        faults = faulted_run(cluster, config, work / "faulted" / "metrics.jsonl", steps, actor_kills,
-                             replica_kills, cuts, crash_at, 1.5 * waits[len(waits) // 2])
+        ref = _lines(work / "reference" / "metrics.jsonl")
+        median = lambda key: sorted(m[key] for m in ref)[len(ref) // 2]  # noqa: E731
+        freeze_delay = median("time/wait_rollouts_seconds") + 0.5 * median("train/step_seconds")
+        faults = faulted_run(cluster, config, work / "faulted" / "metrics.jsonl", actor_kills, replica_kills,
+                             cuts, crash_at, freeze_delay)
     finally:
         cluster.stop()
     ref, got = _lines(work / "reference" / "metrics.jsonl"), _lines(work / "faulted" / "metrics.jsonl")
