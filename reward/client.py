@@ -1,8 +1,8 @@
 """Client of the reward service: async, with deadlines, retries with backoff, and several replicas.
 
 Each call goes to the live replica with the fewest calls in flight (ties in turn). A replica that fails
-with UNAVAILABLE or DEADLINE_EXCEEDED is rested for a while and the call is retried on another after an
-exponential backoff. Other errors (INVALID_ARGUMENT, UNAUTHENTICATED, ...) are not retried.
+with UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED (it stopped mid-call) is rested for a while and the
+call is retried on another after an exponential backoff. Other errors (INVALID_ARGUMENT, UNAUTHENTICATED, ...) are not retried.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from prorank.config import RewardConfig
 from prorank.rollout import GroupResult
 from prorank.security import auth_metadata, channel_credentials
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED too: a replica that stops mid-call cancels the calls in flight (this client never cancels one).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 REST_SECONDS = 2.0
 
 

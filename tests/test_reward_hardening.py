@@ -110,3 +110,30 @@ def test_default_client_rides_out_a_restart_of_its_only_replica(qrels):
         for srv in restarted:
             srv.stop(0)
     assert failed == 0 and answered > 5
+
+
+def test_calls_in_flight_when_a_replica_stops_go_to_the_other(qrels):
+    """A replica stopping mid-call cancels its calls in flight (CANCELLED, not UNAVAILABLE): they are
+    retried on the other replica, not failed (this failed a step under CI load before)."""
+    import asyncio
+
+    from reward.client import RewardClient
+
+    groups = [G(request_id=f"r{i}", completions=["1"] * 64) for i in range(3000)]
+    for _ in range(5):
+        first, second = (RewardServer(qrels, RewardConfig(port=0), TOKEN).start() for _ in range(2))
+
+        async def race() -> list:
+            client = RewardClient([first.address, second.address], TOKEN, **client_options(RewardConfig()))
+            calls = [asyncio.create_task(client.score(groups)) for _ in range(4)]
+            await asyncio.sleep(0.05)
+            threading.Thread(target=first.stop, args=(0,)).start()  # while the calls run
+            answers = await asyncio.gather(*calls)
+            await client.close()
+            return answers
+
+        try:
+            assert [len(a) for a in asyncio.run(race())] == [3000] * 4
+        finally:
+            first.stop(0)
+            second.stop(0)
