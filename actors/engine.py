@@ -65,8 +65,9 @@ class RolloutEngine:
 
         start = time.perf_counter()
         prompts = self.builder.encode_batch([(r.query, r.document) for r in requests])
-        params = ([self.params.clone() for _ in requests] if self.per_request_seed else self.params)
+        params = self.params
         if self.per_request_seed:
+            params = [self.params.clone() for _ in requests]
             for p, r in zip(params, requests):
                 p.seed = request_seed(self.seed, r.request_id)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

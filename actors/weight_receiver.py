@@ -69,24 +69,28 @@ def pull_newest(sources: list[tuple[str, float]], token: str, min_version: int, 
     one. A source that fails (a relay hop that died or was cut off mid-transfer) is skipped for the
     next; the last one (the learner) is asked again `retries` times when its transfer broke, and
     its failure is raised (WeightError) after that."""
-    attempts = [(s, w) for s, w in sources[:-1]] + [sources[-1]] * (1 + retries)
-    for i, (source, wait) in enumerate(attempts):
+    *relays, (learner, learner_wait) = sources
+    for source, wait in relays:
         try:
             got = fetch_version(source, token, min_version, receiver, expected, tls_ca, timeout=wait,
                                 relay=relay, buffer=buffer)
         except WeightError as err:
-            last = i == len(attempts) - 1
-            if last or (i >= len(sources) - 1 and not isinstance(err, TransferError)):
-                raise
-            log.warning("%s: weights from %s failed (%s); trying %s", receiver, source, err, attempts[i + 1][0])
-            if i >= len(sources) - 1:
-                time.sleep(0.5)  # the learner's transfer broke: a moment before asking it again
+            log.warning("%s: weights from %s failed (%s); trying the next source", receiver, source, err)
             continue
         if got is not None:
             return got, source
-        if i >= len(sources) - 1:
-            break  # the learner has none yet: no point asking again
-    return None, ""
+    for attempt in range(1 + retries):
+        try:
+            got = fetch_version(learner, token, min_version, receiver, expected, tls_ca, timeout=learner_wait,
+                                relay=relay, buffer=buffer)
+        except TransferError as err:
+            if attempt == retries:
+                raise
+            log.warning("%s: weights from %s broke off (%s); asking again", receiver, learner, err)
+            time.sleep(0.5)
+            continue
+        return (got, learner) if got is not None else (None, "")
+    raise AssertionError("unreachable")
 
 
 def _receive(stream, min_version: int, expected: dict[str, Spec] | None, relay: WeightPublisher | None,

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ class Cluster:
     def __init__(self):
         self.tag = secrets.token_hex(8)
         self.temp = tempfile.mkdtemp(prefix="raysoak-", dir="/tmp")
-        with __import__("socket").socket() as s:
+        with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.address = f"127.0.0.1:{port}"

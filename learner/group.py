@@ -39,29 +39,26 @@ class LearnerGroup:
         self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, temperature, ranking)
                       for r in range(cfg.num_ranks)]
         address, port = ray.get(self.ranks[0].master_address.remote())
-        self.where = [f"rank {r}" for r in range(cfg.num_ranks)]  # until the nodes are known
+        self.where = [f"rank {r}" for r in range(cfg.num_ranks)]  # how errors name a rank, until its node is known
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        self.where = [f"rank {r} on node {ips.get(node, '?')} ({node[:8]})"
-                      for r, node in enumerate(self._all("node", []))]
-        self._all("setup", [((address, port), {})] * cfg.num_ranks)
+        self.where = [f"rank {r} on node {ips.get(node, '?')} ({node[:8]})" for r, node in enumerate(self._all("node"))]
+        self._all("setup", address, port)
         self.steps = 0
 
-    def _all(self, method: str, calls: list[tuple[tuple, dict]]) -> list:
-        """`method` on every rank (with each rank's args, or none), answers in rank order. Fails fast:
-        when one rank dies or raises, the others may wait in a collective for it until the process
-        group's timeout, so the first failure ends the call with an error naming that rank and node."""
-        calls = calls or [((), {})] * len(self.ranks)
-        refs = [getattr(rank, method).remote(*a, **kw) for rank, (a, kw) in zip(self.ranks, calls)]
+    def _all(self, method: str, *args, per_rank: list[tuple] | None = None) -> list:
+        """`method` on every rank, with `args` (or each rank's own `per_rank` args), answers in rank order.
+        Fails fast: when one rank dies or raises, the others may wait in a collective for it until the
+        process group's timeout, so the first failure ends the call with an error naming that rank and node."""
+        refs = [getattr(rank, method).remote(*(per_rank[r] if per_rank else args)) for r, rank in enumerate(self.ranks)]
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(done[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                rank = refs.index(done[0])
-                where = self.where[rank]
                 cause = str(err).strip().splitlines()[0][:300]
-                raise LearnerError(f"learner {where} failed in {method}: {type(err).__name__}: {cause}") from err
+                raise LearnerError(f"learner {self.where[refs.index(done[0])]} failed in {method}: "
+                                   f"{type(err).__name__}: {cause}") from err
         return ray.get(refs)
 
     def _train(self, groups: list, normalizer: float) -> tuple[list[dict], dict[str, float], float]:
@@ -69,7 +66,7 @@ class LearnerGroup:
             raise ValueError(f"a learner step takes {self.cfg.groups_per_step} groups, got {len(groups)}")
         start = time.perf_counter()
         k = len(self.ranks)
-        parts = self._all("train_step", [((groups[r::k], normalizer), {}) for r in range(k)])
+        parts = self._all("train_step", per_rank=[(groups[r::k], normalizer) for r in range(k)])
         self.steps += 1
         summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in ("grad_norm", "lr", "seconds")}
         return parts, summed, time.perf_counter() - start
@@ -105,12 +102,12 @@ class LearnerGroup:
 
     def nodes(self) -> list[str]:
         """The Ray node id each rank runs on."""
-        return self._all("node", [])
+        return self._all("node")
 
     def full_weights(self) -> tuple[dict, float]:
         """The full state dict (named CPU tensors) gathered on rank 0, and the seconds it took."""
         start = time.perf_counter()
-        states = self._all("full_state_dict", [])
+        states = self._all("full_state_dict")
         return states[0], time.perf_counter() - start
 
     def save(self, root: str | Path, driver_state: dict | None = None, weights: dict | None = None) -> Path:
@@ -122,7 +119,7 @@ class LearnerGroup:
         tmp = root / f".tmp-step-{self.steps}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self._all("save", [((str(tmp),), {})] * len(self.ranks))
+        self._all("save", str(tmp))
         (tmp / "driver.json").write_text(json.dumps({"steps": self.steps, **(driver_state or {})}))
         if weights is not None:
             save_model_dir(weights, self.model_path, tmp / "model")
@@ -140,7 +137,7 @@ class LearnerGroup:
         if not latest.is_file():
             raise FileNotFoundError(f"no checkpoint under {root} (missing {latest})")
         folder = root / latest.read_text().strip()
-        self._all("load", [((str(folder),), {})] * len(self.ranks))
+        self._all("load", str(folder))
         state = json.loads((folder / "driver.json").read_text())
         self.steps = state["steps"]
         return state

@@ -2,7 +2,8 @@
 
 Each call goes to the live replica with the fewest calls in flight (ties in turn). A replica that fails
 with UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED (it stopped mid-call) is rested for a while and the
-call is retried on another after an exponential backoff. Other errors (INVALID_ARGUMENT, UNAUTHENTICATED, ...) are not retried.
+call is retried on another after an exponential backoff. Other errors (INVALID_ARGUMENT,
+UNAUTHENTICATED, ...) are not retried.
 """
 
 from __future__ import annotations

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import ray
 
 from prorank.config import DataConfig, RewardConfig
 from prorank.security import announced_address
+
+log = logging.getLogger(__name__)
 
 
 class RewardReplica:
@@ -58,11 +62,9 @@ class ReplicaSet:
         return list(self.addresses) if moved else None
 
     def stop(self) -> None:
-        import logging
-
         for replica in self.handles:
             try:
                 ray.get(replica.stop.remote(), timeout=10)
             except Exception as err:  # noqa: BLE001 - it is killed next either way
-                logging.getLogger(__name__).warning("reward replica did not stop cleanly: %s", err)
+                log.warning("reward replica did not stop cleanly: %s", err)
             ray.kill(replica)

@@ -127,7 +127,7 @@ def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tm
     summary = json.loads((tmp_path / "run-sync" / "summary.json").read_text())
     assert summary["steps"] == last
     assert set(summary["versions"].values()) == {last}  # every actor ends on the latest weights
-    node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in _ray_nodes(cluster)}
+    node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in cluster.ray_nodes()}
     by_role = {node.ip: node.role for node in cluster.nodes}
     assert {by_role[node_ips[n]] for n in summary["placement"]["warmup_learner"]} == {"learner"}
     assert {by_role[node_ips[n]] for n in summary["placement"]["actors"]} == {"actor"}
@@ -159,15 +159,6 @@ def test_actor_node_cut_off_mid_stream_its_work_is_redone_once(cluster, tmp_path
         cluster.link(ACTOR2, up=True)
     assert sorted(done["answered"]) == sorted(f"r{i}" for i in range(n))  # none lost, none twice
     assert done["lost"] == 1 and done["requeued"] > 0  # the cut actor's chunks were redone elsewhere
-
-
-def _ray_nodes(cluster) -> list[dict]:
-    code = ("import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='ERROR'); "
-            "print(json.dumps([{'NodeID': n['NodeID'], 'NodeManagerAddress': n['NodeManagerAddress']} "
-            "for n in ray.nodes()]))" % cluster.address)
-    out = cluster.run(0, [sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads([x for x in out.stdout.splitlines() if x.startswith("[")][-1])
 
 
 def test_relay_hop_cut_off_mid_transfer_falls_back_to_the_learner(cluster):

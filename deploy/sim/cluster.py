@@ -242,18 +242,24 @@ class SimCluster:
             log.close()
         self.wait_nodes(len(self.nodes), wait)
 
-    def alive_nodes(self) -> dict[str, int]:
-        """Live Ray nodes by role, asked from the head node's namespace."""
+    def ray_nodes(self) -> list[dict]:
+        """Every node Ray knows (dead ones too): NodeID, NodeManagerAddress (its IP), Alive, and its role
+        resources, asked from the head node's namespace."""
         code = ("import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='ERROR'); "
-                "print(json.dumps([k for n in ray.nodes() if n['Alive'] for k in n['Resources'] "
-                "if k.endswith('_node')]))" % self.address)
+                "print(json.dumps([{'NodeID': n['NodeID'], 'NodeManagerAddress': n['NodeManagerAddress'], "
+                "'Alive': n['Alive'], 'roles': [k for k in n['Resources'] if k.endswith('_node')]} "
+                "for n in ray.nodes()]))" % self.address)
         try:
             out = self.run(self.head, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:
             raise SimError(f"no answer from the Ray head at {self.address} in 60 s") from None
         if out.returncode:
             raise SimError(f"cannot list the Ray nodes: {out.stderr[-1000:]}")
-        found = json.loads([x for x in out.stdout.splitlines() if x.startswith("[")][-1])
+        return json.loads([x for x in out.stdout.splitlines() if x.startswith("[")][-1])
+
+    def alive_nodes(self) -> dict[str, int]:
+        """Live Ray nodes by role."""
+        found = [k for n in self.ray_nodes() if n["Alive"] for k in n["roles"]]
         return {role: found.count(f"{role}_node") for role in ROLES}
 
     def wait_nodes(self, count: int, timeout: float = 180) -> None:
