@@ -2,7 +2,7 @@
 actors, on the same SciFact prompts and model, each timed after a warm-up, in one script.
 
     .venv/bin/python -m bench.rollout --data ../shared/data/scifact \
-        --model models/SmolLM2-135M-Instruct --prompts 32 --group-size 8 --max-tokens 4
+        --model models/SmolLM2-135M-Instruct --prompts 32 --group-size 8 --max-tokens 4 [--seed-ab]
 """
 
 from __future__ import annotations
@@ -70,6 +70,26 @@ def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, act
     return sum(len(r.completions) for r in results) / seconds
 
 
+def seed_ab(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, rounds: int = 3) -> tuple[float, float]:
+    """Judgments/s of one engine with per-request seeds and with one stream per engine, alternated
+    `rounds` times on the same prompts (best of each): what `sampling.per_request_seed` costs."""
+    from actors.engine import RolloutEngine
+    from prorank.config import ActorConfig, SamplingConfig
+
+    engine = RolloutEngine(model_dir, ActorConfig(max_model_len=1024), SamplingConfig(group_size=group,
+                           max_tokens=max_tokens), prompt_cfg)
+    engine.generate(reqs[:2])  # warm-up
+    best = {True: 0.0, False: 0.0}
+    for _ in range(rounds):
+        for seeded in (True, False):
+            engine.per_request_seed = seeded
+            start = time.perf_counter()
+            results = engine.generate(reqs)
+            rate = sum(len(r.completions) for r in results) / (time.perf_counter() - start)
+            best[seeded] = max(best[seeded], rate)
+    return best[True], best[False]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -79,7 +99,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--seed-ab", action="store_true", help="only: per-request seeds vs one stream per engine")
     args = ap.parse_args()
+    if args.seed_ab:
+        from prorank.config import PromptConfig
+
+        seeded, plain = seed_ab(args.model, scifact_requests(args.data, args.prompts),
+                                PromptConfig(max_length=args.max_length), args.group_size, args.max_tokens)
+        print(f"one engine, per-request seeds: {seeded:8.2f} judgments/s; one stream per engine: {plain:8.2f}; "
+              f"ratio {seeded / plain:.2f}x")
+        return
 
     import ray
 

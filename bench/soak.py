@@ -156,7 +156,7 @@ def faulted_run(cluster: Cluster, config: Path, metrics: Path, actor_kills: int,
                 proc.kill()  # SIGKILL: no cleanup, no final checkpoint
                 injected["driver SIGKILL"] = 1
                 break
-            if step >= crash_at - 4 or frozen:
+            if step >= crash_at - 4:
                 continue  # the steps just before the crash run undisturbed
             # Right as step + 1 starts: its requests are with the actors now.
             if kill_steps and step >= kill_steps[0]:
@@ -165,7 +165,7 @@ def faulted_run(cluster: Cluster, config: Path, metrics: Path, actor_kills: int,
             elif replica_steps and step >= replica_steps[0]:
                 replica_steps.pop(0)
                 injected["reward replica kills"] += any(_signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RewardReplica")[:1])
-            elif lines[-1]["weights/relay_fallbacks"] < cuts and step - froze_at >= 3:
+            elif not frozen and lines[-1]["weights/relay_fallbacks"] < cuts and step - froze_at >= 3:
                 # Freeze the oldest actor (the head of the relay pipeline) while the learner steps, so that
                 # the weight sync finds it frozen: the next actor's pull from it breaks off and falls back to
                 # the learner. A freeze that lands mid-generation only stalls the step (tried again later).

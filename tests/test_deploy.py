@@ -206,3 +206,22 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
     nodes = _nodes(address, env)
     assert [nodes[n] for n in summary["placement"]["actors"]] == [{"actor_node"}]
     assert [nodes[n] for n in summary["placement"]["warmup_learner"]] == [{"learner_node"}]
+
+
+def test_simulated_cluster_refuses_bad_settings(tmp_path):
+    """deploy/sim's settings are checked before anything is made (no root needed for these)."""
+    from bench.fanout import rate_bits
+    from deploy.sim.cluster import SimCluster, SimError
+
+    with pytest.raises(SimError, match=r"node roles must be among .*'gpu'"):
+        SimCluster("prkx", ["learner", "gpu"])
+    with pytest.raises(SimError, match=r"cluster name 'much-too-long': up to 8 letters or digits"):
+        SimCluster("much-too-long", ["learner"])
+    with pytest.raises(SimError, match=r"no simulated cluster at .*\(no cluster.json\)"):
+        SimCluster.load(str(tmp_path))
+    assert rate_bits("800mbit") == 800e6 and rate_bits("1gbit") == 1e9
+    with pytest.raises(ValueError, match=r"rate '800MBps': use bit, kbit, mbit or gbit"):
+        rate_bits("800MBps")
+    out = subprocess.run([sys.executable, "-m", "deploy.sim", "link", "1", "sideways", "--state", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "link setting must be up or down, not 'sideways'" in out.stderr
