@@ -19,7 +19,7 @@ G = 4
 @pytest.fixture(scope="module")
 def pool(ray_local, tiny_model_dir):
     cfg = ActorConfig(num_actors=2, num_cpus=1, max_model_len=384, kv_cache_gib=1, chunk_size=3)
-    sampling = SamplingConfig(group_size=G, max_tokens=3, seed=1)
+    sampling = SamplingConfig(group_size=G, max_tokens=3, seed=1, per_request_seed=True)
     pool = ActorPool(str(tiny_model_dir), cfg, sampling, PromptConfig(max_length=256, max_query_tokens=16))
     pool.start()
     yield pool
