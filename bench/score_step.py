@@ -28,7 +28,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from learner.rank import freeze_below
-    from prorank.scoring import candidate_answer_logits, common_prefix_length
+    from prorank.scoring import answer_logits, common_prefix_length
     from prorank.batches import PromptSampler, RankingSampler
     from prorank.bm25 import bm25_search
     from prorank.config import BM25Config, DataConfig, ScoreConfig, TrainConfig
@@ -51,7 +51,7 @@ def main() -> None:
         for _ in range(args.repeats + 1):  # the first is a warm-up
             start = time.perf_counter()
             for g in groups:
-                scores = relevance_score(candidate_answer_logits(model, g.prompt_ids, builder.answer_ids,
+                scores = relevance_score(answer_logits(model, g.prompt_ids, builder.answer_ids,
                                                                  tok.pad_token_id, shared))
                 scores.sum().backward()
             best = min(best, time.perf_counter() - start)

@@ -15,7 +15,7 @@ from learner.score_losses import (listwise_contrastive, pairs_ordered, pairwise_
                                   score_margin)
 from prorank.prompt import relevance_score
 from prorank.rollout import RankingGroup
-from prorank.scoring import candidate_answer_logits
+from prorank.scoring import answer_logits
 
 
 def padded_rows(groups: Sequence[RankingGroup], scores: Sequence[torch.Tensor]):
@@ -51,7 +51,7 @@ def score_micro_batch_loss(model, groups: Sequence[RankingGroup], normalizer: fl
                            temperature: float, answer_ids: tuple[int, int], pad_id: int,
                            shared_prefix: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed ranking loss of `groups` over `normalizer` (rows in the whole step), and statistic sums."""
-    scores = [relevance_score(candidate_answer_logits(model, g.prompt_ids, answer_ids, pad_id, shared_prefix))
+    scores = [relevance_score(answer_logits(model, g.prompt_ids, answer_ids, pad_id, shared_prefix))
               for g in groups]
     s, labels, mask = padded_rows(groups, scores)
     total, parts = ranking_losses(s, labels, mask, weights, temperature)

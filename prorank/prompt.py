@@ -138,27 +138,3 @@ def relevance_score(answer_logits: torch.Tensor) -> torch.Tensor:
     """
     return answer_logits[..., 1] - answer_logits[..., 0]
 
-
-def answer_logits(model, batch: Sequence[Sequence[int]], answer_ids: tuple[int, int], pad_id: int):
-    """Logits of the two answer tokens at each prompt's last position, without the full vocab head.
-
-    batch: B prompts of token ids (any lengths); they are right-padded into one [B, T] tensor.
-    returns: [B, 2] float32 tensor (columns "0", "1"). Gradients flow when called under grad mode.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(x) for x in batch], device=device)
-    input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids, device=device)
-        mask[row, : len(ids)] = 1
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    last = hidden[torch.arange(len(batch), device=device), lengths - 1]  # [B, H]
-    head = model.get_output_embeddings()
-    rows = torch.as_tensor(answer_ids, device=device)
-    logits = last @ head.weight[rows].T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[rows]
-    return logits.float()

@@ -1,8 +1,9 @@
 """Relevance scores of (query, document) pairs under a causal LM: one forward pass per pair, no generation.
 
-`score_pairs` packs any pairs into length-sorted batches. `score_query` scores one query's candidates
-with the prompt tokens they share (system message and query) encoded once; `candidate_answer_logits`
-is that forward with gradients, which the stage-2 learner trains through.
+`answer_logits` is the one scorer: the logits of "0" and "1" at the end of each prompt, with gradients
+when called under grad mode (the stage-2 learner trains through it). `score_pairs` packs any pairs into
+length-sorted batches; `score_query` scores one query's candidates. Both encode the prompt tokens a
+batch shares (the system message, and the query for one query's candidates) once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from prorank.prompt import PromptBuilder, answer_logits, relevance_score
+from prorank.prompt import PromptBuilder, relevance_score
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -70,14 +71,15 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def candidate_answer_logits(model, prompts: Sequence[Sequence[int]], answer_ids: tuple[int, int], pad_id: int,
-                            shared_prefix: bool = True) -> torch.Tensor:
-    """Logits of "0" and "1" at the end of each of one query's candidate prompts: [N, 2] float32.
+def answer_logits(model, prompts: Sequence[Sequence[int]], answer_ids: tuple[int, int], pad_id: int,
+                  shared_prefix: bool = True) -> torch.Tensor:
+    """Logits of "0" and "1" at the end of each prompt (any lengths): [N, 2] float32, columns "0", "1".
 
     Left padding puts every prompt's answer position in the last column, so the vocabulary head runs on
     that column only (logits_to_keep=1) and the model is called as a whole (ZeRO-3's hooks). With
-    `shared_prefix`, the tokens all prompts share (system message and query) are encoded once and their
-    keys and values repeated for the N documents (as the learner's GRPO forward does for a group).
+    `shared_prefix`, the tokens all prompts share (the system message, and the query when they are one
+    query's candidates) are encoded once and their keys and values repeated for the N prompts (as the
+    learner's GRPO forward does for a group).
     """
     device = next(model.parameters()).device
     p = common_prefix_length(prompts) if shared_prefix and len(prompts) > 1 else 0
@@ -107,7 +109,7 @@ def score_query(model, builder: PromptBuilder, query: str, documents: Sequence[s
     pad_id = builder.tokenizer.pad_token_id
     scores: list[float] = []
     for start in range(0, len(ids), batch_size):
-        logits = candidate_answer_logits(model, ids[start : start + batch_size], builder.answer_ids, pad_id,
+        logits = answer_logits(model, ids[start : start + batch_size], builder.answer_ids, pad_id,
                                          shared_prefix)
         scores += relevance_score(logits).tolist()
     return scores

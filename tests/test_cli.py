@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prorank.cli import app, source_values
+from driver.cli import app, source_values
 from prorank.config import ConfigError
 
 runner = CliRunner()

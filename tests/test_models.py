@@ -5,7 +5,8 @@ import torch
 
 from prorank.config import ModelConfig
 from prorank.models import ModelError, find_smollm2_gguf, load_causal_lm, resolve_model
-from prorank.prompt import PromptBuilder, answer_logits, answer_token_ids, relevance_score
+from prorank.prompt import PromptBuilder, answer_token_ids, relevance_score
+from prorank.scoring import answer_logits
 
 
 def test_tiny_model_shape(tiny_model_dir, tiny_model):

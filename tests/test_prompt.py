@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from prorank.prompt import (
-    INVALID, SYSTEM_PROMPT, PromptBuilder, PromptError, answer_logits, answer_token_ids, messages,
+    INVALID, SYSTEM_PROMPT, PromptBuilder, PromptError, answer_token_ids, messages,
     parse_judgment, relevance_score,
 )
+from prorank.scoring import answer_logits
 
 LONG_DOC = "The protein binds the receptor and the cells respond to the treatment. " * 60
 
@@ -49,12 +50,14 @@ def test_batch_rows_fit_and_keep_order(builder):
     assert all(len(r) <= builder.max_length for r in rows)
 
 
-def test_score_equals_manual_forward(tiny_model, builder):
+@pytest.mark.parametrize("shared", [True, False])
+def test_score_equals_manual_forward(tiny_model, builder, shared):
+    """The one scorer, with and without the shared prefix, equals a plain forward of each prompt alone."""
     model, tok = tiny_model
     pairs = [("q one", LONG_DOC), ("q two", "short doc"), ("third query", LONG_DOC[:300])]
     rows = builder.encode_batch(pairs)
     with torch.no_grad():
-        scores = relevance_score(answer_logits(model, rows, builder.answer_ids, tok.pad_token_id))
+        scores = relevance_score(answer_logits(model, rows, builder.answer_ids, tok.pad_token_id, shared))
         for row, score in zip(rows, scores):
             logits = model(torch.tensor([row])).logits[0, -1]
             manual = logits[builder.answer_ids[1]] - logits[builder.answer_ids[0]]

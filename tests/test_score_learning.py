@@ -62,9 +62,9 @@ def test_losses_are_per_row():
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_candidate_logits_match_the_eval_scorer(tiny_model, scifact_test, shared):
-    from prorank.scoring import candidate_answer_logits
-    from prorank.prompt import PromptBuilder, answer_logits, document_text
+def test_one_querys_candidates_score_as_each_prompt_alone(tiny_model, scifact_test, shared):
+    from prorank.prompt import PromptBuilder, document_text
+    from prorank.scoring import answer_logits
 
     model, tokenizer = tiny_model
     builder = PromptBuilder(tokenizer, 224, 16)
@@ -74,8 +74,8 @@ def test_candidate_logits_match_the_eval_scorer(tiny_model, scifact_test, shared
     prompts = builder.encode_batch([(scifact_test.queries[qid], t) for t in texts])
     assert len(set(map(len, prompts))) > 1  # padding is exercised
     with torch.no_grad():
-        expected = answer_logits(model, prompts, builder.answer_ids, tokenizer.pad_token_id)
-        got = candidate_answer_logits(model, prompts, builder.answer_ids, tokenizer.pad_token_id, shared)
+        expected = torch.stack([model(torch.tensor([p])).logits[0, -1, list(builder.answer_ids)] for p in prompts])
+        got = answer_logits(model, prompts, builder.answer_ids, tokenizer.pad_token_id, shared)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 

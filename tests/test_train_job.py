@@ -88,7 +88,7 @@ def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp
 
     from eval.run import rerank
     from prorank import Reranker
-    from prorank.cli import app
+    from driver.cli import app
     from prorank.config import ModelConfig
     from prorank.data import load_local
     from prorank.models import load_causal_lm

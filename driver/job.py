@@ -2,8 +2,8 @@
 
 Start-up: Ray (embedded, or joined with `train.ray_address`), the reward replicas (when the warmup
 runs), the learner's weight server and the rollout actors. Then each stage of `train.stages` in order:
-`warmup` (stage 1, GRPO prompt warmup: prorank/warmup_stage.py) and `score` (stage 2, fine-grained
-score learning: prorank/score_stage.py), each with its own DeepSpeed learner whose weights go to the
+`warmup` (stage 1, GRPO prompt warmup: driver/warmup_stage.py) and `score` (stage 2, fine-grained
+score learning: driver/score_stage.py), each with its own DeepSpeed learner whose weights go to the
 actors over gRPC after every step. The weight version and the TensorBoard step run on across stages.
 
 Every `dev_every` steps: nDCG@10 on held-out training queries through the eval code; every
@@ -47,7 +47,7 @@ class Job:
     dev: object = None
     run: object = None
     warmup_ran: bool = False
-    control: object = None  # prorank.control.JobControl: `prorank scale actors N` writes to it
+    control: object = None  # driver.control.JobControl: `prorank scale actors N` writes to it
     placement: dict = None  # role -> Ray node ids, for the summary
     stopping: bool = False  # `prorank stop` asked: the stages end after the current step
 
@@ -55,7 +55,7 @@ class Job:
         """Apply `prorank scale` (or per-node following) to the actor pool and report the job's state."""
         import ray
 
-        from prorank.control import wanted_actors
+        from driver.control import wanted_actors
 
         actors = self.cfg.actors
         wanted = wanted_actors(self.control, actors.per_node, actors.resources, self.pool.size)
@@ -97,12 +97,12 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     from protocol.weight_service import WeightServer
     from prorank.batches import PromptSampler
     from prorank.bm25 import bm25_search
-    from prorank.control import start_control
+    from driver.control import start_control
     from prorank.data import load_dataset
     from prorank.models import checkpoint_model_dir, resolve_model
-    from prorank.score_stage import run_score
+    from driver.score_stage import run_score
     from prorank.tracking import RunLog
-    from prorank.warmup_stage import run_warmup
+    from driver.warmup_stage import run_warmup
     from reward.client import SyncRewardClient, client_options
     from reward.replica import ReplicaSet
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def run_warmup(job, resume: bool) -> None:
-    """Train stage 1 to `train.steps` on `job` (a prorank.job.Job), from its checkpoint when resuming."""
+    """Train stage 1 to `train.steps` on `job` (a driver.job.Job), from its checkpoint when resuming."""
     from learner.group import LearnerGroup
 
     cfg, tc, pool, run, dev = job.cfg, job.cfg.train, job.pool, job.run, job.dev

@@ -149,7 +149,7 @@ def train_command(
 
     from learner.group import LearnerError
     from prorank.data import DataError
-    from prorank.job import train
+    from driver.job import train
     from prorank.models import ModelError
     from prorank.security import SecurityError
 
@@ -259,7 +259,7 @@ def scale_actors_command(
 
     import ray
 
-    from prorank.control import NAMESPACE, find_control
+    from driver.control import NAMESPACE, find_control
 
     if count < 0:
         _fail(ValueError(f"cannot scale to {count} actors"))
@@ -294,7 +294,7 @@ def stop_command(
     writes its summary, as at its last step (`--resume` continues it later)."""
     import ray
 
-    from prorank.control import NAMESPACE, find_control
+    from driver.control import NAMESPACE, find_control
 
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:
