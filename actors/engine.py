@@ -40,7 +40,11 @@ class RolloutEngine:
         self.llm = LLM(**engine_args)
         # Leave room for the answer: a prompt is cut by the prompt module, never rejected by the engine.
         budget = min(prompt.max_length, actors.max_model_len - sampling.max_tokens)
-        self.builder = PromptBuilder(load_tokenizer(model), budget, prompt.max_query_tokens)
+        tokenizer = load_tokenizer(model)
+        self.builder = PromptBuilder(tokenizer, budget, prompt.max_query_tokens)
+        # Scoring generates one token: prompts as long as `prorank eval` builds them fit.
+        self.score_builder = PromptBuilder(tokenizer, min(prompt.max_length, actors.max_model_len - 1),
+                                           prompt.max_query_tokens)
         self.params = SamplingParams(
             n=sampling.group_size, temperature=sampling.temperature, top_p=sampling.top_p,
             max_tokens=sampling.max_tokens, logprobs=0,
@@ -52,6 +56,8 @@ class RolloutEngine:
         self.expected = None  # names, dtypes and shapes a weight version must have; read on first sync
         self._relay = None  # this actor's weight server for the next actor, see sync_weights
         self._buffer = None  # the last version's blob: the next one is received into it (no new 0.5 GB)
+        self._held = 0  # the version whose complete blob `_buffer` holds (0: none): only changes are sent
+        self.busy_seconds = 0.0  # generating, scoring and applying weights, since start-up
         self.relay_address = ""
 
     def info(self) -> dict[str, object]:
@@ -72,6 +78,7 @@ class RolloutEngine:
                 p.seed = request_seed(self.seed, r.request_id)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         seconds = time.perf_counter() - start
+        self.busy_seconds += seconds
         results = []
         for req, prompt_ids, out in zip(requests, prompts, outputs):
             completions = [
@@ -88,6 +95,27 @@ class RolloutEngine:
                                        self.version, self.name, seconds))
         return results
 
+    def score(self, pairs: list[tuple[str, str]]) -> dict:
+        """Relevance scores, logit("1") - logit("0") at the answer position, of (query, document text)
+        pairs under the weights this engine serves now, and that version: the dev evaluation runs here,
+        where the model already is. One generated token per prompt, with the logprobs of exactly the two
+        answer tokens; at temperature 1 their difference is the difference of the logits."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        start = time.perf_counter()
+        zero, one = self.score_builder.answer_ids
+        prompts = self.score_builder.encode_batch(pairs)
+        params = SamplingParams(n=1, temperature=1.0, max_tokens=1, logprob_token_ids=[zero, one])
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        scores = []
+        for out in outputs:
+            first = out.outputs[0].logprobs[0]  # token id -> Logprob, for the answer tokens
+            scores.append(first[one].logprob - first[zero].logprob)
+        seconds = time.perf_counter() - start
+        self.busy_seconds += seconds
+        return {"scores": scores, "version": self.version, "seconds": seconds, "actor": self.name}
+
     def sync_weights(self, address: str, token: str, tls_ca: str | None = None, wait_seconds: float = 300.0,
                      upstream: str | None = None, relay: WeightSyncConfig | None = None,
                      version: int | None = None) -> dict:
@@ -99,7 +127,7 @@ class RolloutEngine:
         while it was being published and pulled it then) answers at once instead of waiting for a newer one."""
         from actors.weight_receiver import pull_newest, report
         from protocol import weights_pb2
-        from protocol.weights_codec import WeightError
+        from protocol.weights_codec import WeightError, sent_bytes
 
         if version is not None and self.version >= version:
             return {"version": self.version, "applied": True, "error": "", "source": "served already"}
@@ -109,25 +137,31 @@ class RolloutEngine:
 
         source = ""
 
+        source, received = "", 0
+        start = time.perf_counter()
+
         def tell(applied: bool, error: str = "") -> dict:
             try:  # the learner's table is informative: failing to update it must not fail the actor
                 report(address, token, weights_pb2.Ack(version=self.version, applied=applied, error=error,
                                                        receiver=self.name), tls_ca)
             except Exception as err:  # noqa: BLE001 - grpc raises several types
                 log.warning("%s: could not report version %d to %s: %s", self.name, self.version, address, err)
-            return {"version": self.version, "applied": applied, "error": error, "source": source}
+            return {"version": self.version, "applied": applied, "error": error, "source": source,
+                    "bytes": received, "seconds": time.perf_counter() - start}
 
         sources = [(upstream, relay.relay_wait_seconds if relay else wait_seconds)] if upstream else []
         try:
             got, source = pull_newest(sources + [(address, wait_seconds)], token, self.version, self.name,
-                                      self.expected, tls_ca, publisher, self._buffer)
+                                      self.expected, tls_ca, publisher, self._buffer, base_version=self._held)
         except WeightError as err:
-            source = address
+            self._held, source = 0, address  # the blob may be half written
             return tell(False, str(err))
         if got is None:
-            return {"version": self.version, "applied": False, "error": "", "source": ""}
+            return {"version": self.version, "applied": False, "error": "", "source": "", "bytes": 0, "seconds": 0.0}
         manifest, self._buffer = got
+        self._held, received = manifest.version, sent_bytes(manifest)
         self.load_weights(manifest.version, self._buffer)
+        self.busy_seconds += time.perf_counter() - start
         return tell(True)
 
     def _relay_server(self, token: str, cfg: WeightSyncConfig):

@@ -7,6 +7,10 @@ queue and a replacement is started, so no request is lost and none is answered t
 
 `scale(n)` works while requests stream: a removed actor takes no new work and is stopped once its chunks
 are done; a new actor loads the latest weights before it is given any work.
+
+Weight sync need not stop the work: `sync_weights(..., wait=False)` queues the pull behind each actor's
+chunks in flight, so each actor applies the new version between two chunks, and every chunk given out
+after that call is generated with it. `score(pairs)` runs the dev evaluation on an actor the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class _Slot:
     version: int = 0
     draining: bool = False
     relay_address: str = ""  # where the next actor pulls weights from this one
+    sync_ref: object | None = None  # a weight pull queued behind the chunks in flight (sync without waiting)
 
     @property
     def load(self) -> int:
@@ -55,10 +60,14 @@ class ActorPool:
         self.replaced = 0  # actors lost (died, or their node did), for metrics
         self.requeued = 0  # requests put back in the queue after their actor was lost, for metrics
         self.relay_fallbacks = 0  # weight pulls that fell back from a failed relay hop to the learner
+        self.refused = 0  # weight versions an actor refused (a bad transfer): it kept its last good one
+        self.busy_seconds = 0.0  # summed over actors: generating, scoring and pulling weights
+        self.received_bytes = 0.0  # weight bytes the actors received
         self._queue: deque[list[RolloutRequest]] = deque()
         self._finished: list[GroupResult] = []  # collected, not yet handed to the caller
         self._next_index = 0
         self._weights: tuple[int, object] | None = None  # latest (version, ObjectRef of the blob)
+        self._upstream: dict[str, str | None] = {}  # each actor's relay source in the last sync
         self._weight_server: tuple[str, str, str | None] | None = None  # (address, token, tls_ca)
         self._failures = 0  # consecutive actor deaths; reset by any success
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(actors.kv_cache_gib),
@@ -115,6 +124,16 @@ class ActorPool:
         while any(s.ready_ref is not None for s in self.slots.values()):
             if not self._pump(timeout=timeout) and timeout is not None:
                 raise TimeoutError(f"rollout actors not ready after {timeout}s")
+
+    def wait_synced(self, timeout: float | None = None) -> None:
+        """Until every weight pull queued without waiting has been answered."""
+        while any(s.sync_ref is not None or s.ready_ref is not None for s in self.slots.values()):
+            if not self._pump(timeout=timeout) and timeout is not None:
+                raise TimeoutError(f"weight sync not answered after {timeout}s")
+
+    def receiver_names(self, ahead: int = 16) -> list[str]:
+        """Names the weight server should accept reports from: the actors now, and the next `ahead` to start."""
+        return [*self.slots, *(f"rollout-{i}" for i in range(self._next_index, self._next_index + ahead))]
 
     def shutdown(self) -> None:
         for slot in self.slots.values():
@@ -200,12 +219,13 @@ class ActorPool:
         return self.versions()
 
     def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
-                     wait_seconds: float = 300.0, version: int | None = None) -> dict[str, dict]:
+                     wait_seconds: float = 300.0, version: int | None = None, wait: bool = True) -> dict[str, dict]:
         """Every actor pulls the newest version and applies it; actors started later do the same before
         any work. With `weights.relay`, the actors form a pipeline: the first pulls from the learner's
         server at `address`, each next one from the relay of the one before, while it still receives.
         `version` is the one just published (an actor that already serves it answers at once).
-        Returns each actor's answer."""
+        Returns each actor's answer; with `wait=False`, returns at once: each actor pulls after the chunks
+        it has in flight, and its answer is taken in by `poll` (a refusal is counted and logged)."""
         self._weight_server = (address, token, tls_ca)
         self._weights = None  # new actors now pull from the weight server
         upstream: dict[str, str | None] = {}
@@ -217,12 +237,45 @@ class ActorPool:
                     previous = self._relay_address(slot, token)
                 except RayActorError as err:
                     self._lost(slot, err)
-        answers = self._on_every_actor(
-            "sync_weights", address, token, tls_ca, wait_seconds,
-            per_actor=lambda s: {"upstream": upstream.get(s.name), "relay": self.weights, "version": version})
-        # An actor that had a relay before it but got the version from the learner: its relay hop failed.
-        self.relay_fallbacks += sum(1 for name, a in answers.items() if upstream.get(name) and a["source"] == address)
+        self._upstream = upstream
+        per_actor = lambda s: {"upstream": upstream.get(s.name), "relay": self.weights, "version": version}  # noqa: E731
+        if not wait:
+            for slot in list(self.slots.values()):
+                ref = slot.handle.sync_weights.remote(address, token, tls_ca, wait_seconds, **per_actor(slot))
+                if slot.ready_ref is None:
+                    slot.sync_ref = ref  # a newer pull supersedes the older one's answer
+                else:
+                    slot.ready_ref = ref
+            return {}
+        answers = self._on_every_actor("sync_weights", address, token, tls_ca, wait_seconds, per_actor=per_actor)
+        for name, answer in answers.items():
+            self._took_sync(name, answer)
         return answers
+
+    def _took_sync(self, name: str, answer: dict) -> None:
+        # An actor that had a relay before it but got the version from the learner: its relay hop failed.
+        if self._upstream.get(name) and answer["source"] == self._weight_server[0]:
+            self.relay_fallbacks += 1
+        self.busy_seconds += answer.get("seconds", 0.0)
+        self.received_bytes += answer.get("bytes", 0)
+        if answer["error"]:
+            self.refused += 1
+            log.warning("actor %s refused a weights version and serves %d: %s", name, answer["version"],
+                        answer["error"][:300])
+
+    def score(self, pairs: list[tuple[str, str]]):
+        """Score (query, document text) pairs on the least loaded actor, after the calls already queued
+        to it (so under the newest version it was sent). Returns the call's ObjectRef: its value is
+        {"scores", "version", "seconds", "actor"}; hand it to `scored` when ready."""
+        live = [s for s in self.slots.values() if not s.draining and s.ready_ref is None]
+        if not live:
+            raise PoolError("no rollout actor is ready to score the dev pairs")
+        return min(live, key=lambda s: s.load).handle.score.remote(pairs)
+
+    def scored(self, value: dict) -> dict:
+        """Take a `score` answer in (its seconds count as the actor's busy time); returns it."""
+        self.busy_seconds += value["seconds"]
+        return value
 
     def _relay_address(self, slot: _Slot, token: str) -> str:
         if not slot.relay_address:
@@ -266,6 +319,7 @@ class ActorPool:
         self._dispatch()
         waiting = {ref: s for s in self.slots.values() for ref in s.inflight}
         waiting |= {s.ready_ref: s for s in self.slots.values() if s.ready_ref is not None}
+        waiting |= {s.sync_ref: s for s in self.slots.values() if s.sync_ref is not None}
         if not waiting:
             if self._queue:
                 raise PoolError(f"{sum(map(len, self._queue))} requests queued but the pool has no actors")
@@ -287,9 +341,16 @@ class ActorPool:
                 slot.ready_ref = None
                 # An update sent while the actor was starting may already have been confirmed.
                 slot.version = max(slot.version, _served_version(value))
-            else:
+                if isinstance(value, dict) and "error" in value:
+                    self._took_sync(slot.name, value)
+            elif ref == slot.sync_ref:
+                slot.sync_ref = None
+                slot.version = max(slot.version, value["version"])
+                self._took_sync(slot.name, value)
+            elif ref in slot.inflight:
                 del slot.inflight[ref]
                 slot.version = max([slot.version] + [r.version for r in value])
+                self.busy_seconds += value[0].seconds if value else 0.0
                 self._finished.extend(value)
         self._reap()
         self._dispatch()

@@ -1,15 +1,15 @@
 """`prorank train`: the job, read top to bottom: its services, then its stages, then its summary.
 
 Start-up: Ray (embedded, or joined with `train.ray_address`), the reward replicas (when the warmup
-runs), the learner's weight server and the rollout actors. Then each stage of `train.stages` in order:
-`warmup` (stage 1, GRPO prompt warmup: driver/warmup_stage.py) and `score` (stage 2, fine-grained
-score learning: driver/score_stage.py), each with its own DeepSpeed learner whose weights go to the
-actors over gRPC after every step. The weight version and the TensorBoard step run on across stages.
+runs) and the rollout actors. Then each stage of `train.stages` in order: `warmup` (stage 1, GRPO prompt
+warmup: driver/warmup_stage.py) and `score` (stage 2, fine-grained score learning: driver/score_stage.py),
+each with its own DeepSpeed learner, whose rank 0 serves its weights to the actors over gRPC after every
+step (driver/weight_sync.py). The weight version and the TensorBoard step run on across stages.
 
-Every `dev_every` steps: nDCG@10 on held-out training queries through the eval code; every
-`checkpoint_every` steps a checkpoint (DeepSpeed state plus a plain model folder) that `resume`
-continues from, with the same data order. A stage whose checkpoint is already complete is skipped.
-Everything started is stopped in reverse order on success, on Ctrl-C and on error.
+Every `dev_every` steps: nDCG@10 on held-out training queries, scored on a rollout actor while training
+goes on (driver/dev_eval.py); every `checkpoint_every` steps a checkpoint (DeepSpeed state plus a plain
+model folder) that `resume` continues from, with the same data order. A stage whose checkpoint is
+already complete is skipped. Everything started is stopped in reverse order on success, on Ctrl-C and on error.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ class Job:
     pool: object = None
     rewards: object = None
     replicas: object = None  # reward.replica.ReplicaSet, while the warmup runs
-    sync: object = None
-    dev: object = None
+    sync: object = None  # driver.weight_sync.WeightSync
+    dev: object = None  # driver.dev_eval.DevEval
+    clock: object = None  # BusyClock
     run: object = None
     warmup_ran: bool = False
     control: object = None  # driver.control.JobControl: `prorank scale actors N` writes to it
@@ -74,6 +75,11 @@ class Job:
                 "actors/lost": float(self.pool.replaced), "rollout/requeued": float(self.pool.requeued),
                 "weights/relay_fallbacks": float(self.pool.relay_fallbacks)}
 
+    def log_dev(self, wait: bool = False) -> None:
+        """Log the dev figures at the step whose weights they measured, once they are in."""
+        if (done := self.dev.finished(wait)) is not None:
+            self.run.log(*done)
+
     def progress_bar(self, stage: str, start: int, total: int):
         from tqdm import tqdm
 
@@ -81,6 +87,28 @@ class Job:
                    desc=stage)
         self.stack.callback(bar.close)
         return bar
+
+
+class BusyClock:
+    """Per step: the wall seconds since the last step ended, and which share of them the learner (its
+    ranks training, publishing or saving) and the actors (generating, scoring, pulling weights; summed
+    over actors and divided by their number) were busy."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.restart()
+
+    def restart(self) -> None:
+        self.mark, self.actor_seconds = time.perf_counter(), self.pool.busy_seconds
+
+    def __call__(self, learner_seconds: float) -> dict[str, float]:
+        now, busy = time.perf_counter(), self.pool.busy_seconds
+        wall, actor_seconds = now - self.mark, busy - self.actor_seconds
+        self.mark, self.actor_seconds = now, busy
+        # A chunk counts when it is collected, which may be in the step after the one it ran in: capped at 1.
+        return {"time/step_seconds": wall, "time/learner_seconds": learner_seconds,
+                "time/learner_busy_fraction": min(1.0, learner_seconds / wall),
+                "time/actor_busy_fraction": min(1.0, actor_seconds / (wall * max(1, self.pool.size)))}
 
 
 def completed_steps(root: Path) -> int:
@@ -94,15 +122,16 @@ def completed_steps(root: Path) -> int:
 def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     """Run the job described by `cfg` (a validated ProRankConfig); returns the summary it writes."""
     from actors.pool import ActorPool
-    from protocol.weight_service import WeightServer
+    from driver.control import start_control
+    from driver.dev_eval import DevEval
+    from driver.score_stage import run_score
+    from driver.warmup_stage import run_warmup
+    from driver.weight_sync import WeightSync
     from prorank.batches import PromptSampler
     from prorank.bm25 import bm25_search
-    from driver.control import start_control
     from prorank.data import load_dataset
     from prorank.models import checkpoint_model_dir, resolve_model
-    from driver.score_stage import run_score
     from prorank.tracking import RunLog
-    from driver.warmup_stage import run_warmup
     from reward.client import SyncRewardClient, client_options
     from reward.replica import ReplicaSet
 
@@ -140,16 +169,13 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
             addresses = list(job.replicas.addresses)
             job.rewards = SyncRewardClient(cfg.reward.addresses or addresses, token, **client_options(cfg.reward))
             stack.callback(job.rewards.close)
-        w = cfg.weights
-        server = WeightServer(token, w.host, w.port, w.tls_cert, w.tls_key, chunk_bytes=int(w.chunk_mb * 2**20)).start()
-        stack.callback(server.stop, 0)
         job.control = start_control(tc.job_name)
         stack.callback(ray_kill, job.control)
-        job.pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, w).start(wait=False)
+        job.pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, cfg.weights).start(wait=False)
         stack.callback(job.pool.shutdown)
-        server.publisher.known = job.pool.slots  # only the job's actors (a live view) may report versions
-        job.sync = WeightSync(server, job.pool, token, w)
-        job.dev = DevEval(cfg, model_path, dataset, ranking, job.prompts.dev_query_ids)
+        job.sync = WeightSync(job.pool, token, cfg.weights)
+        job.dev = DevEval(cfg, dataset, ranking, job.prompts.dev_query_ids, job.pool)
+        job.clock = BusyClock(job.pool)
         job.pool.wait_ready()
         resumed_at = warmup_done if run_warm else offset + score_done
         job.run = RunLog(out, start_step=resumed_at, started=started)
@@ -161,11 +187,12 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         if run_sc and not job.stopping:
             run_score(job, resume=score_done > 0, init_model=checkpoint_model_dir(score_init), offset=offset)
 
+        job.pool.wait_synced()
         job.placement["actors"] = sorted(set(job.pool.nodes().values()))
         summary = {"steps": job.run.last_step, "stages": tc.stages, "versions": job.pool.versions(),
                    "placement": job.placement, "final": job.run.latest, "dev_bm25": job.dev.bm25,
                    "output_dir": str(out), "model": _final_model(out, tc.stages),
-                   "prompt": cfg.prompt.model_dump(), "addresses": [server.address, *addresses]}
+                   "prompt": cfg.prompt.model_dump(), "addresses": [job.sync.address, *addresses]}
         (out / "summary.json").write_text(_json(summary))
         return summary
 
@@ -175,68 +202,6 @@ def _final_model(out: Path, stages: list[str]) -> str | None:
     root = out / (SCORE_CHECKPOINTS if "score" in stages else WARMUP_CHECKPOINTS)
     latest = root / "LATEST"
     return str(root / latest.read_text().strip() / "model") if latest.is_file() else None
-
-
-class WeightSync:
-    """After a learner step: gather the full weights, publish them as a version, have every actor pull."""
-
-    def __init__(self, server, pool, token: str, cfg, learner=None):
-        self.server, self.pool, self.learner, self.token, self.cfg = server, pool, learner, token, cfg
-        self.latest_state = None  # the weights of the version last synced
-
-    def __call__(self, version: int) -> dict[str, float]:
-        start = time.perf_counter()
-        state, gather = self.learner.full_weights()
-        manifest = self.server.publisher.publish(version, state)
-        answers = self.pool.sync_weights(self.server.address, self.token, self.cfg.tls_ca, self.cfg.wait_seconds,
-                                         version)
-        refused = {name: a["error"] for name, a in answers.items() if not a["applied"]}
-        if refused:
-            raise RuntimeError(f"actors refused weights version {version}: {refused}")
-        self.latest_state = state
-        return {"weights/sync_seconds": time.perf_counter() - start, "weights/gather_seconds": gather,
-                "weights/bytes": float(manifest.total_bytes), "weights/version": float(version)}
-
-
-class DevEval:
-    """nDCG@10 of the current weights on held-out training queries, reranking their BM25 top-k."""
-
-    def __init__(self, cfg, model_path: str, dataset, ranking, query_ids: list[str]):
-        from eval.metrics import evaluate, ranked_to_run
-
-        self.cfg, self.model_path, self.dataset = cfg, model_path, dataset
-        self.ranking = {q: ranking[q] for q in query_ids}
-        self.enabled = bool(query_ids)
-        self.model = None
-        self.bm25 = (evaluate(dataset.eval_qrels, ranked_to_run({q: [d for d, _ in h] for q, h in self.ranking.items()}))
-                     ["nDCG@10"] if query_ids else None)
-
-    def __call__(self, state) -> dict[str, float]:
-        import torch
-
-        from eval.metrics import evaluate, ranked_to_run
-        from eval.run import rerank
-        from prorank.models import load_tokenizer
-        from prorank.prompt import PromptBuilder
-
-        if self.model is None:
-            from transformers import AutoModelForCausalLM
-
-            from prorank.models import resolve_dtype
-
-            # The dtype `prorank eval` uses under this config (model.dtype), so the dev figures match it.
-            self.dtype = getattr(torch, resolve_dtype(self.cfg.model.dtype, "cpu"))
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).eval()
-            self.builder = PromptBuilder(load_tokenizer(self.model_path), self.cfg.prompt.max_length,
-                                         self.cfg.prompt.max_query_tokens)
-        if state is not None:
-            self.model.load_state_dict({k: v.to(self.dtype) for k, v in state.items()})
-        start = time.perf_counter()
-        ranked = rerank(self.model, self.builder, self.dataset, self.ranking, self.cfg.train.dev_depth,
-                        self.cfg.eval.batch_size, progress=False)
-        values = evaluate(self.dataset.eval_qrels, ranked_to_run(ranked))
-        return {"dev/ndcg@10": values["nDCG@10"], "dev/mrr@10": values["RR@10"], "dev/bm25_ndcg@10": self.bm25,
-                "dev/seconds": time.perf_counter() - start}
 
 
 def _job_token(cfg) -> str:

@@ -10,6 +10,8 @@ to every actor over gRPC, so that the actors and the dev evaluation serve the la
 
 from __future__ import annotations
 
+import time
+
 
 def run_score(job, resume: bool, init_model: str, offset: int) -> None:
     """Train stage 2 to `score.steps`, logging at global steps offset + 1 ... offset + score.steps."""
@@ -24,7 +26,7 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
                                 "pointwise": sc.pointwise_weight}, "temperature": sc.temperature}
     learner = LearnerGroup(init_model, cfg.score_learner(), cfg.sampling.temperature, ranking_loss)
     job.stack.callback(learner.shutdown)
-    job.sync.learner = learner
+    job.sync.attach(learner)
     job.placement["score_learner"] = sorted(set(learner.nodes()))
     builder = PromptBuilder(load_tokenizer(init_model), cfg.prompt.max_length, cfg.prompt.max_query_tokens)
     sampler = RankingSampler(job.prompts, job.ranking, sc, builder, cfg.train.seed,
@@ -32,33 +34,42 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
     step = learner.load(root)["steps"] if resume and (root / "LATEST").is_file() else 0
     if step:  # resumed: the actors start from the checkpoint's weights
         run.log(offset + step, job.sync(offset + step))
-    elif dev.enabled and not job.warmup_ran:  # else the warmup's final dev figures are the "before"
-        run.log(offset, dev(None))
+    elif not job.warmup_ran:  # else the warmup's final dev figures are the "before"
+        dev.start()
 
     bar = job.progress_bar("score", step, sc.steps)
+    job.clock.restart()
     while step < sc.steps:
         scaled = job.between_steps("score", offset + step)
         if job.stopping:
             break
         groups = sampler.batch(step, sc.queries_per_step)
-        metrics = {**scaled, **{f"score/{k}": v for k, v in learner.score_step(groups).items()}}
+        train_metrics = learner.score_step(groups)
+        metrics = {**scaled, **{f"score/{k}": v for k, v in train_metrics.items()}}
+        learner_seconds = train_metrics["step_seconds"]
         step += 1
-        dev_due = dev.enabled and sc.dev_every and step % sc.dev_every == 0 and step < sc.steps
+        dev_due = sc.dev_every and step % sc.dev_every == 0 and step < sc.steps
         save_due = sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps
-        if dev_due or save_due or step % sc.sync_every == 0 or step == sc.steps:
+        if dev_due or step % sc.sync_every == 0 or step == sc.steps:
             metrics.update(job.sync(offset + step))
+            learner_seconds += metrics["weights/sync_seconds"]
         if dev_due:
-            metrics.update(dev(job.sync.latest_state))
-        run.log(offset + step, metrics)
+            dev.start()  # queued behind the pull of this version: it measures this step's weights
         if save_due:
-            learner.save(root, weights=job.sync.latest_state)
+            clock = time.perf_counter()
+            learner.save(root)
+            learner_seconds += time.perf_counter() - clock
+        metrics.update(job.clock(learner_seconds))
+        run.log(offset + step, metrics)
+        job.log_dev()
         bar.update(1)
         bar.set_postfix_str(run.console_line(), refresh=True)
     bar.close()
-    if job.stopping and step % sc.sync_every:  # stopped between syncs: the model saved is the learner's
+    if job.stopping and step % sc.sync_every:  # stopped between syncs: the actors get the model saved
         run.log(offset + step, job.sync(offset + step))
 
-    learner.save(root, weights=job.sync.latest_state)
-    if dev.enabled:
-        run.log(offset + step, dev(job.sync.latest_state))
+    learner.save(root)
+    job.log_dev(wait=True)  # one still under way
+    dev.start()  # the final weights' figures (the last sync was queued before this)
+    job.log_dev(wait=True)
     learner.shutdown()

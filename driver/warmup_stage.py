@@ -28,17 +28,18 @@ def run_warmup(job, resume: bool) -> None:
     root = job.out / "checkpoints"
     learner = LearnerGroup(job.model_path, cfg.learner, cfg.sampling.temperature)
     job.stack.callback(learner.shutdown)
-    job.sync.learner = learner
+    job.sync.attach(learner)
     job.placement["warmup_learner"] = sorted(set(learner.nodes()))
     step = learner.load(root)["steps"] if resume else 0
     if step:  # resumed: the actors start from the checkpoint's weights
         run.log(step, job.sync(step))
-    if dev.enabled and not step:
-        run.log(0, dev(None))
+    if not step:
+        dev.start()  # the starting weights' figures, on an actor, before its first chunk
 
     bar = job.progress_bar("warmup", step, tc.steps)
     batch_size = cfg.learner.groups_per_step
     pending, inbox = None, {}  # async: the next step's requests, already with the actors
+    job.clock.restart()
     while step < tc.steps:
         scaled = job.between_steps("warmup", step)
         if job.stopping:
@@ -63,20 +64,27 @@ def run_warmup(job, resume: bool) -> None:
         metrics = {**scaled, **reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}
         metrics.update(_rollout_metrics(results, waited, step, regenerated))
         metrics["time/wait_rewards_seconds"] = reward_seconds
+        # The actors pull the new version after the chunks they have in flight; the learner goes on.
         metrics.update(job.sync(step))
+        learner_seconds = train_metrics["step_seconds"] + metrics["weights/sync_seconds"]
         metrics["weights/min_actor_version"] = float(min(pool.versions().values(), default=0))
-        if dev.enabled and tc.dev_every and step % tc.dev_every == 0 and step < tc.steps:
-            metrics.update(dev(job.sync.latest_state))
-        run.log(step, metrics)
+        if tc.dev_every and step % tc.dev_every == 0 and step < tc.steps:
+            dev.start()  # queued behind the pull of this version: it measures this step's weights
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-            learner.save(root, weights=job.sync.latest_state)
+            clock = time.perf_counter()
+            learner.save(root)
+            learner_seconds += time.perf_counter() - clock
+        metrics.update(job.clock(learner_seconds))
+        run.log(step, metrics)
+        job.log_dev()
         bar.update(1)
         bar.set_postfix_str(run.console_line(), refresh=True)
     bar.close()
 
-    learner.save(root, weights=job.sync.latest_state or learner.full_weights()[0])
-    if dev.enabled:
-        run.log(step, dev(job.sync.latest_state))
+    learner.save(root)
+    job.log_dev(wait=True)  # one still under way
+    dev.start()  # the final weights' figures (the last sync was queued before this)
+    job.log_dev(wait=True)
     learner.shutdown()  # frees its memory for the score stage's learner
     job.warmup_ran = True
 

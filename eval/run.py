@@ -38,17 +38,30 @@ def rerank(
     """Each query's BM25 list with its top `depth` reordered by the model's score (ties keep BM25 order).
 
     A query's candidates are scored together, with the prompt tokens they share encoded once."""
-    ranked = {}
+    scores = {}
     bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
                disable=not progress)
-    for qid, hits in ranking.items():
-        docs = [dataset.corpus[doc_id] for doc_id, _ in hits[:depth]]
-        scores = score_query(model, builder, dataset.queries[qid], [document_text(d.title, d.text) for d in docs],
-                             batch_size) if docs else []
-        order = sorted(range(len(docs)), key=lambda i: -scores[i])
-        ranked[qid] = [docs[i].doc_id for i in order] + [doc for doc, _ in hits[depth:]]
-        bar.update(len(docs))
+    for qid, pairs in candidate_pairs(dataset, ranking, depth).items():
+        scores[qid] = score_query(model, builder, dataset.queries[qid], [d for _, d in pairs], batch_size) if pairs else []
+        bar.update(len(pairs))
     bar.close()
+    return rerank_by_scores(ranking, depth, scores)
+
+
+def candidate_pairs(dataset: BeirDataset, ranking: Ranking, depth: int) -> dict[str, list[tuple[str, str]]]:
+    """Each query's top `depth` BM25 candidates as (query, document text) pairs, in BM25 order."""
+    return {qid: [(dataset.queries[qid], document_text(dataset.corpus[d].title, dataset.corpus[d].text))
+                  for d, _ in hits[:depth]] for qid, hits in ranking.items()}
+
+
+def rerank_by_scores(ranking: Ranking, depth: int, scores: dict[str, list[float]]) -> dict[str, list[str]]:
+    """Each query's top `depth` reordered by `scores` (one per candidate, in BM25 order; ties keep it),
+    the rest of its BM25 list below."""
+    ranked = {}
+    for qid, hits in ranking.items():
+        top = hits[:depth]
+        order = sorted(range(len(top)), key=lambda i: -scores[qid][i])
+        ranked[qid] = [top[i][0] for i in order] + [doc for doc, _ in hits[depth:]]
     return ranked
 
 

@@ -1,9 +1,10 @@
 """The learner as the driver sees it: K DeepSpeed ranks (Ray actors) that step together.
 
 `step(groups)` (GRPO) and `score_step(groups)` (stage 2) split a global batch across the ranks, run one
-optimizer step, and reduce the ranks' statistics into the step's metrics. `full_weights()` gathers the
-complete state dict on rank 0 for broadcast; `save`/`load` write and read atomic checkpoints, each with
-a plain Hugging Face model folder beside DeepSpeed's state.
+optimizer step, and reduce the ranks' statistics into the step's metrics. Rank 0 runs the weight
+server (`serve_weights`), and `publish(version)` makes the weights a version there, read from the
+parameters in place; the weights never pass through the driver. `save`/`load` write and read atomic
+checkpoints, each with a plain Hugging Face model folder beside DeepSpeed's state.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import ray
 
 from learner.rank import LearnerRank
 from learner.step import step_normalizer
-from prorank.config import LearnerConfig
-from prorank.models import save_model_dir
+from prorank.config import LearnerConfig, WeightSyncConfig
 from prorank.rollout import RankingGroup, ScoredGroup
 
 LATEST = "LATEST"
@@ -105,15 +105,31 @@ class LearnerGroup:
         return self._all("node")
 
     def full_weights(self) -> tuple[dict, float]:
-        """The full state dict (named CPU tensors) gathered on rank 0, and the seconds it took."""
+        """A copy of the full state dict (named CPU tensors) from rank 0, and the seconds it took."""
         start = time.perf_counter()
         states = self._all("full_state_dict")
         return states[0], time.perf_counter() - start
 
-    def save(self, root: str | Path, driver_state: dict | None = None, weights: dict | None = None) -> Path:
+    def serve_weights(self, token: str, cfg: WeightSyncConfig) -> str:
+        """Start the weight server on rank 0; its address (the node's IP for a wildcard bind)."""
+        return self._all_first("serve_weights", token, cfg)
+
+    def publish(self, version: int, receivers: list[str] | None = None) -> dict[str, float]:
+        """Publish the current weights as `version` on rank 0's server; rank 0's figures (seconds, bytes,
+        changed bytes and tensors)."""
+        return self._all("publish", version, receivers)[0]
+
+    def _all_first(self, method: str, *args):
+        try:
+            return ray.get(getattr(self.ranks[0], method).remote(*args))
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            raise LearnerError(f"learner {self.where[0]} failed in {method}: {type(err).__name__}: "
+                               f"{str(err).strip().splitlines()[0][:300]}") from err
+
+    def save(self, root: str | Path, driver_state: dict | None = None) -> Path:
         """Write a checkpoint to root/step-N atomically: into a temporary folder, then one rename, then
         LATEST is replaced. A crash at any point leaves the previous checkpoint and LATEST intact.
-        `weights` (the full state dict) also go into step-N/model, a model folder transformers loads."""
+        step-N/model holds the full weights as a model folder transformers loads (rank 0 writes it)."""
         root = Path(root)
         final = root / f"step-{self.steps}"
         tmp = root / f".tmp-step-{self.steps}"
@@ -121,8 +137,7 @@ class LearnerGroup:
         tmp.mkdir(parents=True)
         self._all("save", str(tmp))
         (tmp / "driver.json").write_text(json.dumps({"steps": self.steps, **(driver_state or {})}))
-        if weights is not None:
-            save_model_dir(weights, self.model_path, tmp / "model")
+        self._all("save_model", str(tmp / "model"))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         pointer = root / f".{LATEST}.tmp"

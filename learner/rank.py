@@ -8,6 +8,7 @@ Each rank sets the usual torch.distributed variables itself and joins the group 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -19,7 +20,7 @@ import torch
 
 from learner.score_step import score_micro_batch_loss
 from learner.step import lr_lambda, micro_batch_loss
-from prorank.config import LearnerConfig
+from prorank.config import LearnerConfig, WeightSyncConfig
 from prorank.rollout import RankingGroup, ScoredGroup
 
 
@@ -155,19 +156,55 @@ class LearnerRank:
         totals["seconds"] = time.perf_counter() - start
         return totals
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The full weights as named tensors on rank 0 (None elsewhere). A collective: call on every rank."""
-        import deepspeed
-
-        module = self.engine.module
+    def _full_parameters(self):
+        """A context in which the module holds its full parameters: ZeRO-3 gathers them (a collective);
+        under ZeRO-2 every rank already holds them, so nothing is gathered or copied."""
         if self.cfg.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return self._cpu_state(module) if self.rank == 0 else None
-        return self._cpu_state(module) if self.rank == 0 else None
+            import deepspeed
 
-    @staticmethod
-    def _cpu_state(module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """A copy of the full weights as named CPU tensors on rank 0 (None elsewhere). A collective."""
+        with self._full_parameters():
+            if self.rank != 0:
+                return None
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
+
+    def serve_weights(self, token: str, cfg: WeightSyncConfig) -> str:
+        """Start rank 0's weight server (the actors pull every version from here) and return its address."""
+        from protocol.weight_service import WeightServer
+
+        wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
+        self.weight_server = WeightServer(token, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key,
+                                          chunk_bytes=int(cfg.chunk_mb * 2**20), wire_dtype=wire).start()
+        return self.weight_server.address
+
+    def publish(self, version: int, receivers: list[str] | None = None) -> dict[str, float] | None:
+        """Publish the weights as `version` on rank 0's server, read from the parameters where they lie
+        (copied once, into the chunk messages; tensors unchanged since the last version not at all).
+        A collective under ZeRO-3. `receivers`: the actor names whose reports the server accepts."""
+        with self._full_parameters():
+            if self.rank != 0:
+                return None
+            start = time.perf_counter()
+            publisher = self.weight_server.publisher
+            if receivers is not None:
+                publisher.known = frozenset(receivers)
+            packed = publisher.publish(version, self.engine.module.state_dict())
+            changed = packed.changed()
+            return {"seconds": time.perf_counter() - start, "bytes": float(packed.manifest.total_bytes),
+                    "changed_bytes": float(sum(s.nbytes for s in changed)), "changed_tensors": float(len(changed)),
+                    "tensors": float(len(packed.manifest.tensors))}
+
+    def save_model(self, folder: str) -> None:
+        """The full weights as a plain model folder (rank 0 writes it). A collective under ZeRO-3."""
+        from prorank.models import save_model_dir
+
+        with self._full_parameters():
+            if self.rank == 0:
+                save_model_dir(self.engine.module.state_dict(), self.model_path, folder)
 
     def save(self, folder: str) -> None:
         """Model, optimizer and scheduler (DeepSpeed's checkpoint) plus this rank's RNG states."""

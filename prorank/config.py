@@ -168,6 +168,9 @@ class WeightSyncConfig(Section):
     relay_host: str = "127.0.0.1"  # where an actor's relay listens; 0.0.0.0 on a cluster (node IP is announced)
     relay_wait_seconds: float = Field(30.0, gt=0)  # then an actor pulls from the learner directly
     wait_seconds: float = Field(300.0, gt=0)
+    # bfloat16: float tensors go on the wire (and into the receivers' blobs) as bfloat16, half the bytes of
+    # float32; receivers cast to their engine's dtype. For GPU configs; see BENCHMARKS.md for its logprob cost.
+    wire_dtype: Literal["same", "bfloat16"] = "same"
 
     @model_validator(mode="after")
     def _tls_pair(self) -> WeightSyncConfig:

@@ -52,7 +52,7 @@ class RunLog:
         self._jsonl.write(json.dumps({"step": step, **metrics, "time/wall_hours": self.wall_hours()}) + "\n")
         self._jsonl.flush()
         self.latest.update(metrics)
-        self.last_step = step
+        self.last_step = max(self.last_step, step)  # dev figures arrive late, at the step they measured
 
     def console_line(self) -> str:
         return "  ".join(f"{short} {self.latest[key]:.3g}" for key, short in CONSOLE if key in self.latest)

@@ -7,8 +7,11 @@ Receivers report the version they serve, so the learner side knows who serves wh
 
 The same server runs inside each actor as a relay: while an actor receives a version it serves the
 chunks it already has to the next actor (a pipeline), so the learner sends one copy, not one per actor.
-A version is kept as its serialized messages (`weights_codec.encode_messages`): every stream of it sends
-the same bytes, with no protobuf encoding per receiver.
+A published version is kept as each tensor's serialized chunk messages (`weights_codec.pack`): every
+stream of it sends the same bytes, with no protobuf encoding per receiver, and a receiver that holds an
+earlier version (`FetchRequest.base_version`) is sent only the tensors changed since. A relay serves
+what it receives: a receiver that holds less than the relay's base version is refused and falls back
+to the learner.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import grpc
 import torch
 
 from protocol import weights_pb2
-from protocol.weights_codec import CHANNEL_OPTIONS, CHUNK_BYTES, encode_messages, pack
+from protocol.weights_codec import CHANNEL_OPTIONS, CHUNK_BYTES, Packed, pack, stream_messages
 from prorank.security import TokenAuthInterceptor, announced_address, server_credentials
 
 log = logging.getLogger(__name__)
@@ -31,10 +34,12 @@ SERVICE = "prorank.weights.v1.Weights"
 
 
 class _Version:
-    """One version's serialized stream: complete at once when published, growing while relayed."""
+    """One version: published (`packed`: streams built per receiver), or relayed (`messages`: one
+    serialized stream, growing while it arrives from upstream)."""
 
-    def __init__(self, manifest: weights_pb2.Manifest, messages: list[bytes], complete: bool):
-        self.manifest, self.messages, self.complete = manifest, messages, complete
+    def __init__(self, manifest: weights_pb2.Manifest, messages: list[bytes], complete: bool,
+                 packed: Packed | None = None):
+        self.manifest, self.messages, self.complete, self.packed = manifest, messages, complete, packed
         self.error = ""  # set when a relayed transfer failed upstream
 
 
@@ -51,8 +56,8 @@ class WeightPublisher:
     `max_waiters` wait at once (the others are answered "none yet" at once and ask again), so waiting
     receivers never take every worker thread from Report and from the receivers that have work."""
 
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES, max_waiters: int = 8):
-        self.chunk_bytes = chunk_bytes
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, max_waiters: int = 8, wire_dtype: torch.dtype | None = None):
+        self.chunk_bytes, self.wire_dtype = chunk_bytes, wire_dtype
         self.max_waiters = max_waiters
         self._cond = threading.Condition()
         self._current: _Version | None = None
@@ -64,13 +69,16 @@ class WeightPublisher:
     def version(self) -> int:
         return self._current.manifest.version if self._current else 0
 
-    def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> weights_pb2.Manifest:
-        """Make `state` the newest version; versions only go up."""
+    def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> Packed:
+        """Make `state` the newest version; versions only go up. Tensors equal to the last published
+        version's are not copied again, and are sent only to receivers that hold none of the versions
+        since they last changed."""
         if version <= self.version:
             raise ValueError(f"version {version} is not newer than the published {self.version}")
-        manifest, buffer = pack(version, state, self.chunk_bytes)
-        self._swap(_Version(manifest, encode_messages(manifest, buffer), complete=True))
-        return manifest
+        previous = self._current.packed if self._current else None
+        packed = pack(version, state, self.chunk_bytes, previous, self.wire_dtype)
+        self._swap(_Version(packed.manifest, [], complete=True, packed=packed))
+        return packed
 
     # A relay fills a version as it arrives from upstream: begin, append each chunk, end.
     def begin(self, manifest: weights_pb2.Manifest, raw_manifest: bytes) -> None:
@@ -102,6 +110,17 @@ class WeightPublisher:
             if context.is_active():
                 yield _none_yet(self.version)
             return
+        if current.packed is not None:  # published here: complete, only what this receiver lacks
+            for raw in stream_messages(current.packed, request.base_version):
+                if not context.is_active():
+                    return
+                yield raw
+            return
+        base = current.manifest.base_version
+        if base and request.base_version < base:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"relay of version {current.manifest.version} has only the tensors changed after "
+                          f"version {base}; the receiver holds {request.base_version}")
         sent = 0
         while True:
             with self._cond:
@@ -191,9 +210,9 @@ class WeightServer:
 
     def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, tls_cert: str | None = None,
                  tls_key: str | None = None, chunk_bytes: int = CHUNK_BYTES, max_workers: int = 16,
-                 publisher: WeightPublisher | None = None):
+                 publisher: WeightPublisher | None = None, wire_dtype: torch.dtype | None = None):
         # Half the workers at most wait for a version; the rest stay for transfers and reports.
-        self.publisher = publisher or WeightPublisher(chunk_bytes, max_waiters=max(1, max_workers // 2))
+        self.publisher = publisher or WeightPublisher(chunk_bytes, max(1, max_workers // 2), wire_dtype)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                   interceptors=[TokenAuthInterceptor(token)],
                                   options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])

@@ -1,8 +1,13 @@
-"""Weight versions on the wire: named tensors packed into one byte buffer, described by a manifest.
+"""Weight versions on the wire: named tensors as chunk messages, described by a manifest.
 
-The buffer's layout is safetensors' data section (tensors back to back, in manifest order), so a receiver
-that knows the manifest writes the incoming chunks straight into a safetensors blob and verifies each
+The layout is safetensors' data section (tensors back to back, in manifest order), so a receiver that
+knows the manifest writes the incoming chunks straight into a safetensors blob and verifies each
 tensor's checksum in place: no reassembly copy, no per-tensor allocation.
+
+`pack` reads each tensor's memory where it lies (no gathered copy of the state dict) and copies it once,
+into its serialized chunk messages. A tensor whose bytes equal the previous version's (a frozen layer,
+frozen embeddings) keeps that version's messages and `changed_at`: a receiver that already holds an
+earlier version is sent only what changed since (`stream_messages`), and keeps the rest.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import xxhash
 from google.protobuf.internal.decoder import _DecodeVarint
+from google.protobuf.internal.encoder import _VarintBytes
 from google.protobuf.message import DecodeError
 
 from protocol import weights_pb2
@@ -49,39 +56,83 @@ def checksum(data) -> str:
     return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
 
 
-def pack(version: int, state: Mapping[str, torch.Tensor], chunk_bytes: int) -> tuple[weights_pb2.Manifest, bytearray]:
-    """One contiguous buffer of all tensors and the manifest that describes it."""
-    tensors = {}
+@dataclass
+class Packed:
+    """One version ready to stream: the manifest of every tensor, and each tensor's chunk messages."""
+
+    manifest: weights_pb2.Manifest  # base_version 0: every tensor
+    chunks: dict[str, list[bytes]]
+
+    def changed(self) -> list[weights_pb2.TensorSpec]:
+        """The tensors this version changed (all of them in a first version)."""
+        return [s for s in self.manifest.tensors if s.changed_at == self.manifest.version]
+
+
+def wire_tensor(t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor as it goes on the wire: on the CPU, contiguous, cast to `wire_dtype` if it is floating."""
+    t = t.detach().to("cpu")
+    if wire_dtype is not None and t.is_floating_point() and t.dtype != wire_dtype:
+        t = t.to(wire_dtype)
+    return t.contiguous()
+
+
+def pack(version: int, state: Mapping[str, torch.Tensor], chunk_bytes: int, previous: Packed | None = None,
+         wire_dtype: torch.dtype | None = None) -> Packed:
+    """Every tensor's spec and chunk messages. Unchanged tensors (same name, layout and checksum as in
+    `previous`) reuse its messages; the others are copied once, from their own memory, into new ones."""
+    old = {s.name: s for s in previous.manifest.tensors} if previous else {}
+    specs, chunks, offset = [], {}, 0
     for name, t in state.items():
         if t.dtype not in DTYPES:
             raise WeightError(f"tensor {name}: dtype {t.dtype} cannot be sent")
-        tensors[name] = t.detach().to("cpu").contiguous()
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    buffer = bytearray(total)
-    view = memoryview(buffer)
-    specs, offset = [], 0
-    for name, t in tensors.items():
+        t = wire_tensor(t, wire_dtype)
         n = t.numel() * t.element_size()
-        raw = t.view(torch.uint8).reshape(-1).numpy() if n else b""
-        view[offset : offset + n] = raw
-        specs.append(weights_pb2.TensorSpec(name=name, dtype=DTYPES[t.dtype], shape=list(t.shape),
-                                            offset=offset, nbytes=n, checksum=checksum(view[offset : offset + n])))
+        raw = t.reshape(-1).view(torch.uint8).numpy() if n else b""
+        spec = weights_pb2.TensorSpec(name=name, dtype=DTYPES[t.dtype], shape=list(t.shape), offset=offset, nbytes=n,
+                                      checksum=checksum(raw), changed_at=version)
+        before = old.get(name)
+        if before is not None and (before.dtype, before.shape, before.offset, before.nbytes, before.checksum) == (
+                spec.dtype, spec.shape, spec.offset, spec.nbytes, spec.checksum):
+            spec.changed_at = before.changed_at
+            chunks[name] = previous.chunks[name]
+        else:
+            view = memoryview(raw)
+            chunks[name] = [_chunk_message(version, offset + i, view[i : i + chunk_bytes]) for i in range(0, n, chunk_bytes)]
+        specs.append(spec)
         offset += n
-    return weights_pb2.Manifest(version=version, tensors=specs, total_bytes=total, chunk_bytes=chunk_bytes), buffer
+    manifest = weights_pb2.Manifest(version=version, tensors=specs, total_bytes=offset, chunk_bytes=chunk_bytes)
+    return Packed(manifest, chunks)
 
 
-def encode_messages(manifest: weights_pb2.Manifest, buffer: bytearray) -> list[bytes]:
-    """A version as the serialized WeightMessages of its stream: the manifest, then its chunks.
-
-    Serialized once per version, so every receiver (and every relay hop) is sent the same bytes
-    without another protobuf encode or slice copy.
-    """
-    view, step = memoryview(buffer), manifest.chunk_bytes
+def stream_messages(packed: Packed, base_version: int = 0) -> list[bytes]:
+    """The serialized WeightMessages for a receiver that holds `base_version` (0: nothing): the manifest,
+    then the chunks of the tensors changed after it. The chunks are the same bytes objects for every
+    receiver (no protobuf encoding or copy per stream)."""
+    version = packed.manifest.version
+    base = base_version if 0 < base_version < version else 0
+    if all(s.changed_at > base for s in packed.manifest.tensors):
+        base = 0  # everything goes: the receiver's blob is not needed (a first version, another layout)
+    manifest = weights_pb2.Manifest()
+    manifest.CopyFrom(packed.manifest)
+    manifest.base_version = base
     messages = [weights_pb2.WeightMessage(manifest=manifest).SerializeToString()]
-    for offset in range(0, manifest.total_bytes, step):
-        chunk = weights_pb2.Chunk(version=manifest.version, offset=offset, data=bytes(view[offset : offset + step]))
-        messages.append(weights_pb2.WeightMessage(chunk=chunk).SerializeToString())
+    for spec in packed.manifest.tensors:
+        if spec.changed_at > base:
+            messages += packed.chunks[spec.name]
     return messages
+
+
+def sent_bytes(manifest: weights_pb2.Manifest) -> int:
+    """Bytes of the chunks that follow this manifest (the tensors changed after its base version)."""
+    return sum(s.nbytes for s in manifest.tensors if s.changed_at > manifest.base_version)
+
+
+def _chunk_message(version: int, offset: int, payload) -> bytes:
+    """A serialized WeightMessage{chunk: Chunk{version, offset, data}}, built around the payload with one
+    copy (protobuf's encoder would copy a 1 MiB payload twice more)."""
+    head = b"".join((b"\x08", _VarintBytes(version), b"\x10", _VarintBytes(offset),
+                     b"\x1a", _VarintBytes(len(payload))))
+    return b"".join((bytes([_CHUNK_FIELD]), _VarintBytes(len(head) + len(payload)), head, payload))
 
 
 _CHUNK_FIELD = (2 << 3) | 2  # WeightMessage.chunk, length-delimited
@@ -151,7 +202,8 @@ def check_manifest(manifest: weights_pb2.Manifest, expected: Mapping[str, Spec] 
         raise WeightError(f"version {manifest.version}: unknown tensors {unknown[:5]}, missing {missing[:5]}")
     for spec in manifest.tensors:
         dtype, shape = expected[spec.name]
-        if (spec.dtype, tuple(spec.shape)) != (dtype, shape):
+        cast = spec.dtype == weights_pb2.BFLOAT16 and dtype in (weights_pb2.FLOAT32, weights_pb2.FLOAT16)
+        if (spec.dtype, tuple(spec.shape)) != (dtype, shape) and not (cast and tuple(spec.shape) == shape):
             raise WeightError(f"version {manifest.version}: tensor {spec.name}: got "
                               f"{weights_pb2.DType.Name(spec.dtype)}{list(spec.shape)}, expected "
                               f"{weights_pb2.DType.Name(dtype)}{list(shape)}")

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocol/weights.proto\x12\x12prorank.weights.v1\"F\n\x0c\x46\x65tchRequest\x12\x13\n\x0bmin_version\x18\x01 \x01(\x04\x12\x10\n\x08receiver\x18\x02 \x01(\t\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xa6\x01\n\rWeightMessage\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.prorank.weights.v1.ManifestH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.prorank.weights.v1.ChunkH\x00\x12/\n\x08none_yet\x18\x03 \x01(\x0b\x32\x1b.prorank.weights.v1.NoneYetH\x00\x42\x06\n\x04kind\"\x1a\n\x07NoneYet\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\r\n\x0bReportReply\"\x85\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.prorank.weights.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\"v\n\x08Manifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\x07tensors\x18\x02 \x03(\x0b\x32\x1e.prorank.weights.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"6\n\x05\x43hunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"H\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08receiver\x18\x04 \x01(\t*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\x9d\x01\n\x07Weights\x12N\n\x05\x46\x65tch\x12 .prorank.weights.v1.FetchRequest\x1a!.prorank.weights.v1.WeightMessage0\x01\x12\x42\n\x06Report\x12\x17.prorank.weights.v1.Ack\x1a\x1f.prorank.weights.v1.ReportReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protocol/weights.proto\x12\x12prorank.weights.v1\"\\\n\x0c\x46\x65tchRequest\x12\x13\n\x0bmin_version\x18\x01 \x01(\x04\x12\x10\n\x08receiver\x18\x02 \x01(\t\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\"\xa6\x01\n\rWeightMessage\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.prorank.weights.v1.ManifestH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.prorank.weights.v1.ChunkH\x00\x12/\n\x08none_yet\x18\x03 \x01(\x0b\x32\x1b.prorank.weights.v1.NoneYetH\x00\x42\x06\n\x04kind\"\x1a\n\x07NoneYet\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\r\n\x0bReportReply\"\x99\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.prorank.weights.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\x12\x12\n\nchanged_at\x18\x07 \x01(\x04\"\x8c\x01\n\x08Manifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\x07tensors\x18\x02 \x03(\x0b\x32\x1e.prorank.weights.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\x04\"6\n\x05\x43hunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"H\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08receiver\x18\x04 \x01(\t*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\x9d\x01\n\x07Weights\x12N\n\x05\x46\x65tch\x12 .prorank.weights.v1.FetchRequest\x1a!.prorank.weights.v1.WeightMessage0\x01\x12\x42\n\x06Report\x12\x17.prorank.weights.v1.Ack\x1a\x1f.prorank.weights.v1.ReportReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.weights_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=716
-  _globals['_DTYPE']._serialized_end=786
+  _globals['_DTYPE']._serialized_start=781
+  _globals['_DTYPE']._serialized_end=851
   _globals['_FETCHREQUEST']._serialized_start=46
-  _globals['_FETCHREQUEST']._serialized_end=116
-  _globals['_WEIGHTMESSAGE']._serialized_start=119
-  _globals['_WEIGHTMESSAGE']._serialized_end=285
-  _globals['_NONEYET']._serialized_start=287
-  _globals['_NONEYET']._serialized_end=313
-  _globals['_REPORTREPLY']._serialized_start=315
-  _globals['_REPORTREPLY']._serialized_end=328
-  _globals['_TENSORSPEC']._serialized_start=331
-  _globals['_TENSORSPEC']._serialized_end=464
-  _globals['_MANIFEST']._serialized_start=466
-  _globals['_MANIFEST']._serialized_end=584
-  _globals['_CHUNK']._serialized_start=586
-  _globals['_CHUNK']._serialized_end=640
-  _globals['_ACK']._serialized_start=642
-  _globals['_ACK']._serialized_end=714
-  _globals['_WEIGHTS']._serialized_start=789
-  _globals['_WEIGHTS']._serialized_end=946
+  _globals['_FETCHREQUEST']._serialized_end=138
+  _globals['_WEIGHTMESSAGE']._serialized_start=141
+  _globals['_WEIGHTMESSAGE']._serialized_end=307
+  _globals['_NONEYET']._serialized_start=309
+  _globals['_NONEYET']._serialized_end=335
+  _globals['_REPORTREPLY']._serialized_start=337
+  _globals['_REPORTREPLY']._serialized_end=350
+  _globals['_TENSORSPEC']._serialized_start=353
+  _globals['_TENSORSPEC']._serialized_end=506
+  _globals['_MANIFEST']._serialized_start=509
+  _globals['_MANIFEST']._serialized_end=649
+  _globals['_CHUNK']._serialized_start=651
+  _globals['_CHUNK']._serialized_end=705
+  _globals['_ACK']._serialized_start=707
+  _globals['_ACK']._serialized_end=779
+  _globals['_WEIGHTS']._serialized_start=854
+  _globals['_WEIGHTS']._serialized_end=1011
 # @@protoc_insertion_point(module_scope)

@@ -19,14 +19,16 @@ BFLOAT16: DType
 FLOAT16: DType
 
 class FetchRequest(_message.Message):
-    __slots__ = ("min_version", "receiver", "wait_ms")
+    __slots__ = ("min_version", "receiver", "wait_ms", "base_version")
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     min_version: int
     receiver: str
     wait_ms: int
-    def __init__(self, min_version: _Optional[int] = ..., receiver: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+    base_version: int
+    def __init__(self, min_version: _Optional[int] = ..., receiver: _Optional[str] = ..., wait_ms: _Optional[int] = ..., base_version: _Optional[int] = ...) -> None: ...
 
 class WeightMessage(_message.Message):
     __slots__ = ("manifest", "chunk", "none_yet")
@@ -49,32 +51,36 @@ class ReportReply(_message.Message):
     def __init__(self) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "offset", "nbytes", "checksum")
+    __slots__ = ("name", "dtype", "shape", "offset", "nbytes", "checksum", "changed_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
     nbytes: int
     checksum: str
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
+    changed_at: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[str] = ..., changed_at: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("version", "tensors", "total_bytes", "chunk_bytes")
+    __slots__ = ("version", "tensors", "total_bytes", "chunk_bytes", "base_version")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
     chunk_bytes: int
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    base_version: int
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., base_version: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("version", "offset", "data")

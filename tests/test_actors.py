@@ -136,10 +136,11 @@ def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test)
                 expected = hf_logprobs(updated, res.prompt_ids, c.token_ids)
                 assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
 
-        server.publisher.publish(version + 1, new)
-        corrupt = bytearray(server.publisher._current.messages[1])
+        packed = server.publisher.publish(version + 1, {k: v + 0.01 for k, v in new.items()})
+        chunks = packed.chunks[packed.manifest.tensors[0].name]
+        corrupt = bytearray(chunks[0])
         corrupt[-100] ^= 0x01  # a byte of the first chunk, flipped after its checksum was taken
-        server.publisher._current.messages[1] = bytes(corrupt)
+        chunks[0] = bytes(corrupt)
         answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
         assert all(not a["applied"] and "checksum" in a["error"] for a in answers.values())
         assert set(pool.versions().values()) == {version}  # still serving the last good version
@@ -186,3 +187,100 @@ def test_killed_actor_is_replaced_and_its_work_redone(pool, scifact_test):
     assert sorted(seen) == sorted(r.request_id for r in reqs)
     assert pool.replaced == replaced + 1 and killed not in pool.slots and pool.size == 1
     assert set(pool.versions().values()) == {pool.latest_version}
+
+
+def _updated(model, state):
+    from transformers import AutoModelForCausalLM
+
+    updated = AutoModelForCausalLM.from_config(model.config).eval()
+    updated.load_state_dict(state)
+    return updated
+
+
+def _check_logprobs(pool, model, scifact_test, version, tag):
+    for res in pool.generate(requests_from(scifact_test, 2, tag)):
+        assert res.version == version
+        for c in res.completions:
+            assert torch.allclose(torch.tensor(c.logprobs), hf_logprobs(model, res.prompt_ids, c.token_ids), atol=1e-4)
+
+
+def test_sync_without_waiting_sends_changed_tensors_and_bfloat16(pool, tiny_model, scifact_test):
+    """The job's sync: actors pull after the chunks they have in flight, while a stream runs, every
+    request answered once; a version that changed one tensor sends that tensor alone; bfloat16 on the
+    wire lands in the float32 engines as the bfloat16-rounded values."""
+    from protocol.weight_service import WeightServer
+
+    model = tiny_model[0]
+    server = WeightServer("sync-token").start()
+    try:
+        version = pool.latest_version + 1
+        torch.manual_seed(2)
+        new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        server.publisher.publish(version, new)
+        reqs, seen = requests_from(scifact_test, 24, "nw"), []
+        for res in pool.stream(reqs):
+            if not seen:
+                assert pool.sync_weights(server.address, "sync-token", wait_seconds=30, version=version, wait=False) == {}
+            seen.append(res)
+        assert sorted(r.request_id for r in seen) == sorted(r.request_id for r in reqs)
+        # Applied between two chunks while the stream ran: each actor's results go from the old version to the new.
+        for actor in {r.actor for r in seen}:
+            versions = [r.version for r in seen if r.actor == actor]
+            assert versions == sorted(versions), (actor, versions)
+        assert version in {r.version for r in seen} and min(r.version for r in seen) < version
+        pool.wait_synced(timeout=60)
+        assert set(pool.versions().values()) == {version}
+        _check_logprobs(pool, _updated(model, new), scifact_test, version, "nw2")
+
+        name = "model.norm.weight"
+        changed = {**new, name: new[name] + 0.5}
+        received = pool.received_bytes
+        server.publisher.publish(version + 1, changed)
+        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+        assert all(a["applied"] and a["bytes"] == new[name].numel() * 4 for a in answers.values()), answers
+        assert pool.received_bytes - received == len(answers) * new[name].numel() * 4
+        _check_logprobs(pool, _updated(model, changed), scifact_test, version + 1, "nw3")
+    finally:
+        server.stop(0)
+
+    server = WeightServer("sync-token", wire_dtype=torch.bfloat16).start()
+    try:
+        server.publisher.publish(version + 2, new)
+        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+        assert all(a["applied"] for a in answers.values()), answers
+        rounded = {k: v.to(torch.bfloat16).float() for k, v in new.items()}
+        _check_logprobs(pool, _updated(model, rounded), scifact_test, version + 2, "bf")
+    finally:
+        server.stop(0)
+
+
+def test_dev_scores_on_an_actor_equal_prorank_evals(pool, tiny_model, scifact_test):
+    """The dev evaluation's scores (vLLM, logprobs of "0" and "1") equal `prorank eval`'s (transformers,
+    logit("1") - logit("0")) on the same weights within 1e-3, so the rankings are the same."""
+    from eval.run import candidate_pairs, rerank, rerank_by_scores
+    from prorank.bm25 import bm25_search
+    from prorank.config import BM25Config
+    from prorank.prompt import PromptBuilder
+
+    new = {k: v.clone() for k, v in tiny_model[0].state_dict().items()}
+    version = pool.latest_version + 1
+    pool.update_weights(version, new)
+    queries = scifact_test.query_ids[:6]
+    ranking = bm25_search(scifact_test, queries, BM25Config(top_k=8))
+    pairs = candidate_pairs(scifact_test, ranking, 8)
+    answer = pool.scored(ray.get(pool.score([p for q in queries for p in pairs[q]])))
+    assert answer["version"] == version and answer["actor"] in pool.slots and answer["seconds"] > 0
+
+    model = _updated(tiny_model[0], new)
+    builder = PromptBuilder(tiny_model[1], 256, 16)  # the pool's prompt settings, as `prorank eval` builds them
+    expected = {}
+    from prorank.scoring import score_query
+
+    with torch.no_grad():
+        for q in queries:
+            expected[q] = score_query(model, builder, scifact_test.queries[q], [d for _, d in pairs[q]])
+    got, at = {}, 0
+    for q in queries:
+        got[q], at = answer["scores"][at : at + len(pairs[q])], at + len(pairs[q])
+        assert got[q] == pytest.approx(expected[q], abs=1e-3)
+    assert rerank_by_scores(ranking, 8, got) == rerank(model, builder, scifact_test, ranking, 8, progress=False)

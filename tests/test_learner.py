@@ -167,3 +167,35 @@ def test_a_rank_killed_mid_step_fails_the_step_naming_it(ray_local, tiny_model_d
         killer.join()
     finally:
         learner.shutdown()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rank0_publishes_its_weights_and_only_what_a_step_changed(ray_local, tiny_model_dir, groups, stage):
+    """Rank 0 serves the versions itself (the weights never pass through the driver). With the bottom
+    frozen, a step changes the top layer and the final norm only: version 2 marks just those, a receiver
+    holding version 1 is sent just those, and its blob then equals the learner's full weights."""
+    import safetensors.torch
+
+    from actors.weight_receiver import fetch_version
+    from learner.group import LearnerGroup
+    from prorank.config import WeightSyncConfig
+
+    cfg = _cfg(stage).model_copy(update={"trainable_layers": 1})
+    learner = LearnerGroup(str(tiny_model_dir), cfg)
+    try:
+        address = learner.serve_weights("tok", WeightSyncConfig())
+        first = learner.publish(1, ["r"])
+        assert first["changed_tensors"] == first["tensors"] and first["changed_bytes"] == first["bytes"]
+        _, blob = fetch_version(address, "tok", 0, "r", timeout=30)
+        learner.step(groups)
+        second = learner.publish(2, ["r"])
+        manifest, blob = fetch_version(address, "tok", 1, "r", timeout=30, buffer=blob, base_version=1)
+        weights, _ = learner.full_weights()
+    finally:
+        learner.shutdown()
+    changed = {s.name for s in manifest.tensors if s.changed_at == 2}
+    last = max(int(n.split(".")[2]) for n in weights if n.startswith("model.layers."))
+    assert changed == {n for n in weights if n.startswith(f"model.layers.{last}.")} | {"model.norm.weight"}
+    assert second["changed_tensors"] == len(changed) and second["changed_bytes"] < 0.5 * second["bytes"]
+    got = safetensors.torch.load(bytes(blob))
+    assert all(torch.equal(got[name], t) for name, t in weights.items())

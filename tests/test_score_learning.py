@@ -188,7 +188,7 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
     try:
         metrics = [learner.score_step(groups) for _ in range(3)]
         weights, _ = learner.full_weights()
-        folder = learner.save(tmp_path, weights=weights)
+        folder = learner.save(tmp_path)
     finally:
         learner.shutdown()
 

@@ -13,8 +13,8 @@ from actors.weight_receiver import fetch_version
 from protocol.weight_service import WeightPublisher, WeightServer
 from protocol import weights_pb2, weights_pb2_grpc
 from prorank.security import auth_metadata
-from protocol.weights_codec import (WeightError, check_manifest, decode_chunk, encode_messages, expected_specs,
-                                    pack, verify)
+from protocol.weights_codec import (WeightError, check_manifest, decode_chunk, expected_specs, pack, stream_messages,
+                                    verify)
 
 TOKEN = "weights-token"
 
@@ -41,8 +41,19 @@ def test_round_trip_is_exact(server):
         assert torch.equal(got[name], tensor), name
 
 
+def _data(messages: list[bytes], total: int) -> bytearray:
+    """The data section a receiver assembles from a version's chunk messages."""
+    buffer = bytearray(total)
+    for raw in messages[1:]:
+        _, offset, payload = decode_chunk(raw)
+        buffer[offset : offset + len(payload)] = payload
+    return buffer
+
+
 def test_manifest_checks():
-    manifest, buffer = pack(3, state(), 1024)
+    packed = pack(3, state(), 1024)
+    manifest = packed.manifest
+    buffer = _data(stream_messages(packed), manifest.total_bytes)
     check_manifest(manifest, expected_specs(state()))
     wrong_shape = {**state(), "b.bias": torch.zeros(8)}
     with pytest.raises(WeightError, match=r"tensor b.bias: got FLOAT32\[7\], expected FLOAT32\[8\]"):
@@ -63,10 +74,10 @@ def test_manifest_checks():
 
 def test_corrupt_chunk_is_rejected(server):
     server.publisher.publish(1, state())
-    messages = server.publisher._current.messages
-    corrupt = bytearray(messages[2])
+    messages = server.publisher._current.packed.chunks["a.weight"]
+    corrupt = bytearray(messages[1])
     corrupt[-10] ^= 0x01  # one flipped bit in the second chunk, after checksumming
-    messages[2] = bytes(corrupt)
+    messages[1] = bytes(corrupt)
     with pytest.raises(WeightError, match=r"version 1: tensor a.weight: checksum"):
         fetch_version(server.address, TOKEN, 0, "r", timeout=10)
 
@@ -105,7 +116,7 @@ def test_partial_transfer_is_rejected():
     srv = WeightServer(TOKEN, publisher=_Truncating(64 * 1024)).start()
     try:
         srv.publisher.publish(1, state())
-        with pytest.raises(WeightError, match=r"partial transfer, 65536 of \d+ bytes"):
+        with pytest.raises(WeightError, match=r"partial transfer, stopped in tensor a.weight at byte 65536"):
             fetch_version(srv.address, TOKEN, 0, "r", timeout=10)
     finally:
         srv.stop(0)
@@ -146,9 +157,9 @@ def test_tls(tmp_path):
 
 
 def test_chunk_decoding_matches_protobuf():
-    manifest, buffer = pack(9, state(), 1000)
-    messages = encode_messages(manifest, buffer)
-    assert weights_pb2.WeightMessage.FromString(messages[0]).manifest == manifest
+    packed = pack(9, state(), 1000)
+    messages = stream_messages(packed)
+    assert weights_pb2.WeightMessage.FromString(messages[0]).manifest == packed.manifest
     for raw in messages[1:]:
         version, offset, data = decode_chunk(raw)
         chunk = weights_pb2.WeightMessage.FromString(raw).chunk
@@ -236,5 +247,76 @@ def test_a_transfer_cut_mid_stream_is_asked_again():
         srv.publisher.cuts = 5  # more cuts than retries: refused, naming the cut
         with pytest.raises(TransferError, match="partial transfer"):
             pull_newest([(srv.address, 10)], TOKEN, 0, "r", retries=2)
+    finally:
+        srv.stop(0)
+
+
+def test_only_changed_tensors_are_sent_and_the_receiver_keeps_the_rest(server):
+    """Version 2 changes one tensor of three: a receiver holding version 1 is sent that tensor alone,
+    keeps the other two in its blob, and still verifies all three; one holding nothing gets all."""
+    first = state()
+    server.publisher.publish(1, first)
+    m1, blob = fetch_version(server.address, TOKEN, 0, "r", expected_specs(first), timeout=10)
+    second = {**first, "b.bias": first["b.bias"] + 1}
+    packed = server.publisher.publish(2, second)
+    assert [s.name for s in packed.changed()] == ["b.bias"]
+    assert [s.changed_at for s in packed.manifest.tensors] == [1, 2, 1]
+    assert packed.chunks["a.weight"] is server.publisher._current.packed.chunks["a.weight"]  # not copied again
+
+    m2, kept = fetch_version(server.address, TOKEN, 1, "r", expected_specs(first), timeout=10, buffer=blob,
+                             base_version=1)
+    assert kept is blob and m2.base_version == 1
+    assert [s.nbytes for s in m2.tensors if s.changed_at > m2.base_version] == [7 * 4]
+    got = safetensors.torch.load(bytes(kept))
+    assert all(torch.equal(got[name], t) for name, t in second.items())
+
+    m_full, fresh = fetch_version(server.address, TOKEN, 1, "other", timeout=10)  # holds no blob: everything
+    assert m_full.base_version == 0 and safetensors.torch.load(bytes(fresh)).keys() == second.keys()
+
+
+def test_a_delta_onto_a_blob_that_is_not_the_base_is_refused(server):
+    server.publisher.publish(1, state())
+    _, blob = fetch_version(server.address, TOKEN, 0, "r", timeout=10)
+    server.publisher.publish(2, {**state(), "b.bias": torch.zeros(7)})
+    blob[-1] ^= 0xFF  # the kept bytes of c.half no longer are version 1's
+    with pytest.raises(WeightError, match=r"version 2: tensor c.half: checksum"):
+        fetch_version(server.address, TOKEN, 1, "r", timeout=10, buffer=blob, base_version=1)
+    with pytest.raises(WeightError, match=r"only the tensors changed after version 1 were sent"):
+        from actors.weight_receiver import _receive
+
+        stream = iter(stream_messages(server.publisher._current.packed, 1))
+        _receive(stream, 1, None, None, None, held=0)
+
+
+def test_a_relay_holding_a_delta_sends_a_receiver_that_holds_less_to_the_learner(server):
+    server.publisher.publish(1, state())
+    _, relay_blob = fetch_version(server.address, TOKEN, 0, "relay", timeout=10)
+    server.publisher.publish(2, {**state(), "b.bias": torch.zeros(7)})
+    relay = WeightServer(TOKEN).start()
+    try:
+        fetch_version(server.address, TOKEN, 1, "relay", timeout=10, relay=relay.publisher, buffer=relay_blob,
+                      base_version=1)
+        with pytest.raises(WeightError, match=r"FAILED_PRECONDITION.*only the tensors changed after version 1"):
+            fetch_version(relay.address, TOKEN, 0, "late", timeout=10)  # holds nothing
+        _, blob = fetch_version(server.address, TOKEN, 0, "peer", timeout=5)
+        server.publisher.publish(3, {**state(), "b.bias": torch.ones(7)})  # the relay has version 2 only
+        manifest, _ = fetch_version(relay.address, TOKEN, 0, "peer2", timeout=5, buffer=bytearray(blob),
+                                    base_version=1)
+        assert manifest.version == 2
+    finally:
+        relay.stop(0)
+
+
+def test_bfloat16_on_the_wire_for_a_float32_model():
+    """Half the bytes; a float32 receiver accepts it, and gets each value rounded to bfloat16."""
+    srv = WeightServer(TOKEN, wire_dtype=torch.bfloat16).start()
+    try:
+        packed = srv.publisher.publish(1, state())
+        full = pack(1, state(), 2**20)
+        assert packed.manifest.total_bytes < 0.55 * full.manifest.total_bytes
+        manifest, blob = fetch_version(srv.address, TOKEN, 0, "r", expected_specs(state()), timeout=10)
+        got = safetensors.torch.load(bytes(blob))
+        assert all(got[name].dtype == torch.bfloat16 and torch.equal(got[name], t.to(torch.bfloat16))
+                   for name, t in state().items())
     finally:
         srv.stop(0)
