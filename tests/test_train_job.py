@@ -48,7 +48,15 @@ def test_train_end_to_end(mode, finished_runs):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "train/loss" in m]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
-    assert [m["weights/min_actor_version"] for m in steps] == list(range(1, STEPS + 1))  # advances on every actor
+    # Actors pull a version after the chunks they have in flight, and the driver hears of it when it next
+    # collects: the version confirmed by all lags one step behind (two in async mode, whose next chunks
+    # were already queued before the pull).
+    confirmed, lag = [m["weights/min_actor_version"] for m in steps], (2 if mode == "async" else 1)
+    assert confirmed == sorted(confirmed) and all(m["step"] - lag <= v <= m["step"] for m, v in zip(steps, confirmed))
+    for m in steps:  # the learner's and the actors' share of each step's wall time
+        assert 0 < m["time/learner_busy_fraction"] <= 1 and 0 <= m["time/actor_busy_fraction"] <= 1
+        assert m["time/learner_seconds"] <= m["time/step_seconds"] + 1e-6 or m["time/learner_busy_fraction"] == 1
+        assert m["weights/changed_tensors"] > 0 and m["weights/sync_seconds"] >= m["weights/publish_seconds"] > 0
     fmt = [m["train/reward/format_mean"] for m in steps]
     assert max(fmt[-3:]) > fmt[0], fmt  # the format reward rises above where it started
     assert all(0 <= m["rollout/staleness_max"] <= (1 if mode == "async" else 0) for m in steps)
@@ -188,7 +196,8 @@ def _scalar_tags(port: int) -> str:
 
 
 def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model, scifact_dir):
-    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=8)
+    # Steps of the tiny model take about 0.3 s: 40 of them, so that Ctrl-C lands mid-run, never after the end.
+    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=40, updates={"train": {"dev_every": 0}})
     tag = uuid.uuid4().hex
     proc = start_job(config, tag)
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
@@ -210,6 +219,6 @@ def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model,
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     resumed = [m["step"] for m in lines if "train/loss" in m]
     # Continued after its last checkpoint; the lines the interrupted run wrote after it are gone.
-    assert resumed == list(range(1, 9))
+    assert resumed == list(range(1, 41))
     hours = [m["time/wall_hours"] for m in lines]
     assert hours == sorted(hours)  # the job's clock runs on across the resume
