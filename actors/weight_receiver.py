@@ -35,7 +35,8 @@ def _channel(address: str, tls_ca: str | None, tls: bool) -> grpc.Channel:
 # Answers that asking again will not change; any other gRPC failure is a broken transfer (TransferError).
 REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                       grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
-TRANSFER_SECONDS = 600.0  # deadline for a transfer once a version is on its way (a dead peer is found sooner by keepalive)
+# The deadline of a transfer once a version is on its way (a dead peer is found sooner, by keepalive).
+TRANSFER_SECONDS = 600.0
 
 
 def fetch_version(address: str, token: str, min_version: int, receiver: str, expected: dict[str, Spec] | None = None,
@@ -121,8 +122,9 @@ def _receive(stream, min_version: int, expected: dict[str, Spec] | None, relay: 
         header = safetensors_header(manifest)
         size = len(header) + manifest.total_bytes
         base = manifest.base_version
-        if base and any(s.changed_at <= base for s in manifest.tensors) and not (held >= base and buffer is not None and len(buffer) == size
-                         and buffer[: len(header)] == header):
+        keeps = any(s.changed_at <= base for s in manifest.tensors)  # some tensors are not sent: kept from the blob
+        if base and keeps and not (held >= base and buffer is not None and len(buffer) == size
+                                   and buffer[: len(header)] == header):
             raise WeightError(f"version {manifest.version}: only the tensors changed after version {base} were "
                               f"sent, and this receiver holds no complete version since (it holds {held})")
         blob = buffer if buffer is not None and len(buffer) == size else bytearray(size)

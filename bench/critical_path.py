@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"before": args.before, "steps": args.steps, "A": a, "B": b,
               "sync_ratio_B_over_A": b["sync_seconds_mean"] / a["sync_seconds_mean"],
               "job_seconds_ratio_B_over_A": b["job_seconds"] / a["job_seconds"]}
-    print(f"learner busy: A {a['learner_busy']:.3f}  B {b['learner_busy']:.3f}  "
-          f"(B logged {b.get('logged_learner_busy_mean', float('nan')):.3f}, actors {b.get('logged_actor_busy_mean', float('nan')):.3f})")
+    nan = float("nan")
+    print(f"learner busy: A {a['learner_busy']:.3f}  B {b['learner_busy']:.3f}  (B logged "
+          f"{b.get('logged_learner_busy_mean', nan):.3f}, actors {b.get('logged_actor_busy_mean', nan):.3f})")
     print(f"sync seconds per step: A {a['sync_seconds_mean']:.2f}  B {b['sync_seconds_mean']:.2f}  "
           f"ratio B/A {report['sync_ratio_B_over_A']:.3f}")
     print(f"whole job: B/A {report['job_seconds_ratio_B_over_A']:.3f}")

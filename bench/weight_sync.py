@@ -109,6 +109,9 @@ def actors_seconds(model: str, state, counts: list[int]) -> None:
     ray.init(num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False)
     server = WeightServer(TOKEN).start()
     version = 0
+    # Versions alternate between two states that differ in every tensor: each sync sends the whole model
+    # (an unchanged tensor would not be sent again).
+    states = (state, {k: v + 1 for k, v in state.items()})
     try:
         for n in counts:
             for relay in (False, True):
@@ -118,7 +121,7 @@ def actors_seconds(model: str, state, counts: list[int]) -> None:
                 for _ in range(2):
                     version += 1
                     start = time.perf_counter()
-                    server.publisher.publish(version, state)
+                    server.publisher.publish(version, states[version % 2])
                     answers = pool.sync_weights(server.address, TOKEN, wait_seconds=600)
                     seconds.append(time.perf_counter() - start)
                     assert all(a["applied"] for a in answers.values()), answers
@@ -146,7 +149,7 @@ def main() -> None:
     state = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).state_dict()
     server = WeightServer(TOKEN, chunk_bytes=int(args.chunk_mb * 2**20)).start()
     try:
-        manifest = server.publisher.publish(1, state)
+        manifest = server.publisher.publish(1, state).manifest
         nbytes, gb = manifest.total_bytes, manifest.total_bytes / 1e9
         raw = min(raw_tcp_seconds(nbytes) for _ in range(2))
         start = time.perf_counter()

@@ -28,8 +28,8 @@ class DevEval:
         self.enabled = bool(query_ids)
         self.pairs = candidate_pairs(dataset, self.ranking, self.depth)
         self.flat = [p for pairs in self.pairs.values() for p in pairs]
-        self.bm25 = (evaluate(dataset.eval_qrels, ranked_to_run({q: [d for d, _ in h] for q, h in self.ranking.items()}))
-                     ["nDCG@10"] if query_ids else None)
+        bm25_order = {q: [d for d, _ in h] for q, h in self.ranking.items()}
+        self.bm25 = evaluate(dataset.eval_qrels, ranked_to_run(bm25_order))["nDCG@10"] if query_ids else None
         self.pending = None  # the ObjectRef of the evaluation under way
         self.skipped = 0  # evaluations not started because the previous one was still running
 

@@ -42,7 +42,8 @@ def rerank(
     bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
                disable=not progress)
     for qid, pairs in candidate_pairs(dataset, ranking, depth).items():
-        scores[qid] = score_query(model, builder, dataset.queries[qid], [d for _, d in pairs], batch_size) if pairs else []
+        documents = [d for _, d in pairs]
+        scores[qid] = score_query(model, builder, dataset.queries[qid], documents, batch_size) if pairs else []
         bar.update(len(pairs))
     bar.close()
     return rerank_by_scores(ranking, depth, scores)

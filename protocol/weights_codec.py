@@ -97,7 +97,8 @@ def pack(version: int, state: Mapping[str, torch.Tensor], chunk_bytes: int, prev
             chunks[name] = previous.chunks[name]
         else:
             view = memoryview(raw)
-            chunks[name] = [_chunk_message(version, offset + i, view[i : i + chunk_bytes]) for i in range(0, n, chunk_bytes)]
+            chunks[name] = [_chunk_message(version, offset + i, view[i : i + chunk_bytes])
+                            for i in range(0, n, chunk_bytes)]
         specs.append(spec)
         offset += n
     manifest = weights_pb2.Manifest(version=version, tensors=specs, total_bytes=offset, chunk_bytes=chunk_bytes)

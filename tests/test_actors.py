@@ -220,7 +220,8 @@ def test_sync_without_waiting_sends_changed_tensors_and_bfloat16(pool, tiny_mode
         reqs, seen = requests_from(scifact_test, 24, "nw"), []
         for res in pool.stream(reqs):
             if not seen:
-                assert pool.sync_weights(server.address, "sync-token", wait_seconds=30, version=version, wait=False) == {}
+                queued = pool.sync_weights(server.address, "sync-token", wait_seconds=30, version=version, wait=False)
+                assert queued == {}
             seen.append(res)
         assert sorted(r.request_id for r in seen) == sorted(r.request_id for r in reqs)
         # Applied between two chunks while the stream ran: each actor's results go from the old version to the new.

@@ -77,7 +77,7 @@ def serve(args) -> None:
     from protocol.weight_service import WeightServer
 
     server = WeightServer(args.token, host=args.host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
-    manifest = server.publisher.publish(args.version, _state(args.model, args.size_mb))
+    manifest = server.publisher.publish(args.version, _state(args.model, args.size_mb)).manifest
     _say(address=server.address, bytes=manifest.total_bytes)
     sys.stdin.read()  # until the orchestrator closes our stdin
     server.stop(0)
