@@ -3,7 +3,7 @@ queries (their BM25 top-k reranked), scored on a rollout actor while the learner
 
 The actor scores with vLLM: the logprobs of "0" and "1" at the answer position, whose difference is the
 score `prorank eval` computes with transformers (the same prompts; equal within 1e-3 in float32, see
-tests/test_dev_eval.py). The call is queued behind the weight pull just sent to that actor, so it
+tests/test_actors.py). The call is queued behind the weight pull just sent to that actor, so it
 measures that version, and the figures are logged at the step whose weights they measured. The driver
 loads no model.
 """
@@ -14,6 +14,8 @@ import logging
 
 import ray
 from ray.exceptions import RayActorError
+
+from actors.pool import PoolError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ class DevEval:
         self.flat = [p for pairs in self.pairs.values() for p in pairs]
         bm25_order = {q: [d for d, _ in h] for q, h in self.ranking.items()}
         self.bm25 = evaluate(dataset.eval_qrels, ranked_to_run(bm25_order))["nDCG@10"] if query_ids else None
-        self.pending = None  # the ObjectRef of the evaluation under way
+        self.pending, self.actor = None, ""  # the ObjectRef of the evaluation under way, and its actor
+        self.lost: set[str] = set()  # actors this evaluation was sent to that died
         self.skipped = 0  # evaluations not started because the previous one was still running
 
     def start(self) -> None:
@@ -41,11 +44,20 @@ class DevEval:
             self.skipped += 1
             log.info("dev evaluation still running; this one is skipped")
             return
-        self.pending = self.pool.score(self.flat)
+        self.lost = set()
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            self.pending, self.actor = self.pool.score(self.flat, exclude=self.lost)
+        except PoolError as err:  # every actor is starting (or waiting for a node): the next one is due soon
+            self.pending = None
+            self.skipped += 1
+            log.warning("dev evaluation skipped: %s", err)
 
     def finished(self, wait: bool = False) -> tuple[int, dict[str, float]] | None:
         """(the weights version measured, its dev figures) once the evaluation under way has finished;
-        None while it runs (or when none was started). An actor lost meanwhile: scored again elsewhere."""
+        None while it runs (or when none was started). An actor lost meanwhile: scored again on another."""
         while self.pending is not None:
             done, _ = ray.wait([self.pending], timeout=None if wait else 0)
             if not done:
@@ -53,9 +65,10 @@ class DevEval:
             try:
                 value = self.pool.scored(ray.get(self.pending))
             except RayActorError as err:
-                log.warning("dev evaluation lost its actor (%s); scoring again on another", type(err).__name__)
-                self.pool.poll(timeout=0)  # the pool notices the death and replaces the actor
-                self.pending = self.pool.score(self.flat)
+                log.warning("dev evaluation lost actor %s (%s); scoring again on another", self.actor,
+                            type(err).__name__)
+                self.lost.add(self.actor)
+                self._send()
                 continue
             self.pending = None
             return value["version"], self._figures(value)

@@ -269,7 +269,9 @@ def test_dev_scores_on_an_actor_equal_prorank_evals(pool, tiny_model, scifact_te
     queries = scifact_test.query_ids[:6]
     ranking = bm25_search(scifact_test, queries, BM25Config(top_k=8))
     pairs = candidate_pairs(scifact_test, ranking, 8)
-    answer = pool.scored(ray.get(pool.score([p for q in queries for p in pairs[q]])))
+    ref, actor = pool.score([p for q in queries for p in pairs[q]])
+    answer = pool.scored(ray.get(ref))
+    assert answer["actor"] == actor
     assert answer["version"] == version and answer["actor"] in pool.slots and answer["seconds"] > 0
 
     model = _updated(tiny_model[0], new)
