@@ -238,8 +238,10 @@ class ActorPool:
                 except RayActorError as err:
                     self._lost(slot, err)
         self._upstream = upstream
+
         def per_actor(slot: _Slot) -> dict:
             return {"upstream": upstream.get(slot.name), "relay": self.weights, "version": version}
+
         if not wait:
             for slot in list(self.slots.values()):
                 ref = slot.handle.sync_weights.remote(address, token, tls_ca, wait_seconds, **per_actor(slot))
