@@ -163,7 +163,10 @@ def train_command(
     def interrupt(*_):  # SIGTERM (a scheduler's stop) shuts down like Ctrl-C
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too: a job started in the background of a script inherits SIGINT ignored, and Python then
+    # installs no handler of its own, so `kill -INT` (or a launcher's Ctrl-C) would not stop it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, interrupt)
     typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
     try:
         summary = train(cfg, resume=resume, progress=True)
