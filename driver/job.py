@@ -90,9 +90,10 @@ class Job:
 
 
 class BusyClock:
-    """Per step: the wall seconds since the last step ended, and which share of them the learner (its
-    ranks training, publishing or saving) and the actors (generating, scoring, pulling weights; summed
-    over actors and divided by their number) were busy."""
+    """Per step: the wall seconds since the last step ended, and which share of them the learner and the
+    actors were busy. Learner seconds are what the driver waited on the ranks: the step, the publish
+    (with the actors' pulls queued) and a checkpoint. Actor seconds are the actors' own (generating,
+    scoring, pulling weights), summed over actors and divided by their number."""
 
     def __init__(self, pool):
         self.pool = pool

@@ -16,12 +16,11 @@ class WeightSync:
         """Serve the versions of `learner` (a stage's LearnerGroup) from its rank 0."""
         self.learner, self.address = learner, learner.serve_weights(self.token, self.cfg)
 
-    def __call__(self, version: int, wait: bool = False) -> dict[str, float]:
-        """Publish the learner's weights as `version` and have every actor pull it (after its chunks in
-        flight; with `wait`, until each has applied it)."""
+    def __call__(self, version: int) -> dict[str, float]:
+        """Publish the learner's weights as `version` and have every actor pull it after its chunks in flight."""
         start = time.perf_counter()
         published = self.learner.publish(version, self.pool.receiver_names())
-        self.pool.sync_weights(self.address, self.token, self.cfg.tls_ca, self.cfg.wait_seconds, version, wait=wait)
+        self.pool.sync_weights(self.address, self.token, self.cfg.tls_ca, self.cfg.wait_seconds, version, wait=False)
         return {"weights/sync_seconds": time.perf_counter() - start, "weights/publish_seconds": published["seconds"],
                 "weights/bytes": published["bytes"], "weights/changed_bytes": published["changed_bytes"],
                 "weights/changed_tensors": published["changed_tensors"], "weights/version": float(version),

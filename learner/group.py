@@ -56,10 +56,19 @@ class LearnerGroup:
             try:
                 ray.get(done[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                cause = str(err).strip().splitlines()[0][:300]
-                raise LearnerError(f"learner {self.where[refs.index(done[0])]} failed in {method}: "
-                                   f"{type(err).__name__}: {cause}") from err
+                raise self._failure(refs.index(done[0]), method, err) from err
         return ray.get(refs)
+
+    def _on_rank0(self, method: str, *args):
+        """`method` on rank 0 alone (no collective), failing like `_all`."""
+        try:
+            return ray.get(getattr(self.ranks[0], method).remote(*args))
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            raise self._failure(0, method, err) from err
+
+    def _failure(self, rank: int, method: str, err: Exception) -> LearnerError:
+        cause = str(err).strip().splitlines()[0][:300]
+        return LearnerError(f"learner {self.where[rank]} failed in {method}: {type(err).__name__}: {cause}")
 
     def _train(self, groups: list, normalizer: float) -> tuple[list[dict], dict[str, float], float]:
         if len(groups) != self.cfg.groups_per_step:
@@ -112,19 +121,12 @@ class LearnerGroup:
 
     def serve_weights(self, token: str, cfg: WeightSyncConfig) -> str:
         """Start the weight server on rank 0; its address (the node's IP for a wildcard bind)."""
-        return self._all_first("serve_weights", token, cfg)
+        return self._on_rank0("serve_weights", token, cfg)
 
     def publish(self, version: int, receivers: list[str] | None = None) -> dict[str, float]:
         """Publish the current weights as `version` on rank 0's server; rank 0's figures (seconds, bytes,
         changed bytes and tensors)."""
         return self._all("publish", version, receivers)[0]
-
-    def _all_first(self, method: str, *args):
-        try:
-            return ray.get(getattr(self.ranks[0], method).remote(*args))
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            raise LearnerError(f"learner {self.where[0]} failed in {method}: {type(err).__name__}: "
-                               f"{str(err).strip().splitlines()[0][:300]}") from err
 
     def save(self, root: str | Path, driver_state: dict | None = None) -> Path:
         """Write a checkpoint to root/step-N atomically: into a temporary folder, then one rename, then

@@ -43,6 +43,27 @@ def hf_logprobs(model, prompt_ids, token_ids):
         logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
     return torch.log_softmax(logits.float(), -1)[torch.arange(len(token_ids)), token_ids]
 
+def _updated(model, state):
+    from transformers import AutoModelForCausalLM
+
+    updated = AutoModelForCausalLM.from_config(model.config).eval()
+    updated.load_state_dict(state)
+    return updated
+
+
+def _check_logprobs(pool, model, scifact_test, version, tag):
+    for res in pool.generate(requests_from(scifact_test, 2, tag)):
+        assert res.version == version
+        for c in res.completions:
+            assert torch.allclose(torch.tensor(c.logprobs), hf_logprobs(model, res.prompt_ids, c.token_ids), atol=1e-4)
+
+
+
+def _perturbed(model, seed: int) -> dict:
+    """The model's weights, each moved by a little noise."""
+    torch.manual_seed(seed)
+    return {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+
 
 def test_groups_have_the_promised_shape(pool, scifact_test):
     reqs = requests_from(scifact_test, 10)
@@ -89,15 +110,10 @@ def test_weights_update_in_place(pool, tiny_model, scifact_test):
     model = tiny_model[0]
     req = requests_from(scifact_test, 1, "w")
     before = pool.generate(req)[0]
-    torch.manual_seed(0)
-    new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    new = _perturbed(model, 0)
     version = pool.latest_version + 1
     assert set(pool.update_weights(version, new).values()) == {version}
-
-    from transformers import AutoModelForCausalLM
-
-    updated = AutoModelForCausalLM.from_config(model.config).eval()
-    updated.load_state_dict(new)
+    updated = _updated(model, new)
     after = pool.generate(req)[0]
     assert after.version == version and after.prompt_ids == before.prompt_ids
     for c in after.completions:
@@ -115,8 +131,7 @@ def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test)
     server = WeightServer("sync-token").start()
     try:
         version = pool.latest_version + 1
-        torch.manual_seed(1)
-        new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        new = _perturbed(model, 1)
         server.publisher.publish(version, new)
         answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
         assert answers and all(a["version"] == version and a["applied"] and not a["error"] for a in answers.values())
@@ -125,16 +140,7 @@ def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test)
         assert answers[first.name]["source"] == server.address
         assert answers[second.name]["source"] == first.relay_address != server.address
         assert server.publisher.wait_for(set(answers), version, timeout=5)  # the learner knows who serves what
-
-        from transformers import AutoModelForCausalLM
-
-        updated = AutoModelForCausalLM.from_config(model.config).eval()
-        updated.load_state_dict(new)
-        for res in pool.generate(requests_from(scifact_test, 2, "g")):
-            assert res.version == version
-            for c in res.completions:
-                expected = hf_logprobs(updated, res.prompt_ids, c.token_ids)
-                assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+        _check_logprobs(pool, _updated(model, new), scifact_test, version, "g")
 
         packed = server.publisher.publish(version + 1, {k: v + 0.01 for k, v in new.items()})
         chunks = packed.chunks[packed.manifest.tensors[0].name]
@@ -189,21 +195,6 @@ def test_killed_actor_is_replaced_and_its_work_redone(pool, scifact_test):
     assert set(pool.versions().values()) == {pool.latest_version}
 
 
-def _updated(model, state):
-    from transformers import AutoModelForCausalLM
-
-    updated = AutoModelForCausalLM.from_config(model.config).eval()
-    updated.load_state_dict(state)
-    return updated
-
-
-def _check_logprobs(pool, model, scifact_test, version, tag):
-    for res in pool.generate(requests_from(scifact_test, 2, tag)):
-        assert res.version == version
-        for c in res.completions:
-            assert torch.allclose(torch.tensor(c.logprobs), hf_logprobs(model, res.prompt_ids, c.token_ids), atol=1e-4)
-
-
 def test_sync_without_waiting_sends_changed_tensors_and_bfloat16(pool, tiny_model, scifact_test):
     """The job's sync: actors pull after the chunks they have in flight, while a stream runs, every
     request answered once; a version that changed one tensor sends that tensor alone; bfloat16 on the
@@ -214,8 +205,7 @@ def test_sync_without_waiting_sends_changed_tensors_and_bfloat16(pool, tiny_mode
     server = WeightServer("sync-token").start()
     try:
         version = pool.latest_version + 1
-        torch.manual_seed(2)
-        new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        new = _perturbed(model, 2)
         server.publisher.publish(version, new)
         reqs, seen = requests_from(scifact_test, 24, "nw"), []
         for res in pool.stream(reqs):
