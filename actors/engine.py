@@ -39,12 +39,10 @@ class RolloutEngine:
             engine_args["gpu_memory_utilization"] = actors.gpu_memory_utilization
         self.llm = LLM(**engine_args)
         # Leave room for the answer: a prompt is cut by the prompt module, never rejected by the engine.
-        budget = min(prompt.max_length, actors.max_model_len - sampling.max_tokens)
         tokenizer = load_tokenizer(model)
-        self.builder = PromptBuilder(tokenizer, budget, prompt.max_query_tokens)
+        self.builder = PromptBuilder.from_config(tokenizer, prompt, actors.max_model_len - sampling.max_tokens)
         # Scoring generates one token: prompts as long as `prorank eval` builds them fit.
-        self.score_builder = PromptBuilder(tokenizer, min(prompt.max_length, actors.max_model_len - 1),
-                                           prompt.max_query_tokens)
+        self.score_builder = PromptBuilder.from_config(tokenizer, prompt, actors.max_model_len - 1)
         self.params = SamplingParams(
             n=sampling.group_size, temperature=sampling.temperature, top_p=sampling.top_p,
             max_tokens=sampling.max_tokens, logprobs=0,

@@ -31,14 +31,14 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=20)
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=192, help="query + document tokens (prompt.max_length)")
     args = ap.parse_args()
 
     dataset = load_dataset(DataConfig(path=args.data, split="test"))
     qids = dataset.query_ids[: args.queries]
     ranking = bm25_search(dataset, qids, BM25Config(top_k=100))
     pairs = sum(min(args.depth, len(h)) for h in ranking.values())
-    print(f"{len(qids)} queries x top {args.depth} = {pairs} pairs, prompts up to {args.max_length} tokens, "
+    print(f"{len(qids)} queries x top {args.depth} = {pairs} pairs, query + document up to {args.max_length} tokens (+ the layout), "
           f"torch threads {torch.get_num_threads()}, native bf16: {native_bf16('cpu')}")
 
     results = {}

@@ -36,7 +36,7 @@ def transformers_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: 
     from prorank.prompt import PromptBuilder
 
     model, tok = load_causal_lm(ModelConfig(path=model_dir))
-    builder = PromptBuilder(tok, prompt_cfg.max_length, prompt_cfg.max_query_tokens)
+    builder = PromptBuilder.from_config(tok, prompt_cfg)
     prompts = builder.encode_batch([(r.query, r.document) for r in reqs])
 
     def run(batch):

@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--queries", type=int, default=3)
     ap.add_argument("--negatives", type=int, default=7)
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=192, help="query + document tokens (prompt.max_length)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--trainable-layers", type=int, default=None)
     args = ap.parse_args()

@@ -43,7 +43,7 @@ def job_config(out: Path, model: str, data: str, steps: int) -> Path:
     cfg = {
         "data": {"path": data},
         "model": {"path": model},
-        "prompt": {"max_length": 192, "max_query_tokens": 16},
+        "prompt": {"max_length": 96},
         "sampling": {"group_size": 4, "max_tokens": 1, "temperature": 1.0, "per_request_seed": True},
         "actors": {"num_actors": 2, "max_model_len": 256, "chunk_size": 2, "kv_cache_gib": 1, "max_restarts": 20},
         "reward": {"port": 0, "replicas": 2, "max_restarts": 10, "timeout_seconds": 5},

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         pairs.append((data.queries[qid], document_text(other.title, other.text)))
         if len(pairs) >= args.pairs:
             break
-    builder = PromptBuilder(load_tokenizer(args.model), 256, 64)
+    builder = PromptBuilder(load_tokenizer(args.model), 176)
     zero, one = builder.answer_ids
     rounded = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in state.items()})

@@ -66,6 +66,10 @@ def eval_command(
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     dtype: Annotated[Optional[str], typer.Option(
         help="float32 (exact), bfloat16, or auto: bfloat16 where the CPU/GPU has native bf16 (model.dtype).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(
+        help="Query + document tokens per prompt (prompt.max_length); above the model's context it "
+             "shrinks to fit, as in mxbai-rerank: 100000 scores whole documents.")] = None,
+    instruction: Annotated[Optional[str], typer.Option(help="prompt.instruction, before the query.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
     strict: StrictOpt = None,
     overrides: Overrides = None,
@@ -85,6 +89,7 @@ def eval_command(
             "data.split": split, "bm25.top_k": top_k, "eval.rerank_depth": rerank_depth,
             "eval.max_queries": max_queries, "eval.batch_size": batch_size, "model.dtype": dtype,
             "eval.output": str(output) if output else None, "data.strict": strict,
+            "prompt.max_length": max_length, "prompt.instruction": instruction,
         }
         cfg = load_config(config, overrides or [], _given(values))
         report = run_eval(cfg, progress=sys.stderr.isatty())
@@ -104,7 +109,7 @@ def eval_command(
         bounded = s["queries"] < s["queries_in_split"] or s["rerank_depth"] < s["bm25_top_k"]
         console.print(
             f"model {s['model'] if 'model' in s else ''}: reranked the top {s['rerank_depth']} of "
-            f"{s['bm25_top_k']} BM25 candidates, prompts cut to {s['max_length']} tokens, {s['dtype']}; "
+            f"{s['bm25_top_k']} BM25 candidates, query + document cut to {s['max_length']} tokens, {s['dtype']}; "
             f"{s['pairs']} pairs in {report.seconds['model']:.0f}s"
             + (" (bounded run: not comparable to full-split figures)" if bounded else "")
         )
@@ -151,6 +156,7 @@ def train_command(
     from prorank.data import DataError
     from driver.job import train
     from prorank.models import ModelError
+    from prorank.prompt import PromptError
     from prorank.security import SecurityError
 
     try:
@@ -170,7 +176,7 @@ def train_command(
     typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
     try:
         summary = train(cfg, resume=resume, progress=True)
-    except (DataError, ModelError, SecurityError, FileNotFoundError, LearnerError) as err:
+    except (DataError, ModelError, PromptError, SecurityError, FileNotFoundError, LearnerError) as err:
         _fail(err)
     except KeyboardInterrupt:
         typer.echo("interrupted: every actor and server was stopped", err=True)
@@ -198,6 +204,7 @@ def export_command(
 
     from prorank.export import export_model
     from prorank.models import ModelError
+    from prorank.prompt import PromptError
 
     try:
         cfg = load_config(config, [])
@@ -212,9 +219,9 @@ def export_command(
             checkpoint = Path(json.loads(summary.read_text())["model"])
         prompt = None
         if config:  # else the prompt settings the run recorded in its summary
-            prompt = {"max_length": cfg.prompt.max_length, "max_query_tokens": cfg.prompt.max_query_tokens}
+            prompt = cfg.prompt.model_dump()
         out = export_model(checkpoint, output, reports, prompt, name)
-    except (ConfigError, ModelError) as err:
+    except (ConfigError, ModelError, PromptError) as err:
         _fail(err)
     typer.echo(f"exported to {out}")
 

@@ -132,12 +132,17 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     from prorank.bm25 import bm25_search
     from prorank.data import load_dataset
     from prorank.models import checkpoint_model_dir, resolve_model
+    from prorank.prompt import check_model_layout
     from prorank.tracking import RunLog
     from reward.client import SyncRewardClient, client_options
     from reward.replica import ReplicaSet
 
     started = time.monotonic()
     tc, sc = cfg.train, cfg.score
+    # A start model trained on another prompt layout is refused before anything starts.
+    check_model_layout(resolve_model(cfg.model), cfg.prompt.layout)
+    if sc.init_from:
+        check_model_layout(checkpoint_model_dir(sc.init_from), cfg.prompt.layout)
     out = Path(tc.output_dir)
     data_cfg = cfg.data.model_copy(update={"split": tc.split})
     dataset = load_dataset(data_cfg)

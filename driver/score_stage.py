@@ -28,7 +28,7 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
     job.stack.callback(learner.shutdown)
     job.sync.attach(learner)
     job.placement["score_learner"] = sorted(set(learner.nodes()))
-    builder = PromptBuilder(load_tokenizer(init_model), cfg.prompt.max_length, cfg.prompt.max_query_tokens)
+    builder = PromptBuilder.from_config(load_tokenizer(init_model), cfg.prompt)
     sampler = RankingSampler(job.prompts, job.ranking, sc, builder, cfg.train.seed,
                              cfg.reward.relevance_threshold)
     step = learner.load(root)["steps"] if resume and (root / "LATEST").is_file() else 0

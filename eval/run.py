@@ -17,7 +17,8 @@ from eval.metrics import evaluate, ranked_to_run
 from prorank.bm25 import Ranking, bm25_search
 from prorank.config import ProRankConfig
 from prorank.data import BeirDataset, load_dataset
-from prorank.prompt import PromptBuilder, document_text
+from prorank.models import model_context, resolve_model
+from prorank.prompt import PromptBuilder, check_model_layout, document_text
 from prorank.scoring import score_query
 
 
@@ -35,9 +36,17 @@ def rerank(
     model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
     batch_size: int = 16, progress: bool = True,
 ) -> dict[str, list[str]]:
-    """Each query's BM25 list with its top `depth` reordered by the model's score (ties keep BM25 order).
+    """Each query's BM25 list with its top `depth` reordered by the model's score (ties keep BM25 order)."""
+    return rerank_by_scores(ranking, depth, candidate_scores(model, builder, dataset, ranking, depth, batch_size,
+                                                             progress))
 
-    A query's candidates are scored together, with the prompt tokens they share encoded once."""
+
+def candidate_scores(
+    model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
+    batch_size: int = 16, progress: bool = True,
+) -> dict[str, list[float]]:
+    """The model's score of each query's top `depth` BM25 candidates, in BM25 order. A query's candidates
+    are scored together, with the prompt tokens they share encoded once."""
     scores = {}
     bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
                disable=not progress)
@@ -46,7 +55,7 @@ def rerank(
         scores[qid] = score_query(model, builder, dataset.queries[qid], documents, batch_size) if pairs else []
         bar.update(len(pairs))
     bar.close()
-    return rerank_by_scores(ranking, depth, scores)
+    return scores
 
 
 def candidate_pairs(dataset: BeirDataset, ranking: Ranking, depth: int) -> dict[str, list[tuple[str, str]]]:
@@ -68,6 +77,8 @@ def rerank_by_scores(ranking: Ranking, depth: int, scores: dict[str, list[float]
 
 def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = True) -> EvalReport:
     """BM25 metrics, plus the model's when one is given (or configured in `cfg.model`)."""
+    if model is None and (cfg.model.path or cfg.model.hub_id):  # a model trained on another layout: say so now
+        check_model_layout(resolve_model(cfg.model), cfg.prompt.layout)
     clock = time.perf_counter()
     dataset = load_dataset(cfg.data)
     query_ids = dataset.query_ids[: cfg.eval.max_queries]
@@ -82,18 +93,18 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
         "bm25_top_k": cfg.bm25.top_k,
     }
     if model is None and (cfg.model.path or cfg.model.hub_id):
-        from prorank.models import load_causal_lm, resolve_model
+        from prorank.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(cfg.model)
         settings["model"] = resolve_model(cfg.model)
     if model is not None:
         clock = time.perf_counter()
-        builder = PromptBuilder(tokenizer, cfg.prompt.max_length, cfg.prompt.max_query_tokens)
+        builder = PromptBuilder.from_config(tokenizer, cfg.prompt, model_context(model))
         ranked = rerank(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
         seconds["model"] = time.perf_counter() - clock
         metrics["model"] = evaluate(dataset.eval_qrels, ranked_to_run(ranked))
-        settings.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."), rerank_depth=depth, max_length=cfg.prompt.max_length,
-                        max_query_tokens=cfg.prompt.max_query_tokens,
+        settings.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."), rerank_depth=depth,
+                        prompt=builder.settings(), max_length=builder.max_length,
                         pairs=sum(min(depth, len(hits)) for hits in ranking.values()))
     report = EvalReport(metrics, settings, seconds)
     write_tensorboard(report, cfg.eval.tensorboard_dir or default_tensorboard_dir(dataset.name, cfg.data.split))

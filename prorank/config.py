@@ -51,10 +51,14 @@ class BM25Config(Section):
 
 
 class PromptConfig(Section):
-    """Token budget of one (query, document) prompt, chat template included."""
+    """The (query, document) prompt: the released ProRank layout (`prorank/prompt.py`) and its budget."""
 
-    max_length: int = Field(512, ge=64)
-    max_query_tokens: int = Field(64, ge=4)
+    layout: Literal["mxbai-v2"] = "mxbai-v2"
+    # Tokens of the query and document, as `MxbaiRerankV2(max_length=...)`: the query is cut at 3/4 of it,
+    # the document fills the rest; the layout's fixed pieces (about 80 tokens) come on top. A budget the
+    # model's context cannot hold shrinks to fit it.
+    max_length: int = Field(512, ge=16)
+    instruction: str | None = None  # "instruction: ..." before the query, as mxbai-rerank's `instruction`
 
 
 class ModelConfig(Section):

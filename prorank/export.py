@@ -1,8 +1,15 @@
-"""`prorank export`: a checkpoint -> a Hugging Face model folder our users ship.
+"""`prorank export`: a checkpoint -> a Hugging Face model folder that the clients our users run load unchanged.
 
-The folder holds the model (safetensors), its tokenizer with the chat template, a model card (README.md)
-with the prompt layout, how to score with plain transformers, and the evaluation table, and
-`prorank.json`, the prompt settings the scores were computed with.
+Besides the model and tokenizer, the folder holds:
+- `prorank.json`: the prompt layout and the length the model was trained at;
+- `chat_template.jinja`: a template that renders a `query` and a `document` message into the released
+  layout (what sentence-transformers' CrossEncoder and vLLM's score API feed the model), and any other
+  conversation as plain ChatML;
+- sentence-transformers' files (`modules.json`, its two configs, `1_LogitScore/`): the causal LM followed
+  by the score logit("1") - logit("0"), with no activation on top;
+- config and tokenizer entries transformers 4.x needs (where `mxbai-rerank` runs): `rope_theta` beside
+  `rope_parameters`, and a tokenizer class it knows;
+- a model card (README.md) with the layout, each client's usage and the evaluation table.
 """
 
 from __future__ import annotations
@@ -12,96 +19,139 @@ import shutil
 from pathlib import Path
 
 from prorank.models import ModelError, checkpoint_model_dir
-from prorank.prompt import ANSWERS, SYSTEM_PROMPT, USER_TEMPLATE
+from prorank.prompt import (
+    ANSWERS, CHAT_PREFIX, CHAT_SUFFIX, DOCUMENT_TEMPLATE, INSTRUCTION_TEMPLATE, LAYOUT, LEGACY_LAYOUT,
+    QUERY_TEMPLATE, SEP, TASK_PROMPT, answer_token_ids, model_prompt_settings,
+)
+from prorank.model_card import model_card
 
-MEASURES = ("nDCG@10", "RR@10", "R@100")
-
-_USAGE = '''```python
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tok = AutoTokenizer.from_pretrained("{name}")
-model = AutoModelForCausalLM.from_pretrained("{name}").eval()
-SYSTEM = {system!r}
-
-def score(query: str, document: str) -> float:
-    messages = [{{"role": "system", "content": SYSTEM}},
-                {{"role": "user", "content": f"query: {{query}}\\ndocument: {{document}}\\nRelevance:"}}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        logits = model(**ids).logits[0, -1]
-    one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
-    return (logits[one] - logits[zero]).item()  # higher: more relevant
-```'''
+# Transformers 5 names a plain fast tokenizer `TokenizersBackend`; transformers 4 knows it by this name.
+TOKENIZER_CLASS_V4 = "PreTrainedTokenizerFast"
 
 
-def evaluation_rows(reports: list[dict]) -> list[tuple[str, dict]]:
-    """(system, metrics) rows from `prorank eval` JSON reports: BM25 once, then each model."""
-    rows, seen_bm25 = [], False
-    for report in reports:
-        settings = report.get("settings", {})
-        if "bm25" in report and not seen_bm25:
-            rows.append(("BM25", report["bm25"]))
-            seen_bm25 = True
-        if "model" in report:
-            label = report.get("label") or settings.get("model", "model")
-            rows.append((str(label), report["model"]))
-    return rows
+def pair_chat_template(instruction: str | None = None) -> str:
+    """Jinja: a `query` and a `document` message -> the released layout, ending with the assistant's
+    opening (its final newline comes from an expression: Jinja drops a template's trailing literal one);
+    any other messages -> ChatML."""
+    query = (INSTRUCTION_TEMPLATE.format(instruction=instruction) + SEP if instruction else "") + \
+        QUERY_TEMPLATE.format(query="")
+    document = SEP + DOCUMENT_TEMPLATE.format(document="")
+    tail = SEP + TASK_PROMPT + CHAT_SUFFIX
+    return (
+        '{%- set query = messages | selectattr("role", "equalto", "query") | map(attribute="content") | first -%}\n'
+        '{%- set document = messages | selectattr("role", "equalto", "document") | map(attribute="content") '
+        '| first -%}\n'
+        "{%- if query is defined and document is defined -%}\n"
+        f"{{{{- {CHAT_PREFIX + query!r} + query + {document!r} + document + {tail!r} -}}}}\n"
+        "{%- else -%}\n"
+        "{%- for message in messages -%}\n"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}\n"
+        "{%- endif -%}"
+    )
 
 
-def model_card(name: str, reports: list[dict], summary: dict | None, prompt: dict) -> str:
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-ranking", "tags: [reranker, prorank]",
-             "---", "", f"# {name}", "",
-             "A reranker trained with ProRank RL: GRPO prompt warmup, then fine-grained score learning. "
-             "No layer was added: the relevance score is logit(\"1\") - logit(\"0\") at the assistant's "
-             "first token.", "", "## Prompt layout", "",
-             "The tokenizer's chat template, with the generation prompt of the assistant:", "",
-             f"- system: `{SYSTEM_PROMPT}`", f"- user: `{USER_TEMPLATE!r}`",
-             f"- answers: `{ANSWERS[0]}` (not relevant), `{ANSWERS[1]}` (relevant)",
-             f"- truncation: query at most {prompt['max_query_tokens']} tokens, whole prompt at most "
-             f"{prompt['max_length']} tokens (the document is cut)", "", "## Scoring with transformers", "",
-             _USAGE.format(name=name, system=SYSTEM_PROMPT), "",
-             "Or: `from prorank import Reranker; Reranker(path).rank(query, documents, top_k=10)`.", ""]
-    rows = evaluation_rows(reports)
-    if rows:
-        settings = reports[0].get("settings", {})
-        lines += ["## Evaluation", "",
-                  f"{settings.get('dataset', '?')} {settings.get('split', '?')}, {settings.get('queries', '?')} "
-                  f"queries, BM25 top {settings.get('bm25_top_k', '?')} with the top "
-                  f"{settings.get('rerank_depth', '?')} reranked.", "",
-                  "| system | " + " | ".join(MEASURES) + " |", "|---" * (len(MEASURES) + 1) + "|"]
-        lines += [f"| {system} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in MEASURES) + " |"
-                  for system, m in rows]
-        lines.append("")
-    if summary:
-        lines += ["## Training", "", f"Stages {', '.join(summary.get('stages', ['warmup']))}, "
-                  f"{summary.get('steps')} learner steps in all; dev nDCG@10 at the end "
-                  f"{summary.get('final', {}).get('dev/ndcg@10', float('nan')):.4f} "
-                  f"(BM25 {summary.get('dev_bm25') or float('nan'):.4f}).", ""]
-    return "\n".join(lines)
+def vllm_overrides(config: dict) -> dict:
+    """vLLM's `hf_overrides` that serve the causal LM as a 1-label classifier: sigmoid(logit("1") - logit("0"))."""
+    arch = (config.get("architectures") or ["ForCausalLM"])[0]
+    return {"architectures": [arch.replace("ForCausalLM", "ForSequenceClassification")],
+            "classifier_from_token": list(ANSWERS), "method": "from_2_way_softmax"}
 
 
 def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict] | None = None,
                  prompt: dict | None = None, name: str | None = None) -> Path:
     """Copy the model behind `checkpoint` (a checkpoint step, checkpoints root or model folder) to
-    `output`, with a model card and prompt settings. The training summary is found beside the checkpoints."""
+    `output`, with the files above. `prompt`: the settings it was trained with (a `PromptConfig` dump);
+    default: those its run recorded in summary.json."""
     source = Path(checkpoint_model_dir(str(checkpoint)))
     if not source.is_dir():
         raise ModelError(f"{checkpoint} is not a local checkpoint or model folder")
     out = Path(output)
     if out.resolve() == source.resolve():
         raise ModelError(f"--output {out} is the checkpoint's own model folder")
+    summary = _find_summary(source)
+    prompt = dict(prompt or (summary or {}).get("prompt") or model_prompt_settings(str(source))
+                  or {"layout": LAYOUT, "max_length": 512})
+    layout = prompt.setdefault("layout", LEGACY_LAYOUT)  # a run recorded before layouts were
+    if layout != LAYOUT:
+        raise ModelError(f"{checkpoint} was trained with prompt layout {layout!r}; only {LAYOUT!r} models "
+                         "load unchanged in the clients: train it again")
+    config = json.loads((source / "config.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
-        if item.is_file():
+        if item.is_file() and item.name not in ("README.md", "prorank.json"):
             shutil.copy2(item, out / item.name)
-    summary = _find_summary(source)
-    prompt = prompt or (summary or {}).get("prompt") or {"max_length": 512, "max_query_tokens": 64}
-    (out / "prorank.json").write_text(json.dumps(
-        {"system_prompt": SYSTEM_PROMPT, "user_template": USER_TEMPLATE, "answers": list(ANSWERS),
-         "score": 'logit("1") - logit("0") at the last prompt position', **prompt}, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt))
+
+    _write_json(out / "config.json", _config_for_transformers4(config))
+    _fix_tokenizer_config(out / "tokenizer_config.json")
+    (out / "chat_template.jinja").write_text(pair_chat_template(prompt.get("instruction")))
+    false_id, true_id = _answer_ids(out)
+    _write_sentence_transformers_files(out, true_id, false_id)
+    _write_json(out / "prorank.json", {
+        "layout": LAYOUT, "max_length": prompt["max_length"], "instruction": prompt.get("instruction"),
+        "answers": list(ANSWERS), "answer_token_ids": [false_id, true_id],
+        "score": 'logit("1") - logit("0") at the last prompt position',
+        "vllm_hf_overrides": vllm_overrides(config),
+    })
+    (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt,
+                                              vllm_overrides(config)))
     return out
+
+
+def _write_json(path: Path, data: dict | list) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _config_for_transformers4(config: dict) -> dict:
+    """Transformers 5 keeps the RoPE base in `rope_parameters`; transformers 4 reads `rope_theta` and, when
+    it is missing, silently uses 10,000 (SmolLM2's is 100,000)."""
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config = {**config, "rope_theta": rope["rope_theta"]}
+    return config
+
+
+def _fix_tokenizer_config(path: Path) -> None:
+    """A tokenizer class transformers 4 knows, extra special tokens where it looks for them (a list in
+    transformers 5's `extra_special_tokens`, which 4 reads as a dict of named tokens and fails on), and the
+    chat template in chat_template.jinja only."""
+    if not path.is_file():
+        return
+    tok = json.loads(path.read_text())
+    if tok.get("tokenizer_class") == "TokenizersBackend":
+        tok["tokenizer_class"] = TOKENIZER_CLASS_V4
+    if isinstance(tok.get("extra_special_tokens"), list):
+        tok["additional_special_tokens"] = tok.pop("extra_special_tokens")
+    tok.pop("chat_template", None)
+    _write_json(path, tok)
+
+
+def _answer_ids(folder: Path) -> tuple[int, int]:
+    from prorank.models import load_tokenizer
+
+    return answer_token_ids(load_tokenizer(str(folder)))
+
+
+def _write_sentence_transformers_files(out: Path, true_id: int, false_id: int) -> None:
+    """A CrossEncoder of the causal LM (logits at the last token, left-padded) and LogitScore, identity
+    activation: `CrossEncoder(folder).predict(pairs)` returns our scores."""
+    _write_json(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_LogitScore",
+         "type": "sentence_transformers.cross_encoder.modules.logit_score.LogitScore"},
+    ])
+    _write_json(out / "config_sentence_transformers.json", {
+        "model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.linear.Identity",
+        "prompts": {}, "default_prompt_name": None})
+    _write_json(out / "sentence_bert_config.json", {
+        "transformer_task": "text-generation",
+        "modality_config": {"text": {"method": "forward", "method_output_name": "logits"},
+                            "message": {"method": "forward", "method_output_name": "logits", "format": "flat"}},
+        "module_output_name": "causal_logits"})
+    (out / "1_LogitScore").mkdir(exist_ok=True)
+    _write_json(out / "1_LogitScore" / "config.json", {
+        "true_token_id": true_id, "false_token_id": false_id, "module_input_name": "causal_logits"})
 
 
 def _find_summary(model_dir: Path) -> dict | None:

@@ -78,6 +78,11 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def model_context(model) -> int | None:
+    """The most tokens the model takes in one sequence (its config's max_position_embeddings)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def load_causal_lm(cfg: ModelConfig):
     """(model in eval mode, tokenizer) from `cfg`."""
     import torch
@@ -140,7 +145,10 @@ def convert_gguf(gguf_file: str | Path, output_dir: str | Path, dtype: str = "fl
 # ---------------------------------------------------------------- tiny random models for tests
 
 _TOKENIZER_CORPUS = [
-    "You are a search relevance expert who evaluates how well documents match search queries.",
+    "You are a search relevance expert who evaluates how well documents match search queries. "
+    "For each query-document pair, carefully analyze the semantic relationship between them, "
+    "then provide your binary relevance judgment (0 for not relevant, 1 for relevant).",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     "query: document: Relevance: 0 1 system user assistant",
     "The protein binds the receptor and the cells respond to the treatment in the study.",
     "Patients with high blood pressure had a lower risk after the trial of the new drug.",
@@ -149,14 +157,19 @@ _TOKENIZER_CORPUS = [
 
 def build_tiny_model(output_dir: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
     """A random Qwen2 model (hidden 128, 2 layers, head_dim 32) with a byte-level BPE tokenizer
-    trained here, offline, and a ChatML template; "0" and "1" are single tokens."""
+    trained here, offline, and a ChatML template; "0" and "1" are single tokens.
+
+    The tokenizer splits text as Qwen2's does (its normalizer and pre-tokenizer, taken from transformers):
+    transformers 5 rebuilds any Qwen2 model's tokenizer that way from the vocabulary, while transformers 4
+    (where mxbai-rerank runs) reads tokenizer.json as written; both must give the same ids."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    qwen2 = Qwen2Tokenizer().backend_tokenizer
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.normalizer, bpe.pre_tokenizer = qwen2.normalizer, qwen2.pre_tokenizer
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -266,7 +279,7 @@ def build_answering_model(output_dir: str | Path, data_path: str | Path, rate: f
 
     folder = build_tiny_model(output_dir, seed=seed)
     model, tokenizer = load_causal_lm(ModelConfig(path=str(folder)))
-    builder = PromptBuilder(tokenizer, 256, 16)
+    builder = PromptBuilder(tokenizer, 176)
     data = load_local(data_path, "train")
     pairs = [(data.queries[q], data.corpus[d].text) for q in data.query_ids[:8] for d in list(data.qrels[q])[:1]]
     with torch.no_grad():

@@ -10,7 +10,6 @@ numbers `prorank eval` ranks by.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +23,22 @@ class RankedDocument:
 
 
 class Reranker:
-    """`max_length` and `max_query_tokens` default to the settings the model was trained with (the
-    prorank.json that `prorank export` writes), else 512 and 64."""
+    """`max_length` (query + document tokens) and `instruction` default to the settings the model was
+    trained with (the prorank.json that `prorank export` writes), else 512 and none."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", max_length: int | None = None,
-                 max_query_tokens: int | None = None, batch_size: int = 16):
+                 instruction: str | None = None, batch_size: int = 16):
         from prorank.config import ModelConfig
-        from prorank.models import checkpoint_model_dir, load_causal_lm
-        from prorank.prompt import PromptBuilder
+        from prorank.models import checkpoint_model_dir, load_causal_lm, model_context
+        from prorank.prompt import PromptBuilder, check_model_layout
 
         source = checkpoint_model_dir(model)
         local = {"path": source} if Path(source).is_dir() else {"hub_id": source}
-        trained = Path(source) / "prorank.json"
-        settings = json.loads(trained.read_text()) if trained.is_file() else {}
-        max_length = max_length or settings.get("max_length", 512)
-        max_query_tokens = max_query_tokens or settings.get("max_query_tokens", 64)
+        settings = check_model_layout(source)
+        max_length = max_length or settings.get("max_length") or 512
+        instruction = instruction or settings.get("instruction")
         self.model, self.tokenizer = load_causal_lm(ModelConfig(**local, dtype=dtype, device=device))
-        self.builder = PromptBuilder(self.tokenizer, max_length, max_query_tokens)
+        self.builder = PromptBuilder(self.tokenizer, max_length, instruction, model_context(self.model))
         self.batch_size = batch_size
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:

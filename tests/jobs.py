@@ -23,7 +23,7 @@ def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = ST
     cfg = {
         "data": {"path": str(scifact)},
         "model": {"path": str(model)},
-        "prompt": {"max_length": 192, "max_query_tokens": 16},
+        "prompt": {"max_length": 96},
         "sampling": {"group_size": 4, "max_tokens": 1, "temperature": 1.0},
         "actors": {"num_actors": 2, "max_model_len": 256, "chunk_size": 2, "kv_cache_gib": 1},
         "reward": {"port": 0},

@@ -22,8 +22,7 @@ def main(address: str, model: str, scifact: str, n: int) -> None:
     requests = [RolloutRequest(f"r{i}", q, d, data.queries[q], data.corpus[d].text[:300])
                 for i, (q, d) in enumerate(pairs[i % len(pairs)] for i in range(n))]
     actors = ActorConfig(num_actors=2, resources={"actor_node": 1}, max_model_len=256, chunk_size=8, kv_cache_gib=1)
-    pool = ActorPool(model, actors, SamplingConfig(group_size=4, max_tokens=1), PromptConfig(max_length=192,
-                                                                                             max_query_tokens=16))
+    pool = ActorPool(model, actors, SamplingConfig(group_size=4, max_tokens=1), PromptConfig(max_length=96))
     pool.start()
     print(json.dumps({"ready": pool.ready, "nodes": sorted(set(pool.nodes().values()))}), flush=True)
     answered = []

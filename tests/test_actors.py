@@ -20,7 +20,7 @@ G = 4
 def pool(ray_local, tiny_model_dir):
     cfg = ActorConfig(num_actors=2, num_cpus=1, max_model_len=384, kv_cache_gib=1, chunk_size=3)
     sampling = SamplingConfig(group_size=G, max_tokens=3, seed=1, per_request_seed=True)
-    pool = ActorPool(str(tiny_model_dir), cfg, sampling, PromptConfig(max_length=256, max_query_tokens=16))
+    pool = ActorPool(str(tiny_model_dir), cfg, sampling, PromptConfig(max_length=176))
     pool.start()
     yield pool
     pool.shutdown()
@@ -265,7 +265,7 @@ def test_dev_scores_on_an_actor_equal_prorank_evals(pool, tiny_model, scifact_te
     assert answer["version"] == version and answer["actor"] in pool.slots and answer["seconds"] > 0
 
     model = _updated(tiny_model[0], new)
-    builder = PromptBuilder(tiny_model[1], 256, 16)  # the pool's prompt settings, as `prorank eval` builds them
+    builder = PromptBuilder(tiny_model[1], 176)  # the pool's prompt settings, as `prorank eval` builds them
     expected = {}
     from prorank.scoring import score_query
 

@@ -130,3 +130,29 @@ def test_eval_on_data_as_published_and_strict(scifact_dir, tmp_path):
 
     res = _run("eval", "--data", root, "--max-queries", 5, "--strict")
     assert res.exit_code == 2 and "corpus.jsonl:4: document" in res.output and "data.strict" in res.output
+
+
+def test_models_of_another_prompt_layout_are_refused_before_any_work(scifact_dir, tiny_model_dir, tmp_path):
+    """A model exported before the released layout (its prorank.json has no layout) is refused by eval,
+    train and export, naming both layouts; a legacy config key is an unknown key."""
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_model_dir, legacy)
+    (legacy / "prorank.json").write_text(json.dumps({"system_prompt": "...", "max_length": 256, "max_query_tokens": 64}))
+    res = _run("eval", "--data", scifact_dir, "--model", legacy, "--output", tmp_path / "r.json")
+    assert res.exit_code == 2 and "'chat-template'" in res.output and "'mxbai-v2'" in res.output
+    assert not (tmp_path / "r.json").exists()
+    res = _run("train", "--output-dir", tmp_path / "run", f"data.path={scifact_dir}", f"model.path={legacy}")
+    assert res.exit_code == 2 and "'chat-template'" in res.output and not (tmp_path / "run").exists()
+    run = tmp_path / "old-run"  # a run whose summary recorded the old prompt settings
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, run / "checkpoints" / "step-1" / "model")
+    (run / "summary.json").write_text(json.dumps({"model": str(run / "checkpoints" / "step-1" / "model"),
+                                                  "prompt": {"max_length": 256, "max_query_tokens": 64}}))
+    res = _run("export", run, "--output", tmp_path / "out")
+    assert res.exit_code == 2 and "'chat-template'" in res.output and not (tmp_path / "out").exists()
+    res = _run("eval", "--data", scifact_dir, "prompt.max_query_tokens=64")
+    assert res.exit_code == 2 and "prompt.max_query_tokens" in res.output
+    res = _run("eval", "--data", scifact_dir, "prompt.layout=chat-template")
+    assert res.exit_code == 2 and "prompt.layout" in res.output

@@ -13,7 +13,7 @@ from prorank.rollout import ScoredGroup
 
 def test_shared_prefix_equals_naive_forward(tiny_model):
     model, tok = tiny_model
-    builder = PromptBuilder(tok, max_length=256)
+    builder = PromptBuilder(tok, max_length=176)
     prompt = builder.encode("does the drug lower blood pressure?", "Patients had a lower risk after the trial.")
     zero, one = builder.answer_ids
     for completions in ([[one, tok.eos_token_id], [zero], [one, 40, tok.eos_token_id]], [[one], [zero]]):
@@ -36,7 +36,7 @@ def test_shared_prefix_equals_naive_forward(tiny_model):
 def scifact_groups(dataset, tok, model, n: int) -> list[ScoredGroup]:
     """On-policy groups from real SciFact prompts: G=4 answers "1"/"0", rewarded like the reward service
     (format 1 + relevance 1), half the prompts with a relevant document, half with a non-relevant one."""
-    builder = PromptBuilder(tok, max_length=256)
+    builder = PromptBuilder(tok, max_length=176)
     zero, one = builder.answer_ids
     eos = tok.eos_token_id
     completions = [[one, eos], [zero, eos], [one, eos], [zero, eos]]

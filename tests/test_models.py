@@ -36,7 +36,7 @@ def test_smollm2_from_gguf_matches_the_gguf_model(smollm2_dir):
     gguf = find_smollm2_gguf()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model, tok = load_causal_lm(ModelConfig(path=str(smollm2_dir)))
-    builder = PromptBuilder(tok, max_length=256)
+    builder = PromptBuilder(tok, max_length=176)
     row = builder.encode("Vitamin D lowers fracture risk.", "Vitamin D trial. Supplementation reduced fractures.")
     with torch.no_grad():
         ours = relevance_score(answer_logits(model, [row], builder.answer_ids, tok.pad_token_id))[0]

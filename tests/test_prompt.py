@@ -1,9 +1,11 @@
+import json
+
 import pytest
 import torch
 
 from prorank.prompt import (
-    INVALID, SYSTEM_PROMPT, PromptBuilder, PromptError, answer_token_ids, messages,
-    parse_judgment, relevance_score,
+    CHAT_PREFIX, CHAT_SUFFIX, INVALID, TASK_PROMPT, PromptBuilder, PromptError, answer_token_ids,
+    check_model_layout, parse_judgment, prompt_text, relevance_score,
 )
 from prorank.scoring import answer_logits
 
@@ -12,42 +14,80 @@ LONG_DOC = "The protein binds the receptor and the cells respond to the treatmen
 
 @pytest.fixture(scope="module")
 def builder(tiny_model):
-    return PromptBuilder(tiny_model[1], max_length=256, max_query_tokens=16)
+    return PromptBuilder(tiny_model[1], max_length=120)
 
 
-def test_layout_matches_plain_chat_template(builder):
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_layout_is_the_released_pieces_joined_as_ids(builder):
+    """The pieces tokenized one by one and joined, as MxbaiRerankV2.prepare_inputs does (the real client is
+    compared in tests/test_clients.py); the text is the released prompt."""
     tok = builder.tokenizer
-    ids = builder.encode("does the protein bind?", "Title. The protein binds the receptor.")
-    plain = tok.apply_chat_template(
-        messages("does the protein bind?", "Title. The protein binds the receptor."),
-        add_generation_prompt=True, return_dict=False,
-    )
-    assert ids == list(plain)
-    text = tok.decode(ids)
-    assert SYSTEM_PROMPT in text
-    assert "query: does the protein bind?\ndocument: Title. The protein binds the receptor.\nRelevance:" in text
-    assert text.endswith("<|im_start|>assistant\n")  # the answer position is the last prompt token
+    query, doc = "does the protein bind?", "Title. The protein binds the receptor."
+    ids = builder.encode(query, doc)
+    expected = (_ids(tok, CHAT_PREFIX) + _ids(tok, f"query: {query}") + _ids(tok, "\n") + _ids(tok, f"document: {doc}")
+                + _ids(tok, "\n") + _ids(tok, TASK_PROMPT) + _ids(tok, CHAT_SUFFIX))
+    assert ids == expected
+    assert tok.decode(ids) == prompt_text(query, doc)
+    assert prompt_text(query, doc) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nquery: does the protein bind?\ndocument: Title. The protein binds the receptor.\n"
+        "You are a search relevance expert who evaluates how well documents match search queries. For each "
+        "query-document pair, carefully analyze the semantic relationship between them, then provide your "
+        "binary relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:<|im_end|>\n"
+        "<|im_start|>assistant\n")  # the answer position is the last prompt token
+    assert builder.overhead == len(expected) - len(_ids(tok, f"query: {query}") + _ids(tok, f"\ndocument: {doc}"))
 
 
-def test_truncation_is_by_tokens(builder):
+def test_truncation_cuts_query_at_three_quarters_and_document_at_its_end(builder):
     tok = builder.tokenizer
-    query = "which cells respond to which treatment " * 10
+    query = "which cells respond to which treatment " * 30
     ids = builder.encode(query, LONG_DOC)
-    assert builder.max_length - 4 <= len(ids) <= builder.max_length  # the document fills the budget
-    text = tok.decode(ids)
-    kept_query = text.split("query: ")[1].split("\ndocument:")[0]
-    assert len(tok.encode(kept_query, add_special_tokens=False)) <= builder.max_query_tokens + 1
-    assert query.startswith(kept_query)
-    kept_doc = text.split("document: ")[1].split("\nRelevance:")[0]
-    assert LONG_DOC.startswith(kept_doc) and len(kept_doc) < len(LONG_DOC)
-    assert text.endswith("\nRelevance:<|im_end|>\n<|im_start|>assistant\n")
+    assert len(ids) == builder.max_length + builder.overhead  # the document fills the budget exactly
+    q = _ids(tok, f"query: {query}")[: builder.max_length * 3 // 4]
+    body = (q + _ids(tok, "\n") + _ids(tok, f"document: {LONG_DOC}"))[: builder.max_length]
+    assert ids == _ids(tok, CHAT_PREFIX) + body + _ids(tok, "\n") + _ids(tok, TASK_PROMPT) + _ids(tok, CHAT_SUFFIX)
+    short = builder.encode("short query", LONG_DOC)  # a short query leaves the document more room
+    assert len(short) == len(ids) and tok.decode(short).count("receptor") > tok.decode(ids).count("receptor")
+
+
+def test_instruction_goes_before_the_query(tiny_model):
+    tok = tiny_model[1]
+    builder = PromptBuilder(tok, 120, instruction="find the study")
+    text = tok.decode(builder.encode("q", "d"))
+    assert "<|im_start|>user\ninstruction: find the study\nquery: q\ndocument: d\nYou are" in text
+    assert builder.settings() == {"layout": "mxbai-v2", "max_length": 120, "instruction": "find the study",
+                                  "overhead_tokens": builder.overhead}
+
+
+def test_budget_shrinks_to_the_model_context(tiny_model):
+    """As MxbaiRerankV2 does with max_position_embeddings: max_length + overhead never exceeds the limit."""
+    tok = tiny_model[1]
+    overhead = PromptBuilder(tok, 100).overhead
+    builder = PromptBuilder(tok, 100_000, limit=overhead + 64)
+    assert builder.max_length == 64 and len(builder.encode("q " * 100, LONG_DOC)) == overhead + 64
+    assert PromptBuilder(tok, 50, limit=overhead + 64).max_length == 50
 
 
 def test_batch_rows_fit_and_keep_order(builder):
     pairs = [("q one", LONG_DOC), ("q two", "short"), ("q three " * 30, LONG_DOC[:500])]
     rows = builder.encode_batch(pairs)
     assert [builder.encode(*p) for p in pairs] == rows
-    assert all(len(r) <= builder.max_length for r in rows)
+    assert all(len(r) <= builder.max_length + builder.overhead for r in rows)
+
+
+def test_model_layout_is_checked(tmp_path):
+    assert check_model_layout(str(tmp_path)) == {}  # no prorank.json: a base or released model
+    (tmp_path / "prorank.json").write_text(json.dumps({"layout": "mxbai-v2", "max_length": 192}))
+    assert check_model_layout(str(tmp_path))["max_length"] == 192
+    (tmp_path / "prorank.json").write_text(json.dumps({"system_prompt": "...", "max_length": 256}))  # older export
+    with pytest.raises(PromptError, match=r"trained with prompt layout 'chat-template' .*prompt.layout is 'mxbai-v2'"):
+        check_model_layout(str(tmp_path))
+    (tmp_path / "prorank.json").write_bytes(b"\xff{")
+    with pytest.raises(PromptError, match=r"prorank.json: not valid JSON"):
+        check_model_layout(str(tmp_path))
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -89,8 +129,8 @@ def test_answer_tokens(tiny_model):
 def test_bad_inputs(tiny_model, builder):
     with pytest.raises(PromptError, match="pair 1: empty query"):
         builder.encode_batch([("q", "d"), ("  ", "d")])
-    with pytest.raises(PromptError, match="leaves no room for a document"):
-        PromptBuilder(tiny_model[1], max_length=160, max_query_tokens=16)
+    with pytest.raises(PromptError, match="leaves no room for a query and a document"):
+        PromptBuilder(tiny_model[1], max_length=512, limit=90)
 
 
 @pytest.mark.parametrize(

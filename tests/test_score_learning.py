@@ -67,7 +67,7 @@ def test_one_querys_candidates_score_as_each_prompt_alone(tiny_model, scifact_te
     from prorank.scoring import answer_logits
 
     model, tokenizer = tiny_model
-    builder = PromptBuilder(tokenizer, 224, 16)
+    builder = PromptBuilder(tokenizer, 144)
     qid = scifact_test.query_ids[0]
     docs = list(scifact_test.corpus.values())[:5]
     texts = [d.title if i % 2 else document_text(d.title, d.text) for i, d in enumerate(docs)]  # short, long
@@ -91,7 +91,7 @@ def test_ranking_sampler(scifact_dir, tiny_model):
     ranking = bm25_search(data, data.query_ids[:40], BM25Config(top_k=30))
     prompts = PromptSampler(data, ranking, tc)
     sc = ScoreConfig(negatives=3, hard_negative_depth=20)
-    sampler = RankingSampler(prompts, ranking, sc, PromptBuilder(tiny_model[1], 224, 16))
+    sampler = RankingSampler(prompts, ranking, sc, PromptBuilder(tiny_model[1], 144))
     groups = sampler.batch(0, 6)
     assert len(groups) == 6 and groups == sampler.batch(0, 6)  # a pure function of the step
     for g in groups:
@@ -116,7 +116,7 @@ def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    builder = PromptBuilder(tokenizer, 224, 16)
+    builder = PromptBuilder(tokenizer, 144)
     data = load_local(scifact_dir, "train")
     docs = list(data.corpus)
     groups = []
@@ -148,7 +148,7 @@ def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
     from prorank.prompt import PromptBuilder, document_text
     from prorank.rollout import RankingGroup
 
-    builder = PromptBuilder(tokenizer, 224, 16)
+    builder = PromptBuilder(tokenizer, 144)
     data = load_local(scifact_dir, "train")
     docs = list(data.corpus)
     groups = []

@@ -88,8 +88,8 @@ def test_score_stage_follows_the_warmup(finished_runs):
 
 
 def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp_path):
-    """`prorank export` of the run, scored by plain transformers in the mxbai-rerank-v2 layout, gives the
-    scores and the order that `prorank eval` and `Reranker` give."""
+    """`prorank export` of the run, scored by plain transformers in the released layout (pieces tokenized one
+    by one, as the model card says), gives the scores and the order that `prorank eval` and `Reranker` give."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from typer.testing import CliRunner
@@ -100,45 +100,46 @@ def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp
     from prorank.config import ModelConfig
     from prorank.data import load_local
     from prorank.models import load_causal_lm
-    from prorank.prompt import PromptBuilder, document_text
+    from prorank.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
     from prorank.scoring import score_pairs
 
     out = tmp_path / "exported"
     result = CliRunner().invoke(app, ["export", str(finished_runs["sync"]), "--output", str(out)])
     assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
-    assert "query: {query}\\ndocument: {document}\\nRelevance:" in card and "logit(\"1\") - logit(\"0\")" in card
+    assert "mxbai-v2" in card and "logit(\"1\") - logit(\"0\")" in card and "length budget of 96 tokens" in card
     settings = json.loads((out / "prorank.json").read_text())
-    assert settings["max_length"] == 192 and settings["max_query_tokens"] == 16
+    assert settings["layout"] == "mxbai-v2" and settings["max_length"] == 96
 
     data = load_local(scifact_dir, "train")
     qid = data.query_ids[0]
     doc_ids = list(data.corpus)[:4] + list(data.qrels[qid])
-    docs = [data.corpus[d].title for d in doc_ids]  # short: no truncation, so the plain layout is exact
+    docs = [document_text(data.corpus[d].title, data.corpus[d].text) for d in doc_ids]
     tok = AutoTokenizer.from_pretrained(out)
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
+
+    def piece(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     expected = []
-    for doc in docs:
-        messages = [{"role": "system", "content": settings["system_prompt"]},
-                    {"role": "user", "content": f"query: {data.queries[qid]}\ndocument: {doc}\nRelevance:"}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    for doc in docs:  # the model card's recipe: the released pieces, tokenized one by one, cut to 96 tokens
+        body = (piece(f"query: {data.queries[qid]}")[:72] + piece("\n") + piece(f"document: {doc}"))[:96]
+        ids = piece(CHAT_PREFIX) + body + piece("\n") + piece(TASK_PROMPT) + piece(CHAT_SUFFIX)
         with torch.no_grad():
-            logits = plain(**ids).logits[0, -1]
+            logits = plain(torch.tensor([ids])).logits[0, -1]
         expected.append((logits[one] - logits[zero]).item())
 
     model, tokenizer = load_causal_lm(ModelConfig(path=str(out)))
-    builder = PromptBuilder(tokenizer, 512, 128)  # room for the whole query: the plain layout does not truncate
+    builder = PromptBuilder(tokenizer, 96)
     assert score_pairs(model, builder, [(data.queries[qid], d) for d in docs], progress=False) == \
         pytest.approx(expected, abs=1e-4)
-    ranked = Reranker(str(out), max_length=512, max_query_tokens=128).rank(data.queries[qid], docs, top_k=3)
+    ranked = Reranker(str(out)).rank(data.queries[qid], docs, top_k=3)  # its length from prorank.json
     order = sorted(range(len(docs)), key=lambda i: -expected[i])
     assert [r.index for r in ranked] == order[:3]
     assert [r.score for r in ranked] == pytest.approx([expected[i] for i in order[:3]], abs=1e-4)
     # `prorank eval`'s reranking of these candidates follows the same scores
-    titled = type(data)(data.name, data.split, {d: data.corpus[d].__class__(d, data.corpus[d].title, "")
-                                                for d in doc_ids}, data.queries, data.qrels)
-    reranked = rerank(model, builder, titled, {qid: [(d, 0.0) for d in doc_ids]}, len(doc_ids), progress=False)
+    reranked = rerank(model, builder, data, {qid: [(d, 0.0) for d in doc_ids]}, len(doc_ids), progress=False)
     assert reranked[qid] == [doc_ids[i] for i in order]
 
 

@@ -1,0 +1,112 @@
+"""The model card (README.md) `prorank export` writes: the prompt layout, the training length, how each
+client our users serve rerankers with scores the model, and the evaluation table."""
+
+from __future__ import annotations
+
+import json
+
+from prorank.prompt import ANSWERS, LAYOUT, TASK_PROMPT
+
+MEASURES = ("nDCG@10", "RR@10", "R@100")
+
+_CLIENTS = '''## Scoring it
+
+Every client below gives the same score for a (query, document) pair when the prompt fits in the length
+it is given (float32; the project's tests check each on SciFact pairs against `prorank eval`).
+
+**mxbai-rerank** (the method authors' package; it runs under transformers 4.x):
+
+```python
+from mxbai_rerank import MxbaiRerankV2
+
+model = MxbaiRerankV2("{name}", max_length={max_length}, torch_dtype="float32")
+model.rank(query, documents, top_k=10{instruction_kwarg})  # each hit's .score: logit("1") - logit("0")
+```
+
+**sentence-transformers** (`CrossEncoder`; this folder carries its modules: the causal LM, then
+logit("1") - logit("0") at the last token, no activation):
+
+```python
+from sentence_transformers import CrossEncoder
+
+model = CrossEncoder("{name}")
+scores = model.predict([(query, document) for document in documents])  # the same scores
+```
+
+**vLLM** (score API: served as a one-label classifier whose output is sigmoid(logit("1") - logit("0")),
+the same order; the pair template is this folder's `chat_template.jinja`):
+
+```python
+from vllm import LLM
+
+llm = LLM(model="{name}", runner="pooling", dtype="float32", hf_overrides={overrides})
+template = open("{name}/chat_template.jinja").read()
+outputs = llm.score(query, documents, chat_template=template)  # outputs[i].outputs.score
+```
+
+or `vllm serve {name} --runner pooling --hf-overrides '{overrides_json}' --chat-template {name}/chat_template.jinja`.
+
+**ProRank RL**: `from prorank import Reranker; Reranker("{name}").rank(query, documents, top_k=10)`.
+
+**Plain transformers**: build the token ids as `mxbai-rerank` does (pieces tokenized separately, below),
+run the model and take logit("1") - logit("0") at the last position.
+'''
+
+
+def evaluation_rows(reports: list[dict]) -> list[tuple[str, dict]]:
+    """(system, metrics) rows from `prorank eval` JSON reports: BM25 once, then each model."""
+    rows, seen_bm25 = [], False
+    for report in reports:
+        settings = report.get("settings", {})
+        if "bm25" in report and not seen_bm25:
+            rows.append(("BM25", report["bm25"]))
+            seen_bm25 = True
+        if "model" in report:
+            label = report.get("label") or settings.get("model", "model")
+            rows.append((str(label), report["model"]))
+    return rows
+
+
+def model_card(name: str, reports: list[dict], summary: dict | None, prompt: dict, overrides: dict) -> str:
+    instruction = prompt.get("instruction")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-ranking",
+             "tags: [reranker, prorank, sentence-transformers]", "---", "", f"# {name}", "",
+             "A reranker trained with ProRank RL: GRPO prompt warmup, then fine-grained score learning. "
+             "No layer was added: the relevance score is logit(\"1\") - logit(\"0\") at the assistant's "
+             "first token (higher: more relevant).", "",
+             "## Prompt layout", "",
+             f"`{LAYOUT}`: the layout of the released ProRank models (mxbai-rerank-v2), built from pieces "
+             "tokenized separately and joined as token ids:", "",
+             "1. `<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+             "assistant.<|im_end|>\\n<|im_start|>user\\n`",
+             "2. " + (f"`instruction: {instruction}\\nquery: {{query}}`" if instruction else "`query: {query}`")
+             + ", cut to 3/4 of the length budget",
+             "3. `\\n` and `document: {document}`, cut at its end so that 2 and 3 fit the budget",
+             "4. `\\n` and the task text `" + TASK_PROMPT.replace("\n", "\\n") + "`",
+             "5. `<|im_end|>\\n<|im_start|>assistant\\n`", "",
+             f"Answers: `{ANSWERS[0]}` (not relevant), `{ANSWERS[1]}` (relevant). **Trained at a length budget of "
+             f"{prompt['max_length']} tokens** of query and document (the fixed pieces come on top); longer "
+             "documents were cut there in training. Clients may score whole documents; pass "
+             f"`max_length={prompt['max_length']}` to mxbai-rerank to score exactly as in training.", ""]
+    lines += [_CLIENTS.format(
+        name=name, max_length=prompt["max_length"], overrides=overrides, overrides_json=json.dumps(overrides),
+        instruction_kwarg=f", instruction={instruction!r}" if instruction else "")]
+    rows = evaluation_rows(reports)
+    if rows:
+        settings = reports[0].get("settings", {})
+        lines += ["## Evaluation", "",
+                  f"{settings.get('dataset', '?')} {settings.get('split', '?')}, {settings.get('queries', '?')} "
+                  f"queries, BM25 top {settings.get('bm25_top_k', '?')} with the top "
+                  f"{settings.get('rerank_depth', '?')} reranked, query + document cut to "
+                  f"{settings.get('max_length', '?')} tokens.", "",
+                  "| system | " + " | ".join(MEASURES) + " |", "|---" * (len(MEASURES) + 1) + "|"]
+        lines += [f"| {system} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in MEASURES) + " |"
+                  for system, m in rows]
+        lines.append("")
+    if summary:
+        lines += ["## Training", "", f"Stages {', '.join(summary.get('stages', ['warmup']))}, "
+                  f"{summary.get('steps')} learner steps in all, prompts at a length budget of "
+                  f"{prompt['max_length']} tokens; dev nDCG@10 at the end "
+                  f"{summary.get('final', {}).get('dev/ndcg@10', float('nan')):.4f} "
+                  f"(BM25 {summary.get('dev_bm25') or float('nan'):.4f}).", ""]
+    return "\n".join(lines)

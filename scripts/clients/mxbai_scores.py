@@ -1,0 +1,32 @@
+"""Run in the clients venv (transformers 4.x, `mxbai-rerank`): the real `MxbaiRerankV2` on a model folder.
+
+stdin: {"model": folder, "pairs": [[query, document], ...],
+        "runs": [{"max_length": int, "instruction": str | null, "scores": bool}, ...]}
+stdout: {"runs": [{"ids": the token ids `prepare_inputs` gives each pair (padding removed), "scores":
+`predict`'s scores (float32), when asked}, ...], "rope_theta": the RoPE base transformers 4 read,
+"transformers": its version}
+"""
+
+import json
+import sys
+
+import torch
+import transformers
+from mxbai_rerank import MxbaiRerankV2
+
+job = json.load(sys.stdin)
+model = MxbaiRerankV2(job["model"], device="cpu", torch_dtype=torch.float32)
+queries = [q for q, _ in job["pairs"]]
+documents = [d for _, d in job["pairs"]]
+runs = []
+for run in job["runs"]:
+    # What __init__ does with its max_length argument, without loading the model again.
+    model.max_length = run["max_length"]
+    model.prepare_predefined_inputs()
+    inputs = model.prepare_inputs(queries, documents, instruction=run["instruction"])
+    out = {"ids": [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])]}
+    if run["scores"]:
+        out["scores"] = model.predict(queries, documents, instruction=run["instruction"]).tolist()
+    runs.append(out)
+json.dump({"runs": runs, "rope_theta": getattr(model.model.config, "rope_theta", None),
+           "transformers": transformers.__version__}, sys.stdout)
