@@ -21,6 +21,7 @@ B also logs its own per-step `time/learner_busy_fraction` and `time/actor_busy_f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -47,6 +49,18 @@ def job_config(out: Path, model: str, data: str, steps: int) -> Path:
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@contextlib.contextmanager
+def worktree(ref: str, where: Path) -> Iterator[Path]:
+    """The code at git `ref`, checked out at `where` for the duration (the A side of an A/B)."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), ref],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)],
+                       capture_output=True, timeout=120)
 
 
 def run(code: Path, config: Path, timeout: float) -> float:
@@ -96,21 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--steps: at least 6, so that the dev evaluation at step 5 falls inside the measured steps")
     if not Path(args.model, "config.json").is_file():
         parser.error(f"--model {args.model}: no model folder there (make it with `prorank convert-gguf`)")
-    with tempfile.TemporaryDirectory(prefix="critpath-") as tmp:
-        tmp = Path(tmp)
-        before = tmp / "before-code"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
-                       check=True, capture_output=True, timeout=120)
-        try:
-            results = {}
-            for side, code in (("A", before), ("B", ROOT)):
-                out = tmp / f"run-{side}"
-                seconds = run(code, job_config(out, args.model, args.data, args.steps), args.timeout)
-                results[side] = {**figures(out / "metrics.jsonl"), "job_seconds": seconds}
-                print(side, json.dumps(results[side]), flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)],
-                           capture_output=True, timeout=120)
+    with tempfile.TemporaryDirectory(prefix="critpath-") as tmp, worktree(args.before, Path(tmp) / "before-code") as before:
+        results = {}
+        for side, code in (("A", before), ("B", ROOT)):
+            out = Path(tmp) / f"run-{side}"
+            seconds = run(code, job_config(out, args.model, args.data, args.steps), args.timeout)
+            results[side] = {**figures(out / "metrics.jsonl"), "job_seconds": seconds}
+            print(side, json.dumps(results[side]), flush=True)
     a, b = results["A"], results["B"]
     report = {"before": args.before, "steps": args.steps, "A": a, "B": b,
               "sync_ratio_B_over_A": b["sync_seconds_mean"] / a["sync_seconds_mean"],

@@ -111,8 +111,9 @@ def eval_command(
             f"model {s['model'] if 'model' in s else ''}: reranked the top {s['rerank_depth']} of "
             f"{s['bm25_top_k']} BM25 candidates, query + document cut to {s['max_length']} tokens, {s['dtype']}; "
             f"{s['pairs']} pairs in {report.seconds['model']:.0f}s"
-            + (" (bounded run: not comparable to full-split figures)" if bounded else "")
         )
+        if bounded:  # its own line: rich wraps long lines, and this is the part a reader must not miss
+            console.print("bounded run: not comparable to full-split figures")
     console.print(f"TensorBoard: tensorboard --logdir {s['tensorboard_dir']}")
     if cfg.eval.output:
         console.print(f"metrics written to {cfg.eval.output}")

@@ -26,7 +26,10 @@ for run in job["runs"]:
     inputs = model.prepare_inputs(queries, documents, instruction=run["instruction"])
     out = {"ids": [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])]}
     if run["scores"]:
-        out["scores"] = model.predict(queries, documents, instruction=run["instruction"]).tolist()
+        # In batches of 8: predict() runs whatever it is given as one batch, and the vocabulary logits of
+        # 100 long pairs at once do not fit in memory.
+        out["scores"] = [s for at in range(0, len(queries), 8) for s in model.predict(
+            queries[at : at + 8], documents[at : at + 8], instruction=run["instruction"]).tolist()]
     runs.append(out)
 json.dump({"runs": runs, "rope_theta": getattr(model.model.config, "rope_theta", None),
            "transformers": transformers.__version__}, sys.stdout)
