@@ -63,6 +63,11 @@ def worktree(ref: str, where: Path) -> Iterator[Path]:
                        capture_output=True, timeout=120)
 
 
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def run(code: Path, config: Path, timeout: float) -> float:
     env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false"}
     start = time.monotonic()
@@ -128,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"ratio B/A {report['sync_ratio_B_over_A']:.3f}")
     print(f"whole job: B/A {report['job_seconds_ratio_B_over_A']:.3f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
     return report
 
 

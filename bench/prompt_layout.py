@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.critical_path import ROOT, run, worktree
+from bench.critical_path import ROOT, run, worktree, write_report
 
 STEP_KEYS = ("train/reward/total_mean", "train/reward/format_mean", "train/reward/relevance_mean", "train/step_seconds")
 
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{side} {r['prompt']}: reward by step {rewards}; format {formats}; dev nDCG@10 {dev} "
               f"(BM25 {r['dev'][0]['bm25_ndcg@10']:.3f}); job {r['job_seconds']:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
     return report
 
 
