@@ -36,17 +36,9 @@ def rerank(
     model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
     batch_size: int = 16, progress: bool = True,
 ) -> dict[str, list[str]]:
-    """Each query's BM25 list with its top `depth` reordered by the model's score (ties keep BM25 order)."""
-    return rerank_by_scores(ranking, depth, candidate_scores(model, builder, dataset, ranking, depth, batch_size,
-                                                             progress))
+    """Each query's BM25 list with its top `depth` reordered by the model's score (ties keep BM25 order).
 
-
-def candidate_scores(
-    model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
-    batch_size: int = 16, progress: bool = True,
-) -> dict[str, list[float]]:
-    """The model's score of each query's top `depth` BM25 candidates, in BM25 order. A query's candidates
-    are scored together, with the prompt tokens they share encoded once."""
+    A query's candidates are scored together, with the prompt tokens they share encoded once."""
     scores = {}
     bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
                disable=not progress)
@@ -55,7 +47,7 @@ def candidate_scores(
         scores[qid] = score_query(model, builder, dataset.queries[qid], documents, batch_size) if pairs else []
         bar.update(len(pairs))
     bar.close()
-    return scores
+    return rerank_by_scores(ranking, depth, scores)
 
 
 def candidate_pairs(dataset: BeirDataset, ranking: Ranking, depth: int) -> dict[str, list[tuple[str, str]]]:

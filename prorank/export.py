@@ -19,9 +19,10 @@ import shutil
 from pathlib import Path
 
 from prorank.models import ModelError, checkpoint_model_dir
+from prorank.config import PromptConfig
 from prorank.prompt import (
-    ANSWERS, CHAT_PREFIX, CHAT_SUFFIX, DOCUMENT_TEMPLATE, INSTRUCTION_TEMPLATE, LAYOUT, LEGACY_LAYOUT,
-    QUERY_TEMPLATE, SEP, TASK_PROMPT, answer_token_ids, model_prompt_settings,
+    ANSWERS, CHAT_PREFIX, CHAT_SUFFIX, DOCUMENT_TEMPLATE, INSTRUCTION_TEMPLATE, LAYOUT, QUERY_TEMPLATE, SEP,
+    TASK_PROMPT, answer_token_ids, check_layout, model_prompt_settings,
 )
 from prorank.model_card import model_card
 
@@ -71,13 +72,11 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
     if out.resolve() == source.resolve():
         raise ModelError(f"--output {out} is the checkpoint's own model folder")
     summary = _find_summary(source)
-    prompt = dict(prompt or (summary or {}).get("prompt") or model_prompt_settings(str(source))
-                  or {"layout": LAYOUT, "max_length": 512})
-    layout = prompt.setdefault("layout", LEGACY_LAYOUT)  # a run recorded before layouts were
-    if layout != LAYOUT:
-        raise ModelError(f"{checkpoint} was trained with prompt layout {layout!r}; only {LAYOUT!r} models "
-                         "load unchanged in the clients: train it again")
+    # Only models of the released layout load unchanged in the clients: a run recorded before it is refused.
+    prompt = check_layout(prompt or (summary or {}).get("prompt") or model_prompt_settings(str(source))
+                          or PromptConfig().model_dump(), str(checkpoint))
     config = json.loads((source / "config.json").read_text())
+    overrides = vllm_overrides(config)
     out.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.is_file() and item.name not in ("README.md", "prorank.json"):
@@ -92,10 +91,9 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
         "layout": LAYOUT, "max_length": prompt["max_length"], "instruction": prompt.get("instruction"),
         "answers": list(ANSWERS), "answer_token_ids": [false_id, true_id],
         "score": 'logit("1") - logit("0") at the last prompt position',
-        "vllm_hf_overrides": vllm_overrides(config),
+        "vllm_hf_overrides": overrides,
     })
-    (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt,
-                                              vllm_overrides(config)))
+    (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt, overrides))
     return out
 
 

@@ -151,7 +151,8 @@ class PromptBuilder:
 
 def model_prompt_settings(model: str) -> dict:
     """The prompt settings a model folder was trained with (its prorank.json), or {} when it has none
-    (a base model, a hub id, a released model). A prorank.json without a layout predates this one."""
+    (a base model, a hub id, a released model). A prorank.json without a layout predates this one
+    (`check_layout` reads it so)."""
     path = Path(model) / "prorank.json"
     if not path.is_file():
         return {}
@@ -159,18 +160,25 @@ def model_prompt_settings(model: str) -> dict:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PromptError(f"{path}: not valid JSON ({err})") from None
-    return {"layout": LEGACY_LAYOUT, **settings}
+    return settings
+
+
+def check_layout(settings: dict, source: str, layout: str = LAYOUT) -> dict:
+    """Prompt settings as a model's prorank.json or its run's summary recorded them, with their layout
+    (none recorded: the legacy one); an error naming both layouts if it is not `layout`."""
+    settings = {"layout": LEGACY_LAYOUT, **settings}
+    if settings["layout"] != layout:
+        raise PromptError(
+            f"{source} was trained with prompt layout {settings['layout']!r} while prompt.layout is {layout!r}: "
+            "its scores would not mean what they meant in training (train it again in this layout)"
+        )
+    return settings
 
 
 def check_model_layout(model: str, layout: str = LAYOUT) -> dict:
-    """The model's prompt settings; an error naming both layouts if it was trained on another one."""
+    """The model's prompt settings ({} without a prorank.json); an error if it was trained on another layout."""
     settings = model_prompt_settings(model)
-    if settings and settings["layout"] != layout:
-        raise PromptError(
-            f"{model} was trained with prompt layout {settings['layout']!r} ({Path(model) / 'prorank.json'}), "
-            f"but prompt.layout is {layout!r}: its scores would not mean what they meant in training"
-        )
-    return settings
+    return check_layout(settings, f"{model} ({Path(model) / 'prorank.json'})", layout) if settings else {}
 
 
 def relevance_score(answer_logits: torch.Tensor) -> torch.Tensor:
