@@ -55,6 +55,8 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
             learner_seconds += metrics["weights/sync_seconds"]
         if dev_due:
             dev.start()  # queued behind the pull of this version: it measures this step's weights
+            if sc.dev_wait:  # the actor's busy time, counted as such by job.clock
+                job.log_dev(wait=True)
         if save_due:
             clock = time.perf_counter()
             learner.save(root)

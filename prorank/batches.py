@@ -71,11 +71,17 @@ class RankingSampler:
                               if qrels[q].get(d, 0) < relevance_threshold] for q in self.query_ids}
         self.threshold = relevance_threshold
 
+    def epoch_order(self, epoch: int) -> list[str]:
+        """The training queries in epoch `epoch`'s shuffled order."""
+        return random.Random(f"{self.seed}:score-epoch:{epoch}").sample(self.query_ids, len(self.query_ids))
+
     def batch(self, step: int, size: int) -> list[RankingGroup]:
+        """Step `step`'s `size` queries: epochs of every training query once, each in its own shuffled
+        order, `size` a step (step t holds the global positions t*size ... t*size + size - 1)."""
         rng = random.Random(f"{self.seed}:score:{step}")
-        qids = []
-        while len(qids) < size:
-            qids += rng.sample(self.query_ids, min(size - len(qids), len(self.query_ids)))
+        n = len(self.query_ids)
+        positions = range(step * size, step * size + size)
+        qids = [self.epoch_order(i // n)[i % n] for i in positions]
         groups = []
         for qid in qids:
             qrels = self.dataset.qrels[qid]

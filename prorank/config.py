@@ -191,7 +191,14 @@ class LearnerConfig(Section):
     num_cpus: float = Field(1, ge=0)  # per rank actor
     num_gpus: float = Field(0, ge=0)  # per rank actor (1 on GPU clusters)
     resources: dict[str, float] = {}  # Ray custom resources, to place ranks on learner nodes
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 on GPUs; CPUs without bf16 units are slower
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the weights and optimizer (DeepSpeed bf16 when bfloat16)
+    # Mixed precision: float32 weights, gradients and optimizer, the forward's matrix products in bfloat16
+    # (torch.autocast). auto: bf16 where the hardware computes it (CUDA with bf16, CPUs with AVX512-BF16 or
+    # AMX), else off. bench/score_step.py measures it against the float32 step.
+    mixed_precision: Literal["no", "bf16", "auto"] = "no"
+    # Compute threads per rank (torch.set_num_threads); None: num_cpus, at least 1. On one small machine,
+    # 1 rank x all cores and K ranks x 1 core differ (bench/score_step.py).
+    threads: int | None = Field(None, ge=1)
     groups_per_step: int = Field(8, ge=1)  # the global batch of one learner step
     micro_batch_groups: int = Field(2, ge=1)  # per rank, per forward/backward
     lr: float = Field(1e-6, gt=0)
@@ -285,6 +292,10 @@ class ScoreConfig(Section):
     # samples from the actors in this stage, so on a small CPU the per-step sync is pure overhead.
     sync_every: int = Field(1, ge=1)
     dev_every: int = Field(10, ge=0)  # steps; 0: only before and after
+    # Wait for each dev evaluation before the next step. On a machine whose cores the learner fills, an
+    # evaluation beside a step slows both by far more than their sum (two torch processes spinning on two
+    # cores); on a cluster the actors have their own and the evaluation overlaps the learner (false).
+    dev_wait: bool = False
     checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
 
     @model_validator(mode="after")

@@ -101,6 +101,11 @@ def test_ranking_sampler(scifact_dir, tiny_model):
         top = [d for d, _ in ranking[g.query_id][:20]]
         assert all(d in top for d in g.doc_ids[1:])
         assert len(g.prompt_ids) == 4
+    # Epochs: every training query once before any comes again, across step boundaries.
+    n = len(sampler.query_ids)
+    seen = [g.query_id for step in range(n) for g in sampler.batch(step, 2)]
+    assert sorted(seen[:n]) == sorted(sampler.query_ids) == sorted(seen[n : 2 * n])
+    assert seen[:n] != seen[n : 2 * n]  # each epoch in its own order
 
 
 def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
@@ -241,3 +246,53 @@ def test_freeze_below_keeps_only_the_top_layers_trainable(tiny_model_dir):
     assert "model.norm.weight" in trainable
     with pytest.raises(ValueError, match="trainable_layers 3: the model has 2 layers"):
         freeze_below(model, 3)
+
+
+def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model_dir, scifact_dir, tmp_path):
+    """`learner.mixed_precision: bf16` on one rank of 2 threads: the losses of 3 steps within bf16's
+    tolerance of the float32 single-process steps; trained weights and optimizer stay float32, the
+    frozen bottom is held in bf16, and the checkpoint's model folder loads."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.group import LearnerGroup
+    from learner.rank import freeze_below
+    from learner.score_step import score_micro_batch_loss
+    from prorank.config import LearnerConfig
+    from prorank.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    groups, builder = _ranking_groups(scifact_dir, tokenizer)
+    cfg = LearnerConfig(num_ranks=1, threads=2, mixed_precision="bf16", trainable_layers=1, lr=2e-3, beta=0.0,
+                        groups_per_step=4, micro_batch_groups=1)
+    ranking = {"weights": {"contrastive": 1.0}, "temperature": 1.0}
+    learner = LearnerGroup(str(tiny_model_dir), cfg, ranking=ranking)
+    try:
+        mixed = [learner.score_step(groups)["loss"] for _ in range(3)]
+        weights, _ = learner.full_weights()
+        folder = learner.save(tmp_path)
+    finally:
+        learner.shutdown()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    freeze_below(model, 1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    exact = []
+    for _ in range(3):
+        total = 0.0
+        for g in groups:
+            loss, stats = score_micro_batch_loss(model, [g], len(groups), ranking["weights"], 1.0,
+                                                 builder.answer_ids, tokenizer.pad_token_id)
+            loss.backward()
+            total += stats["loss"]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        exact.append(total)
+    assert mixed == pytest.approx(exact, rel=3e-2)
+    assert mixed[-1] < mixed[0]
+    assert weights["model.layers.1.mlp.up_proj.weight"].dtype == torch.float32  # trained: float32 master
+    assert weights["model.norm.weight"].dtype == torch.float32
+    assert weights["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16  # frozen: bf16
+    saved = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+    assert torch.equal(saved.state_dict()["model.layers.1.mlp.up_proj.weight"],
+                       weights["model.layers.1.mlp.up_proj.weight"])
