@@ -3,7 +3,8 @@ the plain float32 torch loop of issue 14's learner against the levers of the qua
 
 1. The machine's GEMM rate, float32 and bf16, on the shapes of SmolLM2's MLP: the ceiling.
 2. One process, plain torch: a whole optimizer step (forward, backward, AdamW) in float32, then with
-   bf16 autocast (`learner.mixed_precision`), and with all layers trained instead of the top N.
+   bf16 autocast (`learner.mixed_precision`), without the shared prefix (each prompt whole, padded), and
+   with all layers trained instead of the top N.
 3. The real learner (Ray + DeepSpeed ZeRO-2): 2 ranks x 1 thread (issue 14) against 1 rank x 2 threads,
    float32 and bf16 autocast, one query per rank per step.
 
@@ -67,7 +68,8 @@ def make_groups(data: str, model: str, queries: int, negatives: int, max_length:
     return sampler.batch(0, queries), builder
 
 
-def torch_loop_rate(model_dir: str, groups, builder, mixed: str, trainable: int | None, steps: int):
+def torch_loop_rate(model_dir: str, groups, builder, mixed: str, trainable: int | None, steps: int,
+                    shared_prefix: bool = True):
     """(pairs/s, seconds per query) of `steps` AdamW steps, one query each, in this process."""
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +87,7 @@ def torch_loop_rate(model_dir: str, groups, builder, mixed: str, trainable: int 
 
     def step(g):
         with forward_precision(mixed, "cpu"):
-            loss, _ = score_micro_batch_loss(model, [g], 1.0, weights, 1.0, builder.answer_ids, pad)
+            loss, _ = score_micro_batch_loss(model, [g], 1.0, weights, 1.0, builder.answer_ids, pad, shared_prefix)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows[f"torch loop, float32, top {top} layers"] = (rate, sec, top)
     _, rate, sec = torch_loop_rate(args.model, groups, builder, "bf16", top, args.steps)
     rows[f"torch loop, bf16 autocast, top {top} layers"] = (rate, sec, top)
+    _, rate, sec = torch_loop_rate(args.model, groups, builder, "bf16", top, args.steps, shared_prefix=False)
+    rows[f"torch loop, bf16 autocast, top {top} layers, no shared prefix"] = (rate, sec, top)
     _, rate, sec = torch_loop_rate(args.model, groups, builder, "bf16", None, args.steps)
     rows["torch loop, bf16 autocast, all layers"] = (rate, sec, None)
     if not args.skip_learner:

@@ -47,10 +47,9 @@ class Job:
     dev: object = None  # driver.dev_eval.DevEval
     clock: object = None  # BusyClock
     run: object = None
-    warmup_ran: bool = False
     control: object = None  # driver.control.JobControl: `prorank scale actors N` writes to it
     placement: dict = None  # role -> Ray node ids, for the summary
-    stopping: bool = False  # `prorank stop` asked: the stages end after the current step
+    stopping: bool = False  # `prorank stop` asked, or train.max_hours reached: the stages end after this step
 
     def between_steps(self, stage: str, step: int) -> dict[str, float]:
         """Apply `prorank scale` (or per-node following) to the actor pool and report the job's state."""
@@ -70,6 +69,10 @@ class Job:
                                     "versions": self.pool.versions()})
         if ray.get(self.control.stop_requested.remote(), timeout=10) and not self.stopping:
             log.info("step %d: stop requested; ending the job", step)
+            self.stopping = True
+        budget = self.cfg.train.max_hours
+        if budget and self.run.wall_hours() >= budget and not self.stopping:
+            log.info("step %d: the job clock reached train.max_hours (%.2f h); ending the job", step, budget)
             self.stopping = True
         return {"actors/count": float(self.pool.size), "actors/ready": float(self.pool.ready),
                 "actors/lost": float(self.pool.replaced), "rollout/requeued": float(self.pool.requeued),

@@ -5,7 +5,8 @@ A fresh DeepSpeed learner (same ranks and ZeRO stage, its own optimizer and lr) 
 stage's final model (or `score.init_from`). Per step: `score.queries_per_step` training queries, each
 with its positives and BM25 hard negatives in one padded batch; the weighted mix of the listwise
 contrastive, pairwise and pointwise losses (learner.score_losses); one optimizer step; the new weights
-to every actor over gRPC, so that the actors and the dev evaluation serve the latest model.
+to every actor over gRPC, so that the actors and the dev evaluation serve the latest model. With
+`score.negatives_from: policy` the actors also mine the coming queries' hard negatives (driver.negative_mining).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 def run_score(job, resume: bool, init_model: str, offset: int) -> None:
     """Train stage 2 to `score.steps`, logging at global steps offset + 1 ... offset + score.steps."""
+    from driver.negative_mining import NegativeMiner
     from learner.group import LearnerGroup
     from prorank.batches import RankingSampler
     from prorank.models import load_tokenizer
@@ -31,11 +33,16 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
     builder = PromptBuilder.from_config(load_tokenizer(init_model), cfg.prompt)
     sampler = RankingSampler(job.prompts, job.ranking, sc, builder, cfg.train.seed,
                              cfg.reward.relevance_threshold)
+    miner = NegativeMiner(sampler, job.dataset, job.ranking, job.pool, sc)
     step = learner.load(root)["steps"] if resume and (root / "LATEST").is_file() else 0
     if step:  # resumed: the actors start from the checkpoint's weights
         run.log(offset + step, job.sync(offset + step))
-    elif not job.warmup_ran:  # else the warmup's final dev figures are the "before"
+    elif "warmup" not in job.cfg.train.stages:  # else the warmup's final dev figures are the "before"
         dev.start()
+        if sc.wait_for_actors:
+            job.log_dev(wait=True)
+    if miner.due(step):  # the actors serve this step's weights (the start model, or the checkpoint's)
+        miner.start(step)
 
     bar = job.progress_bar("score", step, sc.steps)
     job.clock.restart()
@@ -43,19 +50,23 @@ def run_score(job, resume: bool, init_model: str, offset: int) -> None:
         scaled = job.between_steps("score", offset + step)
         if job.stopping:
             break
+        metrics = {**scaled, **miner.collect(wait=sc.wait_for_actors)}  # the actor's time: job.clock counts it
         groups = sampler.batch(step, sc.queries_per_step)
         train_metrics = learner.score_step(groups)
-        metrics = {**scaled, **{f"score/{k}": v for k, v in train_metrics.items()}}
+        metrics.update({f"score/{k}": v for k, v in train_metrics.items()})
         learner_seconds = train_metrics["step_seconds"]
         step += 1
         dev_due = sc.dev_every and step % sc.dev_every == 0 and step < sc.steps
         save_due = sc.checkpoint_every and step % sc.checkpoint_every == 0 and step < sc.steps
-        if dev_due or step % sc.sync_every == 0 or step == sc.steps:
+        mine_due = step < sc.steps and miner.due(step)
+        if dev_due or mine_due or step % sc.sync_every == 0 or step == sc.steps:
             metrics.update(job.sync(offset + step))
             learner_seconds += metrics["weights/sync_seconds"]
+        if mine_due:
+            miner.start(step)  # queued behind the pull of this version, as the dev evaluation
         if dev_due:
             dev.start()  # queued behind the pull of this version: it measures this step's weights
-            if sc.dev_wait:  # the actor's busy time, counted as such by job.clock
+            if sc.wait_for_actors:
                 job.log_dev(wait=True)
         if save_due:
             clock = time.perf_counter()

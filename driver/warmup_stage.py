@@ -86,7 +86,6 @@ def run_warmup(job, resume: bool) -> None:
     dev.start()  # the final weights' figures (the last sync was queued before this)
     job.log_dev(wait=True)
     learner.shutdown()  # frees its memory for the score stage's learner
-    job.warmup_ran = True
 
 
 def _collect(pool, requests: list, inbox: dict) -> list:

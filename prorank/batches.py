@@ -53,9 +53,20 @@ class PromptSampler:
         return out[:size]
 
 
+def policy_negatives(scores: dict[str, float], positives: list[str], count: int, guard: float) -> tuple[list[str], int]:
+    """The `count` non-positive documents the policy scores highest, and how many were skipped because
+    they scored more than `guard` above the lowest-scored positive (likely relevant but unjudged).
+    `scores`: document id -> score, the positives among them."""
+    floor = min(scores[d] for d in positives if d in scores) if any(d in scores for d in positives) else None
+    ranked = sorted((d for d in scores if d not in positives), key=lambda d: -scores[d])
+    kept = [d for d in ranked if floor is None or scores[d] <= floor + guard]
+    return kept[:count], len(ranked) - len(kept)
+
+
 class RankingSampler:
     """Stage-2 batches: per query, its positives (highest grade first) and `negatives` hard negatives
-    drawn from BM25's top `hard_negative_depth` minus every judged-relevant document, as token ids."""
+    drawn from BM25's top `hard_negative_depth` minus every judged-relevant document, as token ids; or,
+    for a query in `mined`, the negatives the policy ranked highest when it was last mined."""
 
     def __init__(self, prompts: PromptSampler, ranking: Ranking, cfg: ScoreConfig, builder: PromptBuilder,
                  seed: int = 0, relevance_threshold: int = 1):
@@ -70,23 +81,28 @@ class RankingSampler:
         self.negatives = {q: [d for d, _ in ranking.get(q, [])[: cfg.hard_negative_depth]
                               if qrels[q].get(d, 0) < relevance_threshold] for q in self.query_ids}
         self.threshold = relevance_threshold
+        self.mined: dict[str, list[str]] = {}  # query id -> the policy's hardest negatives, hardest first
 
     def epoch_order(self, epoch: int) -> list[str]:
         """The training queries in epoch `epoch`'s shuffled order."""
         return random.Random(f"{self.seed}:score-epoch:{epoch}").sample(self.query_ids, len(self.query_ids))
 
+    def queries(self, step: int, size: int) -> list[str]:
+        """Step `step`'s `size` query ids (global positions step*size ... step*size + size - 1)."""
+        n = len(self.query_ids)
+        return [self.epoch_order(i // n)[i % n] for i in range(step * size, step * size + size)]
+
     def batch(self, step: int, size: int) -> list[RankingGroup]:
         """Step `step`'s `size` queries: epochs of every training query once, each in its own shuffled
         order, `size` a step (step t holds the global positions t*size ... t*size + size - 1)."""
         rng = random.Random(f"{self.seed}:score:{step}")
-        n = len(self.query_ids)
-        positions = range(step * size, step * size + size)
-        qids = [self.epoch_order(i // n)[i % n] for i in positions]
         groups = []
-        for qid in qids:
+        for qid in self.queries(step, size):
             qrels = self.dataset.qrels[qid]
             positives = self.positives[qid][: self.cfg.positives_per_query]
             negatives = rng.sample(self.negatives[qid], min(self.cfg.negatives, len(self.negatives[qid])))
+            if qid in self.mined:  # drawn all the same, so the random stream does not depend on mining
+                negatives = self.mined[qid][: self.cfg.negatives]
             doc_ids = positives + negatives
             # Labels: the qrels grade of a positive, 0 for a negative (below the relevance threshold).
             labels = [qrels[d] if qrels.get(d, 0) >= self.threshold else 0 for d in doc_ids]

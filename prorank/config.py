@@ -246,6 +246,9 @@ class TrainConfig(Section):
     dev_every: int = Field(10, ge=0)  # steps; 0: only before and after the run
     dev_depth: int = Field(10, ge=1)  # BM25 candidates the model reranks per dev query
     checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
+    # Stop once the job clock (`time/wall_hours`, resumes included) reaches this; the final checkpoint,
+    # weight sync and dev evaluation follow. None: run every step. For budgets and equal-clock A/Bs.
+    max_hours: float | None = Field(None, gt=0)
     output_dir: str = "runs/train"  # tensorboard/, checkpoints/, metrics.jsonl, summary.json
     seed: int = 0
     ray_address: str | None = None  # None: an embedded local Ray; "auto" or host:port joins a cluster
@@ -292,11 +295,20 @@ class ScoreConfig(Section):
     # samples from the actors in this stage, so on a small CPU the per-step sync is pure overhead.
     sync_every: int = Field(1, ge=1)
     dev_every: int = Field(10, ge=0)  # steps; 0: only before and after
-    # Wait for each dev evaluation before the next step. On a machine whose cores the learner fills, an
-    # evaluation beside a step slows both by far more than their sum (two torch processes spinning on two
-    # cores); on a cluster the actors have their own and the evaluation overlaps the learner (false).
-    dev_wait: bool = False
     checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
+    # Where each query's hard negatives come from. bm25: drawn from BM25's top hard_negative_depth, afresh
+    # each epoch. policy: every mine_every steps the actors (idle in this stage) score the BM25 top
+    # hard_negative_depth of the coming mine_every steps' queries under the current weights, and those
+    # queries train on the non-positives the model ranks highest (ANCE-style dynamic negatives); a query
+    # not mined yet draws BM25's. A candidate scored more than mine_guard above the query's lowest-scored
+    # positive is skipped: likely relevant, only unjudged.
+    negatives_from: Literal["bm25", "policy"] = "bm25"
+    mine_every: int = Field(100, ge=1)
+    mine_guard: float = Field(3.0, ge=0)
+    # Wait for the actors' work in this stage (dev evaluations, negative mining) before the next step. On a
+    # machine whose cores the learner fills, that work beside a step slows both by far more than their sum
+    # (two torch processes spinning on two cores); on a cluster the actors have their own (false).
+    wait_for_actors: bool = False
 
     @model_validator(mode="after")
     def _some_loss(self) -> ScoreConfig:

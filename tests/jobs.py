@@ -35,7 +35,8 @@ def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = ST
                   "ray_num_cpus": 6, "stages": stages},
         "score": {"steps": SCORE_STEPS, "queries_per_step": 4, "micro_batch_queries": 1, "negatives": 3,
                   "lr": 1e-3, "contrastive_weight": 1.0, "pairwise_weight": 0.5, "pointwise_weight": 0.5,
-                  "dev_every": 2, "checkpoint_every": 2, "sync_every": 3},
+                  "dev_every": 2, "checkpoint_every": 2, "sync_every": 3, "negatives_from": "policy", "wait_for_actors": True,
+                  "mine_every": 2},
     }
     for section, values in (updates or {}).items():
         cfg.setdefault(section, {}).update(values)

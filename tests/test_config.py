@@ -71,3 +71,24 @@ def test_stages_and_score_section():
                      (["train.job_name=a b"], "train.job_name")]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, bad)
+
+
+def test_score_ab_variants_become_checked_score_only_configs(tmp_path):
+    """bench/score_ab.py: a variant's overrides land on a score-only job stopped by train.max_hours, and a
+    wrong key fails before any variant runs."""
+    import argparse
+
+    from bench.score_ab import ROOT, job_config, parse_variant
+
+    assert parse_variant("policy: score.negatives_from=policy score.mine_every=50") == (
+        "policy", ["score.negatives_from=policy", "score.mine_every=50"])
+    assert parse_variant("bm25:") == ("bm25", [])
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME: key=value"):
+        parse_variant("no colon")
+    base = ROOT / "configs" / "scifact-cpu.yaml"
+    path = job_config(base, tmp_path / "v0", "runs/x/model", 0.25, ["score.negatives_from=policy"])
+    cfg = load_config(path)
+    assert cfg.train.stages == ["score"] and cfg.train.max_hours == 0.25 and cfg.score.init_from == "runs/x/model"
+    assert cfg.score.negatives_from == "policy" and cfg.train.output_dir == str(tmp_path / "v0")
+    with pytest.raises(ConfigError, match="score.negatives_frm"):
+        job_config(base, tmp_path / "v1", "runs/x/model", 0.25, ["score.negatives_frm=policy"])

@@ -106,6 +106,23 @@ def test_ranking_sampler(scifact_dir, tiny_model):
     seen = [g.query_id for step in range(n) for g in sampler.batch(step, 2)]
     assert sorted(seen[:n]) == sorted(sampler.query_ids) == sorted(seen[n : 2 * n])
     assert seen[:n] != seen[n : 2 * n]  # each epoch in its own order
+    # Mined negatives replace BM25's for their query only, hardest first, `negatives` of them.
+    qid = sampler.queries(0, 1)[0]
+    sampler.mined[qid] = list(reversed(sampler.negatives[qid]))
+    mined = next(g for g in sampler.batch(0, 6) if g.query_id == qid)
+    assert mined.doc_ids[1:] == list(reversed(sampler.negatives[qid]))[:3]
+    others = [g for g in sampler.batch(0, 6) if g.query_id != qid]
+    assert others == [g for g in groups if g.query_id != qid]
+
+
+def test_policy_negatives_hand_computed():
+    from prorank.batches import policy_negatives
+
+    scores = {"p1": 2.0, "p2": 0.5, "a": 4.0, "b": 3.4, "c": 1.0, "d": -1.0, "e": 3.6}
+    # Lowest positive 0.5, guard 3: "a" (4.0) and "e" (3.6) lie above 3.5 and are skipped.
+    assert policy_negatives(scores, ["p1", "p2"], 2, 3.0) == (["b", "c"], 2)
+    assert policy_negatives(scores, ["p1", "p2"], 9, 10.0) == (["a", "e", "b", "c", "d"], 0)
+    assert policy_negatives({"x": 1.0, "y": 2.0}, ["p"], 1, 0.0) == (["y"], 0)  # positive not scored: no guard
 
 
 def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):

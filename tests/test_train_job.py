@@ -80,6 +80,12 @@ def test_score_stage_follows_the_warmup(finished_runs):
         assert m["score/loss"] == pytest.approx(m["score/loss_contrastive"] + 0.5 * m["score/loss_pairwise"]
                                                 + 0.5 * m["score/loss_pointwise"], rel=1e-3)
         assert "score/margin" in m and "score/pairs_ordered" in m
+    # The actors mined the coming steps' negatives at the start (step 0) and at step 2, each under the
+    # weights of its step: the first figures arrive at the next steps' lines.
+    mined = [m for m in steps if "mine/queries" in m]
+    assert len(mined) == 2, [m["step"] for m in steps]
+    assert [m["mine/version"] for m in mined] == [STEPS, STEPS + 2]
+    assert all(m["mine/queries"] == 2 * 4 and m["mine/pairs"] >= 8 * 4 for m in mined)
     dev_steps = [m["step"] for m in lines if "dev/ndcg@10" in m]
     assert STEPS in dev_steps and STEPS + 2 in dev_steps and STEPS + SCORE_STEPS in dev_steps
     summary = json.loads((run / "summary.json").read_text())
@@ -223,3 +229,16 @@ def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model,
     assert resumed == list(range(1, 41))
     hours = [m["time/wall_hours"] for m in lines]
     assert hours == sorted(hours)  # the job's clock runs on across the resume
+
+    # train.max_hours: the same job asked for 80 steps ends once its clock reaches the budget, with a
+    # final checkpoint, and exits as a finished job.
+    budget = hours[-1] + 0.02  # 72 s more: start-up and a few steps
+    tag = uuid.uuid4().hex
+    proc = start_job(config, tag, "--resume", "train.steps=80", f"train.max_hours={budget}")
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-4000:]
+    assert not gone(tag)
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    last = max(m["step"] for m in lines if "train/loss" in m)
+    assert 40 <= last < 80 and lines[-1]["time/wall_hours"] >= budget
+    assert (tmp_path / "run-sync" / "checkpoints" / "LATEST").read_text() == f"step-{last}"
