@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from prorank.config import ConfigError, load_config
+from prorank.config_file import ConfigError, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="ProRank RL: train small-LM rerankers with reinforcement learning.")

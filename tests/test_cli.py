@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from driver.cli import app, source_values
-from prorank.config import ConfigError
+from prorank.config_file import ConfigError
 
 runner = CliRunner()
 

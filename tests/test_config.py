@@ -1,6 +1,6 @@
 import pytest
 
-from prorank.config import ConfigError, load_config
+from prorank.config_file import ConfigError, load_config
 
 
 def test_defaults_and_yaml_with_overrides(tmp_path):

@@ -28,7 +28,7 @@ ROLES = {"actors": "actor_node", "learner": "learner_node", "reward": "reward_no
 
 def _role_resources() -> dict[str, str]:
     """The custom resource each role of the cluster config asks for."""
-    from prorank.config import load_config
+    from prorank.config_file import load_config
 
     cfg = load_config(CLUSTER_CONFIG)
     return {role: next(iter(getattr(cfg, role).resources)) for role in ROLES}
