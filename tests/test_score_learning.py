@@ -181,19 +181,42 @@ def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
     return groups, builder
 
 
+def _torch_steps(model, groups, builder, weights: dict, lc, steps: int = 3) -> list[float]:
+    """The losses of `steps` plain torch AdamW steps over `groups` (one query per micro-batch, summed over
+    the step's rows), with lc's lr schedule and clipping: what the DeepSpeed ranks are compared against."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from learner.score_step import score_micro_batch_loss
+    from learner.step import lr_lambda
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lc.lr, weight_decay=lc.weight_decay)
+    schedule = LambdaLR(opt, lr_lambda(lc))
+    losses = []
+    for _ in range(steps):
+        total = 0.0
+        for g in groups:
+            loss, stats = score_micro_batch_loss(model, [g], len(groups), weights, 1.0, builder.answer_ids,
+                                                 builder.tokenizer.pad_token_id)
+            loss.backward()
+            total += stats["loss"]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
 @pytest.mark.parametrize("stage,trainable", [(2, None), (3, None), (2, 1)])
 def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, scifact_dir, tmp_path, stage,
                                                     trainable):
     """The stage-2 step on 2 DeepSpeed ranks gives the losses of the same step in one torch process, and
     its checkpoint carries a model folder with the trained weights. With `learner.trainable_layers`, only
     the top layers (and the final norm) move, on both sides."""
-    from torch.optim.lr_scheduler import LambdaLR
     from transformers import AutoModelForCausalLM
 
     from learner.group import LearnerGroup
     from learner.rank import freeze_below
-    from learner.score_step import score_micro_batch_loss
-    from learner.step import lr_lambda
     from prorank.config import ProRankConfig
     from prorank.models import load_tokenizer
 
@@ -219,22 +242,7 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if trainable:
         freeze_below(model, trainable)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lc.lr,
-                            weight_decay=lc.weight_decay)
-    schedule = LambdaLR(opt, lr_lambda(lc))
-    losses = []
-    for _ in range(3):
-        loss_sum = 0.0
-        for g in groups:  # one query per micro-batch, summed over the step's 4 rows
-            loss, stats = score_micro_batch_loss(model, [g], len(groups), ranking["weights"], 1.0,
-                                                 builder.answer_ids, tokenizer.pad_token_id)
-            loss.backward()
-            loss_sum += stats["loss"]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
-        opt.step()
-        schedule.step()
-        opt.zero_grad()
-        losses.append(loss_sum)
+    losses = _torch_steps(model, groups, builder, ranking["weights"], lc)
     assert [m["loss"] for m in metrics] == pytest.approx(losses, rel=1e-3, abs=1e-5)
     assert metrics[-1]["margin"] > metrics[0]["margin"]
     assert metrics[0]["lr"] > 0 and metrics[0]["grad_norm"] > 0
@@ -273,7 +281,6 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
 
     from learner.group import LearnerGroup
     from learner.rank import freeze_below
-    from learner.score_step import score_micro_batch_loss
     from prorank.config import LearnerConfig
     from prorank.models import load_tokenizer
 
@@ -292,19 +299,7 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     freeze_below(model, 1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    exact = []
-    for _ in range(3):
-        total = 0.0
-        for g in groups:
-            loss, stats = score_micro_batch_loss(model, [g], len(groups), ranking["weights"], 1.0,
-                                                 builder.answer_ids, tokenizer.pad_token_id)
-            loss.backward()
-            total += stats["loss"]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        exact.append(total)
+    exact = _torch_steps(model, groups, builder, ranking["weights"], cfg)
     assert mixed == pytest.approx(exact, rel=3e-2)
     assert mixed[-1] < mixed[0]
     assert weights["model.layers.1.mlp.up_proj.weight"].dtype == torch.float32  # trained: float32 master
