@@ -86,7 +86,7 @@ def torch_loop_rate(model_dir: str, groups, builder, mixed: str, trainable: int 
     pad = builder.tokenizer.pad_token_id
 
     def step(g):
-        with forward_precision(mixed, "cpu"):
+        with forward_precision(mixed == "bf16", "cpu"):
             loss, _ = score_micro_batch_loss(model, [g], 1.0, weights, 1.0, builder.answer_ids, pad, shared_prefix)
         loss.backward()
         opt.step()

@@ -22,8 +22,6 @@ def uses_bf16(mode: str, device: str) -> bool:
     return mode == "bf16"
 
 
-def forward_precision(mode: str, device: str):
-    """The context a forward pass runs in: bf16 autocast on `device`, or nothing."""
-    if not uses_bf16(mode, device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+def forward_precision(bf16: bool, device: str):
+    """The context a forward pass runs in: bf16 autocast on `device` when `bf16` (see `uses_bf16`), else nothing."""
+    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -89,10 +89,11 @@ class LearnerRank:
         torch.manual_seed(cfg.seed)
         dtype = getattr(torch, cfg.dtype)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        device = "cuda" if self.gpu else "cpu"
+        # Resolved once here ("auto" reads the CPU's flags), not on every micro-batch.
+        self.device_type = "cuda" if self.gpu else "cpu"
+        self.bf16 = uses_bf16(cfg.mixed_precision, self.device_type)
         if cfg.trainable_layers is not None:
-            freeze_below(model, cfg.trainable_layers,
-                         torch.bfloat16 if uses_bf16(cfg.mixed_precision, device) else None)
+            freeze_below(model, cfg.trainable_layers, torch.bfloat16 if self.bf16 else None)
         self.ref = None
         if cfg.beta > 0:  # a frozen copy of the starting policy; skipped entirely when beta is 0
             self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval().requires_grad_(False)
@@ -124,7 +125,7 @@ class LearnerRank:
         )
 
     def _loss(self, batch: list, normalizer: float):
-        with forward_precision(self.cfg.mixed_precision, "cuda" if self.gpu else "cpu"):
+        with forward_precision(self.bf16, self.device_type):
             return self._forward_loss(batch, normalizer)
 
     def _forward_loss(self, batch: list, normalizer: float):
