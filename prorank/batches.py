@@ -57,7 +57,8 @@ def policy_negatives(scores: dict[str, float], positives: list[str], count: int,
     """The `count` non-positive documents the policy scores highest, and how many were skipped because
     they scored more than `guard` above the lowest-scored positive (likely relevant but unjudged).
     `scores`: document id -> score, the positives among them."""
-    floor = min(scores[d] for d in positives if d in scores) if any(d in scores for d in positives) else None
+    scored = [scores[d] for d in positives if d in scores]
+    floor = min(scored) if scored else None
     ranked = sorted((d for d in scores if d not in positives), key=lambda d: -scores[d])
     kept = [d for d in ranked if floor is None or scores[d] <= floor + guard]
     return kept[:count], len(ranked) - len(kept)
@@ -89,8 +90,11 @@ class RankingSampler:
 
     def queries(self, step: int, size: int) -> list[str]:
         """Step `step`'s `size` query ids (global positions step*size ... step*size + size - 1)."""
-        n = len(self.query_ids)
-        return [self.epoch_order(i // n)[i % n] for i in range(step * size, step * size + size)]
+        n, orders = len(self.query_ids), {}
+        for i in range(step * size, step * size + size):  # each epoch's order shuffled once, not per query
+            if i // n not in orders:
+                orders[i // n] = self.epoch_order(i // n)
+        return [orders[i // n][i % n] for i in range(step * size, step * size + size)]
 
     def batch(self, step: int, size: int) -> list[RankingGroup]:
         """Step `step`'s `size` queries: epochs of every training query once, each in its own shuffled
