@@ -37,6 +37,17 @@ def gemm_rate(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536, re
     return 2 * m * k * n / best
 
 
+def cpu_kind() -> str:
+    """The CPU's model name and its bf16 units: the figures differ by machine kind (AMX or not)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    units = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in info.split()]
+    return f"{name} ({', '.join(units) or 'no bf16 units'})"
+
+
 def step_flops(model, groups, trainable: int | None) -> float:
     """Matrix-product FLOPs of one step over `groups`: 2 per weight per token forward through every layer,
     4 more backward through the trained ones (weight and input gradients); embeddings and the one-position
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     groups, builder = make_groups(args.data, args.model, args.queries, args.negatives, args.max_length)
     peak = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
-    print(f"{cores} cores; GEMM [4096x576]@[576x1536]: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
+    print(f"{cpu_kind()}, {cores} cores; GEMM [4096x576]@[576x1536]: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s ({peak['bfloat16'] / peak['float32']:.2f}x)")
     print(f"{len(groups)} queries x {len(groups[0].prompt_ids)} candidates, "
           f"{sum(len(p) for p in groups[0].prompt_ids) / len(groups[0].prompt_ids):.0f} tokens a prompt", flush=True)
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             ray.shutdown()
 
     base = next(iter(rows.values()))[0]
-    report = {"cores": cores, "gemm_flops": peak, "candidates": len(groups[0].prompt_ids), "rows": {}}
+    report = {"cpu": cpu_kind(), "cores": cores, "gemm_flops": peak, "candidates": len(groups[0].prompt_ids), "rows": {}}
     for name, (rate, sec, trained) in rows.items():
         flops = step_flops(model, groups, trained) / len(groups) / sec
         report["rows"][name] = {"pairs_per_second": rate, "seconds_per_query": sec, "ratio": rate / base,
