@@ -3,6 +3,7 @@ tagged through its environment, and a check that nothing it started is left runn
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -76,3 +77,12 @@ def port_free(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     with socket.socket() as s:
         return s.connect_ex((host, int(port))) != 0
+
+
+def step_lines(metrics: Path) -> list[dict]:
+    """The per-step lines a running job has written whole to metrics.jsonl so far. The job may be mid-write:
+    a last line without its newline is not read yet."""
+    if not metrics.is_file():
+        return []
+    written = metrics.read_text().split("\n")[:-1]
+    return [json.loads(x) for x in written if x.strip() and "actors/count" in x]

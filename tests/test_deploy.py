@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import ROOT, job_config
+from jobs import ROOT, job_config, step_lines
 
 DEPLOY = ROOT / "deploy"
 CLUSTER_CONFIG = ROOT / "configs" / "cluster-qwen2.5-0.5b.yaml"
@@ -152,11 +152,6 @@ def _cli(address: str, env: dict, job: str, *args: str) -> None:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
-def _steps(metrics: Path) -> list[dict]:
-    if not metrics.is_file():
-        return []
-    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip() and "actors/count" in x]
-
 
 def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_cluster, tmp_path, answering_model,
                                                                    scifact_dir):
@@ -178,14 +173,14 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
 
     try:
         deadline = time.monotonic() + 600
-        wait(lambda: len(_steps(metrics)) >= 2)
+        wait(lambda: len(step_lines(metrics)) >= 2)
         _cli(address, env, job, "scale", "actors", "2", "--wait", "300")
-        wait(lambda: any(m["actors/ready"] == 2 for m in _steps(metrics)))  # the new actor took work
-        at = len(_steps(metrics))
-        wait(lambda: len(_steps(metrics)) >= at + 2)
+        wait(lambda: any(m["actors/ready"] == 2 for m in step_lines(metrics)))  # the new actor took work
+        at = len(step_lines(metrics))
+        wait(lambda: len(step_lines(metrics)) >= at + 2)
         _cli(address, env, job, "scale", "actors", "1", "--wait", "300")
-        at = len(_steps(metrics))
-        wait(lambda: len(_steps(metrics)) >= at + 2)
+        at = len(step_lines(metrics))
+        wait(lambda: len(step_lines(metrics)) >= at + 2)
         _cli(address, env, job, "stop")  # ends after its current step, with its summary
         output, _ = proc.communicate(timeout=600)
     except (AssertionError, subprocess.TimeoutExpired) as err:
@@ -193,7 +188,7 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
         raise AssertionError(f"{err}\njob output:\n{proc.communicate()[0][-6000:]}") from None
     assert proc.returncode == 0, output[-4000:]
 
-    lines = _steps(metrics)
+    lines = step_lines(metrics)
     steps = lines[-1]["step"]
     assert [m["step"] for m in lines] == list(range(1, steps + 1)) and steps < 5000
     counts = [int(m["actors/count"]) for m in lines]

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jobs import ROOT, job_config
+from jobs import ROOT, job_config, step_lines
 
 from deploy.sim.cluster import SimCluster, can_create_namespaces
 from deploy.sim.weight_peer import answer, order
@@ -38,11 +38,6 @@ def cluster():
         assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                     if ns.startswith(name)], "namespaces left behind"
 
-
-def _steps(metrics) -> list[dict]:
-    if not metrics.is_file():
-        return []
-    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip() and "actors/count" in x]
 
 
 def _wait(cond, what: str, proc, timeout: float = 300):
@@ -74,35 +69,35 @@ def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tm
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
     def steps_after(at: int, n: int, what: str, timeout: float = 300) -> list[dict]:
-        _wait(lambda: len(_steps(metrics)) >= at + n, what, proc, timeout)
-        return _steps(metrics)[at:]
+        _wait(lambda: len(step_lines(metrics)) >= at + n, what, proc, timeout)
+        return step_lines(metrics)[at:]
 
     try:
         steps_after(0, 2, "2 steps", 600)
         cli("scale", "actors", "2", "--wait", "300")
-        _wait(lambda: any(m["actors/ready"] == 2 for m in _steps(metrics)), "2 ready actors", proc)
+        _wait(lambda: any(m["actors/ready"] == 2 for m in step_lines(metrics)), "2 ready actors", proc)
 
         # A reward node cut off: calls to it time out (3 s) and go to the other replica; no step fails.
         cluster.link(REWARD2, up=False)
-        at = len(_steps(metrics))
-        _wait(lambda: any(m["time/wait_rewards_seconds"] > 2.5 for m in _steps(metrics)[at:]),
+        at = len(step_lines(metrics))
+        _wait(lambda: any(m["time/wait_rewards_seconds"] > 2.5 for m in step_lines(metrics)[at:]),
               "a reward call that failed over", proc)
         rewarded = steps_after(at, 5, "5 steps with a reward node cut off")
         cluster.link(REWARD2, up=True)
 
         # An actor node cut off: Ray declares it dead, the pool drops its actor and goes on with the other.
-        lost = _steps(metrics)[-1]["actors/lost"]
+        lost = step_lines(metrics)[-1]["actors/lost"]
         cut = time.monotonic()
         cluster.link(ACTOR2, up=False)
-        _wait(lambda: _steps(metrics)[-1]["actors/lost"] > lost, "the job to notice the lost actor", proc, 120)
+        _wait(lambda: step_lines(metrics)[-1]["actors/lost"] > lost, "the job to notice the lost actor", proc, 120)
         noticed = time.monotonic() - cut
-        steps_after(len(_steps(metrics)), 3, "3 steps on the remaining actor")
+        steps_after(len(step_lines(metrics)), 3, "3 steps on the remaining actor")
         cluster.link(ACTOR2, up=True)
         # Its replacement waits for the node to rejoin Ray, pulls the newest weights, then takes work.
-        at = len(_steps(metrics))
-        _wait(lambda: any(m["actors/ready"] == 2 for m in _steps(metrics)[at:]), "the node's actor back", proc, 300)
+        at = len(step_lines(metrics))
+        _wait(lambda: any(m["actors/ready"] == 2 for m in step_lines(metrics)[at:]), "the node's actor back", proc, 300)
         cli("scale", "actors", "1", "--wait", "300")
-        steps_after(len(_steps(metrics)), 2, "2 steps on 1 actor")
+        steps_after(len(step_lines(metrics)), 2, "2 steps on 1 actor")
         cli("stop")
         output, _ = proc.communicate(timeout=600)
     except (AssertionError, subprocess.TimeoutExpired) as err:
@@ -113,7 +108,7 @@ def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tm
             cluster.link(node, up=True)
     assert proc.returncode == 0, output[-4000:]
 
-    lines = _steps(metrics)
+    lines = step_lines(metrics)
     last = lines[-1]["step"]
     assert [m["step"] for m in lines] == list(range(1, last + 1))  # no step failed or was skipped
     # Every step trained on exactly its groups, each with its rewards (through the remaining replica

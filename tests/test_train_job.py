@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job
+from jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job, step_lines
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model,
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:  # past the first checkpoint (step 5)
-        if metrics.is_file() and any(json.loads(x).get("step", 0) >= 6 for x in metrics.read_text().splitlines()):
+        if any(m["step"] >= 6 for m in step_lines(metrics)):
             break
         time.sleep(1)
     proc.send_signal(signal.SIGINT)
