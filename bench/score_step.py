@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     groups, builder = make_groups(args.data, args.model, args.queries, args.negatives, args.max_length)
     peak = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
-    print(f"{cpu_kind()}, {cores} cores; GEMM [4096x576]@[576x1536]: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
+    cpu = cpu_kind()
+    print(f"{cpu}, {cores} cores; GEMM [4096x576]@[576x1536]: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s ({peak['bfloat16'] / peak['float32']:.2f}x)")
     print(f"{len(groups)} queries x {len(groups[0].prompt_ids)} candidates, "
           f"{sum(len(p) for p in groups[0].prompt_ids) / len(groups[0].prompt_ids):.0f} tokens a prompt", flush=True)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             ray.shutdown()
 
     base = next(iter(rows.values()))[0]
-    report = {"cpu": cpu_kind(), "cores": cores, "gemm_flops": peak, "candidates": len(groups[0].prompt_ids), "rows": {}}
+    report = {"cpu": cpu, "cores": cores, "gemm_flops": peak, "candidates": len(groups[0].prompt_ids), "rows": {}}
     for name, (rate, sec, trained) in rows.items():
         flops = step_flops(model, groups, trained) / len(groups) / sec
         report["rows"][name] = {"pairs_per_second": rate, "seconds_per_query": sec, "ratio": rate / base,

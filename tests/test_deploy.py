@@ -152,7 +152,6 @@ def _cli(address: str, env: dict, job: str, *args: str) -> None:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
-
 def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_cluster, tmp_path, answering_model,
                                                                    scifact_dir):
     address, env, tag = two_node_cluster

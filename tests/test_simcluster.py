@@ -39,7 +39,6 @@ def cluster():
                     if ns.startswith(name)], "namespaces left behind"
 
 
-
 def _wait(cond, what: str, proc, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
