@@ -166,9 +166,10 @@ class RolloutEngine:
         """This actor's weight server for the next actor in the pipeline, started on first use."""
         if self._relay is None:
             from protocol.weight_service import WeightServer
+            from prorank.guarded_server import ServerLimits
 
             self._relay = WeightServer(token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                                       max_workers=4).start()
+                                       limits=ServerLimits.of(cfg)).start()
             self.relay_address = self._relay.address  # the node's IP for a wildcard bind
         return self._relay
 

@@ -41,9 +41,11 @@ TRANSFER_SECONDS = 600.0
 
 def fetch_version(address: str, token: str, min_version: int, receiver: str, expected: dict[str, Spec] | None = None,
                   tls_ca: str | None = None, tls: bool = False, timeout: float = 300.0,
-                  relay: WeightPublisher | None = None, buffer: bytearray | None = None, base_version: int = 0):
+                  relay: WeightPublisher | None = None, buffer: bytearray | None = None, base_version: int = 0,
+                  transfer_timeout: float = TRANSFER_SECONDS):
     """(manifest, safetensors blob) of the newest version above `min_version`, or None if the server
-    has none before `timeout` (the server says "none yet": never an error). Raises WeightError for a
+    has none before `timeout` (the server says "none yet": never an error). The whole call ends within
+    `timeout + transfer_timeout`: a transfer that started is given `transfer_timeout` on top of the wait. Raises WeightError for a
     refused call or a bad transfer. The blob is `buffer` when that has the right size: allocating
     0.65 GB anew costs 0.27 s of page faults. `base_version`: the version whose complete blob `buffer`
     holds (0: none); only the tensors changed since are sent, and written into it in place, so after a
@@ -55,7 +57,7 @@ def fetch_version(address: str, token: str, min_version: int, receiver: str, exp
         while (wait := deadline - time.monotonic()) > 0:
             request = weights_pb2.FetchRequest(min_version=min_version, receiver=receiver, wait_ms=int(wait * 1000),
                                                base_version=base_version if buffer is not None else 0)
-            stream = fetch(request, timeout=wait + TRANSFER_SECONDS, metadata=auth_metadata(token))
+            stream = fetch(request, timeout=wait + transfer_timeout, metadata=auth_metadata(token))
             try:
                 got = _receive(stream, min_version, expected, relay, buffer, request.base_version)
             except grpc.RpcError as err:

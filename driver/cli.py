@@ -174,9 +174,11 @@ def train_command(
     # installs no handler of its own, so `kill -INT` (or a launcher's Ctrl-C) would not stop it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, interrupt)
-    typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
+    def started() -> None:  # once the data and model are checked: a bad input gets its error alone
+        typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
+
     try:
-        summary = train(cfg, resume=resume, progress=True)
+        summary = train(cfg, resume=resume, progress=True, on_start=started)
     except (DataError, ModelError, PromptError, SecurityError, FileNotFoundError, LearnerError) as err:
         _fail(err)
     except KeyboardInterrupt:

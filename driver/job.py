@@ -123,8 +123,9 @@ def completed_steps(root: Path) -> int:
     return json.loads((root / latest.read_text().strip() / "driver.json").read_text())["steps"]
 
 
-def train(cfg, resume: bool = False, progress: bool = True) -> dict:
-    """Run the job described by `cfg` (a validated ProRankConfig); returns the summary it writes."""
+def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> dict:
+    """Run the job described by `cfg` (a validated ProRankConfig); returns the summary it writes.
+    `on_start()` is called once the data and models are checked, before anything is started or written."""
     from actors.pool import ActorPool
     from driver.control import start_control
     from driver.dev_eval import DevEval
@@ -152,6 +153,8 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     depth = max(tc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
     ranking = bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
     token = _job_token(cfg)
+    if on_start:
+        on_start()
 
     # Which stages still have work, and the model each starts from (a finished warmup's final model).
     warmup_done = completed_steps(out / WARMUP_CHECKPOINTS) if resume else 0

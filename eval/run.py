@@ -7,6 +7,7 @@ keeps its BM25 order below them), evaluate, then report to JSON and TensorBoard.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from eval.metrics import evaluate, ranked_to_run
 from prorank.bm25 import Ranking, bm25_search
 from prorank.config import ProRankConfig
+from prorank.config_file import ConfigError
 from prorank.data import BeirDataset, load_dataset
 from prorank.models import model_context, resolve_model
 from prorank.prompt import PromptBuilder, check_model_layout, document_text
@@ -69,6 +71,8 @@ def rerank_by_scores(ranking: Ranking, depth: int, scores: dict[str, list[float]
 
 def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = True) -> EvalReport:
     """BM25 metrics, plus the model's when one is given (or configured in `cfg.model`)."""
+    if cfg.eval.output:  # an output that cannot be written is refused before the evaluation, not after it
+        check_output_file(cfg.eval.output, "eval.output")
     if model is None and (cfg.model.path or cfg.model.hub_id):  # a model trained on another layout: say so now
         check_model_layout(resolve_model(cfg.model), cfg.prompt.layout)
     clock = time.perf_counter()
@@ -104,6 +108,18 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
         Path(cfg.eval.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.eval.output).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return report
+
+
+def check_output_file(path: str, key: str) -> None:
+    """A ConfigError naming `key` when `path` cannot become a file: a folder, under a file, or not writable."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{key} {path} is a directory; give the path of a file to write")
+    parent = next((p for p in target.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"{key} {path}: {parent} is a file, not a directory")
+    if not os.access(target if target.exists() else parent, os.W_OK):
+        raise ConfigError(f"{key} {path}: not writable")
 
 
 def default_tensorboard_dir(dataset: str, split: str) -> str:

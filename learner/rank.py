@@ -190,10 +190,12 @@ class LearnerRank:
     def serve_weights(self, token: str, cfg: WeightSyncConfig) -> str:
         """Start rank 0's weight server (the actors pull every version from here) and return its address."""
         from protocol.weight_service import WeightServer
+        from prorank.guarded_server import ServerLimits
 
         wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
         self.weight_server = WeightServer(token, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key,
-                                          chunk_bytes=int(cfg.chunk_mb * 2**20), wire_dtype=wire).start()
+                                          chunk_bytes=int(cfg.chunk_mb * 2**20), limits=ServerLimits.of(cfg),
+                                          wire_dtype=wire).start()
         return self.weight_server.address
 
     def publish(self, version: int, receivers: list[str] | None = None) -> dict[str, float] | None:

@@ -113,7 +113,19 @@ class ActorConfig(Section):
     max_restarts: int = Field(3, ge=0)  # consecutive actor failures before the pool gives up
 
 
-class RewardConfig(Section):
+class ServiceLimits(Section):
+    """What callers of one of our gRPC servers may hold (prorank/guarded_server.py; SECURITY.md)."""
+
+    max_calls: int = Field(256, ge=1)  # authenticated calls in flight in total; more get RESOURCE_EXHAUSTED
+    max_calls_per_peer: int = Field(64, ge=1)  # authenticated calls in flight from one host
+    max_streams_per_connection: int = Field(128, ge=1)  # HTTP/2 streams open at once on one connection
+    # The HTTP/2 flow-control window per stream: what a caller can send before the server reads. A call
+    # without the token is refused before its body is read, so this bounds its bytes.
+    stream_window_kb: int = Field(64, ge=16, le=65536)
+    log_refusals_every_seconds: float = Field(10.0, ge=0)  # a refusal is logged at most this often per host and kind
+
+
+class RewardConfig(ServiceLimits):
     """The reward service (server side) and how clients reach it."""
 
     host: str = "127.0.0.1"  # loopback unless configured: set 0.0.0.0 (with TLS) on a cluster
@@ -127,11 +139,11 @@ class RewardConfig(Section):
     relevance_threshold: int = 1  # a qrel score at or above this is relevant
     format_weight: float = 1.0
     relevance_weight: float = 1.0
-    max_workers: int = Field(4, ge=1)
     max_message_mb: int = Field(64, ge=4)
     max_groups: int = Field(4096, ge=1)  # per Score call; more is refused (INVALID_ARGUMENT)
     max_completions: int = Field(64, ge=1)  # per group (G); more is refused
     max_completion_chars: int = Field(4096, ge=1)  # per completion; longer is refused
+    max_id_chars: int = Field(256, ge=1)  # per request_id, query_id and doc_id; longer is refused
     grace_seconds: float = Field(5.0, ge=0)
     replicas: int = Field(1, ge=1)  # started as Ray actors by the training job
     max_restarts: int = Field(3, ge=0)  # Ray restarts a replica that died this often (the client follows)
@@ -152,7 +164,7 @@ class RewardConfig(Section):
         return self
 
 
-class WeightSyncConfig(Section):
+class WeightSyncConfig(ServiceLimits):
     """The weight service: the learner's server, and the relay each actor runs for the next one."""
 
     host: str = "127.0.0.1"  # the learner's server; 0.0.0.0 (with TLS) on a cluster

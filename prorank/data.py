@@ -175,34 +175,44 @@ def parse_qrels(records: Iterable[Record], corpus: dict[str, Document], queries:
 # ---------------------------------------------------------------- local folder
 
 
-def _jsonl_records(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is a DataError naming file, line and column."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                                ) from None
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
 
 
 def _tsv_qrels_records(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8", newline="") as f:
-        for lineno, cols in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not cols or not "".join(cols).strip():
-                continue
-            where = f"{path}:{lineno}"
-            if lineno == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue  # BEIR's header line
-            if len(cols) == 4:  # TREC layout: qid, iteration, docid, score
-                cols = [cols[0], cols[2], cols[3]]
-            if len(cols) != 3:
-                raise DataError(f"{where}: expected 3 tab-separated columns, got {len(cols)}")
-            yield where, {"query-id": cols[0], "corpus-id": cols[1], "score": cols[2]}
+    for lineno, line in _text_lines(path):
+        cols = next(csv.reader([line.rstrip("\r\n")], delimiter="\t"), [])
+        if not cols or not "".join(cols).strip():
+            continue
+        where = f"{path}:{lineno}"
+        if lineno == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue  # BEIR's header line
+        if len(cols) == 4:  # TREC layout: qid, iteration, docid, score
+            cols = [cols[0], cols[2], cols[3]]
+        if len(cols) != 3:
+            raise DataError(f"{where}: expected 3 tab-separated columns, got {len(cols)}")
+        yield where, {"query-id": cols[0], "corpus-id": cols[1], "score": cols[2]}
 
 
 def _require(path: Path) -> Path:

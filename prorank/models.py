@@ -3,6 +3,7 @@ and tiny random models for tests."""
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,7 @@ class ModelError(ValueError):
 def resolve_model(cfg: ModelConfig) -> str:
     """The local folder when it exists, else the hub id; an error if neither is set."""
     if cfg.path and Path(cfg.path).is_dir():
-        return cfg.path
+        return check_model_folder(cfg.path)
     if cfg.hub_id:
         if cfg.path:
             log.info("model.path %s is not a folder: loading %s from the hub", cfg.path, cfg.hub_id)
@@ -38,6 +39,22 @@ def resolve_model(cfg: ModelConfig) -> str:
     if cfg.path:
         raise ModelError(f"model.path {cfg.path!r} is not a folder and no model.hub_id is set")
     raise ModelError("no model given: set model.path or model.hub_id")
+
+
+def check_model_folder(folder: str) -> str:
+    """`folder` when it holds a Hugging Face model (a config.json naming its kind); else a ModelError that
+    says what is missing, before anything is loaded or started."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise ModelError(f"model.path {folder}: not a model folder (no config.json); give a folder written by "
+                         "save_pretrained, `prorank export`, `prorank convert-gguf` or `prorank tiny-model`")
+    try:
+        fields = json.loads(config.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{config}: not a model config (not JSON: {err})") from None
+    if not isinstance(fields, dict) or not (fields.get("model_type") or fields.get("architectures")):
+        raise ModelError(f"{config}: not a model config (no model_type or architectures)")
+    return folder
 
 
 def pick_device(device: str) -> str:
@@ -91,7 +108,10 @@ def load_causal_lm(cfg: ModelConfig):
     source = resolve_model(cfg)
     device = pick_device(cfg.device)
     dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:  # what transformers raises for a folder it cannot load
+        raise ModelError(f"cannot load a causal LM from {source}: {str(err).splitlines()[0]}") from None
     model.to(device).eval()
     return model, load_tokenizer(source)
 

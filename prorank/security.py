@@ -1,12 +1,11 @@
 """What every gRPC service of ours shares: a bearer token on every call, optional TLS.
 
-Services bind 127.0.0.1 unless configured otherwise, refuse to start without a token, and answer a call
-without the right token with UNAUTHENTICATED, logging the peer.
+Services bind 127.0.0.1 unless configured otherwise and refuse to start without a token; the check of
+each call (and the limits on callers) is prorank/guarded_server.py's.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
@@ -57,42 +56,6 @@ def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
 def channel_credentials(ca: str | None) -> grpc.ChannelCredentials:
     """TLS trusting `ca` (PEM), or the system roots when None."""
     return grpc.ssl_channel_credentials(root_certificates=_read(ca, "TLS CA") if ca else None)
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Lets a call through only with `authorization: Bearer <token>`; `open_methods` need none."""
-
-    def __init__(self, token: str, open_methods: frozenset[str] = frozenset()):
-        self._expected = f"Bearer {token}".encode()
-        self._open = open_methods
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or details.method in self._open:
-            return handler
-        supplied = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(supplied.encode(), self._expected):
-            return handler
-        return _deny_like(handler, details.method)
-
-
-def _deny_like(handler, method: str):
-    def deny(request, context):
-        log.warning("refused %s from %s: missing or wrong token", method, context.peer())
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-
-    kinds = {
-        "unary_unary": grpc.unary_unary_rpc_method_handler,
-        "unary_stream": grpc.unary_stream_rpc_method_handler,
-        "stream_unary": grpc.stream_unary_rpc_method_handler,
-        "stream_stream": grpc.stream_stream_rpc_method_handler,
-    }
-    # No request deserializer: a caller without the token never gets its bytes parsed (a large
-    # unauthenticated request costs no protobuf decoding, and garbage gets UNAUTHENTICATED, not INTERNAL).
-    for kind, make in kinds.items():
-        if getattr(handler, kind) is not None:
-            return make(deny, request_deserializer=None, response_serializer=handler.response_serializer)
-    return handler
 
 
 def announced_address(host: str, port: int) -> str:

@@ -16,18 +16,19 @@ to the learner.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Container, Mapping
-from concurrent import futures
 
 import grpc
 import torch
 
 from protocol import weights_pb2
 from protocol.weights_codec import CHANNEL_OPTIONS, CHUNK_BYTES, Packed, pack, stream_messages
-from prorank.security import TokenAuthInterceptor, announced_address, server_credentials
+from prorank.guarded_server import GuardedServer, RefusalLog, ServerLimits, clip, parse_request
+from prorank.security import announced_address
 
 log = logging.getLogger(__name__)
 SERVICE = "prorank.weights.v1.Weights"
@@ -46,20 +47,43 @@ class _Version:
 MAX_WAIT_SECONDS = 30.0  # the longest one Fetch waits for a version; the caller asks again if it wants more
 DEADLINE_MARGIN = 0.5  # "none yet" goes out this long before the caller's deadline, so it always arrives
 MAX_RECEIVERS = 4096  # Report table entries kept (the oldest go first)
-MAX_NAME = 128  # characters of a receiver's name kept and logged
+MAX_NAME = 100  # characters of a receiver's name kept and logged
+MAX_REQUEST_BYTES = 2**20  # a FetchRequest or Ack is a few bytes; a larger one is refused unread
+
+
+class _Changes:
+    """Wakes the Fetch calls waiting on the server's loop when the publisher changes, from any thread.
+    The event is replaced on the loop only, after the change: a waiter that took it before looking at the
+    state is always woken by the next change."""
+
+    def __init__(self):
+        self.wake_from_any_thread = lambda: None  # set by the server that runs the loop
+        self._event: asyncio.Event | None = None
+
+    def event(self) -> asyncio.Event:  # on the loop
+        if self._event is None:
+            self._event = asyncio.Event()
+        return self._event
+
+    def fire(self) -> None:  # on the loop
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
 
 class WeightPublisher:
     """The servicer: Fetch streams the newest version (waiting for one), Report records who serves what.
 
-    A waiting Fetch re-checks every half second whether its caller is still there, and at most
-    `max_waiters` wait at once (the others are answered "none yet" at once and ask again), so waiting
-    receivers never take every worker thread from Report and from the receivers that have work."""
+    Its calls run on the server's event loop (a waiting or slow call holds no thread); publish and the
+    relay's begin/append/end are called from other threads. At most `max_waiters` Fetches wait for a
+    version at once; the others are answered "none yet" at once and ask again."""
 
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES, max_waiters: int = 8, wire_dtype: torch.dtype | None = None):
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, max_waiters: int = 128, wire_dtype: torch.dtype | None = None):
         self.chunk_bytes, self.wire_dtype = chunk_bytes, wire_dtype
         self.max_waiters = max_waiters
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self.changes = _Changes()
+        self.refusals = RefusalLog(10.0)  # the server's, once one runs this publisher
         self._current: _Version | None = None
         self._waiting = 0
         self.receivers: dict[str, tuple[int, str]] = {}  # receiver -> (version served, last error)
@@ -67,7 +91,8 @@ class WeightPublisher:
 
     @property
     def version(self) -> int:
-        return self._current.manifest.version if self._current else 0
+        current = self._current
+        return current.manifest.version if current else 0
 
     def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> Packed:
         """Make `state` the newest version; versions only go up. Tensors equal to the last published
@@ -86,90 +111,93 @@ class WeightPublisher:
             self._swap(_Version(manifest, [raw_manifest], complete=False))
 
     def append(self, version: int, raw_chunk: bytes) -> None:
-        with self._cond:
+        with self._lock:
             if self._current and self._current.manifest.version == version and not self._current.complete:
                 self._current.messages.append(raw_chunk)
-                self._cond.notify_all()
+        self.changes.wake_from_any_thread()
 
     def end(self, version: int, error: str = "") -> None:
-        with self._cond:
+        with self._lock:
             if self._current and self._current.manifest.version == version:
                 self._current.complete, self._current.error = True, error
-                self._cond.notify_all()
+        self.changes.wake_from_any_thread()
 
     def _swap(self, new: _Version) -> None:
-        with self._cond:
+        with self._lock:
             if self._current and not self._current.complete:  # streams of an unfinished one end
                 self._current.complete, self._current.error = True, "superseded by a newer version"
             self._current = new
-            self._cond.notify_all()
+        self.changes.wake_from_any_thread()
 
-    def Fetch(self, request: weights_pb2.FetchRequest, context):
-        current = self._wait_for_version(request, context)
+    async def Fetch(self, raw: bytes, context):
+        request = await parse_request(weights_pb2.FetchRequest, raw, context, self.refusals)
+        current = await self._wait_for_version(request, context)
         if current is None:
-            if context.is_active():
-                yield _none_yet(self.version)
+            await context.write(_none_yet(self.version))
             return
         if current.packed is not None:  # published here: complete, only what this receiver lacks
-            for raw in stream_messages(current.packed, request.base_version):
-                if not context.is_active():
-                    return
-                yield raw
+            for message in stream_messages(current.packed, request.base_version):
+                await context.write(message)  # waits while the receiver reads slowly, holding no thread
             return
         base = current.manifest.base_version
         if base and request.base_version < base:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"relay of version {current.manifest.version} has only the tensors changed after "
-                          f"version {base}; the receiver holds {request.base_version}")
+            await self.refusals.refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"relay of version {current.manifest.version} has only the tensors changed "
+                                       f"after version {base}; the receiver holds {request.base_version}")
         sent = 0
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: sent < len(current.messages) or current.complete, timeout=1.0)
+            changed = self.changes.event()
+            with self._lock:
                 ready, complete, error = current.messages[sent:], current.complete, current.error
-            if not context.is_active():
-                return
             if not ready and complete:
                 break
-            for raw in ready:
-                if not context.is_active():  # the receiver went away: stop for it alone
-                    return
-                yield raw
+            if not ready:
+                await changed.wait()
+                continue
+            for message in ready:
+                await context.write(message)
             sent += len(ready)
         if error:  # a relay's upstream failed: end this stream in error, the receiver falls back
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"relay of version {current.manifest.version}: {error}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"relay of version {current.manifest.version}: {error}")
 
-    def _wait_for_version(self, request, context) -> _Version | None:
-        """The version to send, or None ("none yet") once the wait the caller asked for is over, the
-        caller left, or too many callers already wait."""
+    async def _wait_for_version(self, request, context) -> _Version | None:
+        """The version to send, or None ("none yet") once the wait the caller asked for is over or too
+        many callers already wait. A caller that leaves cancels its wait at once (asyncio)."""
         wait = min(request.wait_ms / 1000 if request.wait_ms else MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
         remaining = context.time_remaining()
         if remaining is not None:  # answer before the caller's deadline, not at it
             wait = min(wait, remaining - DEADLINE_MARGIN)
         end = time.monotonic() + max(0.0, wait)
         newer = lambda: self.version > request.min_version  # noqa: E731
-        with self._cond:
-            if newer():
-                return self._current
-            if self._waiting >= self.max_waiters:
-                return None
-            self._waiting += 1
-            try:
-                while (left := end - time.monotonic()) > 0 and context.is_active():
-                    if self._cond.wait_for(newer, timeout=min(0.5, left)):
-                        return self._current  # a snapshot: a newer version swaps in a new object
-                return None
-            finally:
-                self._waiting -= 1
+        if newer():
+            return self._current
+        if self._waiting >= self.max_waiters:
+            return None
+        self._waiting += 1
+        try:
+            while (left := end - time.monotonic()) > 0:
+                changed = self.changes.event()
+                if newer():
+                    return self._current  # a snapshot: a newer version swaps in a new object
+                try:
+                    await asyncio.wait_for(changed.wait(), left)
+                except TimeoutError:
+                    pass
+            return self._current if newer() else None
+        finally:
+            self._waiting -= 1
 
-    def Report(self, request: weights_pb2.Ack, context) -> weights_pb2.ReportReply:
+    async def Report(self, raw: bytes, context) -> weights_pb2.ReportReply:
+        request = await parse_request(weights_pb2.Ack, raw, context, self.refusals)
         name = (request.receiver or context.peer())[:MAX_NAME]
         if self.known is not None and name not in self.known:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown receiver {name!r}")
+            await self.refusals.refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"unknown receiver {clip(name)!r}")
         if request.version > self.version:  # nobody can serve a version that was never published
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"receiver {name!r} reports version {request.version}; the newest is {self.version}")
+            await self.refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"receiver {clip(name)!r} reports version {request.version}; "
+                                       f"the newest is {self.version}")
         error = request.error[:1000]
-        with self._cond:
+        with self._lock:
             self.receivers.pop(name, None)
             self.receivers[name] = (request.version, error)
             while len(self.receivers) > MAX_RECEIVERS:  # dicts keep insertion order: drop the oldest
@@ -193,33 +221,32 @@ def _none_yet(version: int) -> bytes:
 
 
 def _handlers(publisher: WeightPublisher) -> grpc.GenericRpcHandler:
-    # Registered by hand rather than with the generated helper only so that Fetch can send the
-    # already-serialized WeightMessage bytes; the messages on the wire are the .proto's.
+    # Raw bytes both ways: requests are parsed by the servicer (malformed -> INVALID_ARGUMENT, not a
+    # traceback), and Fetch sends the already-serialized WeightMessage bytes. The messages are the .proto's.
     return grpc.method_handlers_generic_handler(SERVICE, {
-        "Fetch": grpc.unary_stream_rpc_method_handler(
-            publisher.Fetch, request_deserializer=weights_pb2.FetchRequest.FromString,
-            response_serializer=bytes),
+        "Fetch": grpc.unary_stream_rpc_method_handler(publisher.Fetch),
         "Report": grpc.unary_unary_rpc_method_handler(
-            publisher.Report, request_deserializer=weights_pb2.Ack.FromString,
-            response_serializer=weights_pb2.ReportReply.SerializeToString),
+            publisher.Report, response_serializer=weights_pb2.ReportReply.SerializeToString),
     })
 
 
 class WeightServer:
-    """The publisher behind a token-checked (optionally TLS) gRPC server; binds 127.0.0.1 by default."""
+    """The publisher behind a token-checked (optionally TLS) gRPC server; binds 127.0.0.1 by default.
+    `limits` caps the calls in flight (see prorank/guarded_server.py); at most half of them wait for a
+    version, so reports and transfers always find room."""
 
     def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, tls_cert: str | None = None,
-                 tls_key: str | None = None, chunk_bytes: int = CHUNK_BYTES, max_workers: int = 16,
+                 tls_key: str | None = None, chunk_bytes: int = CHUNK_BYTES, limits: ServerLimits = ServerLimits(),
                  publisher: WeightPublisher | None = None, wire_dtype: torch.dtype | None = None):
-        # Half the workers at most wait for a version; the rest stay for transfers and reports.
-        self.publisher = publisher or WeightPublisher(chunk_bytes, max(1, max_workers // 2), wire_dtype)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                                  interceptors=[TokenAuthInterceptor(token)],
-                                  options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-        self.server.add_generic_rpc_handlers((_handlers(self.publisher),))
-        target = f"{host}:{port}"
-        self.port = (self.server.add_secure_port(target, server_credentials(tls_cert, tls_key)) if tls_cert
-                     else self.server.add_insecure_port(target))
+        waiters = max(1, min(limits.max_calls, limits.max_calls_per_peer) // 2)
+        self.publisher = publisher or WeightPublisher(chunk_bytes, waiters, wire_dtype)
+        # The server receives only small requests: a large message is refused by its length, unread.
+        options = dict(CHANNEL_OPTIONS) | {"grpc.max_receive_message_length": MAX_REQUEST_BYTES}
+        self.server = GuardedServer(lambda server, _: server.add_generic_rpc_handlers((_handlers(self.publisher),)),
+                                    token, host, port, tls_cert, tls_key, limits, options.items(), name="weights")
+        self.publisher.refusals = self.server.refusals
+        self.publisher.changes.wake_from_any_thread = lambda: self.server.call_soon(self.publisher.changes.fire)
+        self.port = self.server.port
         self.address = announced_address(host, self.port)  # a wildcard bind announces the node's IP
 
     def start(self) -> WeightServer:
@@ -227,4 +254,4 @@ class WeightServer:
         return self
 
     def stop(self, grace: float = 1.0) -> None:
-        self.server.stop(grace).wait()
+        self.server.stop(grace)

@@ -1,7 +1,7 @@
 """Client of the reward service: async, with deadlines, retries with backoff, and several replicas.
 
 Each call goes to the live replica with the fewest calls in flight (ties in turn). A replica that fails
-with UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED (it stopped mid-call) is rested for a while and the
+with UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED (it stopped mid-call) or RESOURCE_EXHAUSTED (full) is rested for a while and the
 call is retried on another after an exponential backoff. Other errors (INVALID_ARGUMENT,
 UNAUTHENTICATED, ...) are not retried.
 """
@@ -23,7 +23,9 @@ from prorank.rollout import GroupResult
 from prorank.security import auth_metadata, channel_credentials
 
 # CANCELLED too: a replica that stops mid-call cancels the calls in flight (this client never cancels one).
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+# RESOURCE_EXHAUSTED: the replica has its reward.max_calls (or per-peer) calls in flight already.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED})
 REST_SECONDS = 2.0
 
 

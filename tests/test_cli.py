@@ -156,3 +156,43 @@ def test_models_of_another_prompt_layout_are_refused_before_any_work(scifact_dir
     assert res.exit_code == 2 and "prompt.max_query_tokens" in res.output
     res = _run("eval", "--data", scifact_dir, "prompt.layout=chat-template")
     assert res.exit_code == 2 and "prompt.layout" in res.output
+
+
+def test_bad_inputs_and_outputs_are_refused_before_any_work(scifact_dir, tmp_path):
+    """Non-UTF-8 data names file and line; a folder that is not a model, or an --output that is a
+    directory, is refused before BM25 runs or TensorBoard is written; all exit 2."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(scifact_dir, data)
+    corpus = data / "corpus.jsonl"
+    lines = corpus.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b'"title": "', b'"title": "\xff\xfe', 1)
+    corpus.write_bytes(b"\n".join(lines))
+    tb = tmp_path / "tb"
+    res = _run("eval", "--data", data, f"eval.tensorboard_dir={tb}")
+    assert res.exit_code == 2 and f"{corpus}:3: not UTF-8 (byte 0xff at column" in res.output
+    assert "Traceback" not in res.output
+
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.txt").write_text("hello")
+    res = _run("eval", "--data", scifact_dir, "--model", tmp_path / "not-a-model", f"eval.tensorboard_dir={tb}")
+    assert res.exit_code == 2 and "not a model folder (no config.json)" in res.output
+
+    res = _run("eval", "--data", scifact_dir, "--output", tmp_path, f"eval.tensorboard_dir={tb}")
+    assert res.exit_code == 2 and f"eval.output {tmp_path} is a directory" in res.output
+    assert not tb.exists()  # nothing was written
+
+
+def test_train_names_a_data_error_before_its_tensorboard_line(scifact_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(scifact_dir, data)
+    (data / "queries.jsonl").write_bytes(b'{"_id": "1", "text": "ok"}\n{"_id": "2", "text": "\xc3("}\n')
+    res = subprocess.run([sys.executable, "-m", "driver.cli", "train", f"data.path={data}", f"model.path={tiny_model_dir}",
+                          f"train.output_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 2, res.stderr
+    assert f"{data / 'queries.jsonl'}:2: not UTF-8" in res.stderr and "TensorBoard" not in res.stderr
+    assert not (tmp_path / "run").exists()

@@ -56,14 +56,20 @@ def test_errors_quote_client_input_cut_short(server):
         _score(server, [G(request_id="x" * 8192, completions=())])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was RESOURCE_EXHAUSTED (the echo)
     assert len(err.value.details()) < 300 and "8192 characters" in err.value.details()
-    (answer,) = _score(server, [G(query_id="q" * 20 * 2**20)]).groups  # a 20 MiB unknown query id
-    assert answer.status == reward_pb2.UNKNOWN_QUERY and len(answer.error) < 300
+    with pytest.raises(grpc.RpcError) as err:
+        _score(server, [G(query_id="q" * 20 * 2**20)])  # a 20 MiB query id: refused, not echoed
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 300
+    (answer,) = _score(server, [G(query_id="q" * 250)]).groups  # unknown, within the limit: quoted cut short
+    assert answer.status == reward_pb2.UNKNOWN_QUERY and len(answer.error) < 160
 
 
 @pytest.mark.parametrize("groups, message", [
     ([G(completions=["1"] * 65)], "65 completions; at most 64 (reward.max_completions)"),
     ([G(completions=["1" * 5000])], "a completion of 5000 characters; at most 4096"),
     ([G(request_id=f"r{i}") for i in range(4097)], "4097 groups in one request; at most 4096"),
+    ([G(request_id="x" * (10 * 2**20))], "a request_id of 10485760 characters; at most 256 (reward.max_id_chars)"),
+    ([G(doc_id="d" * 257)], "a doc_id of 257 characters; at most 256"),
+    ([G(request_id="a"), G(request_id="b"), G(request_id="a")], "group 2 (a): request_id 'a' is used twice"),
 ])
 def test_limits_per_call(server, groups, message):
     with pytest.raises(grpc.RpcError) as err:

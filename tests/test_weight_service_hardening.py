@@ -1,6 +1,6 @@
 """The weight service under load and under careless or hostile clients, on real gRPC over loopback:
-"no version yet" is an answer (never an error), waiting receivers cannot take every worker thread, a
-call without a deadline works, and Report cannot be forged past what was published or grow unbounded."""
+"no version yet" is an answer (never an error), waiting receivers leave room for reports and
+transfers, a call without a deadline works, and Report cannot be forged past what was published or grow unbounded."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from actors.weight_receiver import fetch_version
 from protocol import weight_service, weights_pb2, weights_pb2_grpc
 from protocol.weight_service import SERVICE, WeightServer
+from prorank.guarded_server import ServerLimits
 from prorank.security import auth_metadata
 
 TOKEN = "hardening-token"
@@ -26,7 +27,7 @@ def state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def server():
-    srv = WeightServer(TOKEN, max_workers=16).start()
+    srv = WeightServer(TOKEN, limits=ServerLimits(max_calls=16, max_calls_per_peer=16)).start()
     yield srv
     srv.stop(0)
 
@@ -61,8 +62,8 @@ def test_fetch_without_a_deadline_waits_and_answers(server):
 
 
 def test_waiting_receivers_leave_workers_for_reports_and_transfers(server):
-    """16 receivers wait for a version that does not come (all 16 worker threads, before): a Report and
-    a transfer still go through, and when the waiting callers cancel, their waits end at once."""
+    """16 receivers wait for a version that does not come (8 wait, 8 are told "none yet"): a Report and a
+    transfer still go through, and when the waiting callers cancel, their waits end at once."""
     with grpc.insecure_channel(server.address) as channel:
         waiting = [_raw_fetch(channel, wait_ms=60_000, timeout=120) for _ in range(16)]
         time.sleep(1.0)
@@ -78,7 +79,7 @@ def test_waiting_receivers_leave_workers_for_reports_and_transfers(server):
     assert server.publisher._waiting == 0
 
 
-def test_cancelled_waits_free_their_threads_at_once(server):
+def test_cancelled_waits_end_at_once(server):
     with grpc.insecure_channel(server.address) as channel:
         waiting = [_raw_fetch(channel, wait_ms=60_000, timeout=120) for _ in range(8)]
         time.sleep(1.0)
@@ -101,8 +102,11 @@ def test_report_cannot_claim_an_unpublished_version_and_is_bounded(server, monke
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "newest is 1" in err.value.details()
         assert not server.publisher.wait_for({"actor-0"}, 999, timeout=0.1)
 
-        report(weights_pb2.Ack(version=1, applied=True, receiver="x" * 2**20))  # a 1 MiB name
-        assert max(map(len, server.publisher.receivers)) == weight_service.MAX_NAME
+        report(weights_pb2.Ack(version=1, applied=True, receiver="x" * 2**19))  # a 512 KiB name
+        assert max(map(len, server.publisher.receivers)) == weight_service.MAX_NAME == 100
+        with pytest.raises(grpc.RpcError) as err:  # over 1 MiB: refused by its length, unread
+            report(weights_pb2.Ack(version=1, applied=True, receiver="x" * 2**20))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         monkeypatch.setattr(weight_service, "MAX_RECEIVERS", 5)
         for i in range(20):
             report(weights_pb2.Ack(version=1, applied=True, receiver=f"r{i}"))

@@ -103,13 +103,34 @@ def test_unauthenticated_is_refused(server):
         fetch_version(server.address, "wrong", 0, "r", timeout=5)
 
 
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter:
+    """The call's context, except that the stream ends (OK status) after `n` messages."""
+
+    def __init__(self, context, n: int):
+        self.context, self.n = context, n
+
+    def __getattr__(self, name):
+        return getattr(self.context, name)
+
+    async def write(self, message):
+        if self.n == 0:
+            raise _Stop
+        self.n -= 1
+        await self.context.write(message)
+
+
 class _Truncating(WeightPublisher):
     """Sends the manifest and only the first chunk, as a learner that dies mid-stream would."""
 
-    def Fetch(self, request, context):
-        stream = super().Fetch(request, context)
-        yield next(stream)
-        yield next(stream)
+    async def Fetch(self, request, context):
+        try:
+            await super().Fetch(request, _StopAfter(context, 2))
+        except _Stop:
+            pass
 
 
 def test_partial_transfer_is_rejected():
@@ -225,14 +246,14 @@ class _CutOnce(WeightPublisher):
 
     cuts = 1
 
-    def Fetch(self, request, context):
-        stream = super().Fetch(request, context)
+    async def Fetch(self, request, context):
         if self.cuts:
             self.cuts -= 1
-            yield next(stream)
-            yield next(stream)
-            return
-        yield from stream
+            context = _StopAfter(context, 2)
+        try:
+            await super().Fetch(request, context)
+        except _Stop:
+            pass
 
 
 def test_a_transfer_cut_mid_stream_is_asked_again():

@@ -1,0 +1,254 @@
+"""The reward and weight servers under hostile callers without the token, this tree (B) against the
+code at `--before` (A, in a temporary git worktree), in one run, on loopback.
+
+    .venv/bin/python -m bench.hostile [--before e1e9231] [--json docs/results/hostile.json]
+
+Each server runs in a process of its own (from A's or B's code). For each attack (bench/hostile_peers.py:
+"silent" headers and no body, a "slow" body at a byte a second, "unread": a caller that never reads,
+with N = 4, 64 and 1,000 calls from this process), the legitimate call is timed while the attack holds:
+Score through the job's client (its defaults: it gives up after about 10 s), and Fetch + a whole
+transfer (4 MiB) + Report for the weight server. Printed: the slowest of `--calls` legitimate calls
+under attack, and its ratio to the same call on the idle server.
+Then: RSS of the reward server while 100 calls without the token send 60 MiB bodies (100 at once);
+the small Score's latency while 8 maximum-size Scores (4,096 groups x 64 completions) are in flight;
+and the load: 32 clients x 200 small Score calls, calls/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from bench.critical_path import worktree
+from bench.hostile_peers import Attack
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "bench-token"
+SCORE, REPORT, FETCH = "/prorank.reward.v1.Reward/Score", "/prorank.weights.v1.Weights/Report", \
+    "/prorank.weights.v1.Weights/Fetch"
+# Runs in the server's process, from either tree: only what both versions of the API have.
+SERVE = """
+import sys, torch
+from prorank.config import RewardConfig
+if sys.argv[1] == "reward":
+    from reward.server import RewardServer
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(1000)}
+    server = RewardServer(qrels, RewardConfig(port=0), "%s").start()
+else:
+    from protocol.weight_service import WeightServer
+    server = WeightServer("%s").start()
+    server.publisher.publish(1, {"w": torch.arange(2**20, dtype=torch.float32)})
+print(server.address, flush=True)
+sys.stdin.read()
+""" % (TOKEN, TOKEN)
+
+
+class Served:
+    """One server in a process of its own, from the code at `tree`."""
+
+    def __init__(self, tree: Path, kind: str):
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, kind], cwd=tree, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.address = self.proc.stdout.readline().strip()
+        if not self.address:
+            raise RuntimeError(f"the {kind} server from {tree} did not start")
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def small_groups(n: int = 1):
+    from protocol import reward_pb2
+
+    return [reward_pb2.Group(request_id=f"r{i}", query_id=f"q{i % 1000}", doc_id=f"d{i % 1000}",
+                             completions=["1", "0", "1", "x"] * 2) for i in range(n)]
+
+
+def legit_score(address: str):
+    """The job's client with its defaults; seconds until answered, or until it gave up (+ 'gave up')."""
+    from prorank.config import RewardConfig
+    from reward.client import RewardError, SyncRewardClient, client_options
+
+    client = SyncRewardClient([address], TOKEN, **client_options(RewardConfig()))
+    groups = small_groups()
+
+    def call() -> tuple[float, bool]:
+        start = time.perf_counter()
+        try:
+            client.score(groups)
+            return time.perf_counter() - start, True
+        except RewardError:
+            return time.perf_counter() - start, False
+
+    return call, client.close
+
+
+def legit_transfer(address: str):
+    from actors.weight_receiver import fetch_version, report
+    from protocol import weights_pb2
+
+    def call() -> tuple[float, bool]:
+        start = time.perf_counter()
+        try:
+            got = fetch_version(address, TOKEN, 0, "bench", timeout=10)
+            report(address, TOKEN, weights_pb2.Ack(version=1, applied=True, receiver="bench"))
+            return time.perf_counter() - start, got is not None
+        except Exception:  # noqa: BLE001 - a stalled server fails in several ways; counted, not raised
+            return time.perf_counter() - start, False
+
+    return call, lambda: None
+
+
+def attacks(tree: Path, calls: int) -> list[dict]:
+    rows = []
+    for kind, legit, paths in (("reward", legit_score, {"silent": SCORE, "slow": SCORE, "unread": SCORE}),
+                               ("weights", legit_transfer, {"silent": REPORT, "slow": REPORT, "unread": FETCH})):
+        server = Served(tree, kind)
+        call, close = legit(server.address)
+        try:
+            idle = statistics.median(call()[0] for _ in range(calls + 2))
+            for mode, path in paths.items():
+                for n in (4, 64, 1000):
+                    with Attack(server.address, path, n, mode, seconds=12):  # a stall lasts as long as this
+                        got = [call() for _ in range(calls)]
+                    worst = max(t for t, _ in got)
+                    rows.append({"server": kind, "attack": mode, "n": n, "idle_s": idle, "worst_s": worst,
+                                 "ratio": worst / idle, "failed": sum(not ok for _, ok in got)})
+                    print(f"  {kind:7s} {mode:6s} N={n:4d}: worst {worst:7.3f} s  idle {idle:.4f} s  "
+                          f"{worst / idle:8.1f}x  failed {rows[-1]['failed']}/{calls}", flush=True)
+        finally:
+            close()
+            server.close()
+    return rows
+
+
+def memory(tree: Path) -> dict:
+    """RSS of the reward server while 100 calls without the token each send a 60 MiB body."""
+    server = Served(tree, "reward")
+    try:
+        start, peak = server.rss_mb(), 0.0
+        with Attack(server.address, SCORE, 100, "flood", seconds=60, token="wrong", body_mb=60) as attack:
+            while attack.tally.answered < 100 and attack.running():
+                peak = max(peak, server.rss_mb())
+                time.sleep(0.02)
+        peak = max(peak, server.rss_mb())
+        time.sleep(2.0)
+        return {"start_mb": start, "peak_mb": peak, "after_mb": server.rss_mb(),
+                "sent_mb": attack.tally.sent_bytes / 2**20, "refused": attack.tally.answered}
+    finally:
+        server.close()
+
+
+def fairness(tree: Path, own_connection: bool = True) -> dict:
+    """A small Score's latency while 8 maximum-size Scores are in flight (and alone); the small calls on
+    a connection of their own (another client), or on the big calls' one."""
+    from protocol import reward_pb2
+
+    server = Served(tree, "reward")
+    limit = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
+    big = reward_pb2.ScoreRequest(groups=[reward_pb2.Group(request_id=f"r{i}", query_id=f"q{i % 1000}",
+                                                           doc_id="d", completions=["1" * 200] * 64)
+                                          for i in range(4096)]).SerializeToString()
+    small = reward_pb2.ScoreRequest(groups=small_groups()).SerializeToString()
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+
+    async def run() -> dict:
+        async with grpc.aio.insecure_channel(server.address, options=limit) as channel, \
+                grpc.aio.insecure_channel(server.address, options=limit + [("grpc.use_local_subchannel_pool", 1)]) as other:
+            score = channel.unary_unary(SCORE)
+            small_score = (other if own_connection else channel).unary_unary(SCORE)
+            await small_score(small, metadata=metadata, timeout=60)
+            alone = []
+            for _ in range(5):
+                start = time.perf_counter()
+                await small_score(small, metadata=metadata, timeout=60)
+                alone.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            one_big = await score(big, metadata=metadata, timeout=120)
+            big_s = time.perf_counter() - start
+            bigs = [asyncio.ensure_future(score(big, metadata=metadata, timeout=300)) for _ in range(8)]
+            await asyncio.sleep(0.3)
+            during = []
+            while not all(b.done() for b in bigs) and len(during) < 20:
+                start = time.perf_counter()
+                await small_score(small, metadata=metadata, timeout=120)
+                during.append(time.perf_counter() - start)
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*bigs)
+            return {"small_on_own_connection": own_connection, "big_call_mb": len(big) / 2**20, "big_response_mb": len(one_big) / 2**20, "one_big_s": big_s,
+                    "small_alone_s": statistics.median(alone), "small_during_worst_s": max(during),
+                    "small_during_median_s": statistics.median(during), "small_calls_during": len(during)}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        server.close()
+
+
+def load(tree: Path, clients: int = 32, calls: int = 200) -> dict:
+    server = Served(tree, "reward")
+    request = __import__("protocol.reward_pb2", fromlist=["x"]).ScoreRequest(groups=small_groups(8)).SerializeToString()
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+
+    async def client() -> None:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            score = channel.unary_unary(SCORE)
+            for _ in range(calls):
+                await score(request, metadata=metadata, timeout=30)
+
+    async def run() -> float:
+        await asyncio.gather(*(client() for _ in range(4)))  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return clients * calls / (time.perf_counter() - start)
+
+    try:
+        return {"clients": clients, "calls": calls, "calls_per_s": asyncio.run(run())}
+    finally:
+        server.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", default="e1e9231", help="git ref of A (the thread-pool servers)")
+    ap.add_argument("--calls", type=int, default=3, help="legitimate calls per attack")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    report: dict = {"before": args.before, "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp, worktree(args.before, Path(tmp) / "a") as before:
+        for side, tree in (("A", before), ("B", ROOT)):
+            print(f"{side} ({'git ' + args.before if side == 'A' else 'this tree'})", flush=True)
+            report[side] = {"load": load(tree)}
+            print(f"  load: {report[side]['load']['calls_per_s']:,.0f} calls/s", flush=True)
+            report[side]["memory"] = memory(tree)
+            print(f"  memory: {report[side]['memory']}", flush=True)
+            report[side]["fairness"] = fairness(tree)
+            print(f"  fairness: {report[side]['fairness']}", flush=True)
+            report[side]["attacks"] = attacks(tree, args.calls)
+    a, b = report["A"]["load"]["calls_per_s"], report["B"]["load"]["calls_per_s"]
+    print(f"load B/A: {b / a:.3f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

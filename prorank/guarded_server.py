@@ -1,0 +1,247 @@
+"""The gRPC server both services of ours run on: `grpc.aio` on an event-loop thread of its own, behind a
+guard that checks the token in a call's headers before a byte of its body is read.
+
+Why asyncio: a call that waits (for its body, for a version, for a reader that stopped reading) holds no
+thread, so no number of open calls takes what other callers need. The thread-pool server this replaced
+was frozen by 4 callers that sent headers and never a body: each held a worker thread while the body was
+read, before the token check (bench/hostile.py measures both).
+Why the token from the headers: a refused call is answered at once, from a handler that never reads the
+request, so it holds no handler and its body is never parsed or copied into Python; the few bytes that
+reach the server before the refusal sit in the HTTP/2 stream's flow-control window (`stream_window_kb`)
+and are dropped with the stream.
+Authenticated calls are capped per peer host and in total (RESOURCE_EXHAUSTED beyond, which clients
+retry). Every refusal is logged at most once per peer host and kind per `log_every_seconds`, with a count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from prorank.security import server_credentials
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one server lets callers hold; the services' configs set these (reward.*, weights.*)."""
+
+    max_calls: int = 256  # authenticated calls in flight, in total
+    max_calls_per_peer: int = 64  # authenticated calls in flight from one host
+    max_streams_per_connection: int = 128  # HTTP/2 streams one connection may open at once
+    stream_window_kb: int = 64  # HTTP/2 flow-control window per stream: the unread bytes a call may send ahead
+    log_every_seconds: float = 10.0  # a refusal is logged at most this often per peer host and kind
+
+    @classmethod
+    def of(cls, cfg) -> ServerLimits:
+        """From a service's config section (prorank.config.ServiceLimits: reward.*, weights.*)."""
+        return cls(cfg.max_calls, cfg.max_calls_per_peer, cfg.max_streams_per_connection, cfg.stream_window_kb,
+                   cfg.log_refusals_every_seconds)
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.5:41234' -> 'ipv4:10.0.0.5': the caller's host (its port changes per connection)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+class RefusalLog:
+    """Logs a refusal at most once per (peer host, kind) per `every` seconds, with how many there were
+    since; a bounded table, so a flood of peers cannot grow it."""
+
+    def __init__(self, every: float, max_peers: int = 4096):
+        self.every, self.max_peers = every, max_peers
+        self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()  # -> (last logged, count since)
+        self._lock = threading.Lock()
+        self.logged = 0  # lines written (the tests count them)
+
+    def refused(self, peer: str, kind: str, detail: str) -> None:
+        key, now = (peer_host(peer), kind), time.monotonic()
+        with self._lock:
+            last, count = self._seen.pop(key, (float("-inf"), 0))
+            count += 1
+            if now - last < self.every:
+                self._seen[key] = (last, count)
+                return
+            self._seen[key] = (now, 0)
+            while len(self._seen) > self.max_peers:
+                self._seen.popitem(last=False)
+            self.logged += 1
+        log.warning("refused a call from %s, %s: %s (%d such refusal(s) from this host since its last line)",
+                    key[0], kind, detail, count)
+
+
+    async def refuse(self, context, code: grpc.StatusCode, message: str) -> None:
+        """Log (rate-limited) and end the call with `code`; raises, as `context.abort` does."""
+        self.refused(context.peer(), code.name, message)
+        await context.abort(code, message)
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """Client input quoted in an error, cut to `limit` characters: an error never grows with the input."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+async def parse_request(message_type, raw: bytes, context, refusals: RefusalLog):
+    """`raw` parsed as `message_type`; a malformed one ends the call with INVALID_ARGUMENT (logged once
+    per peer and interval, no traceback)."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        await refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"malformed request: not a {message_type.DESCRIPTOR.full_name}")
+
+
+class CallGuard(grpc.aio.ServerInterceptor):
+    """The token, from the headers; then the per-peer and total caps on authenticated calls in flight."""
+
+    def __init__(self, token: str, limits: ServerLimits, refusals: RefusalLog,
+                 open_methods: frozenset[str] = frozenset()):
+        self._expected = f"Bearer {token}".encode()
+        self.limits, self.refusals, self._open = limits, refusals, open_methods
+        self.in_flight: dict[str, int] = {}  # peer host -> authenticated calls running (on the loop thread only)
+        self.total = 0
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method in self._open:
+            return handler
+        supplied = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
+        supplied = supplied.encode() if isinstance(supplied, str) else supplied
+        if not hmac.compare_digest(supplied, self._expected):
+            return _refusal(self.refusals, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token", details.method)
+        return _counted(handler, self)
+
+    def enter(self, peer: str) -> str | None:
+        """Count a call in; why it may not run, or None."""
+        host = peer_host(peer)
+        if self.total >= self.limits.max_calls:
+            return f"{self.total} calls in flight; at most {self.limits.max_calls} (max_calls)"
+        if self.in_flight.get(host, 0) >= self.limits.max_calls_per_peer:
+            return f"{self.in_flight[host]} calls in flight from {host}; at most " \
+                   f"{self.limits.max_calls_per_peer} (max_calls_per_peer)"
+        self.in_flight[host] = self.in_flight.get(host, 0) + 1
+        self.total += 1
+        return None
+
+    def leave(self, peer: str) -> None:
+        host = peer_host(peer)
+        self.total -= 1
+        if (left := self.in_flight[host] - 1) > 0:
+            self.in_flight[host] = left
+        else:
+            del self.in_flight[host]
+
+
+def _refusal(refusals: RefusalLog, code: grpc.StatusCode, message: str, method: str):
+    # Request-streaming whatever the method is: the handler returns without asking for the request, so
+    # its body is never read or parsed (a unary caller cannot tell the difference).
+    async def refuse(_requests, context):
+        refusals.refused(context.peer(), code.name, f"{method}: {message}")
+        await context.abort(code, message)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _counted(handler, guard: CallGuard):
+    """`handler` with its calls counted against the caps (from when its request has arrived). Streaming
+    responses must be sent with `await context.write(...)` from a coroutine: a handler that is an async
+    generator would have to be wrapped in another, and such nested generators crashed the server (a
+    segmentation fault in grpcio 1.85 when the caller leaves mid-stream)."""
+    behavior = handler.unary_unary or handler.unary_stream
+    if behavior is None:
+        return handler  # streaming requests: none of ours
+    if inspect.isasyncgenfunction(behavior):
+        raise TypeError(f"{behavior.__qualname__}: write the stream with context.write, not yield")
+
+    async def counted(request, context):
+        if problem := guard.enter(context.peer()):
+            guard.refusals.refused(context.peer(), "RESOURCE_EXHAUSTED", problem)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+        try:
+            return await behavior(request, context)
+        finally:
+            guard.leave(context.peer())
+
+    make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
+    return make(counted, handler.request_deserializer, handler.response_serializer)
+
+
+class GuardedServer:
+    """A `grpc.aio` server on its own event-loop thread. `add_services(server, refusals)` runs on that
+    loop (aio servicers belong to it) and registers the handlers; `call_soon(fn)` runs `fn` there from any thread."""
+
+    def __init__(self, add_services: Callable[[grpc.aio.Server, RefusalLog], None], token: str, host: str, port: int,
+                 tls_cert: str | None = None, tls_key: str | None = None, limits: ServerLimits = ServerLimits(),
+                 options: Iterable[tuple[str, object]] = (), open_methods: frozenset[str] = frozenset(),
+                 name: str = "grpc"):
+        self.limits = limits
+        self.refusals = RefusalLog(limits.log_every_seconds)
+        self.guard = CallGuard(token, limits, self.refusals, open_methods)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-server", daemon=True)
+        self._thread.start()
+        creds = server_credentials(tls_cert, tls_key) if tls_cert else None
+        options = dict(options) | {
+            "grpc.so_reuseport": 0,  # a second server on a port in use fails to start instead of sharing it
+            "grpc.max_concurrent_streams": limits.max_streams_per_connection,
+            "grpc.http2.lookahead_bytes": limits.stream_window_kb * 1024}
+
+        async def build() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server(interceptors=[self.guard], options=list(options.items()))
+            add_services(server, self.refusals)
+            target = f"{host}:{port}"
+            return server, server.add_secure_port(target, creds) if creds else server.add_insecure_port(target)
+
+        try:
+            self.server, self.port = self.run(build())
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def run(self, coro, timeout: float | None = 60):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody waits
+            pass
+
+    def start(self) -> None:
+        try:
+            self.run(self.server.start())
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def stop(self, grace: float | None) -> None:
+        """New calls are refused at once; calls in flight get `grace` seconds, then are cancelled."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.run(self.server.stop(grace), timeout=None if grace is None else grace + 30)
+        finally:
+            self._close_loop()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def _close_loop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)
+        if not self.loop.is_running():
+            self.loop.close()
