@@ -11,7 +11,7 @@ transfer (4 MiB) + Report for the weight server. Printed: the slowest of `--call
 under attack, and its ratio to the same call on the idle server.
 Then: RSS of the reward server while 100 calls without the token send 60 MiB bodies (100 at once);
 the small Score's latency while 8 maximum-size Scores (4,096 groups x 64 completions) are in flight;
-and the load: 32 clients x 200 small Score calls, calls/s.
+the load: 32 clients x 200 small Score calls, calls/s; and one whole weight transfer (256 MiB), GB/s.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 
 import grpc
-import psutil
 
 from bench.critical_path import worktree
-from bench.hostile_peers import Attack
+from bench.hostile_peers import Attack, PeakRss
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -49,7 +48,8 @@ if sys.argv[1] == "reward":
 else:
     from protocol.weight_service import WeightServer
     server = WeightServer("%s").start()
-    server.publisher.publish(1, {"w": torch.arange(2**20, dtype=torch.float32)})
+    size = 2**26 if sys.argv[1] == "weights-256mib" else 2**20
+    server.publisher.publish(1, {f"w{i}": torch.rand(size // 16) for i in range(16)})
 print(server.address, flush=True)
 sys.stdin.read()
 """ % (TOKEN, TOKEN)
@@ -65,9 +65,6 @@ class Served:
         self.address = self.proc.stdout.readline().strip()
         if not self.address:
             raise RuntimeError(f"the {kind} server from {tree} did not start")
-
-    def rss_mb(self) -> float:
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -141,17 +138,22 @@ def attacks(tree: Path, calls: int) -> list[dict]:
 
 
 def memory(tree: Path) -> dict:
-    """RSS of the reward server while 100 calls without the token each send a 60 MiB body."""
+    """RSS of the reward server while 100 calls without the token each send a 60 MiB body (after two such
+    rounds: RSS grows ~9 MB in the first two, then stays flat)."""
     server = Served(tree, "reward")
     try:
-        start, peak = server.rss_mb(), 0.0
-        with Attack(server.address, SCORE, 100, "flood", seconds=60, token="wrong", body_mb=60) as attack:
-            while attack.tally.answered < 100 and attack.running():
-                peak = max(peak, server.rss_mb())
-                time.sleep(0.02)
-        peak = max(peak, server.rss_mb())
+        for _ in range(2):  # the first rounds grow RSS once by ~9 MB (allocator arenas, gRPC buffers); then flat
+            with Attack(server.address, SCORE, 100, "flood", seconds=60, token="wrong", body_mb=60) as warm_up:
+                while warm_up.tally.answered < 100 and warm_up.running():
+                    time.sleep(0.02)
+        time.sleep(1.0)
+        with PeakRss(server.proc.pid) as rss:
+            start = rss.rss()
+            with Attack(server.address, SCORE, 100, "flood", seconds=60, token="wrong", body_mb=60) as attack:
+                while attack.tally.answered < 100 and attack.running():
+                    time.sleep(0.02)
         time.sleep(2.0)
-        return {"start_mb": start, "peak_mb": peak, "after_mb": server.rss_mb(),
+        return {"start_mb": start, "peak_mb": rss.peak, "after_mb": rss.rss(),
                 "sent_mb": attack.tally.sent_bytes / 2**20, "refused": attack.tally.answered}
     finally:
         server.close()
@@ -203,6 +205,24 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
         server.close()
 
 
+def transfer(tree: Path, repeats: int = 5) -> dict:
+    """GB/s of one whole weight transfer (256 MiB in 16 tensors, 1 MiB chunks, verified) into a reused
+    buffer, best of `repeats`: the weight server's throughput, which its new event loop must not cost."""
+    from actors.weight_receiver import fetch_version
+
+    server = Served(tree, "weights-256mib")
+    try:
+        _, blob = fetch_version(server.address, TOKEN, 0, "bench", timeout=60)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fetch_version(server.address, TOKEN, 0, "bench", timeout=60, buffer=blob)
+            best = min(best, time.perf_counter() - start)
+        return {"bytes": len(blob), "seconds": best, "gb_per_s": len(blob) / best / 1e9}
+    finally:
+        server.close()
+
+
 def load(tree: Path, clients: int = 32, calls: int = 200) -> dict:
     server = Served(tree, "reward")
     request = __import__("protocol.reward_pb2", fromlist=["x"]).ScoreRequest(groups=small_groups(8)).SerializeToString()
@@ -238,6 +258,8 @@ def main() -> None:
             print(f"{side} ({'git ' + args.before if side == 'A' else 'this tree'})", flush=True)
             report[side] = {"load": load(tree)}
             print(f"  load: {report[side]['load']['calls_per_s']:,.0f} calls/s", flush=True)
+            report[side]["transfer"] = transfer(tree)
+            print(f"  weight transfer: {report[side]['transfer']['gb_per_s']:.2f} GB/s", flush=True)
             report[side]["memory"] = memory(tree)
             print(f"  memory: {report[side]['memory']}", flush=True)
             report[side]["fairness"] = fairness(tree)
@@ -245,6 +267,8 @@ def main() -> None:
             report[side]["attacks"] = attacks(tree, args.calls)
     a, b = report["A"]["load"]["calls_per_s"], report["B"]["load"]["calls_per_s"]
     print(f"load B/A: {b / a:.3f}x")
+    ta, tb = report["A"]["transfer"]["gb_per_s"], report["B"]["transfer"]["gb_per_s"]
+    print(f"weight transfer B/A: {tb / ta:.3f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -173,6 +173,34 @@ async def hold_calls(address: str, path: str, n: int, mode: str, seconds: float,
     return tally
 
 
+class PeakRss:
+    """The highest RSS (MB) of process `pid`, sampled every 10 ms on a thread while the `with` block runs."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(pid), 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def rss(self) -> float:
+        return self.process.memory_info().rss / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.01)
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.peak = max(self.peak, self.rss())
+
+
 class Attack:
     """`hold_calls` on a thread of its own, for as long as the `with` block runs (at most `seconds`)."""
 

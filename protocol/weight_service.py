@@ -181,7 +181,7 @@ class WeightPublisher:
                     return self._current  # a snapshot: a newer version swaps in a new object
                 try:
                     await asyncio.wait_for(changed.wait(), left)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                     pass
             return self._current if newer() else None
         finally:

@@ -20,6 +20,12 @@ def test_tiny_model_shape(tiny_model_dir, tiny_model):
 
 
 def test_resolve_model_prefers_local_folder(tmp_path):
+    with pytest.raises(ModelError, match="not a model folder \\(no config.json\\)"):
+        resolve_model(ModelConfig(path=str(tmp_path), hub_id="org/m"))  # a folder, but not a model's
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: not a model config"):
+        resolve_model(ModelConfig(path=str(tmp_path)))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert resolve_model(ModelConfig(path=str(tmp_path), hub_id="org/m")) == str(tmp_path)
     assert resolve_model(ModelConfig(path=str(tmp_path / "no"), hub_id="org/m")) == "org/m"
     with pytest.raises(ModelError, match="is not a folder and no model.hub_id"):
