@@ -178,6 +178,16 @@ def _counted(handler, guard: CallGuard):
     return make(counted, handler.request_deserializer, handler.response_serializer)
 
 
+async def _cancel_the_rest() -> None:
+    """Cancel and await the handler tasks gRPC left behind when it cancelled their calls, so that the loop
+    closes with none pending ("Task was destroyed but it is pending!" otherwise)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+
+
 class GuardedServer:
     """A `grpc.aio` server on its own event-loop thread. `add_services(server, refusals)` runs on that
     loop (aio servicers belong to it) and registers the handlers; `call_soon(fn)` runs `fn` there from any thread."""
@@ -233,6 +243,7 @@ class GuardedServer:
             return
         try:
             self.run(self.server.stop(grace), timeout=None if grace is None else grace + 30)
+            self.run(_cancel_the_rest(), timeout=30)
         finally:
             self._close_loop()
 
