@@ -43,13 +43,12 @@ def fetch_version(address: str, token: str, min_version: int, receiver: str, exp
                   tls_ca: str | None = None, tls: bool = False, timeout: float = 300.0,
                   relay: WeightPublisher | None = None, buffer: bytearray | None = None, base_version: int = 0,
                   transfer_timeout: float = TRANSFER_SECONDS):
-    """(manifest, safetensors blob) of the newest version above `min_version`, or None if the server
-    has none before `timeout` (the server says "none yet": never an error). The whole call ends within
-    `timeout + transfer_timeout`: a transfer that started is given `transfer_timeout` on top of the wait. Raises WeightError for a
-    refused call or a bad transfer. The blob is `buffer` when that has the right size: allocating
-    0.65 GB anew costs 0.27 s of page faults. `base_version`: the version whose complete blob `buffer`
-    holds (0: none); only the tensors changed since are sent, and written into it in place, so after a
-    failure `buffer` no longer holds any complete version."""
+    """(manifest, safetensors blob) of the newest version above `min_version`, or None if the server has none before
+    `timeout` (the server says "none yet": never an error). The whole call ends within `timeout + transfer_timeout`:
+    a transfer that started is given `transfer_timeout` on top of the wait. Raises WeightError for a refused call or
+    a bad transfer. The blob is `buffer` when that has the right size: allocating 0.65 GB anew costs 0.27 s of page
+    faults. `base_version`: the version whose complete blob `buffer` holds (0: none); only the tensors changed since
+    are sent, and written into it in place, so after a failure `buffer` no longer holds any complete version."""
     deadline = time.monotonic() + timeout
     with _channel(address, tls_ca, tls) as channel:
         # Raw bytes in (no response deserializer): chunks are decoded as views, see decode_chunk.

@@ -32,6 +32,7 @@ import grpc
 
 from bench.critical_path import worktree
 from bench.hostile_peers import Attack, PeakRss
+from protocol import reward_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -73,8 +74,6 @@ class Served:
 
 
 def small_groups(n: int = 1):
-    from protocol import reward_pb2
-
     return [reward_pb2.Group(request_id=f"r{i}", query_id=f"q{i % 1000}", doc_id=f"d{i % 1000}",
                              completions=["1", "0", "1", "x"] * 2) for i in range(n)]
 
@@ -162,8 +161,6 @@ def memory(tree: Path) -> dict:
 def fairness(tree: Path, own_connection: bool = True) -> dict:
     """A small Score's latency while 8 maximum-size Scores are in flight (and alone); the small calls on
     a connection of their own (another client), or on the big calls' one."""
-    from protocol import reward_pb2
-
     server = Served(tree, "reward")
     limit = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
     big = reward_pb2.ScoreRequest(groups=[reward_pb2.Group(request_id=f"r{i}", query_id=f"q{i % 1000}",
@@ -173,8 +170,9 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
     metadata = (("authorization", f"Bearer {TOKEN}"),)
 
     async def run() -> dict:
+        own = limit + [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
         async with grpc.aio.insecure_channel(server.address, options=limit) as channel, \
-                grpc.aio.insecure_channel(server.address, options=limit + [("grpc.use_local_subchannel_pool", 1)]) as other:
+                grpc.aio.insecure_channel(server.address, options=own) as other:
             score = channel.unary_unary(SCORE)
             small_score = (other if own_connection else channel).unary_unary(SCORE)
             await small_score(small, metadata=metadata, timeout=60)
@@ -195,7 +193,8 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
                 during.append(time.perf_counter() - start)
                 await asyncio.sleep(0.1)
             await asyncio.gather(*bigs)
-            return {"small_on_own_connection": own_connection, "big_call_mb": len(big) / 2**20, "big_response_mb": len(one_big) / 2**20, "one_big_s": big_s,
+            return {"small_on_own_connection": own_connection, "big_call_mb": len(big) / 2**20,
+                    "big_response_mb": len(one_big) / 2**20, "one_big_s": big_s,
                     "small_alone_s": statistics.median(alone), "small_during_worst_s": max(during),
                     "small_during_median_s": statistics.median(during), "small_calls_during": len(during)}
 
@@ -225,7 +224,7 @@ def transfer(tree: Path, repeats: int = 5) -> dict:
 
 def load(tree: Path, clients: int = 32, calls: int = 200) -> dict:
     server = Served(tree, "reward")
-    request = __import__("protocol.reward_pb2", fromlist=["x"]).ScoreRequest(groups=small_groups(8)).SerializeToString()
+    request = reward_pb2.ScoreRequest(groups=small_groups(8)).SerializeToString()
     metadata = (("authorization", f"Bearer {TOKEN}"),)
 
     async def client() -> None:

@@ -206,7 +206,9 @@ class Attack:
 
     def __init__(self, *args, seconds: float = 120.0, **kwargs):
         self.stop, self.tally, self.n = threading.Event(), Tally(), args[2]
-        run = lambda: asyncio.run(hold_calls(*args, seconds=seconds, stop=self.stop, tally=self.tally, **kwargs))  # noqa: E731
+        def run() -> None:
+            asyncio.run(hold_calls(*args, seconds=seconds, stop=self.stop, tally=self.tally, **kwargs))
+
         self._thread = threading.Thread(target=run, daemon=True)
 
     def __enter__(self) -> Attack:

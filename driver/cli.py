@@ -174,6 +174,7 @@ def train_command(
     # installs no handler of its own, so `kill -INT` (or a launcher's Ctrl-C) would not stop it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, interrupt)
+
     def started() -> None:  # once the data and model are checked: a bad input gets its error alone
         typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
 

@@ -81,7 +81,6 @@ class RefusalLog:
         log.warning("refused a call from %s, %s: %s (%d such refusal(s) from this host since its last line)",
                     key[0], kind, detail, count)
 
-
     async def refuse(self, context, code: grpc.StatusCode, message: str) -> None:
         """Log (rate-limited) and end the call with `code`; raises, as `context.abort` does."""
         self.refused(context.peer(), code.name, message)
@@ -93,14 +92,21 @@ def clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-async def parse_request(message_type, raw: bytes, context, refusals: RefusalLog):
-    """`raw` parsed as `message_type`; a malformed one ends the call with INVALID_ARGUMENT (logged once
-    per peer and interval, no traceback)."""
+def parse_or_problem(message_type, raw: bytes):
+    """`raw` parsed as `message_type`, or why it cannot be (a str)."""
     try:
         return message_type.FromString(raw)
     except DecodeError:
-        await refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"malformed request: not a {message_type.DESCRIPTOR.full_name}")
+        return f"malformed request: not a {message_type.DESCRIPTOR.full_name}"
+
+
+async def parse_request(message_type, raw: bytes, context, refusals: RefusalLog):
+    """`raw` parsed as `message_type`; a malformed one ends the call with INVALID_ARGUMENT (logged once
+    per peer and interval, no traceback)."""
+    parsed = parse_or_problem(message_type, raw)
+    if isinstance(parsed, str):
+        await refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, parsed)
+    return parsed
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
@@ -167,8 +173,7 @@ def _counted(handler, guard: CallGuard):
 
     async def counted(request, context):
         if problem := guard.enter(context.peer()):
-            guard.refusals.refused(context.peer(), "RESOURCE_EXHAUSTED", problem)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+            await guard.refusals.refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         try:
             return await behavior(request, context)
         finally:
@@ -190,13 +195,13 @@ async def _cancel_the_rest() -> None:
 
 class GuardedServer:
     """A `grpc.aio` server on its own event-loop thread. `add_services(server, refusals)` runs on that
-    loop (aio servicers belong to it) and registers the handlers; `call_soon(fn)` runs `fn` there from any thread."""
+    loop (aio servicers belong to it) and registers the handlers; `call_soon(fn)` runs `fn` there from any
+    thread."""
 
     def __init__(self, add_services: Callable[[grpc.aio.Server, RefusalLog], None], token: str, host: str, port: int,
                  tls_cert: str | None = None, tls_key: str | None = None, limits: ServerLimits = ServerLimits(),
                  options: Iterable[tuple[str, object]] = (), open_methods: frozenset[str] = frozenset(),
                  name: str = "grpc"):
-        self.limits = limits
         self.refusals = RefusalLog(limits.log_every_seconds)
         self.guard = CallGuard(token, limits, self.refusals, open_methods)
         self.loop = asyncio.new_event_loop()

@@ -27,7 +27,7 @@ import torch
 
 from protocol import weights_pb2
 from protocol.weights_codec import CHANNEL_OPTIONS, CHUNK_BYTES, Packed, pack, stream_messages
-from prorank.guarded_server import GuardedServer, RefusalLog, ServerLimits, clip, parse_request
+from prorank.guarded_server import GuardedServer, RefusalLog, ServerLimits, parse_request
 from prorank.security import announced_address
 
 log = logging.getLogger(__name__)
@@ -189,12 +189,12 @@ class WeightPublisher:
 
     async def Report(self, raw: bytes, context) -> weights_pb2.ReportReply:
         request = await parse_request(weights_pb2.Ack, raw, context, self.refusals)
-        name = (request.receiver or context.peer())[:MAX_NAME]
+        name = (request.receiver or context.peer())[:MAX_NAME]  # short enough to quote in an error
         if self.known is not None and name not in self.known:
-            await self.refusals.refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"unknown receiver {clip(name)!r}")
+            await self.refusals.refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"unknown receiver {name!r}")
         if request.version > self.version:  # nobody can serve a version that was never published
             await self.refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"receiver {clip(name)!r} reports version {request.version}; "
+                                       f"receiver {name!r} reports version {request.version}; "
                                        f"the newest is {self.version}")
         error = request.error[:1000]
         with self._lock:

@@ -1,9 +1,9 @@
 """Client of the reward service: async, with deadlines, retries with backoff, and several replicas.
 
 Each call goes to the live replica with the fewest calls in flight (ties in turn). A replica that fails
-with UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED (it stopped mid-call) or RESOURCE_EXHAUSTED (full) is rested for a while and the
-call is retried on another after an exponential backoff. Other errors (INVALID_ARGUMENT,
-UNAUTHENTICATED, ...) are not retried.
+with UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED (it stopped mid-call) or RESOURCE_EXHAUSTED (its calls in
+flight at the cap) is rested for a while and the call is retried on another after an exponential
+backoff. Other errors (INVALID_ARGUMENT, UNAUTHENTICATED, ...) are not retried.
 """
 
 from __future__ import annotations

@@ -10,12 +10,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protocol import reward_pb2
 from prorank.config import RewardConfig
-from prorank.guarded_server import GuardedServer, RefusalLog, ServerLimits, clip
+from prorank.guarded_server import GuardedServer, RefusalLog, ServerLimits, clip, parse_or_problem
 from prorank.security import load_token
 from reward.scoring import group_stats, label_of, score_completions
 
@@ -48,11 +47,11 @@ class RewardServicer:
 
     def answer(self, raw: bytes) -> reward_pb2.ScoreResponse | str:
         """The response, or why the request is refused."""
-        try:
-            request = reward_pb2.ScoreRequest.FromString(raw)
-        except DecodeError:
-            return f"malformed request: not a {reward_pb2.ScoreRequest.DESCRIPTOR.full_name}"
-        return validate(request, self.cfg) or reward_pb2.ScoreResponse(groups=[self.score_group(g) for g in request.groups])
+        request = parse_or_problem(reward_pb2.ScoreRequest, raw)
+        if isinstance(request, str):
+            return request
+        return validate(request, self.cfg) or reward_pb2.ScoreResponse(groups=[self.score_group(g) for g in
+                                                                               request.groups])
 
     def score_group(self, group: reward_pb2.Group) -> reward_pb2.GroupReward:
         judged = self.qrels.get(group.query_id)
@@ -80,7 +79,8 @@ def validate(request: reward_pb2.ScoreRequest, cfg: RewardConfig) -> str | None:
         where = f"group {i} ({clip(g.request_id) or 'no request_id'})"
         for field in ("request_id", "query_id", "doc_id"):
             if len(value := getattr(g, field)) > cfg.max_id_chars:
-                return f"{where}: a {field} of {len(value)} characters; at most {cfg.max_id_chars} (reward.max_id_chars)"
+                return (f"{where}: a {field} of {len(value)} characters; at most {cfg.max_id_chars} "
+                        "(reward.max_id_chars)")
         if g.request_id in seen:  # its answer could not be told from the other's
             return f"{where}: request_id {clip(g.request_id)!r} is used twice in one request"
         seen.add(g.request_id)
