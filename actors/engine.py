@@ -9,17 +9,20 @@ import logging
 import os
 import time
 
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
-from prorank.models import load_tokenizer, weights_to_bytes
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig
+from prorank.models import load_tokenizer
 from prorank.prompt import PromptBuilder, parse_judgment
 from prorank.rollout import Completion, GroupResult, RolloutRequest
+from prorank.weight_transport import WeightReceiver
 
 log = logging.getLogger(__name__)
 
 
 class RolloutEngine:
+    """`weights`: this actor's end of the weight transport (None: the engine serves its start weights only)."""
+
     def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig,
-                 name: str = "engine", seed_offset: int = 0):
+                 name: str = "engine", seed_offset: int = 0, weights: WeightReceiver | None = None):
         # Read by vLLM at import: the engine stays in this process (on CPU: 2-3 s and 1.7 GB to start
         # instead of ~20 s and 4 processes), with a bounded KV cache.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -31,8 +34,10 @@ class RolloutEngine:
             tensor_parallel_size=actors.tensor_parallel_size, seed=sampling.seed + seed_offset,
             enable_prefix_caching=True, enforce_eager=actors.enforce_eager,
             logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes
-            worker_extension_cls="actors.vllm_extension.WeightLoaderExtension",
         )
+        if weights is not None:  # the class vLLM's workers load to apply a version in place
+            engine_args["worker_extension_cls"] = weights.vllm_extension
+            weights.bind(model, actors.dtype)
         if actors.block_size:
             engine_args["block_size"] = actors.block_size
         if actors.num_gpus > 0:
@@ -49,14 +54,13 @@ class RolloutEngine:
         )
         self.name = name
         self.seed, self.per_request_seed = sampling.seed, sampling.per_request_seed
-        self.model, self.dtype = model, actors.dtype
-        self.version = 0
-        self.expected = None  # names, dtypes and shapes a weight version must have; read on first sync
-        self._relay = None  # this actor's weight server for the next actor, see sync_weights
-        self._buffer = None  # the last version's blob: the next one is received into it (no new 0.5 GB)
-        self._held = 0  # the version whose complete blob `_buffer` holds (0: none): only changes are sent
+        self.weights = weights
         self.busy_seconds = 0.0  # generating, scoring and applying weights, since start-up
-        self.relay_address = ""
+
+    @property
+    def version(self) -> int:
+        """The weights version served (0: the start weights)."""
+        return self.weights.version if self.weights is not None else 0
 
     def info(self) -> dict[str, object]:
         import ray
@@ -114,83 +118,30 @@ class RolloutEngine:
         self.busy_seconds += seconds
         return {"scores": scores, "version": self.version, "seconds": seconds, "actor": self.name}
 
-    def sync_weights(self, address: str, token: str, tls_ca: str | None = None, wait_seconds: float = 300.0,
-                     upstream: str | None = None, relay: WeightSyncConfig | None = None,
-                     version: int | None = None) -> dict:
-        """Pull the newest version above the one served, verify it, apply it in place, and report back
-        to the learner's weight server at `address`. With `upstream` (the previous actor's relay), pull
-        from there and fall back to `address` if it fails; with `relay`, serve the chunks onwards while
-        they arrive. A bad transfer is refused and reported; the engine keeps its last good version.
-        `version`: the version the caller wants served; an engine already there (an actor that started
-        while it was being published and pulled it then) answers at once instead of waiting for a newer one."""
-        from actors.weight_receiver import pull_newest, report
-        from protocol import weights_pb2
-        from protocol.weights_codec import WeightError, sent_bytes
-
+    def sync_weights(self, address: str, upstream: str | None = None, version: int | None = None,
+                     wait_seconds: float | None = None) -> dict:
+        """Pull the newest version above the one served from the sender at `address` (or from `upstream`,
+        the previous actor's relay, falling back to `address`), verify it and apply it in place. A bad
+        transfer is refused and reported; the engine keeps its last good version. `version`: the version
+        the caller wants served; an engine already there (an actor that started while it was being
+        published and pulled it then) answers at once instead of waiting for a newer one."""
+        if self.weights is None:
+            raise RuntimeError(f"{self.name} was started without a weight receiver: it cannot sync weights")
         if version is not None and self.version >= version:
             return {"version": self.version, "applied": True, "error": "", "source": "served already"}
-        if self.expected is None:
-            self.expected = _expected_specs(self.model, self.dtype)
-        publisher = self._relay_server(token, relay).publisher if relay and relay.relay else None
+        answer = self.weights.sync(address, self._apply, upstream, wait_seconds)
+        if answer["applied"]:
+            self.busy_seconds += answer["seconds"]
+        return answer
 
-        source = ""
+    def relay_address(self) -> str:
+        """Start this actor's relay (if not yet) and return the address the next actor pulls from."""
+        return self.weights.relay_address()
 
-        source, received = "", 0
-        start = time.perf_counter()
-
-        def tell(applied: bool, error: str = "") -> dict:
-            try:  # the learner's table is informative: failing to update it must not fail the actor
-                report(address, token, weights_pb2.Ack(version=self.version, applied=applied, error=error,
-                                                       receiver=self.name), tls_ca)
-            except Exception as err:  # noqa: BLE001 - grpc raises several types
-                log.warning("%s: could not report version %d to %s: %s", self.name, self.version, address, err)
-            return {"version": self.version, "applied": applied, "error": error, "source": source,
-                    "bytes": received, "seconds": time.perf_counter() - start}
-
-        sources = [(upstream, relay.relay_wait_seconds if relay else wait_seconds)] if upstream else []
-        try:
-            got, source = pull_newest(sources + [(address, wait_seconds)], token, self.version, self.name,
-                                      self.expected, tls_ca, publisher, self._buffer, base_version=self._held)
-        except WeightError as err:
-            self._held, source = 0, address  # the blob may be half written
-            return tell(False, str(err))
-        if got is None:
-            return {"version": self.version, "applied": False, "error": "", "source": "", "bytes": 0, "seconds": 0.0}
-        manifest, self._buffer = got
-        self._held, received = manifest.version, sent_bytes(manifest)
-        self.load_weights(manifest.version, self._buffer)
-        self.busy_seconds += time.perf_counter() - start
-        return tell(True)
-
-    def _relay_server(self, token: str, cfg: WeightSyncConfig):
-        """This actor's weight server for the next actor in the pipeline, started on first use."""
-        if self._relay is None:
-            from protocol.weight_service import WeightServer
-            from prorank.guarded_server import ServerLimits
-
-            self._relay = WeightServer(token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                                       limits=ServerLimits.of(cfg)).start()
-            self.relay_address = self._relay.address  # the node's IP for a wildcard bind
-        return self._relay
-
-    def relay_info(self, token: str, relay: WeightSyncConfig) -> str:
-        """Start the relay (if not yet) and return the address the next actor pulls from."""
-        self._relay_server(token, relay)
-        return self.relay_address
-
-    def load_weights(self, version: int, weights) -> int:
-        """Apply a complete set of named tensors (a dict, or a safetensors blob) as `version`, in place.
-
-        An older or equal version is ignored: an engine never goes back. Returns the version served.
-        """
-        if version <= self.version:
-            return self.version
-        if not isinstance(weights, (bytes, bytearray)):
-            weights = weights_to_bytes(weights)
-        self.llm.collective_rpc("prorank_load_weights", args=(weights,))
+    def _apply(self, version: int, blob: bytearray) -> None:
+        """Apply a complete version (a safetensors blob) in place, in every vLLM worker."""
+        self.llm.collective_rpc("prorank_load_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached prompt activations belong to the old weights
-        self.version = version
-        return version
 
 
 def request_seed(seed: int, request_id: str) -> int:
@@ -198,17 +149,3 @@ def request_seed(seed: int, request_id: str) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest(), "big") >> 1
-
-
-def _expected_specs(model: str, dtype: str):
-    """The named tensors of the model's state dict (tied ones included), built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from protocol.weights_codec import expected_specs
-
-    config = AutoConfig.from_pretrained(model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    return expected_specs(skeleton.state_dict())
-

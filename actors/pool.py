@@ -8,7 +8,7 @@ queue and a replacement is started, so no request is lost and none is answered t
 `scale(n)` works while requests stream: a removed actor takes no new work and is stopped once its chunks
 are done; a new actor loads the latest weights before it is given any work.
 
-Weight sync need not stop the work: `sync_weights(..., wait=False)` queues the pull behind each actor's
+Weight sync need not stop the work: `sync_weights(address, wait=False)` queues the pull behind each actor's
 chunks in flight, so each actor applies the new version between two chunks, and every chunk given out
 after that call is generated with it. `score(pairs)` runs the dev evaluation on an actor the same way.
 """
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError
 
-from actors.engine import RolloutEngine
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
-from prorank.models import weights_to_bytes
+from prorank.actors.engine import RolloutEngine
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig
 from prorank.rollout import GroupResult, RolloutRequest
+from prorank.weight_transport import ReceiverFactory
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,14 @@ class _Slot:
 
 
 class ActorPool:
+    """`receivers`: makes each actor's end of the weight transport from its name (the driver's choice of
+    transport, prorank/weight_transport.py); None: the actors serve their start weights only."""
+
     def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig,
-                 weights: WeightSyncConfig | None = None):
+                 receivers: ReceiverFactory | None = None):
         self.model, self.cfg, self.sampling, self.prompt = model, actors, sampling, prompt
-        self.weights = weights or WeightSyncConfig()
+        self.receivers = receivers
+        self.relays = False  # whether the actors' receivers hand each version on (known once one is made)
         self.slots: dict[str, _Slot] = {}
         self.replaced = 0  # actors lost (died, or their node did), for metrics
         self.requeued = 0  # requests put back in the queue after their actor was lost, for metrics
@@ -66,9 +70,8 @@ class ActorPool:
         self._queue: deque[list[RolloutRequest]] = deque()
         self._finished: list[GroupResult] = []  # collected, not yet handed to the caller
         self._next_index = 0
-        self._weights: tuple[int, object] | None = None  # latest (version, ObjectRef of the blob)
         self._upstream: dict[str, str | None] = {}  # each actor's relay source in the last sync
-        self._weight_server: tuple[str, str, str | None] | None = None  # (address, token, tls_ca)
+        self._weight_server = ""  # the sender's address, once a version was published
         self._failures = 0  # consecutive actor deaths; reset by any success
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(actors.kv_cache_gib),
                "TOKENIZERS_PARALLELISM": "false"}
@@ -109,7 +112,7 @@ class ActorPool:
     @property
     def latest_version(self) -> int:
         """The newest version the pool has handed out or seen an actor apply."""
-        return max([self._weights[0] if self._weights else 0] + [s.version for s in self.slots.values()])
+        return max([0] + [s.version for s in self.slots.values()])
 
     def versions(self) -> dict[str, int]:
         """Weights version each live actor serves (as last confirmed by the actor)."""
@@ -144,12 +147,12 @@ class ActorPool:
     def _spawn(self) -> None:
         index, self._next_index = self._next_index, self._next_index + 1
         name = f"rollout-{index}"
-        handle = self._actor_cls.remote(self.model, self.cfg, self.sampling, self.prompt, name, index)
+        receiver = self.receivers(name) if self.receivers else None
+        self.relays = bool(receiver and receiver.relays)
+        handle = self._actor_cls.remote(self.model, self.cfg, self.sampling, self.prompt, name, index, receiver)
         # Actor calls run in order: the engine starts, loads the latest weights, then takes work.
         if self._weight_server:  # pull the newest version, if one is published, before any work
-            ready = handle.sync_weights.remote(*self._weight_server, wait_seconds=1.0)
-        elif self._weights:
-            ready = handle.load_weights.remote(*self._weights)
+            ready = handle.sync_weights.remote(self._weight_server, wait_seconds=1.0)
         else:
             ready = handle.info.remote()
         self.slots[name] = _Slot(name, handle, ready)
@@ -204,60 +207,46 @@ class ActorPool:
         by_id = {r.request_id: r for r in self.stream(requests)}
         return [by_id[r.request_id] for r in requests]
 
-    def update_weights(self, version: int, weights) -> dict[str, int]:
-        """Apply a complete weight set (named tensors or a safetensors blob) to every actor, in place.
-
-        Blocks until each serving actor serves `version`; starting ones load it before any work.
-        """
-        if version <= self.latest_version:
-            return self.versions()  # never go back to an older version
-        if not isinstance(weights, (bytes, bytearray)):
-            weights = weights_to_bytes(weights)
-        self._weights = (version, ray.put(bytes(weights)))
-        self._weight_server = None  # new actors now take this version from the object store
-        self._on_every_actor("load_weights", *self._weights)
-        return self.versions()
-
-    def sync_weights(self, address: str, token: str, tls_ca: str | None = None,
-                     wait_seconds: float = 300.0, version: int | None = None, wait: bool = True) -> dict[str, dict]:
+    def sync_weights(self, address: str, version: int | None = None, wait: bool = True,
+                     wait_seconds: float | None = None) -> dict[str, dict]:
         """Every actor pulls the newest version and applies it; actors started later do the same before
         any work. With `weights.relay`, the actors form a pipeline: the first pulls from the learner's
         server at `address`, each next one from the relay of the one before, while it still receives.
         `version` is the one just published (an actor that already serves it answers at once).
         Returns each actor's answer; with `wait=False`, returns at once: each actor pulls after the chunks
-        it has in flight, and its answer is taken in by `poll` (a refusal is counted and logged)."""
-        self._weight_server = (address, token, tls_ca)
-        self._weights = None  # new actors now pull from the weight server
+        it has in flight, and its answer is taken in by `poll` (a refusal is counted and logged).
+        `wait_seconds`: how long an actor waits for a version (default: the receivers' `weights.wait_seconds`)."""
+        self._weight_server = address
         upstream: dict[str, str | None] = {}
-        if self.weights.relay:
+        if self.relays:
             previous = None
             for slot in [s for s in self.slots.values() if s.ready_ref is None]:
                 upstream[slot.name] = previous
                 try:
-                    previous = self._relay_address(slot, token)
+                    previous = self._relay_address(slot)
                 except RayActorError as err:
                     self._lost(slot, err)
         self._upstream = upstream
 
         def per_actor(slot: _Slot) -> dict:
-            return {"upstream": upstream.get(slot.name), "relay": self.weights, "version": version}
+            return {"upstream": upstream.get(slot.name), "version": version, "wait_seconds": wait_seconds}
 
         if not wait:
             for slot in list(self.slots.values()):
-                ref = slot.handle.sync_weights.remote(address, token, tls_ca, wait_seconds, **per_actor(slot))
+                ref = slot.handle.sync_weights.remote(address, **per_actor(slot))
                 if slot.ready_ref is None:
                     slot.sync_ref = ref  # a newer pull supersedes the older one's answer
                 else:
                     slot.ready_ref = ref
             return {}
-        answers = self._on_every_actor("sync_weights", address, token, tls_ca, wait_seconds, per_actor=per_actor)
+        answers = self._on_every_actor("sync_weights", address, per_actor=per_actor)
         for name, answer in answers.items():
             self._took_sync(name, answer)
         return answers
 
     def _took_sync(self, name: str, answer: dict) -> None:
         # An actor that had a relay before it but got the version from the learner: its relay hop failed.
-        if self._upstream.get(name) and answer["source"] == self._weight_server[0]:
+        if self._upstream.get(name) and answer["source"] == self._weight_server:
             self.relay_fallbacks += 1
         self.busy_seconds += answer.get("seconds", 0.0)
         self.received_bytes += answer.get("bytes", 0)
@@ -282,9 +271,9 @@ class ActorPool:
         self.busy_seconds += value["seconds"]
         return value
 
-    def _relay_address(self, slot: _Slot, token: str) -> str:
+    def _relay_address(self, slot: _Slot) -> str:
         if not slot.relay_address:
-            slot.relay_address = ray.get(slot.handle.relay_info.remote(token, self.weights))
+            slot.relay_address = ray.get(slot.handle.relay_address.remote())
         return slot.relay_address
 
     def _on_every_actor(self, method: str, *args, per_actor=lambda slot: {}) -> dict[str, object]:
@@ -363,5 +352,5 @@ class ActorPool:
 
 
 def _served_version(answer) -> int:
-    """The version an actor serves, from `load_weights` (an int) or `info`/`sync_weights` (a dict)."""
-    return answer if isinstance(answer, int) else answer["version"]
+    """The version an actor serves, from its `info` or `sync_weights` answer."""
+    return answer["version"]

@@ -71,8 +71,12 @@ def write_report(path: Path, report: dict) -> None:
 def run(code: Path, config: Path, timeout: float) -> float:
     env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false"}
     start = time.monotonic()
-    # `prorank.cli` before the driver moved to its own package, `driver.cli` after.
-    module = "driver.cli" if (code / "driver" / "cli.py").is_file() else "prorank.cli"
+    # `prorank.cli` before the driver moved to its own package, `driver.cli` after, `prorank.driver.cli` once
+    # the roles became subpackages of `prorank` (the A side of an A/B may be an older commit).
+    if '"prorank.driver"' in (code / "pyproject.toml").read_text():
+        module = "prorank.driver.cli"
+    else:
+        module = "driver.cli" if (code / "driver" / "cli.py").is_file() else "prorank.cli"
     out = subprocess.run([sys.executable, "-m", module, "train", "--config", str(config)],
                          cwd=code, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode:

@@ -9,25 +9,23 @@ within 0.005 of the exact one on the same pairs).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from eval.metrics import evaluate, ranked_to_run
-from eval.run import rerank
+from bench import data_model_parser
 from prorank.bm25 import bm25_search
 from prorank.config import BM25Config, DataConfig, ModelConfig
 from prorank.data import load_dataset
+from prorank.eval.metrics import evaluate, ranked_to_run
+from prorank.eval.run import rerank
 from prorank.models import load_causal_lm, native_bf16
 from prorank.prompt import PromptBuilder, document_text
 from prorank.scoring import score_pairs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--model", required=True)
+    ap = data_model_parser(__doc__)
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=20)

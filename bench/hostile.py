@@ -32,7 +32,7 @@ import grpc
 
 from bench.critical_path import worktree
 from bench.hostile_peers import Attack, PeakRss
-from protocol import reward_pb2
+from prorank.protocol import reward_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -43,11 +43,11 @@ SERVE = """
 import sys, torch
 from prorank.config import RewardConfig
 if sys.argv[1] == "reward":
-    from reward.server import RewardServer
+    from prorank.reward.server import RewardServer
     qrels = {f"q{i}": {f"d{i}": 1} for i in range(1000)}
     server = RewardServer(qrels, RewardConfig(port=0), "%s").start()
 else:
-    from protocol.weight_service import WeightServer
+    from prorank.weights.server import WeightServer
     server = WeightServer("%s").start()
     size = 2**26 if sys.argv[1] == "weights-256mib" else 2**20
     server.publisher.publish(1, {f"w{i}": torch.rand(size // 16) for i in range(16)})
@@ -81,7 +81,7 @@ def small_groups(n: int = 1):
 def legit_score(address: str):
     """The job's client with its defaults; seconds until answered, or until it gave up (+ 'gave up')."""
     from prorank.config import RewardConfig
-    from reward.client import RewardError, SyncRewardClient, client_options
+    from prorank.reward.client import RewardError, SyncRewardClient, client_options
 
     client = SyncRewardClient([address], TOKEN, **client_options(RewardConfig()))
     groups = small_groups()
@@ -98,8 +98,8 @@ def legit_score(address: str):
 
 
 def legit_transfer(address: str):
-    from actors.weight_receiver import fetch_version, report
-    from protocol import weights_pb2
+    from prorank.protocol import weights_pb2
+    from prorank.weights.receiver import fetch_version, report
 
     def call() -> tuple[float, bool]:
         start = time.perf_counter()
@@ -207,7 +207,7 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
 def transfer(tree: Path, repeats: int = 5) -> dict:
     """GB/s of one whole weight transfer (256 MiB in 16 tensors, 1 MiB chunks, verified) into a reused
     buffer, best of `repeats`: the weight server's throughput, which its new event loop must not cost."""
-    from actors.weight_receiver import fetch_version
+    from prorank.weights.receiver import fetch_version
 
     server = Served(tree, "weights-256mib")
     try:

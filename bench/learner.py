@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
+
+from bench import data_model_parser
 
 
 def make_groups(data: str, model_dir: str, n: int, g: int, prompt_len: int):
@@ -35,7 +36,7 @@ def make_groups(data: str, model_dir: str, n: int, g: int, prompt_len: int):
 
 
 def time_forward(model, group, pad_id, shared: bool, repeats: int) -> float:
-    from learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
+    from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
 
     fn = shared_prefix_group_logprobs if shared else naive_group_logprobs
     best = float("inf")
@@ -48,9 +49,7 @@ def time_forward(model, group, pad_id, shared: bool, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--model", required=True)
+    ap = data_model_parser(__doc__)
     ap.add_argument("--groups", type=int, default=4, help="groups per learner step")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=300)
@@ -60,9 +59,10 @@ def main() -> None:
     import ray
     from transformers import AutoModelForCausalLM
 
-    from learner.group import LearnerGroup
-    from learner.torch_loop import TorchLearner
     from prorank.config import LearnerConfig
+    from prorank.learner.group import LearnerGroup
+    from prorank.learner.objectives import GrpoObjective
+    from prorank.learner.torch_loop import TorchLearner
 
     groups, pad_id = make_groups(args.data, args.model, args.groups, args.group_size, args.prompt_len)
     print(f"{len(groups)} groups of G={args.group_size}, prompts of {len(groups[0].prompt_ids)} tokens, "
@@ -90,7 +90,7 @@ def main() -> None:
     for stage in (2, 3):
         ds_cfg = cfg.model_copy(update={"num_ranks": 2, "zero_stage": stage,
                                         "num_cpus": max(1, (os.cpu_count() or 2) // 2)})
-        learner = LearnerGroup(args.model, ds_cfg)
+        learner = LearnerGroup(args.model, ds_cfg, GrpoObjective(ds_cfg))
         rates[f"DeepSpeed ZeRO-{stage}, 2 ranks"] = rate(learner.step)
         learner.shutdown()
     ray.shutdown()

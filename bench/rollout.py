@@ -7,9 +7,10 @@ actors, on the same SciFact prompts and model, each timed after a warm-up, in on
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
+
+from bench import data_model_parser
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -53,7 +54,7 @@ def transformers_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: 
 
 
 def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, actors: int, cpus: float) -> float:
-    from actors.pool import ActorPool
+    from prorank.actors.pool import ActorPool
     from prorank.config import ActorConfig, SamplingConfig
 
     pool = ActorPool(model_dir, ActorConfig(num_actors=actors, num_cpus=cpus, max_model_len=1024, chunk_size=4),
@@ -73,7 +74,7 @@ def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, act
 def seed_ab(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, rounds: int = 3) -> tuple[float, float]:
     """Judgments/s of one engine with per-request seeds and with one stream per engine, alternated
     `rounds` times on the same prompts (best of each): what `sampling.per_request_seed` costs."""
-    from actors.engine import RolloutEngine
+    from prorank.actors.engine import RolloutEngine
     from prorank.config import ActorConfig, SamplingConfig
 
     engine = RolloutEngine(model_dir, ActorConfig(max_model_len=1024), SamplingConfig(group_size=group,
@@ -91,9 +92,7 @@ def seed_ab(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, round
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--model", required=True)
+    ap = data_model_parser(__doc__)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=4)

@@ -16,13 +16,14 @@ FLOP/s as a fraction of the measured bf16 GEMM rate. Nothing else should run on 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from pathlib import Path
 
 import torch
+
+from bench import data_model_parser
 
 
 def gemm_rate(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
@@ -84,21 +85,22 @@ def torch_loop_rate(model_dir: str, groups, builder, mixed: str, trainable: int 
     """(pairs/s, seconds per query) of `steps` AdamW steps, one query each, in this process."""
     from transformers import AutoModelForCausalLM
 
-    from learner.precision import forward_precision
-    from learner.rank import freeze_below
-    from learner.score_step import score_micro_batch_loss
+    from prorank.config import RankingLoss
+    from prorank.learner.precision import forward_precision
+    from prorank.learner.rank import freeze_below
+    from prorank.learner.score_step import score_micro_batch_loss
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if trainable:
         freeze_below(model, trainable, torch.bfloat16 if mixed == "bf16" else None)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    weights = {"contrastive": 1.0}
+    mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
     pad = builder.tokenizer.pad_token_id
 
     def step(g):
         with forward_precision(mixed == "bf16", "cpu"):
-            loss, _ = score_micro_batch_loss(model, [g], 1.0, weights, 1.0, builder.answer_ids, pad, shared_prefix)
+            loss, _ = score_micro_batch_loss(model, [g], 1.0, mix, builder.answer_ids, pad, shared_prefix)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -114,18 +116,20 @@ def torch_loop_rate(model_dir: str, groups, builder, mixed: str, trainable: int 
 def learner_rate(model_dir: str, groups, ranks: int, threads: int, mixed: str, trainable: int | None, steps: int):
     """(pairs/s, seconds per query) of the real learner: `ranks` DeepSpeed ranks of `threads` threads,
     one query per rank per step."""
-    from learner.group import LearnerGroup
-    from prorank.config import LearnerConfig
+    from prorank.config import LearnerConfig, RankingLoss
+    from prorank.learner.group import LearnerGroup
+    from prorank.learner.objectives import RankingObjective
 
     cfg = LearnerConfig(num_ranks=ranks, threads=threads, num_cpus=1, mixed_precision=mixed, lr=1e-5,
                         groups_per_step=ranks, micro_batch_groups=1, beta=0.0, trainable_layers=trainable)
-    learner = LearnerGroup(model_dir, cfg, ranking={"weights": {"contrastive": 1.0}, "temperature": 1.0})
+    mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
+    learner = LearnerGroup(model_dir, cfg, RankingObjective(mix, ranks, 1))
     try:
         batches = [groups[i : i + ranks] for i in range(0, len(groups) - ranks + 1, ranks)]
-        learner.score_step(batches[0])  # warm-up
+        learner.step(batches[0])  # warm-up
         start = time.perf_counter()
         for i in range(steps):
-            learner.score_step(batches[i % len(batches)])
+            learner.step(batches[i % len(batches)])
         seconds = (time.perf_counter() - start) / (steps * ranks)
     finally:
         learner.shutdown()
@@ -133,9 +137,7 @@ def learner_rate(model_dir: str, groups, ranks: int, threads: int, mixed: str, t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--model", required=True)
+    ap = data_model_parser(__doc__)
     ap.add_argument("--queries", type=int, default=6)
     ap.add_argument("--negatives", type=int, default=15)
     ap.add_argument("--max-length", type=int, default=192, help="query + document tokens (prompt.max_length)")

@@ -100,7 +100,7 @@ class Cluster:
 
     def train(self, config: Path, log: Path, *extra: str) -> subprocess.Popen:
         with log.open("w") as out:  # a file, not a pipe: nobody reads while the job runs
-            return subprocess.Popen([sys.executable, "-m", "driver.cli", "train", "--config", str(config),
+            return subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config),
                                      "--address", self.address, *extra], cwd=ROOT, env=self.env, stdout=out,
                                     stderr=subprocess.STDOUT)
 

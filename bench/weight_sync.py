@@ -45,10 +45,10 @@ def grpc_ceiling_seconds(address: str) -> float:
     """The same stream with nothing done to the messages: what Python gRPC carries at best."""
     import grpc
 
-    from protocol import weights_pb2
-    from protocol.weight_service import SERVICE
-    from protocol.weights_codec import CHANNEL_OPTIONS
+    from prorank.protocol import weights_pb2
     from prorank.security import auth_metadata
+    from prorank.weights.codec import CHANNEL_OPTIONS
+    from prorank.weights.server import SERVICE
 
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         fetch = channel.unary_stream(f"/{SERVICE}/Fetch", request_serializer=weights_pb2.FetchRequest.SerializeToString)
@@ -59,8 +59,8 @@ def grpc_ceiling_seconds(address: str) -> float:
 
 
 def _receiver(upstream, relay: bool, addresses, go, out) -> None:
-    from actors.weight_receiver import fetch_version
-    from protocol.weight_service import WeightServer
+    from prorank.weights.receiver import fetch_version
+    from prorank.weights.server import WeightServer
 
     server = WeightServer(TOKEN).start() if relay else None
     addresses.put(server.address if server else "")
@@ -102,9 +102,10 @@ def fan_out_seconds(address: str, receivers: int, pipeline: bool) -> float:
 def actors_seconds(model: str, state, counts: list[int]) -> None:
     import ray
 
-    from actors.pool import ActorPool
+    from prorank.actors.pool import ActorPool
     from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
-    from protocol.weight_service import WeightServer
+    from prorank.weights.server import WeightServer
+    from prorank.weights.transport import GrpcTransport
 
     ray.init(num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False)
     server = WeightServer(TOKEN).start()
@@ -116,13 +117,14 @@ def actors_seconds(model: str, state, counts: list[int]) -> None:
         for n in counts:
             for relay in (False, True):
                 cfg = ActorConfig(num_actors=n, num_cpus=1, max_model_len=512, kv_cache_gib=1)
-                pool = ActorPool(model, cfg, SamplingConfig(), PromptConfig(), WeightSyncConfig(relay=relay)).start()
+                receivers = GrpcTransport(TOKEN, WeightSyncConfig(relay=relay, wait_seconds=600)).receiver
+                pool = ActorPool(model, cfg, SamplingConfig(), PromptConfig(), receivers).start()
                 seconds = []
                 for _ in range(2):
                     version += 1
                     start = time.perf_counter()
                     server.publisher.publish(version, states[version % 2])
-                    answers = pool.sync_weights(server.address, TOKEN, wait_seconds=600)
+                    answers = pool.sync_weights(server.address)
                     seconds.append(time.perf_counter() - start)
                     assert all(a["applied"] for a in answers.values()), answers
                 pool.shutdown()
@@ -143,8 +145,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from actors.weight_receiver import fetch_version
-    from protocol.weight_service import WeightServer
+    from prorank.weights.receiver import fetch_version
+    from prorank.weights.server import WeightServer
 
     state = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).state_dict()
     server = WeightServer(TOKEN, chunk_bytes=int(args.chunk_mb * 2**20)).start()

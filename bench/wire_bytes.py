@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from prorank.data import load_local
     from prorank.models import load_tokenizer
     from prorank.prompt import PromptBuilder, document_text
-    from protocol.weights_codec import pack
+    from prorank.weights.codec import pack
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     state = model.state_dict()
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def changed_tensors(state: dict, trainable_layers: int) -> dict[str, float]:
     """Bytes and fetch seconds of a version that changed only the top layers, over the whole version."""
-    from actors.weight_receiver import fetch_version
-    from protocol.weight_service import WeightServer
-    from protocol.weights_codec import sent_bytes
+    from prorank.weights.codec import sent_bytes
+    from prorank.weights.receiver import fetch_version
+    from prorank.weights.server import WeightServer
 
     layers = sorted({int(n.split(".")[2]) for n in state if n.startswith("model.layers.")})
     if trainable_layers > len(layers):

@@ -18,6 +18,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. bm25.k1=1.2")]
+DataOpt = Annotated[Optional[str], typer.Option(help="BEIR folder, or hub id (BeIR/scifact, scifact).")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="qrels split, e.g. test or train")]
 StrictOpt = Annotated[Optional[bool], typer.Option("--strict", help="Refuse empty documents and qrels naming "
                                                    "unknown documents or queries (data.strict); default: "
                                                    "keep them as the IR tools do, with one warning.")]
@@ -57,8 +59,8 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 @app.command("eval")
 def eval_command(
     config: ConfigOpt = None,
-    data: Annotated[Optional[str], typer.Option(help="BEIR folder, or hub id (BeIR/scifact, scifact).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="qrels split, e.g. test")] = None,
+    data: DataOpt = None,
+    split: SplitOpt = None,
     model: Annotated[Optional[str], typer.Option(help="Model folder or hub id; none: BM25 only.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="BM25 candidates per query.")] = None,
     rerank_depth: Annotated[Optional[int], typer.Option(help="How many of them the model reranks.")] = None,
@@ -78,8 +80,8 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from eval.run import run_eval
     from prorank.data import DataError
+    from prorank.eval.run import run_eval
     from prorank.models import ModelError
     from prorank.prompt import PromptError
 
@@ -153,9 +155,9 @@ def train_command(
     service and learner ranks as one Ray job."""
     import signal
 
-    from learner.group import LearnerError
     from prorank.data import DataError
-    from driver.job import train
+    from prorank.driver.job import train
+    from prorank.learner.group import LearnerError
     from prorank.models import ModelError
     from prorank.prompt import PromptError
     from prorank.security import SecurityError
@@ -273,7 +275,7 @@ def scale_actors_command(
 
     import ray
 
-    from driver.control import NAMESPACE, find_control
+    from prorank.driver.control import NAMESPACE, find_control
 
     if count < 0:
         _fail(ValueError(f"cannot scale to {count} actors"))
@@ -308,7 +310,7 @@ def stop_command(
     writes its summary, as at its last step (`--resume` continues it later)."""
     import ray
 
-    from driver.control import NAMESPACE, find_control
+    from prorank.driver.control import NAMESPACE, find_control
 
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:
@@ -327,8 +329,8 @@ app.add_typer(reward_app, name="reward")
 @reward_app.command("serve")
 def reward_serve_command(
     config: ConfigOpt = None,
-    data: Annotated[Optional[str], typer.Option(help="BEIR folder, or hub id.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="qrels split to serve, e.g. train")] = None,
+    data: DataOpt = None,
+    split: SplitOpt = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (0: any free one).")] = None,
     token_file: Annotated[Optional[Path], typer.Option(help="File holding the token (else $PRORANK_TOKEN).")] = None,
@@ -341,8 +343,8 @@ def reward_serve_command(
     import threading
 
     from prorank.data import DataError, load_dataset
+    from prorank.reward.server import RewardServer
     from prorank.security import SecurityError
-    from reward.server import RewardServer
 
     try:
         values = {**source_values("data", data, hub_default_owner="BeIR"), "data.split": split,

@@ -15,15 +15,15 @@ import logging
 import ray
 from ray.exceptions import RayActorError
 
-from actors.pool import PoolError
+from prorank.actors.pool import PoolError
 
 log = logging.getLogger(__name__)
 
 
 class DevEval:
     def __init__(self, cfg, dataset, ranking, query_ids: list[str], pool):
-        from eval.metrics import evaluate, ranked_to_run
-        from eval.run import candidate_pairs
+        from prorank.eval.metrics import evaluate, ranked_to_run
+        from prorank.eval.run import candidate_pairs
 
         self.depth, self.dataset, self.pool = cfg.train.dev_depth, dataset, pool
         self.ranking = {q: ranking[q] for q in query_ids}
@@ -75,8 +75,8 @@ class DevEval:
         return None
 
     def _figures(self, value: dict) -> dict[str, float]:
-        from eval.metrics import evaluate, ranked_to_run
-        from eval.run import rerank_by_scores
+        from prorank.eval.metrics import evaluate, ranked_to_run
+        from prorank.eval.run import rerank_by_scores
 
         scores, at = {}, 0
         for qid, pairs in self.pairs.items():

@@ -13,7 +13,7 @@ import logging
 import ray
 from ray.exceptions import RayActorError
 
-from actors.pool import PoolError
+from prorank.actors.pool import PoolError
 from prorank.batches import RankingSampler, policy_negatives
 from prorank.prompt import document_text
 

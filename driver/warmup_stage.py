@@ -1,4 +1,4 @@
-"""Stage 1 of `prorank train`: GRPO prompt warmup, one loop read top to bottom.
+"""Stage 1 of `prorank train`: GRPO prompt warmup, what one step does (the loop around it: driver/loop.py).
 
 Per step t: the prompts of step t (qrels positives and BM25 hard negatives), G judgments each from the
 actors, rewards from the reward service, one GRPO step, and the new weights to every actor over gRPC
@@ -16,76 +16,69 @@ import logging
 import statistics
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prorank.driver.loop import Job
 
 log = logging.getLogger(__name__)
 
 
-def run_warmup(job, resume: bool) -> None:
-    """Train stage 1 to `train.steps` on `job` (a driver.job.Job), from its checkpoint when resuming."""
-    from learner.group import LearnerGroup
+class WarmupStage:
+    """Stage 1 for driver.loop.run_stage: a GRPO learner, and per step the judgments, their rewards and
+    one GRPO step. The weights go to the actors after every step (the next step samples from them)."""
 
-    cfg, tc, pool, run, dev = job.cfg, job.cfg.train, job.pool, job.run, job.dev
-    root = job.out / "checkpoints"
-    learner = LearnerGroup(job.model_path, cfg.learner, cfg.sampling.temperature)
-    job.stack.callback(learner.shutdown)
-    job.sync.attach(learner)
-    job.placement["warmup_learner"] = sorted(set(learner.nodes()))
-    step = learner.load(root)["steps"] if resume else 0
-    if step:  # resumed: the actors start from the checkpoint's weights
-        run.log(step, job.sync(step))
-    if not step:
-        dev.start()  # the starting weights' figures, on an actor, before its first chunk
+    name = "warmup"
+    offset = 0
+    wait_for_actors = False
 
-    bar = job.progress_bar("warmup", step, tc.steps)
-    batch_size = cfg.learner.groups_per_step
-    pending, inbox = None, {}  # async: the next step's requests, already with the actors
-    job.clock.restart()
-    while step < tc.steps:
-        scaled = job.between_steps("warmup", step)
-        if job.stopping:
-            break
+    def __init__(self, job: Job):
+        from prorank.learner.group import LearnerGroup
+        from prorank.learner.objectives import GrpoObjective
+
+        cfg, self.job = job.cfg, job
+        self.steps, self.dev_every, self.checkpoint_every = cfg.train.steps, cfg.train.dev_every, cfg.train.checkpoint_every
+        objective = GrpoObjective(cfg.learner, cfg.sampling.temperature)
+        self.learner = LearnerGroup(job.model_path, cfg.learner, objective, sender=job.sync.sender())
+        job.stack.callback(self.learner.shutdown)
+        self.batch_size = objective.batch_size
+        self.pending, self.inbox = None, {}  # async: the next step's requests, already with the actors
+
+    def begin(self, step: int) -> None:
+        if not step:
+            self.job.dev.start()  # the starting weights' figures, on an actor, before its first chunk
+
+    def train(self, step: int) -> tuple[dict[str, float], float]:
+        job, tc, pool = self.job, self.job.cfg.train, self.job.pool
         clock = time.perf_counter()
-        requests = pending or job.prompts.batch(step, batch_size)
-        if not pending:
+        requests = self.pending or job.prompts.batch(step, self.batch_size)
+        if not self.pending:
             pool.submit(requests)
-        results = _collect(pool, requests, inbox)
+        results = _collect(pool, requests, self.inbox)
         waited = time.perf_counter() - clock
-        pending = None
+        self.pending = None
         if tc.mode == "async" and step + 1 < tc.steps:
-            pending = job.prompts.batch(step + 1, batch_size)
-            pool.submit(pending)  # generated while the learner trains on this step
-        results, regenerated = _fresh(pool, results, requests, inbox, step, tc.max_staleness)
+            self.pending = job.prompts.batch(step + 1, self.batch_size)
+            pool.submit(self.pending)  # generated while the learner trains on this step
+        results, regenerated = _fresh(pool, results, requests, self.inbox, step, tc.max_staleness)
 
         clock = time.perf_counter()
         scored, reward_metrics = _score(job.rewards, results)
         reward_seconds = time.perf_counter() - clock
-        train_metrics = learner.step(scored)
-        step += 1
-        metrics = {**scaled, **reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}
-        metrics.update(_rollout_metrics(results, waited, step, regenerated))
+        train_metrics = self.learner.step(scored)
+        metrics = {**reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}
+        metrics.update(_rollout_metrics(results, waited, step + 1, regenerated))
         metrics["time/wait_rewards_seconds"] = reward_seconds
-        # The actors pull the new version after the chunks they have in flight; the learner goes on.
-        metrics.update(job.sync(step))
-        learner_seconds = train_metrics["step_seconds"] + metrics["weights/sync_seconds"]
-        metrics["weights/min_actor_version"] = float(min(pool.versions().values(), default=0))
-        if tc.dev_every and step % tc.dev_every == 0 and step < tc.steps:
-            dev.start()  # queued behind the pull of this version: it measures this step's weights
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-            clock = time.perf_counter()
-            learner.save(root)
-            learner_seconds += time.perf_counter() - clock
-        metrics.update(job.clock(learner_seconds))
-        run.log(step, metrics)
-        job.log_dev()
-        bar.update(1)
-        bar.set_postfix_str(run.console_line(), refresh=True)
-    bar.close()
+        return metrics, train_metrics["step_seconds"]
 
-    learner.save(root)
-    job.log_dev(wait=True)  # one still under way
-    dev.start()  # the final weights' figures (the last sync was queued before this)
-    job.log_dev(wait=True)
-    learner.shutdown()  # frees its memory for the score stage's learner
+    def sync_due(self, step: int, dev_due: bool) -> bool:
+        return True  # the next step samples from the actors: they need this step's weights
+
+    def synced(self, step: int, metrics: dict[str, float]) -> None:
+        metrics["weights/min_actor_version"] = float(min(self.job.pool.versions().values(), default=0))
+
+    def end(self, step: int) -> None:
+        pass
 
 
 def _collect(pool, requests: list, inbox: dict) -> list:
@@ -116,8 +109,8 @@ def _fresh(pool, results: list, requests: list, inbox: dict, step: int, max_stal
 
 def _score(rewards, results: list) -> tuple[list, dict[str, float]]:
     """Rewards for every group, as ScoredGroups for the learner, and the reward figures of the step."""
+    from prorank.reward.client import groups_from_results
     from prorank.rollout import ScoredGroup
-    from reward.client import groups_from_results
 
     answers = rewards.score(groups_from_results(results))
     failed = [a for a in answers if a.error]

@@ -1,26 +1,43 @@
-"""Weight sync off the critical path: the learner's rank 0 publishes a version on its own weight server,
-reading the parameters where they lie, and every actor is sent a pull that runs after the chunks it has
-in flight. The driver only waits for the publish; the weights never pass through it."""
+"""Weight sync off the critical path: the learner's rank 0 publishes a version through its end of the
+weight transport, reading the parameters where they lie, and every actor is sent a pull that runs after
+the chunks it has in flight. The driver only waits for the publish; the weights never pass through it.
+
+The transport is chosen here, once for the job (gRPC: weights/transport.py); the learner and the actors
+are handed its two ends. This object owns the job's version number: the last version published."""
 
 from __future__ import annotations
 
 import time
 
+from prorank.weights.transport import GrpcTransport
+
 
 class WeightSync:
-    def __init__(self, pool, token: str, cfg):
-        self.pool, self.token, self.cfg = pool, token, cfg
-        self.learner, self.address = None, ""
+    def __init__(self, token: str, cfg):
+        self.transport = GrpcTransport(token, cfg)
+        self.pool, self.learner, self.address = None, None, ""
+        self.version = 0
 
-    def attach(self, learner) -> None:
-        """Serve the versions of `learner` (a stage's LearnerGroup) from its rank 0."""
-        self.learner, self.address = learner, learner.serve_weights(self.token, self.cfg)
+    def receivers(self):
+        """The actor pool's factory of receivers (actor name -> its end of the transport)."""
+        return self.transport.receiver
+
+    def sender(self):
+        """A fresh learner end, for a stage's learner to serve from its rank 0."""
+        return self.transport.sender()
+
+    def attach(self, learner, pool) -> None:
+        """Serve the versions of `learner` (a stage's LearnerGroup, made with `sender()`) to `pool`'s actors."""
+        self.learner, self.pool, self.address = learner, pool, learner.serve_weights()
 
     def __call__(self, version: int) -> dict[str, float]:
         """Publish the learner's weights as `version` and have every actor pull it after its chunks in flight."""
+        if version <= self.version and self.version:
+            raise ValueError(f"weight version {version} is not newer than the published {self.version}")
         start = time.perf_counter()
         published = self.learner.publish(version, self.pool.receiver_names())
-        self.pool.sync_weights(self.address, self.token, self.cfg.tls_ca, self.cfg.wait_seconds, version, wait=False)
+        self.version = version
+        self.pool.sync_weights(self.address, version, wait=False)
         return {"weights/sync_seconds": time.perf_counter() - start, "weights/publish_seconds": published["seconds"],
                 "weights/bytes": published["bytes"], "weights/changed_bytes": published["changed_bytes"],
                 "weights/changed_tensors": published["changed_tensors"], "weights/version": float(version),

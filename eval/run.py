@@ -14,11 +14,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from eval.metrics import evaluate, ranked_to_run
 from prorank.bm25 import Ranking, bm25_search
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
 from prorank.data import BeirDataset, load_dataset
+from prorank.eval.metrics import evaluate, ranked_to_run
 from prorank.models import model_context, resolve_model
 from prorank.prompt import PromptBuilder, check_model_layout, document_text
 from prorank.scoring import score_query

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from prorank.padding import pad_rows
+from prorank.scoring import encode_prefix
+
 
 @dataclass
 class GroupLogprobs:
@@ -22,14 +25,9 @@ class GroupLogprobs:
 
 
 def pad_completions(completions: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[G, T] token ids right-padded with `pad_id`, and the [G, T] mask of real tokens."""
-    width = max(len(c) for c in completions)
-    ids = torch.full((len(completions), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(completions), width), dtype=torch.float32, device=device)
-    for row, comp in enumerate(completions):
-        ids[row, : len(comp)] = torch.as_tensor(list(comp), device=device)
-        mask[row, : len(comp)] = 1
-    return ids, mask
+    """[G, T] token ids right-padded with `pad_id`, and the [G, T] float mask of real tokens."""
+    ids, mask = pad_rows(completions, pad_id, torch.long, device)
+    return ids, mask.float()
 
 
 def _token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -60,13 +58,11 @@ def shared_prefix_group_logprobs(model, prompt: Sequence[int], completions: Sequ
     device = next(model.parameters()).device
     comp, mask = pad_completions(completions, pad_id, device)
     p, (g, t) = len(prompt), comp.shape
-    out = model(input_ids=torch.as_tensor([list(prompt)], device=device), logits_to_keep=1, use_cache=True)
-    first = out.logits.expand(g, 1, -1)  # predicts each completion's first token
+    prompt_logits, cache = encode_prefix(model, prompt, g, device)
+    first = prompt_logits.expand(g, 1, -1)  # predicts each completion's first token
     if t == 1:
         logits = first
     else:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(g)
         # Completion token i sits at position p + i; the last token predicts nothing we score.
         positions = torch.arange(p, p + t - 1, device=device).expand(g, t - 1)
         attn = torch.cat([torch.ones(g, p, device=device), mask[:, :-1]], dim=1).long()

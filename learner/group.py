@@ -1,28 +1,25 @@
 """The learner as the driver sees it: K DeepSpeed ranks (Ray actors) that step together.
 
-`step(groups)` (GRPO) and `score_step(groups)` (stage 2) split a global batch across the ranks, run one
-optimizer step, and reduce the ranks' statistics into the step's metrics. Rank 0 runs the weight
-server (`serve_weights`), and `publish(version)` makes the weights a version there, read from the
-parameters in place; the weights never pass through the driver. `save`/`load` write and read atomic
+`step(batch)` splits a global batch across the ranks, runs one optimizer step of the learner's objective
+(learner/objectives.py: GRPO in stage 1, the ranking losses in stage 2), and reduces the ranks' statistics
+into the step's metrics. Rank 0 runs the learner's end
+of the weight transport it is given (`serve_weights`), and `publish(version)` makes the weights a version
+there, read from the parameters in place; the weights never pass through the driver. `save`/`load` write and read atomic
 checkpoints, each with a plain Hugging Face model folder beside DeepSpeed's state.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import statistics
 import time
 from pathlib import Path
 
 import ray
 
-from learner.rank import LearnerRank
-from learner.step import step_normalizer
-from prorank.config import LearnerConfig, WeightSyncConfig
-from prorank.rollout import RankingGroup, ScoredGroup
-
-LATEST = "LATEST"
+from prorank import checkpoints
+from prorank.config import LearnerConfig
+from prorank.learner.objectives import Objective
+from prorank.learner.rank import LearnerRank
+from prorank.weight_transport import WeightSender
 
 
 class LearnerError(RuntimeError):
@@ -30,13 +27,16 @@ class LearnerError(RuntimeError):
 
 
 class LearnerGroup:
-    def __init__(self, model_path: str, cfg: LearnerConfig, temperature: float = 1.0, ranking: dict | None = None):
-        self.cfg, self.model_path = cfg, model_path
+    def __init__(self, model_path: str, cfg: LearnerConfig, objective: Objective, sender: WeightSender | None = None):
+        if objective.batch_size % (cfg.num_ranks * objective.micro_batch):
+            raise ValueError(f"a step of {objective.batch_size} is not a multiple of num_ranks * micro-batch "
+                             f"({cfg.num_ranks} * {objective.micro_batch})")
+        self.cfg, self.model_path, self.objective = cfg, model_path, objective
         remote = ray.remote(LearnerRank).options(
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None, max_restarts=0,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
-        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, temperature, ranking)
+        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, objective, sender if r == 0 else None)
                       for r in range(cfg.num_ranks)]
         address, port = ray.get(self.ranks[0].master_address.remote())
         self.where = [f"rank {r}" for r in range(cfg.num_ranks)]  # how errors name a rank, until its node is known
@@ -70,44 +70,18 @@ class LearnerGroup:
         cause = str(err).strip().splitlines()[0][:300]
         return LearnerError(f"learner {self.where[rank]} failed in {method}: {type(err).__name__}: {cause}")
 
-    def _train(self, groups: list, normalizer: float) -> tuple[list[dict], dict[str, float], float]:
-        if len(groups) != self.cfg.groups_per_step:
-            raise ValueError(f"a learner step takes {self.cfg.groups_per_step} groups, got {len(groups)}")
+    def step(self, batch: list) -> dict[str, float]:
+        """One optimizer step on the objective's `batch_size` items (GRPO groups, or queries); its metrics."""
+        if len(batch) != self.objective.batch_size:
+            raise ValueError(f"a learner step takes {self.objective.batch_size} items, got {len(batch)}")
+        normalizer = self.objective.normalizer(batch)
         start = time.perf_counter()
         k = len(self.ranks)
-        parts = self._all("train_step", per_rank=[(groups[r::k], normalizer) for r in range(k)])
+        parts = self._all("train_step", per_rank=[(batch[r::k], normalizer) for r in range(k)])
         self.steps += 1
+        seconds = time.perf_counter() - start
         summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in ("grad_norm", "lr", "seconds")}
-        return parts, summed, time.perf_counter() - start
-
-    def score_step(self, groups: list[RankingGroup]) -> dict[str, float]:
-        """One stage-2 optimizer step on `cfg.groups_per_step` queries; returns the step's metrics."""
-        parts, summed, seconds = self._train(groups, float(len(groups)))
-        return {**summed, "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"], "step_seconds": seconds,
-                "prompt_tokens_per_second": summed["prompt_tokens"] / seconds}
-
-    def step(self, groups: list[ScoredGroup]) -> dict[str, float]:
-        """One GRPO optimizer step on `cfg.groups_per_step` groups; returns the step's metrics."""
-        parts, summed, seconds = self._train(groups, step_normalizer(groups, self.cfg))
-        rewards = [r for g in groups for r in g.rewards]
-        metrics = {
-            "loss": summed["loss"],
-            "kl": summed.get("kl", 0.0),
-            "clip_fraction": summed["clipped"],
-            "truncated_fraction": summed.get("truncated", 0.0),
-            "ratio_mean": summed["ratio"],
-            "entropy": summed["entropy"],
-            "mismatch_kl": summed["mismatch_kl"],
-            "grad_norm": parts[0]["grad_norm"],
-            "lr": parts[0]["lr"],
-            "reward_mean": statistics.fmean(rewards),
-            "reward_std": statistics.pstdev(rewards),
-            "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups) / len(groups),
-            "tokens_per_second": summed["tokens"] / seconds,
-            "prompt_tokens": summed["prompt_tokens"],
-            "step_seconds": seconds,
-        }
-        return metrics
+        return self.objective.metrics(batch, parts, summed, seconds)
 
     def nodes(self) -> list[str]:
         """The Ray node id each rank runs on."""
@@ -119,9 +93,9 @@ class LearnerGroup:
         states = self._all("full_state_dict")
         return states[0], time.perf_counter() - start
 
-    def serve_weights(self, token: str, cfg: WeightSyncConfig) -> str:
-        """Start the weight server on rank 0; its address (the node's IP for a wildcard bind)."""
-        return self._on_rank0("serve_weights", token, cfg)
+    def serve_weights(self) -> str:
+        """Start the weight sender on rank 0; its address (the node's IP for a wildcard bind)."""
+        return self._on_rank0("serve_weights")
 
     def publish(self, version: int, receivers: list[str] | None = None) -> dict[str, float]:
         """Publish the current weights as `version` on rank 0's server; rank 0's figures (seconds, bytes,
@@ -129,33 +103,21 @@ class LearnerGroup:
         return self._all("publish", version, receivers)[0]
 
     def save(self, root: str | Path, driver_state: dict | None = None) -> Path:
-        """Write a checkpoint to root/step-N atomically: into a temporary folder, then one rename, then
-        LATEST is replaced. A crash at any point leaves the previous checkpoint and LATEST intact.
-        step-N/model holds the full weights as a model folder transformers loads (rank 0 writes it)."""
-        root = Path(root)
-        final = root / f"step-{self.steps}"
-        tmp = root / f".tmp-step-{self.steps}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        """Write a checkpoint of this step under `root` atomically (prorank/checkpoints.py: a crash at any
+        point leaves the previous one and LATEST intact). Its model/ holds the full weights as a model
+        folder transformers loads (rank 0 writes it)."""
+        tmp = checkpoints.start(root, self.steps)
         self._all("save", str(tmp))
-        (tmp / "driver.json").write_text(json.dumps({"steps": self.steps, **(driver_state or {})}))
-        self._all("save_model", str(tmp / "model"))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name)
-        pointer.replace(root / LATEST)
-        return final
+        self._all("save_model", str(tmp / checkpoints.MODEL))
+        return checkpoints.commit(root, tmp, self.steps, driver_state or {})
 
     def load(self, root: str | Path) -> dict:
         """Restore the checkpoint LATEST points to; returns the driver state saved with it."""
-        root = Path(root)
-        latest = root / LATEST
-        if not latest.is_file():
-            raise FileNotFoundError(f"no checkpoint under {root} (missing {latest})")
-        folder = root / latest.read_text().strip()
+        folder = checkpoints.latest(root)
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint under {root} (missing {Path(root) / checkpoints.LATEST})")
         self._all("load", str(folder))
-        state = json.loads((folder / "driver.json").read_text())
+        state = checkpoints.read_state(folder)
         self.steps = state["steps"]
         return state
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learner.precision import forward_precision, uses_bf16
-from learner.score_step import score_micro_batch_loss
-from learner.step import lr_lambda, micro_batch_loss
-from prorank.config import LearnerConfig, WeightSyncConfig
-from prorank.rollout import RankingGroup, ScoredGroup
+from prorank.config import LearnerConfig
+from prorank.learner.objectives import Objective
+from prorank.learner.precision import forward_precision, uses_bf16
+from prorank.learner.step import lr_lambda
+from prorank.weight_transport import WeightSender
 
 
 def freeze_below(model, trainable_layers: int, frozen_dtype: torch.dtype | None = None) -> None:
@@ -48,13 +48,14 @@ def freeze_below(model, trainable_layers: int, frozen_dtype: torch.dtype | None 
 
 
 class LearnerRank:
-    """`temperature`: the sampling temperature (GRPO logprobs). `ranking`: the stage-2 loss settings,
-    {"weights": {"contrastive": w, "pairwise": w, "pointwise": w}, "temperature": t}."""
+    """`objective`: what a step optimises (learner/objectives.py: GRPO, or the ranking losses). `sender`:
+    the weight transport's learner end (prorank/weight_transport.py), used on rank 0."""
 
-    def __init__(self, rank: int, world: int, model_path: str, cfg: LearnerConfig, temperature: float = 1.0,
-                 ranking: dict | None = None):
-        self.rank, self.world, self.model_path, self.cfg, self.temperature = rank, world, model_path, cfg, temperature
-        self.ranking = ranking
+    def __init__(self, rank: int, world: int, model_path: str, cfg: LearnerConfig, objective: Objective,
+                 sender: WeightSender | None = None):
+        self.rank, self.world, self.model_path, self.cfg = rank, world, model_path, cfg
+        self.objective = objective
+        self.sender = sender  # the weight transport's learner end: rank 0 serves and publishes the versions
         self.gpu = cfg.num_gpus > 0
         if not self.gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -80,7 +81,6 @@ class LearnerRank:
         from transformers import AutoModelForCausalLM
 
         from prorank.models import load_tokenizer
-        from prorank.prompt import answer_token_ids
 
         cfg = self.cfg
         # Explicit: two torch processes that each spin all cores' threads slow each other down many times over.
@@ -94,22 +94,16 @@ class LearnerRank:
         self.bf16 = uses_bf16(cfg.mixed_precision, self.device_type)
         if cfg.trainable_layers is not None:
             freeze_below(model, cfg.trainable_layers, torch.bfloat16 if self.bf16 else None)
-        self.ref = None
-        if cfg.beta > 0:  # a frozen copy of the starting policy; skipped entirely when beta is 0
-            self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval().requires_grad_(False)
-            if self.gpu:
-                self.ref.cuda()
-        tokenizer = load_tokenizer(self.model_path)
-        self.pad_id = tokenizer.pad_token_id
-        self.answer_ids = answer_token_ids(tokenizer)
-        self.micro_batches = cfg.groups_per_step // (self.world * cfg.micro_batch_groups)
+        objective = self.objective
+        objective.prepare(self.model_path, load_tokenizer(self.model_path), dtype, self.gpu)
+        self.micro_batches = objective.batch_size // (self.world * objective.micro_batch)
         # DeepSpeed 0.19.8's ZeRO-3 got gradient accumulation across engine steps wrong here (updates
         # differed from the single-process run; one micro-batch per step matched it exactly). Under
         # ZeRO-3 a rank therefore sums its micro-batch losses into one backward and one step.
         self.accumulation = 1 if cfg.zero_stage == 3 else self.micro_batches
         ds_config = {
-            "train_batch_size": cfg.groups_per_step,
-            "train_micro_batch_size_per_gpu": cfg.groups_per_step // (self.world * self.accumulation),
+            "train_batch_size": objective.batch_size,
+            "train_micro_batch_size_per_gpu": objective.batch_size // (self.world * self.accumulation),
             "gradient_accumulation_steps": self.accumulation,
             "gradient_clipping": cfg.grad_clip,
             "zero_optimization": {"stage": cfg.zero_stage},
@@ -124,19 +118,7 @@ class LearnerRank:
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)),
         )
 
-    def _loss(self, batch: list, normalizer: float):
-        with forward_precision(self.bf16, self.device_type):
-            return self._forward_loss(batch, normalizer)
-
-    def _forward_loss(self, batch: list, normalizer: float):
-        if isinstance(batch[0], RankingGroup):  # stage 2
-            return score_micro_batch_loss(self.engine.module, batch, normalizer, self.ranking["weights"],
-                                          self.ranking["temperature"], self.answer_ids, self.pad_id,
-                                          self.cfg.shared_prefix)
-        return micro_batch_loss(self.engine.module, self.ref, batch, normalizer, self.cfg, self.pad_id,
-                                self.temperature)
-
-    def train_step(self, groups: list[ScoredGroup] | list[RankingGroup], normalizer: float) -> dict[str, float]:
+    def train_step(self, groups: list, normalizer: float) -> dict[str, float]:
         """This rank's share of one step: micro-batches with accumulation (ZeRO-3: one summed backward),
         then the optimizer step.
 
@@ -148,13 +130,14 @@ class LearnerRank:
         engine.train()
         start = time.perf_counter()
         totals: dict[str, float] = {}
-        micro = [groups[i : i + cfg.micro_batch_groups] for i in range(0, len(groups), cfg.micro_batch_groups)]
+        size = self.objective.micro_batch
+        micro = [groups[i : i + size] for i in range(0, len(groups), size)]
         if len(micro) != self.micro_batches:
-            raise ValueError(f"rank {self.rank}: got {len(groups)} groups, expected "
-                             f"{self.micro_batches * cfg.micro_batch_groups}")
+            raise ValueError(f"rank {self.rank}: got {len(groups)} items, expected {self.micro_batches * size}")
         pending = None  # ZeRO-3: the summed loss of this rank's micro-batches
         for batch in micro:
-            loss, stats = self._loss(batch, normalizer)
+            with forward_precision(self.bf16, self.device_type):
+                loss, stats = self.objective.loss(engine.module, batch, normalizer)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             if self.accumulation < self.micro_batches:  # folded into one backward (ZeRO-3)
@@ -187,33 +170,18 @@ class LearnerRank:
                 return None
             return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
 
-    def serve_weights(self, token: str, cfg: WeightSyncConfig) -> str:
-        """Start rank 0's weight server (the actors pull every version from here) and return its address."""
-        from protocol.weight_service import WeightServer
-        from prorank.guarded_server import ServerLimits
-
-        wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
-        self.weight_server = WeightServer(token, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key,
-                                          chunk_bytes=int(cfg.chunk_mb * 2**20), limits=ServerLimits.of(cfg),
-                                          wire_dtype=wire).start()
-        return self.weight_server.address
+    def serve_weights(self) -> str:
+        """Start rank 0's end of the weight transport (the actors pull every version from it); its address."""
+        return self.sender.start()
 
     def publish(self, version: int, receivers: list[str] | None = None) -> dict[str, float] | None:
-        """Publish the weights as `version` on rank 0's server, read from the parameters where they lie
-        (copied once, into the chunk messages; tensors unchanged since the last version not at all).
-        A collective under ZeRO-3. `receivers`: the actor names whose reports the server accepts."""
+        """Publish the weights as `version` from rank 0, read from the parameters where they lie (the gRPC
+        sender copies them once, into the chunk messages; tensors unchanged since the last version not at
+        all). A collective under ZeRO-3. `receivers`: the actor names whose reports are accepted."""
         with self._full_parameters():
             if self.rank != 0:
                 return None
-            start = time.perf_counter()
-            publisher = self.weight_server.publisher
-            if receivers is not None:
-                publisher.known = frozenset(receivers)
-            packed = publisher.publish(version, self.engine.module.state_dict())
-            changed = packed.changed()
-            return {"seconds": time.perf_counter() - start, "bytes": float(packed.manifest.total_bytes),
-                    "changed_bytes": float(sum(s.nbytes for s in changed)), "changed_tensors": float(len(changed)),
-                    "tensors": float(len(packed.manifest.tensors))}
+            return self.sender.publish(version, self.engine.module.state_dict(), receivers)
 
     def save_model(self, folder: str) -> None:
         """The full weights as a plain model folder (rank 0 writes it). A collective under ZeRO-3."""

@@ -3,12 +3,19 @@
 A row is one query's candidates: its positives and k hard negatives. `labels` are the graded qrels
 (0 for a negative), `mask` is False on the padding of rows with fewer candidates. Every loss returns
 one value per row, so that the caller can average rows over a global batch split across ranks.
+
+A new loss: write it here as a pure function of (scores, labels, mask, temperature) -> [B], add it to
+LOSSES, and give it a weight in ScoreConfig.ranking_loss (prorank/config.py) and the config section.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from prorank.config import RankingLoss
 
 
 def listwise_contrastive(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -64,3 +71,28 @@ def pairs_ordered(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     better = (labels[:, :, None] > labels[:, None, :]) & mask[:, :, None] & mask[:, None, :]
     right = (scores[:, :, None] > scores[:, None, :]) & better
     return right.sum((1, 2)).float() / better.sum((1, 2)).clamp(min=1)
+
+
+# The losses a RankingLoss weighs, by name: (scores, labels, mask, temperature) -> [B].
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "contrastive": listwise_contrastive,
+    "pairwise": lambda scores, labels, mask, temperature: pairwise_preference(scores, labels, mask),
+    "pointwise": lambda scores, labels, mask, temperature: pointwise_bce(scores, labels, mask),
+}
+
+
+def check_losses(loss: RankingLoss) -> None:
+    """Raise ValueError unless `loss` weighs exactly the losses defined here."""
+    if set(loss.weights) != set(LOSSES):
+        raise ValueError(f"ranking loss weights {sorted(loss.weights)}: every loss of {sorted(LOSSES)} needs a "
+                         f"weight, and no other name has one")
+
+
+def ranking_losses(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                   loss: RankingLoss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted mix of the losses, per row: ([B] total, {name: [B]}). Zero weights are not computed.
+    scores: [B, N] float; labels: [B, N] graded; mask: [B, N] bool."""
+    check_losses(loss)
+    parts = {name: LOSSES[name](scores, labels, mask, loss.temperature) for name, w in loss.weights.items() if w}
+    total = sum(loss.weights[name] * value for name, value in parts.items())
+    return total, parts

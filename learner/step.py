@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from learner.forward import naive_group_logprobs, pad_completions, shared_prefix_group_logprobs
-from learner.grpo import batch_normalizer, group_advantages, grpo_loss, token_weights
 from prorank.config import LearnerConfig
+from prorank.learner.forward import naive_group_logprobs, pad_completions, shared_prefix_group_logprobs
+from prorank.learner.grpo import batch_normalizer, group_advantages, grpo_loss, token_weights
+from prorank.padding import pad_rows
 from prorank.rollout import ScoredGroup
 
 
@@ -44,10 +45,8 @@ def step_normalizer(groups: Sequence[ScoredGroup], cfg: LearnerConfig) -> float:
 
 
 def _pad(rows: Sequence[Sequence[float]], like: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(like)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(list(row), dtype=like.dtype)
-    return out
+    """`rows` (one per completion) as a tensor shaped, typed and placed like `like`, 0 on padding."""
+    return pad_rows(rows, 0.0, like.dtype, like.device, width=like.shape[1])[0]
 
 
 def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer: float, cfg: LearnerConfig,

@@ -8,8 +8,8 @@ import time
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from learner.step import lr_lambda, micro_batch_loss, step_normalizer
 from prorank.config import LearnerConfig
+from prorank.learner.step import lr_lambda, micro_batch_loss, step_normalizer
 from prorank.rollout import ScoredGroup
 
 

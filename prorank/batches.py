@@ -9,12 +9,29 @@ held out as a dev set and never sampled by either stage.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from prorank.bm25 import Ranking
 from prorank.config import ScoreConfig, TrainConfig
 from prorank.data import BeirDataset
 from prorank.prompt import PromptBuilder, document_text
-from prorank.rollout import RankingGroup, RolloutRequest
+from prorank.rollout import RolloutRequest
+
+
+@dataclass(slots=True)
+class RankingGroup:
+    """What a stage-2 (score learning) step trains on: one query's positives and hard negatives."""
+
+    query_id: str
+    doc_ids: list[str]
+    labels: list[int]  # graded qrels; 0 for a hard negative
+    prompt_ids: list[list[int]]  # one prompt per candidate, in the mxbai-rerank-v2 layout
+
+
+def hard_negatives(ranking: Ranking, qrels: dict, qid: str, depth: int, threshold: int) -> list[str]:
+    """BM25's best-ranked documents for `qid` within its top `depth` that the qrels do not mark relevant
+    (a grade below `threshold`), best first."""
+    return [d for d, _ in ranking.get(qid, [])[:depth] if qrels[qid].get(d, 0) < threshold]
 
 
 class PromptSampler:
@@ -22,9 +39,8 @@ class PromptSampler:
         self.dataset, self.cfg = dataset, cfg
         self.positives = {qid: sorted(d for d, s in dataset.qrels[qid].items() if s >= relevance_threshold)
                           for qid in dataset.query_ids}
-        # Hard negatives: BM25's best-ranked documents that the qrels do not mark relevant.
-        self.negatives = {qid: [d for d, _ in ranking.get(qid, [])[: cfg.hard_negative_depth]
-                                if dataset.qrels[qid].get(d, 0) < relevance_threshold] for qid in dataset.query_ids}
+        self.negatives = {qid: hard_negatives(ranking, dataset.qrels, qid, cfg.hard_negative_depth, relevance_threshold)
+                          for qid in dataset.query_ids}
         usable = [q for q in dataset.query_ids if self.positives[q]]
         if cfg.max_train_queries:
             usable = usable[: cfg.max_train_queries + cfg.dev_queries]
@@ -73,14 +89,13 @@ class RankingSampler:
                  seed: int = 0, relevance_threshold: int = 1):
         self.dataset, self.cfg, self.builder, self.seed = prompts.dataset, cfg, builder, seed
         qrels = self.dataset.qrels
-        self.query_ids = [q for q in prompts.train_query_ids
-                          if any(qrels[q].get(d, 0) < relevance_threshold
-                                 for d, _ in ranking.get(q, [])[: cfg.hard_negative_depth])]
+        negatives = {q: hard_negatives(ranking, qrels, q, cfg.hard_negative_depth, relevance_threshold)
+                     for q in prompts.train_query_ids}
+        self.query_ids = [q for q in prompts.train_query_ids if negatives[q]]
         if not self.query_ids:
             raise ValueError(f"no training query has a hard negative in its BM25 top {cfg.hard_negative_depth}")
         self.positives = {q: sorted(prompts.positives[q], key=lambda d: -qrels[q][d]) for q in self.query_ids}
-        self.negatives = {q: [d for d, _ in ranking.get(q, [])[: cfg.hard_negative_depth]
-                              if qrels[q].get(d, 0) < relevance_threshold] for q in self.query_ids}
+        self.negatives = {q: negatives[q] for q in self.query_ids}
         self.threshold = relevance_threshold
         self.mined: dict[str, list[str]] = {}  # query id -> the policy's hardest negatives, hardest first
 

@@ -6,7 +6,7 @@ ignored setting. The whole config is validated once, at start-up, by `config_fil
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -125,15 +125,29 @@ class ServiceLimits(Section):
     log_refusals_every_seconds: float = Field(10.0, ge=0)  # a refusal is logged at most this often per host and kind
 
 
-class RewardConfig(ServiceLimits):
-    """The reward service (server side) and how clients reach it."""
+class ServiceConfig(ServiceLimits):
+    """What both gRPC services share: where they listen, their token, TLS, and their limits."""
 
+    section: ClassVar[str]  # the config section, for error messages
     host: str = "127.0.0.1"  # loopback unless configured: set 0.0.0.0 (with TLS) on a cluster
-    port: int = Field(50151, ge=0, le=65535)  # 0: any free port
+    port: int = Field(0, ge=0, le=65535)  # 0: any free port
     token_file: str | None = None  # else $PRORANK_TOKEN; a server will not start without a token
     tls_cert: str | None = None  # PEM; with tls_key the server speaks TLS only
     tls_key: str | None = None
     tls_ca: str | None = None  # PEM the clients trust (the cert itself when self-signed)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(f"{self.section}.tls_cert and {self.section}.tls_key go together")
+        return self
+
+
+class RewardConfig(ServiceConfig):
+    """The reward service (server side) and how clients reach it."""
+
+    section: ClassVar[str] = "reward"
+    port: int = Field(50151, ge=0, le=65535)  # 0: any free port
     open_health_check: bool = False  # let the health service answer without a token (k8s probes)
     strict_format: bool = True  # format reward: exactly "0"/"1" (strict) or a leading answer (lenient)
     relevance_threshold: int = 1  # a qrel score at or above this is relevant
@@ -157,22 +171,12 @@ class RewardConfig(ServiceLimits):
     backoff_seconds: float = Field(0.2, ge=0)
     max_backoff_seconds: float = Field(2.0, ge=0)
 
-    @model_validator(mode="after")
-    def _tls_pair(self) -> RewardConfig:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("reward.tls_cert and reward.tls_key go together")
-        return self
 
+class WeightSyncConfig(ServiceConfig):
+    """The weight service: the learner's server (host, port), and the relay each actor runs for the next
+    one (relay_host); both speak TLS with tls_cert/tls_key."""
 
-class WeightSyncConfig(ServiceLimits):
-    """The weight service: the learner's server, and the relay each actor runs for the next one."""
-
-    host: str = "127.0.0.1"  # the learner's server; 0.0.0.0 (with TLS) on a cluster
-    port: int = Field(0, ge=0, le=65535)  # 0: any free port
-    token_file: str | None = None  # else $PRORANK_TOKEN
-    tls_cert: str | None = None  # PEM; the learner's server and the actors' relays speak TLS with it
-    tls_key: str | None = None
-    tls_ca: str | None = None  # PEM the receivers trust
+    section: ClassVar[str] = "weights"
     chunk_mb: float = Field(1.0, gt=0, le=32)
     relay: bool = True  # actors pass chunks on in a pipeline: the learner sends one copy, not one per actor
     relay_host: str = "127.0.0.1"  # where an actor's relay listens; 0.0.0.0 on a cluster (node IP is announced)
@@ -181,12 +185,6 @@ class WeightSyncConfig(ServiceLimits):
     # bfloat16: float tensors go on the wire (and into the receivers' blobs) as bfloat16, half the bytes of
     # float32; receivers cast to their engine's dtype. For GPU configs; see BENCHMARKS.md for its logprob cost.
     wire_dtype: Literal["same", "bfloat16"] = "same"
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> WeightSyncConfig:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("weights.tls_cert and weights.tls_key go together")
-        return self
 
 
 class LearnerConfig(Section):
@@ -275,6 +273,21 @@ class TrainConfig(Section):
         return self
 
 
+class RankingLoss(Section):
+    """The stage-2 loss mix as the learner takes it, whole: a weight for every loss that
+    learner/score_losses.LOSSES defines (a name missing or unknown there is an error, never a zero)."""
+
+    weights: dict[str, float]  # loss name -> weight (0: computed not at all)
+    temperature: float = Field(gt=0)  # of the contrastive loss
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
+            raise ValueError(f"ranking loss weights must be >= 0 with one > 0, got {value}")
+        return value
+
+
 class ScoreConfig(Section):
     """Stage 2: fine-grained score learning on logit("1") - logit("0"), on the same DeepSpeed learner.
 
@@ -316,6 +329,10 @@ class ScoreConfig(Section):
     # (two torch processes spinning on two cores); on a cluster the actors have their own (false).
     wait_for_actors: bool = False
 
+    def ranking_loss(self) -> RankingLoss:
+        return RankingLoss(weights={"contrastive": self.contrastive_weight, "pairwise": self.pairwise_weight,
+                                    "pointwise": self.pointwise_weight}, temperature=self.temperature)
+
     @model_validator(mode="after")
     def _some_loss(self) -> ScoreConfig:
         if self.contrastive_weight + self.pairwise_weight + self.pointwise_weight <= 0:
@@ -324,16 +341,21 @@ class ScoreConfig(Section):
 
 
 class ProRankConfig(Section):
+    """The whole config: a section per concern; a key is `section.key` in YAML and in overrides."""
+
+    # What is ranked, and how: the data, its first stage, the prompt, the model, `prorank eval`.
     data: DataConfig = DataConfig()
     bm25: BM25Config = BM25Config()
     prompt: PromptConfig = PromptConfig()
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
+    # The training job's roles.
     sampling: SamplingConfig = SamplingConfig()
     actors: ActorConfig = ActorConfig()
     reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
     weights: WeightSyncConfig = WeightSyncConfig()
+    # The stages.
     train: TrainConfig = TrainConfig()
     score: ScoreConfig = ScoreConfig()
 
@@ -350,10 +372,7 @@ class ProRankConfig(Section):
         return self
 
     def score_learner(self) -> LearnerConfig:
-        """The learner settings of stage 2: the same ranks and ZeRO stage, the score stage's batch and lr,
-        no KL reference."""
+        """The learner settings of stage 2: the same ranks, ZeRO stage and precision, the score stage's lr
+        and schedule length. Its batch sizes are the objective's (learner.objectives.RankingObjective)."""
         sc = self.score
-        return self.learner.model_copy(update={
-            "lr": sc.lr, "warmup_steps": sc.warmup_steps, "groups_per_step": sc.queries_per_step,
-            "micro_batch_groups": sc.micro_batch_queries, "beta": 0.0, "total_steps": sc.steps,
-            "shared_prefix": sc.shared_prefix})
+        return self.learner.model_copy(update={"lr": sc.lr, "warmup_steps": sc.warmup_steps, "total_steps": sc.steps})

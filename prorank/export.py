@@ -18,13 +18,13 @@ import json
 import shutil
 from pathlib import Path
 
-from prorank.models import ModelError, checkpoint_model_dir
 from prorank.config import PromptConfig
+from prorank.model_card import model_card
+from prorank.models import ModelError, checkpoint_model_dir
 from prorank.prompt import (
     ANSWERS, CHAT_PREFIX, CHAT_SUFFIX, DOCUMENT_TEMPLATE, INSTRUCTION_TEMPLATE, LAYOUT, QUERY_TEMPLATE, SEP,
     TASK_PROMPT, answer_token_ids, check_layout, model_prompt_settings,
 )
-from prorank.model_card import model_card
 
 # Transformers 5 names a plain fast tokenizer `TokenizersBackend`; transformers 4 knows it by this name.
 TOKENIZER_CLASS_V4 = "PreTrainedTokenizerFast"

@@ -228,21 +228,6 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, vocab_size: int = 51
     return out
 
 
-def weights_to_bytes(named_tensors) -> bytes:
-    """Named tensors -> one safetensors blob. Tensors that share storage (tied embeddings) are copied,
-    since safetensors refuses aliases."""
-    import safetensors.torch
-
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in named_tensors.items():
-        tensor = tensor.detach()
-        ptr = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if ptr in seen else tensor.contiguous()
-        seen.add(ptr)
-    return safetensors.torch.save(out)
-
-
 def save_model_dir(state: dict, source: str, output_dir: str | Path) -> Path:
     """A full state dict -> a model folder that transformers and vLLM load: model.safetensors, the
     config, generation config and tokenizer of `source` (the model the weights were trained from).
@@ -271,15 +256,16 @@ def save_model_dir(state: dict, source: str, output_dir: str | Path) -> Path:
 def checkpoint_model_dir(path: str) -> str:
     """The model folder behind `path`: a model folder itself, a checkpoint step (its model/), or a
     checkpoints root (the step its LATEST names). A path that does not exist is taken as a hub id."""
+    from prorank import checkpoints
+
     p = Path(path)
-    if p.name == "LATEST" or (p / "LATEST").is_file():
-        root = p.parent if p.name == "LATEST" else p
-        pointer = root / "LATEST"
-        if not pointer.is_file():
-            raise ModelError(f"no checkpoint under {root} (missing {pointer})")
-        p = root / pointer.read_text().strip()
-    if (p / "model" / "config.json").is_file():
-        return str(p / "model")
+    if checkpoints.is_pointer(p):
+        root = p.parent if p.name == checkpoints.LATEST else p
+        p = checkpoints.latest(root)
+        if p is None:
+            raise ModelError(f"no checkpoint under {root} (missing {root / checkpoints.LATEST})")
+    if (model := checkpoints.model_of(p)) is not None:
+        return str(model)
     if (p / "config.json").is_file():
         return str(p)
     if p.exists():

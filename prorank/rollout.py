@@ -57,13 +57,3 @@ class ScoredGroup:
     def from_result(cls, result: GroupResult, rewards: list[float]) -> ScoredGroup:
         return cls(result.prompt_ids, [c.token_ids for c in result.completions],
                    [c.logprobs for c in result.completions], list(rewards), result.version)
-
-
-@dataclass(slots=True)
-class RankingGroup:
-    """What a stage-2 (score learning) step trains on: one query's positives and hard negatives."""
-
-    query_id: str
-    doc_ids: list[str]
-    labels: list[int]  # graded qrels; 0 for a hard negative
-    prompt_ids: list[list[int]]  # one prompt per candidate, in the mxbai-rerank-v2 layout

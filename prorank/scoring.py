@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from prorank.padding import pad_rows
 from prorank.prompt import PromptBuilder, relevance_score
 
 
@@ -49,16 +50,14 @@ def score_pairs(
     return scores
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, T] ids left-padded (every row ends in the last column) and the [N, T] mask of real tokens."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.as_tensor(list(row), device=device)
-            mask[i, width - len(row):] = 1
-    return ids, mask
+def encode_prefix(model, prefix: Sequence[int], copies: int, device):
+    """Run the tokens `copies` sequences share once: (logits at its last position [1, 1, V], the key/value
+    cache repeated `copies` times). The rest of each sequence then runs on the cache, positions after
+    the prefix. The one shared-prefix forward: the learner's GRPO group logprobs and `answer_logits` use it."""
+    out = model(input_ids=torch.as_tensor([list(prefix)], device=device), logits_to_keep=1, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(copies)
+    return out.logits, cache
 
 
 def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
@@ -83,17 +82,15 @@ def answer_logits(model, prompts: Sequence[Sequence[int]], answer_ids: tuple[int
     """
     device = next(model.parameters()).device
     p = common_prefix_length(prompts) if shared_prefix and len(prompts) > 1 else 0
-    ids, mask = _left_pad([list(x)[p:] for x in prompts], pad_id, device)
+    ids, mask = pad_rows([list(x)[p:] for x in prompts], pad_id, torch.long, device, left=True)
+    mask = mask.long()
     n = len(prompts)
     if p == 0:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
                        use_cache=False).logits
     else:
-        prefix = model(input_ids=torch.as_tensor([list(prompts[0][:p])], device=device), logits_to_keep=1,
-                       use_cache=True)
-        cache = prefix.past_key_values
-        cache.batch_repeat_interleave(n)
+        _, cache = encode_prefix(model, prompts[0][:p], n, device)
         attn = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=device), mask], dim=1)
         positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,

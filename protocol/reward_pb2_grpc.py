@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocol import reward_pb2 as protocol_dot_reward__pb2
+from prorank.protocol import reward_pb2 as prorank_dot_protocol_dot_reward__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protocol/reward_pb2_grpc.py depends on'
+        + ' but the generated code in prorank/protocol/reward_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class RewardStub:
         """
         self.Score = channel.unary_unary(
                 '/prorank.reward.v1.Reward/Score',
-                request_serializer=protocol_dot_reward__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=protocol_dot_reward__pb2.ScoreResponse.FromString,
+                request_serializer=prorank_dot_protocol_dot_reward__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=prorank_dot_protocol_dot_reward__pb2.ScoreResponse.FromString,
                 _registered_method=True)
 
 
@@ -57,8 +57,8 @@ def add_RewardServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=protocol_dot_reward__pb2.ScoreRequest.FromString,
-                    response_serializer=protocol_dot_reward__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=prorank_dot_protocol_dot_reward__pb2.ScoreRequest.FromString,
+                    response_serializer=prorank_dot_protocol_dot_reward__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,8 +86,8 @@ class Reward:
             request,
             target,
             '/prorank.reward.v1.Reward/Score',
-            protocol_dot_reward__pb2.ScoreRequest.SerializeToString,
-            protocol_dot_reward__pb2.ScoreResponse.FromString,
+            prorank_dot_protocol_dot_reward__pb2.ScoreRequest.SerializeToString,
+            prorank_dot_protocol_dot_reward__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocol import weights_pb2 as protocol_dot_weights__pb2
+from prorank.protocol import weights_pb2 as prorank_dot_protocol_dot_weights__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protocol/weights_pb2_grpc.py depends on'
+        + ' but the generated code in prorank/protocol/weights_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class WeightsStub:
         """
         self.Fetch = channel.unary_stream(
                 '/prorank.weights.v1.Weights/Fetch',
-                request_serializer=protocol_dot_weights__pb2.FetchRequest.SerializeToString,
-                response_deserializer=protocol_dot_weights__pb2.WeightMessage.FromString,
+                request_serializer=prorank_dot_protocol_dot_weights__pb2.FetchRequest.SerializeToString,
+                response_deserializer=prorank_dot_protocol_dot_weights__pb2.WeightMessage.FromString,
                 _registered_method=True)
         self.Report = channel.unary_unary(
                 '/prorank.weights.v1.Weights/Report',
-                request_serializer=protocol_dot_weights__pb2.Ack.SerializeToString,
-                response_deserializer=protocol_dot_weights__pb2.ReportReply.FromString,
+                request_serializer=prorank_dot_protocol_dot_weights__pb2.Ack.SerializeToString,
+                response_deserializer=prorank_dot_protocol_dot_weights__pb2.ReportReply.FromString,
                 _registered_method=True)
 
 
@@ -70,13 +70,13 @@ def add_WeightsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
-                    request_deserializer=protocol_dot_weights__pb2.FetchRequest.FromString,
-                    response_serializer=protocol_dot_weights__pb2.WeightMessage.SerializeToString,
+                    request_deserializer=prorank_dot_protocol_dot_weights__pb2.FetchRequest.FromString,
+                    response_serializer=prorank_dot_protocol_dot_weights__pb2.WeightMessage.SerializeToString,
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
-                    request_deserializer=protocol_dot_weights__pb2.Ack.FromString,
-                    response_serializer=protocol_dot_weights__pb2.ReportReply.SerializeToString,
+                    request_deserializer=prorank_dot_protocol_dot_weights__pb2.Ack.FromString,
+                    response_serializer=prorank_dot_protocol_dot_weights__pb2.ReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -104,8 +104,8 @@ class Weights:
             request,
             target,
             '/prorank.weights.v1.Weights/Fetch',
-            protocol_dot_weights__pb2.FetchRequest.SerializeToString,
-            protocol_dot_weights__pb2.WeightMessage.FromString,
+            prorank_dot_protocol_dot_weights__pb2.FetchRequest.SerializeToString,
+            prorank_dot_protocol_dot_weights__pb2.WeightMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -131,8 +131,8 @@ class Weights:
             request,
             target,
             '/prorank.weights.v1.Weights/Report',
-            protocol_dot_weights__pb2.Ack.SerializeToString,
-            protocol_dot_weights__pb2.ReportReply.FromString,
+            prorank_dot_protocol_dot_weights__pb2.Ack.SerializeToString,
+            prorank_dot_protocol_dot_weights__pb2.ReportReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from protocol import reward_pb2, reward_pb2_grpc
 from prorank.config import RewardConfig
+from prorank.protocol import reward_pb2, reward_pb2_grpc
 from prorank.rollout import GroupResult
 from prorank.security import auth_metadata, channel_credentials
 

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 class RewardReplica:
     def __init__(self, data: DataConfig, cfg: RewardConfig, token: str):
         from prorank.data import load_dataset
-        from reward.server import RewardServer
+        from prorank.reward.server import RewardServer
 
         # Several replicas may share a node: each takes a free port.
         self.server = RewardServer(load_dataset(data).qrels, cfg.model_copy(update={"port": 0}), token).start()

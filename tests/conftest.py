@@ -85,3 +85,18 @@ def answering_model(tmp_path_factory, scifact_dir):
     from prorank.models import build_answering_model
 
     return build_answering_model(tmp_path_factory.mktemp("answering-model"), scifact_dir)
+
+
+# The fast tier, `pytest -m "not slow"` (README): a test is slow when it starts something heavy: Ray (and
+# with it vLLM engines or DeepSpeed ranks), the real SmolLM2, a whole `prorank` job in a subprocess, a
+# simulated cluster of network namespaces, the real clients, or a browser. Marked here, in one place, by
+# the fixtures and modules that do so; CI runs every tier.
+SLOW_FIXTURES = {"ray_local", "smollm2_dir", "answering_model"}
+SLOW_MODULES = {"test_train_job", "test_simcluster", "test_deploy", "test_soak", "test_clients", "test_control",
+                "test_hostile_callers"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

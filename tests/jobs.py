@@ -48,7 +48,7 @@ def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = ST
 
 def start_job(config: Path, tag: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PRORANK_E2E_TAG": tag, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "driver.cli", "train", "--config", str(config), *extra],
+    return subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

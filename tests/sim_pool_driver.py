@@ -9,7 +9,7 @@ import sys
 
 import ray
 
-from actors.pool import ActorPool
+from prorank.actors.pool import ActorPool
 from prorank.config import ActorConfig, PromptConfig, SamplingConfig
 from prorank.data import load_local
 from prorank.rollout import RolloutRequest

@@ -2,28 +2,48 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-from actors.pool import ActorPool  # noqa: E402
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig  # noqa: E402
+from prorank.actors.pool import ActorPool  # noqa: E402
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig  # noqa: E402
 from prorank.prompt import INVALID, parse_judgment  # noqa: E402
 from prorank.rollout import RolloutRequest  # noqa: E402
+from prorank.weights.server import WeightServer  # noqa: E402
+from prorank.weights.transport import GrpcTransport  # noqa: E402
 
 G = 4
+TOKEN = "sync-token"
 
 
 @pytest.fixture(scope="module")
 def pool(ray_local, tiny_model_dir):
     cfg = ActorConfig(num_actors=2, num_cpus=1, max_model_len=384, kv_cache_gib=1, chunk_size=3)
     sampling = SamplingConfig(group_size=G, max_tokens=3, seed=1, per_request_seed=True)
-    pool = ActorPool(str(tiny_model_dir), cfg, sampling, PromptConfig(max_length=176))
+    receivers = GrpcTransport(TOKEN, WeightSyncConfig(wait_seconds=30)).receiver
+    pool = ActorPool(str(tiny_model_dir), cfg, sampling, PromptConfig(max_length=176), receivers)
     pool.start()
     yield pool
     pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A learner's weight server for the tests that only need a version served."""
+    srv = WeightServer(TOKEN).start()
+    yield srv
+    srv.stop(0)
+
+
+def serve(pool, server, version: int, state) -> dict[str, dict]:
+    """Publish `state` as `version` and have every actor pull it; the actors' answers."""
+    server.publisher.publish(version, state)
+    return pool.sync_weights(server.address)
 
 
 def requests_from(dataset, n: int, tag: str = "r") -> list[RolloutRequest]:
@@ -110,13 +130,13 @@ def test_long_prompt_is_truncated_not_rejected(pool):
     assert res.prompt_len <= 384 - 3 and len(res.completions) == G
 
 
-def test_weights_update_in_place(pool, tiny_model, scifact_test):
+def test_weights_update_in_place(pool, server, tiny_model, scifact_test):
     model = tiny_model[0]
     req = requests_from(scifact_test, 1, "w")
     before = pool.generate(req)[0]
     new = _perturbed(model, 0)
     version = pool.latest_version + 1
-    assert set(pool.update_weights(version, new).values()) == {version}
+    assert {a["version"] for a in serve(pool, server, version, new).values()} == {version}
     updated = _updated(model, new)
     after = pool.generate(req)[0]
     assert after.version == version and after.prompt_ids == before.prompt_ids
@@ -124,20 +144,33 @@ def test_weights_update_in_place(pool, tiny_model, scifact_test):
         assert torch.allclose(torch.tensor(c.logprobs), hf_logprobs(updated, after.prompt_ids, c.token_ids), atol=1e-4)
     old_view = hf_logprobs(model, after.prompt_ids, after.completions[0].token_ids)
     assert not torch.allclose(torch.tensor(after.completions[0].logprobs), old_view, atol=1e-3)
-    assert pool.update_weights(version - 1, new) == pool.versions()  # an older version is ignored
+    older = WeightServer(TOKEN).start()
+    try:  # a server with no newer version than the actors serve: nothing arrives, and they keep theirs
+        older.publisher.publish(version, _perturbed(model, 3))
+        assert not any(a["applied"] for a in pool.sync_weights(older.address, wait_seconds=1).values())
+    finally:
+        older.stop(0)
     assert set(pool.versions().values()) == {version}
 
 
-def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test):
-    from protocol.weight_service import WeightServer
-
-    model = tiny_model[0]
-    server = WeightServer("sync-token").start()
+@contextmanager
+def published(pool, model, seed: int, **server_args):
+    """A weight server of its own, with a new version (every tensor moved) published on it:
+    (server, version, weights)."""
+    server = WeightServer(TOKEN, **server_args).start()
     try:
         version = pool.latest_version + 1
-        new = _perturbed(model, 1)
+        new = _perturbed(model, seed)
         server.publisher.publish(version, new)
-        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+        yield server, version, new
+    finally:
+        server.stop(0)
+
+
+def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test):
+    model = tiny_model[0]
+    with published(pool, model, 1) as (server, version, new):
+        answers = pool.sync_weights(server.address)
         assert answers and all(a["version"] == version and a["applied"] and not a["error"] for a in answers.values())
         # A pipeline: the first actor pulls from the learner, the second from the first actor's relay.
         first, second = (pool.slots[name] for name in sorted(answers))
@@ -151,17 +184,15 @@ def test_weight_sync_over_grpc_into_live_engines(pool, tiny_model, scifact_test)
         corrupt = bytearray(chunks[0])
         corrupt[-100] ^= 0x01  # a byte of the first chunk, flipped after its checksum was taken
         chunks[0] = bytes(corrupt)
-        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+        answers = pool.sync_weights(server.address)
         assert all(not a["applied"] and "checksum" in a["error"] for a in answers.values())
         assert set(pool.versions().values()) == {version}  # still serving the last good version
         assert all("checksum" in error for _, error in server.publisher.receivers.values())
-    finally:
-        server.stop(0)
 
 
-def test_scale_up_and_down_while_streaming(pool, tiny_model, scifact_test):
+def test_scale_up_and_down_while_streaming(pool, server, tiny_model, scifact_test):
     version = pool.latest_version + 1
-    pool.update_weights(version, tiny_model[0].state_dict())
+    serve(pool, server, version, tiny_model[0].state_dict())
     first, second = requests_from(scifact_test, 60, "s")[:24], requests_from(scifact_test, 60, "s")[24:]
     seen = []
     for res in pool.stream(first):  # grow while a stream runs
@@ -170,7 +201,7 @@ def test_scale_up_and_down_while_streaming(pool, tiny_model, scifact_test):
             pool.scale(3)
             assert pool.size == 3
     # rollout-2 is most likely still starting: an update now reaches it queued behind its start-up.
-    pool.update_weights(version + 1, tiny_model[0].state_dict())
+    serve(pool, server, version + 1, tiny_model[0].state_dict())
     pool.wait_ready()
     assert pool.versions() == {"rollout-0": version + 1, "rollout-1": version + 1, "rollout-2": version + 1}
     for res in pool.stream(second):  # shrink while a stream runs
@@ -203,18 +234,12 @@ def test_sync_without_waiting_sends_changed_tensors_and_bfloat16(pool, tiny_mode
     """The job's sync: actors pull after the chunks they have in flight, while a stream runs, every
     request answered once; a version that changed one tensor sends that tensor alone; bfloat16 on the
     wire lands in the float32 engines as the bfloat16-rounded values."""
-    from protocol.weight_service import WeightServer
-
     model = tiny_model[0]
-    server = WeightServer("sync-token").start()
-    try:
-        version = pool.latest_version + 1
-        new = _perturbed(model, 2)
-        server.publisher.publish(version, new)
+    with published(pool, model, 2) as (server, version, new):
         reqs, seen = requests_from(scifact_test, 24, "nw"), []
         for res in pool.stream(reqs):
             if not seen:
-                queued = pool.sync_weights(server.address, "sync-token", wait_seconds=30, version=version, wait=False)
+                queued = pool.sync_weights(server.address, version=version, wait=False)
                 assert queued == {}
             seen.append(res)
         assert sorted(r.request_id for r in seen) == sorted(r.request_id for r in reqs)
@@ -231,35 +256,30 @@ def test_sync_without_waiting_sends_changed_tensors_and_bfloat16(pool, tiny_mode
         changed = {**new, name: new[name] + 0.5}
         received = pool.received_bytes
         server.publisher.publish(version + 1, changed)
-        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+        answers = pool.sync_weights(server.address)
         assert all(a["applied"] and a["bytes"] == new[name].numel() * 4 for a in answers.values()), answers
         assert pool.received_bytes - received == len(answers) * new[name].numel() * 4
         _check_logprobs(pool, _updated(model, changed), scifact_test, version + 1, "nw3")
-    finally:
-        server.stop(0)
 
-    server = WeightServer("sync-token", wire_dtype=torch.bfloat16).start()
-    try:
-        server.publisher.publish(version + 2, new)
-        answers = pool.sync_weights(server.address, "sync-token", wait_seconds=30)
+    with published(pool, model, 2, wire_dtype=torch.bfloat16) as (server, version, new):  # a server sending bf16
+        answers = pool.sync_weights(server.address)
         assert all(a["applied"] for a in answers.values()), answers
         rounded = {k: v.to(torch.bfloat16).float() for k, v in new.items()}
-        _check_logprobs(pool, _updated(model, rounded), scifact_test, version + 2, "bf")
-    finally:
-        server.stop(0)
+        _check_logprobs(pool, _updated(model, rounded), scifact_test, version, "bf")
 
 
-def test_dev_scores_on_an_actor_equal_prorank_evals(pool, tiny_model, scifact_test):
+def test_dev_scores_on_an_actor_equal_prorank_evals(pool, server, tiny_model, scifact_test):
     """The dev evaluation's scores (vLLM, logprobs of "0" and "1") equal `prorank eval`'s (transformers,
     logit("1") - logit("0")) on the same weights within 1e-3, so the rankings are the same."""
-    from eval.run import candidate_pairs, rerank, rerank_by_scores
     from prorank.bm25 import bm25_search
     from prorank.config import BM25Config
+    from prorank.eval.run import candidate_pairs, rerank, rerank_by_scores
     from prorank.prompt import PromptBuilder
 
-    new = {k: v.clone() for k, v in tiny_model[0].state_dict().items()}
+    # Every tensor new: the actors last held another server's version, so none is kept from their blobs.
+    new = _perturbed(tiny_model[0], 4)
     version = pool.latest_version + 1
-    pool.update_weights(version, new)
+    serve(pool, server, version, new)
     queries = scifact_test.query_ids[:6]
     ranking = bm25_search(scifact_test, queries, BM25Config(top_k=8))
     pairs = candidate_pairs(scifact_test, ranking, 8)

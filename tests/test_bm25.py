@@ -1,6 +1,6 @@
-from eval.metrics import evaluate, ranked_to_run
 from prorank.bm25 import bm25_search, cache_root
 from prorank.config import BM25Config
+from prorank.eval.metrics import evaluate, ranked_to_run
 
 
 def _ndcg(dataset, ranking):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from driver.cli import app, source_values
 from prorank.config_file import ConfigError
+from prorank.driver.cli import app, source_values
 
 runner = CliRunner()
 
@@ -190,7 +190,7 @@ def test_train_names_a_data_error_before_its_tensorboard_line(scifact_dir, tiny_
     data = tmp_path / "data"
     shutil.copytree(scifact_dir, data)
     (data / "queries.jsonl").write_bytes(b'{"_id": "1", "text": "ok"}\n{"_id": "2", "text": "\xc3("}\n')
-    res = subprocess.run([sys.executable, "-m", "driver.cli", "train", f"data.path={data}", f"model.path={tiny_model_dir}",
+    res = subprocess.run([sys.executable, "-m", "prorank.driver.cli", "train", f"data.path={data}", f"model.path={tiny_model_dir}",
                           f"train.output_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 2, res.stderr

@@ -14,12 +14,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from jobs import ROOT, gone, job_config, start_job
 
 from bench.clients import (
     CLIENTS_PYTHON, FULL, ClientError, cross_encoder, flat, mxbai, our_scores, per_query, run_client,
     scifact_candidates, vllm,
 )
-from jobs import ROOT, gone, job_config, start_job
 
 TRAINED_LENGTH = 192
 LONG_QUERY = "Does vitamin C supplementation lower the risk of scurvy in sailors on long voyages? " * 12
@@ -125,7 +125,7 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
     made = json.loads(run_client(CLIENTS_PYTHON, "released_layout_model.py", {}, str(tiny_model_dir), str(released)))
     assert made["tokenizer_class"] == "Qwen2Tokenizer" and made["rope_theta"] and not (released / "prorank.json").exists()
 
-    cli = [sys.executable, "-m", "driver.cli"]
+    cli = [sys.executable, "-m", "prorank.driver.cli"]
     zero_shot = subprocess.run(cli + ["eval", "--data", str(scifact_dir), "--model", str(released), "--max-queries", "4",
                                       "--rerank-depth", "5", "--max-length", "96", "--output", str(tmp_path / "zs.json"),
                                       "eval.tensorboard_dir=" + str(tmp_path / "tb")],

@@ -64,7 +64,10 @@ def test_stages_and_score_section():
                              "learner.num_ranks=2"])
     assert cfg.train.stages == ["warmup", "score"]
     lc = cfg.score_learner()
-    assert (lc.groups_per_step, lc.micro_batch_groups, lc.beta, lc.lr) == (4, 2, 0.0, cfg.score.lr)
+    assert (lc.lr, lc.warmup_steps, lc.total_steps, lc.num_ranks) == (cfg.score.lr, cfg.score.warmup_steps,
+                                                                      cfg.score.steps, 2)
+    mix = cfg.score.ranking_loss()  # passed whole to the learner: every loss named
+    assert mix.weights == {"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0} and mix.temperature == 1.0
     for bad, key in [(["train.stages=score,warmup"], "train"), (["train.stages=warmup,warmup"], "train"),
                      (["train.stages=score", "score.queries_per_step=3"], "queries_per_step"),
                      (["score.init_from=x"], "init_from"), (["score.contrastive_weight=0"], "score"),

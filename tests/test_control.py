@@ -6,7 +6,7 @@ import pytest
 
 
 def test_scale_request_reaches_the_job(ray_local):
-    from driver.control import find_control, start_control, wanted_actors
+    from prorank.driver.control import find_control, start_control, wanted_actors
 
     control = start_control("control-test")
     try:

@@ -59,7 +59,7 @@ def test_data_as_published_is_kept_and_counted(tmp_path, caplog):
     """An empty document is indexed (never retrieved); a qrel naming a document that is not in the corpus
     counts in evaluation as a relevant document never retrieved, and is not trained on; a qrel naming
     an unknown query is dropped. One warning each, with the counts."""
-    from eval.metrics import evaluate
+    from prorank.eval.metrics import evaluate
 
     docs = DOCS + [{"_id": "d3", "title": "", "text": ""}]
     root = write_beir(tmp_path / "ds", docs, QUERIES, ["q1\td1\t1", "q1\td9\t1", "q2\td2\t1", "q7\td1\t1"])

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from jobs import ROOT, job_config, step_lines
 
 DEPLOY = ROOT / "deploy"
@@ -147,7 +146,7 @@ def _nodes(address: str, env: dict) -> dict[str, set[str]]:
 
 
 def _cli(address: str, env: dict, job: str, *args: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "driver.cli", *args, "--address", address, "--job", job],
+    out = subprocess.run([sys.executable, "-m", "prorank.driver.cli", *args, "--address", address, "--job", job],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
@@ -162,7 +161,7 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
         "reward": {"resources": {"learner_node": 1}},
         "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
     })
-    proc = subprocess.Popen([sys.executable, "-m", "driver.cli", "train", "--config", str(config), "--address",
+    proc = subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), "--address",
                              address], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
 

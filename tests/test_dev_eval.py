@@ -21,7 +21,7 @@ class _Pool:
         self.scores, self.dead_first, self.calls, self.busy = scores, dead_first, [], 0.0
 
     def score(self, pairs, exclude=()):
-        from actors.pool import PoolError
+        from prorank.actors.pool import PoolError
 
         self.calls.append(set(exclude))
         if self.dead_first and not exclude:
@@ -53,7 +53,7 @@ def dev_setup(scifact_test):
 
 @pytest.mark.parametrize("dead_first", [False, True])
 def test_figures_at_the_version_measured_and_a_lost_actor_replaced(ray_local, dev_setup, dead_first):
-    from driver.dev_eval import DevEval
+    from prorank.driver.dev_eval import DevEval
 
     cfg, data, ranking, queries, oracle = dev_setup
     pool = _Pool(oracle, dead_first)
@@ -68,7 +68,7 @@ def test_figures_at_the_version_measured_and_a_lost_actor_replaced(ray_local, de
 
 
 def test_no_actor_ready_skips_the_evaluation(ray_local, dev_setup):
-    from driver.dev_eval import DevEval
+    from prorank.driver.dev_eval import DevEval
 
     cfg, data, ranking, queries, oracle = dev_setup
     pool = _Pool(oracle, dead_first=False)

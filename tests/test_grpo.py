@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from learner.grpo import batch_normalizer, group_advantages, grpo_loss, k3_kl, token_weights
+from prorank.learner.grpo import batch_normalizer, group_advantages, grpo_loss, k3_kl, token_weights
 
 L = math.log
 

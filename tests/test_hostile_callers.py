@@ -18,17 +18,17 @@ import grpc
 import pytest
 import torch
 
-from actors.weight_receiver import fetch_version, report
 from bench.hostile_peers import Attack, PeakRss
-from protocol import reward_pb2, weights_pb2
-from protocol.weight_service import WeightServer
-from protocol.weights_codec import TransferError
 from prorank import guarded_server
 from prorank.config import RewardConfig
 from prorank.guarded_server import RefusalLog, ServerLimits
+from prorank.protocol import reward_pb2, weights_pb2
+from prorank.reward.client import SyncRewardClient, client_options
+from prorank.reward.server import RewardServer
 from prorank.security import auth_metadata
-from reward.client import SyncRewardClient, client_options
-from reward.server import RewardServer
+from prorank.weights.codec import TransferError
+from prorank.weights.receiver import fetch_version, report
+from prorank.weights.server import WeightServer
 
 TOKEN = "hostile-token"
 SCORE, FETCH, REPORT = ("/prorank.reward.v1.Reward/Score", "/prorank.weights.v1.Weights/Fetch",
@@ -217,7 +217,7 @@ async def _release(guard, peer: str, n: int) -> None:
 def test_fetch_timeout_bounds_the_whole_call():
     """A server that sends a manifest and then nothing: the receiver gives up after its wait plus its
     transfer timeout (it used to add 600 s)."""
-    from protocol.weight_service import WeightPublisher
+    from prorank.weights.server import WeightPublisher
 
     class Stalling(WeightPublisher):
         async def Fetch(self, raw, context):

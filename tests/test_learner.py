@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
 from prorank.config import LearnerConfig
+from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
 from prorank.prompt import PromptBuilder
 from prorank.rollout import ScoredGroup
 
@@ -79,7 +79,7 @@ def groups(scifact_test, tiny_model):
 def _reference_run(tiny_model_dir, cfg, groups, steps):
     from transformers import AutoModelForCausalLM
 
-    from learner.torch_loop import TorchLearner
+    from prorank.learner.torch_loop import TorchLearner
     from prorank.models import load_tokenizer
 
     torch.manual_seed(cfg.seed)
@@ -92,10 +92,11 @@ def _reference_run(tiny_model_dir, cfg, groups, steps):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_ranks_learn_and_match_single_process(ray_local, tiny_model_dir, tiny_model, groups, stage):
-    from learner.group import LearnerGroup
+    from prorank.learner.group import LearnerGroup
+    from prorank.learner.objectives import GrpoObjective
 
     cfg = _cfg(stage)
-    learner = LearnerGroup(str(tiny_model_dir), cfg)
+    learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         metrics = [learner.step(groups) for _ in range(3)]
         weights, seconds = learner.full_weights()
@@ -124,10 +125,11 @@ def test_deepspeed_ranks_learn_and_match_single_process(ray_local, tiny_model_di
 
 
 def test_checkpoint_resume_gives_the_same_loss(ray_local, tiny_model_dir, groups, tmp_path):
-    from learner.group import LearnerGroup
+    from prorank.learner.group import LearnerGroup
+    from prorank.learner.objectives import GrpoObjective
 
     cfg = _cfg(2)
-    learner = LearnerGroup(str(tiny_model_dir), cfg)
+    learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         learner.step(groups)
         learner.save(tmp_path, {"data_position": 17})
@@ -135,7 +137,7 @@ def test_checkpoint_resume_gives_the_same_loss(ray_local, tiny_model_dir, groups
         (tmp_path / ".tmp-step-9").mkdir()  # debris of a crashed save must not matter
     finally:
         learner.shutdown()
-    resumed = LearnerGroup(str(tiny_model_dir), cfg)
+    resumed = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         state = resumed.load(tmp_path)
         assert state == {"steps": 1, "data_position": 17}
@@ -152,9 +154,10 @@ def test_a_rank_killed_mid_step_fails_the_step_naming_it(ray_local, tiny_model_d
 
     import ray
 
-    from learner.group import LearnerError, LearnerGroup
+    from prorank.learner.group import LearnerError, LearnerGroup
+    from prorank.learner.objectives import GrpoObjective
 
-    learner = LearnerGroup(str(tiny_model_dir), _cfg(2))
+    learner = LearnerGroup(str(tiny_model_dir), _cfg(2), GrpoObjective(_cfg(2)))
     try:
         learner.step(groups)
         killer = threading.Timer(0.3, lambda: ray.kill(learner.ranks[1]))
@@ -176,14 +179,16 @@ def test_rank0_publishes_its_weights_and_only_what_a_step_changed(ray_local, tin
     holding version 1 is sent just those, and its blob then equals the learner's full weights."""
     import safetensors.torch
 
-    from actors.weight_receiver import fetch_version
-    from learner.group import LearnerGroup
     from prorank.config import WeightSyncConfig
+    from prorank.learner.group import LearnerGroup
+    from prorank.learner.objectives import GrpoObjective
+    from prorank.weights.receiver import fetch_version
+    from prorank.weights.transport import GrpcTransport
 
     cfg = _cfg(stage).model_copy(update={"trainable_layers": 1})
-    learner = LearnerGroup(str(tiny_model_dir), cfg)
+    learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg), sender=GrpcTransport("tok", WeightSyncConfig()).sender())
     try:
-        address = learner.serve_weights("tok", WeightSyncConfig())
+        address = learner.serve_weights()
         first = learner.publish(1, ["r"])
         assert first["changed_tensors"] == first["tensors"] and first["changed_bytes"] == first["bytes"]
         _, blob = fetch_version(address, "tok", 0, "r", timeout=30)

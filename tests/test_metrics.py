@@ -3,7 +3,7 @@ import math
 import pytest
 import pytrec_eval
 
-from eval.metrics import evaluate, ranked_to_run
+from prorank.eval.metrics import evaluate, ranked_to_run
 
 QRELS = {"q1": {"a": 2, "b": 1, "z": 1}, "q2": {"c": 1}, "q3": {"d": 1}}
 RUN = {"q1": {"b": 3.0, "x": 2.0, "a": 1.0}, "q2": {"y": 5.0, "c": 4.0}, "q3": {}}

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from prorank.prompt import (
-    CHAT_PREFIX, CHAT_SUFFIX, INVALID, TASK_PROMPT, PromptBuilder, PromptError, answer_token_ids,
-    check_model_layout, parse_judgment, prompt_text, relevance_score,
+    CHAT_PREFIX, CHAT_SUFFIX, INVALID, TASK_PROMPT, PromptBuilder, PromptError, answer_token_ids, check_model_layout,
+    parse_judgment, prompt_text, relevance_score,
 )
 from prorank.scoring import answer_logits
 

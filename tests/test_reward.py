@@ -15,12 +15,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protocol import reward_pb2
 from prorank.config import RewardConfig
+from prorank.protocol import reward_pb2
+from prorank.reward.client import RewardError, SyncRewardClient
+from prorank.reward.scoring import score_completions
+from prorank.reward.server import RewardServer
 from prorank.security import SecurityError, auth_metadata
-from reward.client import RewardError, SyncRewardClient
-from reward.scoring import score_completions
-from reward.server import RewardServer
 
 TOKEN = "test-token-123"
 
@@ -69,7 +69,7 @@ def test_scoring_weights_strictness_threshold():
     lenient = RewardConfig(strict_format=False, format_weight=0.5, relevance_weight=2.0)
     assert [s.total for s in score_completions(["1.", "0", "x"], 1, lenient)] == [2.5, 0.5, 0.0]
     assert [s.total for s in score_completions(["1.", "0", "x"], 1, RewardConfig())] == [0.0, 1.0, 0.0]
-    from reward.scoring import label_of
+    from prorank.reward.scoring import label_of
 
     assert [label_of({"d": 1, "e": 2}, doc, 2) for doc in "def"] == [0, 1, 0]
 
@@ -126,7 +126,7 @@ def test_server_needs_a_token(train_qrels, monkeypatch):
         RewardServer(train_qrels, RewardConfig(port=0))
 
 
-def _self_signed(tmp_path: Path) -> tuple[str, str]:
+def self_signed(tmp_path: Path) -> tuple[str, str]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -152,7 +152,7 @@ def _self_signed(tmp_path: Path) -> tuple[str, str]:
 
 
 def test_tls(train_qrels, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     srv = RewardServer(train_qrels, RewardConfig(port=0, tls_cert=cert, tls_key=key), TOKEN).start()
     try:
         client = client_for(srv, tls_ca=cert)
@@ -168,7 +168,7 @@ def test_tls(train_qrels, tmp_path):
 
 
 def test_deadline_expiry(server):
-    from reward.client import client_options
+    from prorank.reward.client import client_options
 
     client = client_for(server, **client_options(RewardConfig(timeout_seconds=1e-4, retries=0)))
     big = [G(f"g{i}", "0", "31715818", *["1"] * 8) for i in range(20000)]
@@ -195,7 +195,7 @@ def test_failover_when_a_replica_stops_mid_stream(train_qrels):
 
 def test_replicas_as_ray_actors(ray_local, scifact_dir):
     from prorank.config import DataConfig
-    from reward.replica import start_replicas
+    from prorank.reward.replica import start_replicas
 
     handles, addresses = start_replicas(DataConfig(path=str(scifact_dir), split="train"),
                                         RewardConfig(replicas=2, num_cpus=0.5), TOKEN)

@@ -11,11 +11,11 @@ import time
 import grpc
 import pytest
 
-from protocol import reward_pb2
 from prorank.config import RewardConfig
+from prorank.protocol import reward_pb2
+from prorank.reward.client import RewardError, SyncRewardClient, client_options
+from prorank.reward.server import SERVICE, RewardServer
 from prorank.security import auth_metadata
-from reward.client import RewardError, SyncRewardClient, client_options
-from reward.server import SERVICE, RewardServer
 
 TOKEN = "hardening-token"
 
@@ -123,7 +123,7 @@ def test_calls_in_flight_when_a_replica_stops_go_to_the_other(qrels):
     retried on the other replica, not failed (this failed a step under CI load before)."""
     import asyncio
 
-    from reward.client import RewardClient
+    from prorank.reward.client import RewardClient
 
     groups = [G(request_id=f"r{i}", completions=["1"] * 64) for i in range(3000)]
     for _ in range(5):

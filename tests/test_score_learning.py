@@ -8,14 +8,30 @@ import math
 import pytest
 import torch
 
-from learner.score_losses import (listwise_contrastive, pairs_ordered, pairwise_preference, pointwise_bce,
-                                  score_margin)
+from prorank.config import RankingLoss
+from prorank.learner.score_losses import (
+    listwise_contrastive, pairs_ordered, pairwise_preference, pointwise_bce, ranking_losses, score_margin,
+)
 
 T = torch.tensor
 
 
 def _mask(labels):
     return torch.ones_like(labels, dtype=torch.bool)
+
+
+def test_the_loss_mix_names_every_loss_and_no_other():
+    """A loss left out of the mix, or one no function computes, is an error, never a silent zero."""
+    scores, labels = T([[2.0, 0.0, 1.0]]), T([[1, 0, 0]])
+    full = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.5, "pointwise": 0.0}, temperature=1.0)
+    total, parts = ranking_losses(scores, labels, _mask(labels), full)
+    assert set(parts) == {"contrastive", "pairwise"}  # a zero weight is not computed
+    assert total.item() == pytest.approx(parts["contrastive"].item() + 0.5 * parts["pairwise"].item())
+    for weights in ({"contrastive": 1.0}, {"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0, "listmle": 1.0}):
+        with pytest.raises(ValueError, match="every loss of"):
+            ranking_losses(scores, labels, _mask(labels), RankingLoss(weights=weights, temperature=1.0))
+    with pytest.raises(ValueError, match="one > 0"):
+        RankingLoss(weights={"contrastive": 0.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
 
 
 def test_contrastive_hand_computed():
@@ -129,11 +145,11 @@ def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
     """A few AdamW steps of the mixed loss on fixed queries raise the positive-minus-negative margin."""
     from transformers import AutoModelForCausalLM
 
-    from learner.score_step import score_micro_batch_loss
+    from prorank.batches import RankingGroup
     from prorank.data import load_local
+    from prorank.learner.score_step import score_micro_batch_loss
     from prorank.models import load_tokenizer
     from prorank.prompt import PromptBuilder, document_text
-    from prorank.rollout import RankingGroup
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -148,11 +164,11 @@ def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
         ids = [pos, *negs]
         pairs = [(data.queries[qid], document_text(data.corpus[d].title, data.corpus[d].text)) for d in ids]
         groups.append(RankingGroup(qid, ids, [1] + [0] * len(negs), builder.encode_batch(pairs)))
-    weights = {"contrastive": 1.0, "pairwise": 0.5, "pointwise": 0.5}
+    mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.5, "pointwise": 0.5}, temperature=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     margins, losses = [], []
     for _ in range(8):
-        loss, stats = score_micro_batch_loss(model, groups, len(groups), weights, 1.0, builder.answer_ids,
+        loss, stats = score_micro_batch_loss(model, groups, len(groups), mix, builder.answer_ids,
                                              tokenizer.pad_token_id)
         opt.zero_grad()
         loss.backward()
@@ -166,9 +182,9 @@ def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
 
 
 def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
+    from prorank.batches import RankingGroup
     from prorank.data import load_local
     from prorank.prompt import PromptBuilder, document_text
-    from prorank.rollout import RankingGroup
 
     builder = PromptBuilder(tokenizer, 144)
     data = load_local(scifact_dir, "train")
@@ -181,13 +197,13 @@ def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
     return groups, builder
 
 
-def _torch_steps(model, groups, builder, weights: dict, lc, steps: int = 3) -> list[float]:
+def _torch_steps(model, groups, builder, mix: RankingLoss, lc, steps: int = 3) -> list[float]:
     """The losses of `steps` plain torch AdamW steps over `groups` (one query per micro-batch, summed over
     the step's rows), with lc's lr schedule and clipping: what the DeepSpeed ranks are compared against."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    from learner.score_step import score_micro_batch_loss
-    from learner.step import lr_lambda
+    from prorank.learner.score_step import score_micro_batch_loss
+    from prorank.learner.step import lr_lambda
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lc.lr, weight_decay=lc.weight_decay)
     schedule = LambdaLR(opt, lr_lambda(lc))
@@ -195,7 +211,7 @@ def _torch_steps(model, groups, builder, weights: dict, lc, steps: int = 3) -> l
     for _ in range(steps):
         total = 0.0
         for g in groups:
-            loss, stats = score_micro_batch_loss(model, [g], len(groups), weights, 1.0, builder.answer_ids,
+            loss, stats = score_micro_batch_loss(model, [g], len(groups), mix, builder.answer_ids,
                                                  builder.tokenizer.pad_token_id)
             loss.backward()
             total += stats["loss"]
@@ -215,9 +231,10 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
     the top layers (and the final norm) move, on both sides."""
     from transformers import AutoModelForCausalLM
 
-    from learner.group import LearnerGroup
-    from learner.rank import freeze_below
     from prorank.config import ProRankConfig
+    from prorank.learner.group import LearnerGroup
+    from prorank.learner.objectives import RankingObjective
+    from prorank.learner.rank import freeze_below
     from prorank.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -228,10 +245,10 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
         "score": {"queries_per_step": 4, "micro_batch_queries": 1, "lr": 2e-3, "warmup_steps": 1, "steps": 10,
                   "pairwise_weight": 0.5, "pointwise_weight": 0.5}})
     lc = cfg.score_learner().model_copy(update={"lr_schedule": "linear", "trainable_layers": trainable})
-    ranking = {"weights": {"contrastive": 1.0, "pairwise": 0.5, "pointwise": 0.5}, "temperature": 1.0}
-    learner = LearnerGroup(str(tiny_model_dir), lc, ranking=ranking)
+    objective = RankingObjective.of(cfg.score)
+    learner = LearnerGroup(str(tiny_model_dir), lc, objective)
     try:
-        metrics = [learner.score_step(groups) for _ in range(3)]
+        metrics = [learner.step(groups) for _ in range(3)]
         weights, _ = learner.full_weights()
         folder = learner.save(tmp_path)
     finally:
@@ -242,7 +259,7 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if trainable:
         freeze_below(model, trainable)
-    losses = _torch_steps(model, groups, builder, ranking["weights"], lc)
+    losses = _torch_steps(model, groups, builder, objective.ranking_loss, lc)
     assert [m["loss"] for m in metrics] == pytest.approx(losses, rel=1e-3, abs=1e-5)
     assert metrics[-1]["margin"] > metrics[0]["margin"]
     assert metrics[0]["lr"] > 0 and metrics[0]["grad_norm"] > 0
@@ -262,7 +279,7 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
 def test_freeze_below_keeps_only_the_top_layers_trainable(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from learner.rank import freeze_below
+    from prorank.learner.rank import freeze_below
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     freeze_below(model, 1)
@@ -279,19 +296,19 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
     frozen bottom is held in bf16, and the checkpoint's model folder loads."""
     from transformers import AutoModelForCausalLM
 
-    from learner.group import LearnerGroup
-    from learner.rank import freeze_below
     from prorank.config import LearnerConfig
+    from prorank.learner.group import LearnerGroup
+    from prorank.learner.objectives import RankingObjective
+    from prorank.learner.rank import freeze_below
     from prorank.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     groups, builder = _ranking_groups(scifact_dir, tokenizer)
-    cfg = LearnerConfig(num_ranks=1, threads=2, mixed_precision="bf16", trainable_layers=1, lr=2e-3, beta=0.0,
-                        groups_per_step=4, micro_batch_groups=1)
-    ranking = {"weights": {"contrastive": 1.0}, "temperature": 1.0}
-    learner = LearnerGroup(str(tiny_model_dir), cfg, ranking=ranking)
+    cfg = LearnerConfig(num_ranks=1, threads=2, mixed_precision="bf16", trainable_layers=1, lr=2e-3, beta=0.0)
+    mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
+    learner = LearnerGroup(str(tiny_model_dir), cfg, RankingObjective(mix, 4, 1))
     try:
-        mixed = [learner.score_step(groups)["loss"] for _ in range(3)]
+        mixed = [learner.step(groups)["loss"] for _ in range(3)]
         weights, _ = learner.full_weights()
         folder = learner.save(tmp_path)
     finally:
@@ -299,7 +316,7 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     freeze_below(model, 1)
-    exact = _torch_steps(model, groups, builder, ranking["weights"], cfg)
+    exact = _torch_steps(model, groups, builder, mix, cfg)
     assert mixed == pytest.approx(exact, rel=3e-2)
     assert mixed[-1] < mixed[0]
     assert weights["model.layers.1.mlp.up_proj.weight"].dtype == torch.float32  # trained: float32 master

@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from jobs import ROOT, job_config, step_lines
 
 from deploy.sim.cluster import SimCluster, can_create_namespaces
@@ -56,14 +55,14 @@ def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tm
     config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=5000, updates={
         "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
     })
-    argv = [sys.executable, "-m", "driver.cli", "train", "--config", str(config), "--address", cluster.address,
+    argv = [sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), "--address", cluster.address,
             *cluster.train_overrides(), "actors.num_actors=1", "reward.timeout_seconds=3",
             "weights.wait_seconds=60"]
     proc = cluster.popen(0, argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
 
     def cli(*args: str) -> None:
-        out = cluster.run(0, [sys.executable, "-m", "driver.cli", *args, "--address", cluster.address, "--job", job],
+        out = cluster.run(0, [sys.executable, "-m", "prorank.driver.cli", *args, "--address", cluster.address, "--job", job],
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 

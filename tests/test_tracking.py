@@ -67,7 +67,7 @@ def test_dev_curve_refuses_what_it_cannot_plot(tmp_path, content, message):
 
 
 def test_plot_command_names_a_missing_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "driver.cli", "plot", str(tmp_path / "nope"), "--output",
+    out = subprocess.run([sys.executable, "-m", "prorank.driver.cli", "plot", str(tmp_path / "nope"), "--output",
                           str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "nope: no such file" in out.stderr

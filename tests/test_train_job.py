@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job, step_lines
 
 
@@ -100,11 +99,11 @@ def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from typer.testing import CliRunner
 
-    from eval.run import rerank
     from prorank import Reranker
-    from driver.cli import app
     from prorank.config import ModelConfig
     from prorank.data import load_local
+    from prorank.driver.cli import app
+    from prorank.eval.run import rerank
     from prorank.models import load_causal_lm
     from prorank.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
     from prorank.scoring import score_pairs

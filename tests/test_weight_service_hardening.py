@@ -12,11 +12,12 @@ import grpc
 import pytest
 import torch
 
-from actors.weight_receiver import fetch_version
-from protocol import weight_service, weights_pb2, weights_pb2_grpc
-from protocol.weight_service import SERVICE, WeightServer
 from prorank.guarded_server import ServerLimits
+from prorank.protocol import weights_pb2, weights_pb2_grpc
 from prorank.security import auth_metadata
+from prorank.weights import server as weight_service
+from prorank.weights.receiver import fetch_version
+from prorank.weights.server import SERVICE, WeightServer
 
 TOKEN = "hardening-token"
 

@@ -9,12 +9,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from actors.weight_receiver import fetch_version
-from protocol.weight_service import WeightPublisher, WeightServer
-from protocol import weights_pb2, weights_pb2_grpc
+from prorank.protocol import weights_pb2, weights_pb2_grpc
 from prorank.security import auth_metadata
-from protocol.weights_codec import (WeightError, check_manifest, decode_chunk, expected_specs, pack, stream_messages,
-                                    verify)
+from prorank.weights.codec import (
+    WeightError, check_manifest, decode_chunk, expected_specs, pack, stream_messages, verify,
+)
+from prorank.weights.receiver import fetch_version
+from prorank.weights.server import WeightPublisher, WeightServer
 
 TOKEN = "weights-token"
 
@@ -124,9 +125,16 @@ class _StopAfter:
 
 
 class _Truncating(WeightPublisher):
-    """Sends the manifest and only the first chunk, as a learner that dies mid-stream would."""
+    """Sends the manifest and only the first chunk, as a learner that dies mid-stream would; with `cuts`
+    set, only that many streams are cut and the later ones are whole."""
+
+    cuts: int | None = None
 
     async def Fetch(self, request, context):
+        if self.cuts is not None:
+            if not self.cuts:
+                return await super().Fetch(request, context)
+            self.cuts -= 1
         try:
             await super().Fetch(request, _StopAfter(context, 2))
         except _Stop:
@@ -163,9 +171,9 @@ def test_a_receiver_that_dies_mid_stream_does_not_stall_others(server):
 
 
 def test_tls(tmp_path):
-    from tests.test_reward import _self_signed
+    from tests.test_reward import self_signed
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     srv = WeightServer(TOKEN, tls_cert=cert, tls_key=key).start()
     try:
         srv.publisher.publish(1, state())
@@ -241,24 +249,15 @@ def test_relay_passes_on_an_upstream_failure():
         relay.stop(0)
 
 
-class _CutOnce(WeightPublisher):
+class _CutOnce(_Truncating):
     """Its first stream stops after one chunk (a connection lost mid-transfer); later ones are whole."""
 
     cuts = 1
 
-    async def Fetch(self, request, context):
-        if self.cuts:
-            self.cuts -= 1
-            context = _StopAfter(context, 2)
-        try:
-            await super().Fetch(request, context)
-        except _Stop:
-            pass
-
 
 def test_a_transfer_cut_mid_stream_is_asked_again():
-    from actors.weight_receiver import pull_newest
-    from protocol.weights_codec import TransferError
+    from prorank.weights.codec import TransferError
+    from prorank.weights.receiver import pull_newest
 
     srv = WeightServer(TOKEN, publisher=_CutOnce(64 * 1024)).start()
     try:
@@ -303,10 +302,10 @@ def test_a_delta_onto_a_blob_that_is_not_the_base_is_refused(server):
     with pytest.raises(WeightError, match=r"version 2: tensor c.half: checksum"):
         fetch_version(server.address, TOKEN, 1, "r", timeout=10, buffer=blob, base_version=1)
     with pytest.raises(WeightError, match=r"only the tensors changed after version 1 were sent"):
-        from actors.weight_receiver import _receive
+        from prorank.weights.receiver import receive_version
 
         stream = iter(stream_messages(server.publisher._current.packed, 1))
-        _receive(stream, 1, None, None, None, held=0)
+        receive_version(stream, 1, None, None, None, held=0)
 
 
 def test_a_relay_holding_a_delta_sends_a_receiver_that_holds_less_to_the_learner(server):

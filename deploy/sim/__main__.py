@@ -92,7 +92,7 @@ def train(ctx: typer.Context, config: str, state: StateOpt = DEFAULT_STATE,
         cluster = SimCluster.load(state)
     except SimError as err:
         _fail(err)
-    argv = [sys.executable, "-m", "driver.cli", "train", "--config", config, "--address", cluster.address,
+    argv = [sys.executable, "-m", "prorank.driver.cli", "train", "--config", config, "--address", cluster.address,
             *ctx.args, *cluster.train_overrides()]
     if dry_run:
         typer.echo(" ".join(argv))

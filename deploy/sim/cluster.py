@@ -107,21 +107,11 @@ class SimCluster:
     def address(self) -> str:
         return f"{self.head.ip}:{RAY_PORT}"
 
-    @property
-    def token_file(self) -> Path:
-        return self.state / "token"
-
-    @property
-    def ray_token_file(self) -> Path:
-        return self.state / "ray-token"
-
-    @property
-    def cert(self) -> Path:
-        return self.state / "cert.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.state / "key.pem"
+    # Files in the state folder: the job's token, Ray's, and the TLS certificate and key of every node.
+    token_file = property(lambda self: self.state / "token")
+    ray_token_file = property(lambda self: self.state / "ray-token")
+    cert = property(lambda self: self.state / "cert.pem")
+    key = property(lambda self: self.state / "key.pem")
 
     def save(self) -> None:
         (self.state / "cluster.json").write_text(json.dumps(asdict(self), indent=2))

@@ -61,8 +61,9 @@ def _state(model: str | None, size_mb: float) -> dict:
     import torch
 
     if model:
-        from safetensors.torch import load_file
         from pathlib import Path
+
+        from safetensors.torch import load_file
 
         state = {}
         for path in sorted(Path(model).glob("*.safetensors")):
@@ -74,7 +75,7 @@ def _state(model: str | None, size_mb: float) -> dict:
 
 
 def serve(args) -> None:
-    from protocol.weight_service import WeightServer
+    from prorank.weights.server import WeightServer
 
     server = WeightServer(args.token, host=args.host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
     manifest = server.publisher.publish(args.version, _state(args.model, args.size_mb)).manifest
@@ -84,8 +85,8 @@ def serve(args) -> None:
 
 
 def pull(args) -> None:
-    from actors.weight_receiver import pull_newest
-    from protocol.weight_service import WeightServer
+    from prorank.weights.receiver import pull_newest
+    from prorank.weights.server import WeightServer
 
     relay = (WeightServer(args.token, host=args.relay_host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
              if args.relay_host else None)

@@ -16,11 +16,12 @@ import time
 
 import grpc
 
-from protocol import weights_pb2, weights_pb2_grpc
-from protocol.weight_service import SERVICE, WeightPublisher
-from protocol.weights_codec import (CHANNEL_OPTIONS, Spec, TransferError, WeightError, check_manifest, decode_chunk,
-                                    safetensors_header, verify)
+from prorank.protocol import weights_pb2, weights_pb2_grpc
 from prorank.security import auth_metadata, channel_credentials
+from prorank.weights.codec import (
+    CHANNEL_OPTIONS, Spec, TransferError, WeightError, check_manifest, decode_chunk, safetensors_header, verify,
+)
+from prorank.weights.server import SERVICE, WeightPublisher
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def fetch_version(address: str, token: str, min_version: int, receiver: str, exp
                                                base_version=base_version if buffer is not None else 0)
             stream = fetch(request, timeout=wait + transfer_timeout, metadata=auth_metadata(token))
             try:
-                got = _receive(stream, min_version, expected, relay, buffer, request.base_version)
+                got = receive_version(stream, min_version, expected, relay, buffer, request.base_version)
             except grpc.RpcError as err:
                 kind = WeightError if err.code() in REFUSALS else TransferError
                 raise kind(f"weight server {address}: {err.code().name}: {err.details()}") from None
@@ -104,8 +105,8 @@ def pull_newest(sources: list[tuple[str, float]], token: str, min_version: int, 
     raise AssertionError("unreachable")
 
 
-def _receive(stream, min_version: int, expected: dict[str, Spec] | None, relay: WeightPublisher | None,
-             buffer: bytearray | None, held: int = 0):
+def receive_version(stream, min_version: int, expected: dict[str, Spec] | None, relay: WeightPublisher | None,
+                    buffer: bytearray | None, held: int = 0):
     raw_manifest = next(stream, None)
     first = weights_pb2.WeightMessage.FromString(raw_manifest) if raw_manifest else None
     if first is not None and first.WhichOneof("kind") == "none_yet":

@@ -23,7 +23,7 @@ from google.protobuf.internal.decoder import _DecodeVarint
 from google.protobuf.internal.encoder import _VarintBytes
 from google.protobuf.message import DecodeError
 
-from protocol import weights_pb2
+from prorank.protocol import weights_pb2
 
 DTYPES = {torch.float32: weights_pb2.FLOAT32, torch.bfloat16: weights_pb2.BFLOAT16,
           torch.float16: weights_pb2.FLOAT16}

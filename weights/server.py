@@ -25,10 +25,10 @@ from collections.abc import Container, Mapping
 import grpc
 import torch
 
-from protocol import weights_pb2
-from protocol.weights_codec import CHANNEL_OPTIONS, CHUNK_BYTES, Packed, pack, stream_messages
 from prorank.guarded_server import GuardedServer, RefusalLog, ServerLimits, parse_request
+from prorank.protocol import weights_pb2
 from prorank.security import announced_address
+from prorank.weights.codec import CHANNEL_OPTIONS, CHUNK_BYTES, Packed, pack, stream_messages
 
 log = logging.getLogger(__name__)
 SERVICE = "prorank.weights.v1.Weights"
@@ -94,12 +94,14 @@ class WeightPublisher:
         current = self._current
         return current.manifest.version if current else 0
 
-    def publish(self, version: int, state: Mapping[str, torch.Tensor]) -> Packed:
+    def publish(self, version: int, state: Mapping[str, torch.Tensor], receivers: Container[str] | None = None) -> Packed:
         """Make `state` the newest version; versions only go up. Tensors equal to the last published
         version's are not copied again, and are sent only to receivers that hold none of the versions
-        since they last changed."""
+        since they last changed. `receivers`: from now on Report accepts only these names (the job's actors)."""
         if version <= self.version:
             raise ValueError(f"version {version} is not newer than the published {self.version}")
+        if receivers is not None:
+            self.known = frozenset(receivers)
         previous = self._current.packed if self._current else None
         packed = pack(version, state, self.chunk_bytes, previous, self.wire_dtype)
         self._swap(_Version(packed.manifest, [], complete=True, packed=packed))

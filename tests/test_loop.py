@@ -1,0 +1,103 @@
+"""The one stage loop (driver/loop.py) on fakes: what it calls, in which order, at which steps."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from prorank.driver.loop import run_stage
+
+
+class FakeLearner:
+    def __init__(self, events: list, resumed_at: int = 0):
+        self.events, self.resumed_at = events, resumed_at
+
+    def nodes(self):
+        return ["node-a", "node-a"]
+
+    def load(self, root):
+        self.events.append(("load", root.name))
+        return {"steps": self.resumed_at}
+
+    def save(self, root):
+        self.events.append(("save", root.name))
+
+    def shutdown(self):
+        self.events.append(("shutdown",))
+
+
+class FakeStage:
+    name, offset, dev_every, checkpoint_every, wait_for_actors = "score", 10, 2, 3, False
+
+    def __init__(self, events: list, steps: int = 5, resumed_at: int = 0):
+        self.events, self.steps = events, steps
+        self.learner = FakeLearner(events, resumed_at)
+
+    def begin(self, step):
+        self.events.append(("begin", step))
+
+    def train(self, step):
+        self.events.append(("train", step))
+        return {"score/loss": float(step)}, 1.0
+
+    def sync_due(self, step, dev_due):
+        return dev_due or step % 4 == 0 or step == self.steps
+
+    def synced(self, step, metrics):
+        metrics["stage/synced_hook"] = float(step)
+
+    def end(self, step):
+        self.events.append(("end", step))
+
+
+def fake_job(tmp_path, events: list, stop_at: int | None = None):
+    logged = {}
+    job = SimpleNamespace(out=tmp_path, placement={}, stopping=False, logged=logged)
+    job.sync = lambda version: events.append(("sync", version)) or {"weights/sync_seconds": 0.5}
+    job.sync.attach = lambda learner, pool: events.append(("attach",))
+    job.pool = object()
+    job.run = SimpleNamespace(log=lambda step, metrics: logged.setdefault(step, {}).update(metrics),
+                              console_line=lambda: "")
+    job.dev = SimpleNamespace(start=lambda: events.append(("dev",)))
+    job.log_dev = lambda wait=False: None
+    job.progress_bar = lambda name, start, total: SimpleNamespace(update=lambda n: None, close=lambda: None,
+                                                                  set_postfix_str=lambda *a, **k: None)
+    job.clock = lambda learner_seconds: {"time/learner_seconds": learner_seconds}
+    job.clock.restart = lambda: None
+
+    def between_steps(stage, step):
+        if stop_at is not None and step == stop_at:
+            job.stopping = True
+        return {"actors/count": 1.0}
+
+    job.between_steps = between_steps
+    return job
+
+
+def test_the_cadence_of_a_stage(tmp_path):
+    events = []
+    job = fake_job(tmp_path, events)
+    run_stage(job, FakeStage(events), resume=False)
+    assert events == [
+        ("attach",), ("begin", 0),
+        ("train", 0),
+        ("train", 1), ("sync", 12), ("dev",),  # dev every 2 steps, after the weights went to the actors
+        ("train", 2), ("save", "score-checkpoints"),  # checkpoint every 3
+        ("train", 3), ("sync", 14), ("dev",),  # step 4: due by the stage (every 4) and by the dev cadence
+        ("train", 4), ("sync", 15),  # the last step: always synced by this stage; no dev or save inside the loop
+        ("end", 5), ("save", "score-checkpoints"), ("dev",), ("shutdown",),  # the final checkpoint and figures
+    ]
+    assert sorted(job.logged) == [11, 12, 13, 14, 15]  # global steps: offset + 1 ...
+    assert job.logged[12]["time/learner_seconds"] == 1.5  # the step plus the publish the driver waited for
+    assert job.logged[11]["time/learner_seconds"] == 1.0 and "weights/sync_seconds" not in job.logged[11]
+    assert job.logged[13]["stage/synced_hook"] == 3.0 and job.logged[13]["actors/count"] == 1.0
+    assert job.placement == {"score_learner": ["node-a"]}
+
+
+def test_a_resumed_stage_sends_its_weights_first_and_a_stopped_one_still_saves(tmp_path):
+    events = []
+    job = fake_job(tmp_path, events, stop_at=13)
+    run_stage(job, FakeStage(events, resumed_at=2), resume=True)
+    assert events == [("attach",), ("load", "score-checkpoints"), ("sync", 12), ("begin", 2),
+                      ("train", 2), ("save", "score-checkpoints"),  # step 3: a checkpoint is due
+                      ("end", 3), ("save", "score-checkpoints"), ("dev",), ("shutdown",)]
+    assert sorted(job.logged) == [12, 13]
