@@ -25,7 +25,9 @@ TOKEN = "sync-token"
 def pool(ray_local, tiny_model_dir):
     cfg = ActorConfig(num_actors=2, num_cpus=1, max_model_len=384, kv_cache_gib=1, chunk_size=3)
     sampling = SamplingConfig(group_size=G, max_tokens=3, seed=1, per_request_seed=True)
-    receivers = GrpcTransport(TOKEN, WeightSyncConfig(wait_seconds=30)).receiver
+    # A relay hop waits relay_wait_seconds for its upstream actor: 10 s, not 30, so that a check in which no
+    # newer version exists (test_weights_update_in_place) does not wait out the default.
+    receivers = GrpcTransport(TOKEN, WeightSyncConfig(wait_seconds=30, relay_wait_seconds=10)).receiver
     pool = ActorPool(str(tiny_model_dir), cfg, sampling, PromptConfig(max_length=176), receivers)
     pool.start()
     yield pool
@@ -41,9 +43,10 @@ def server():
 
 
 def serve(pool, server, version: int, state) -> dict[str, dict]:
-    """Publish `state` as `version` and have every actor pull it; the actors' answers."""
+    """Publish `state` as `version` and have every actor pull it; the actors' answers. As in the job, the
+    version is named: an actor that already serves it (one that started meanwhile) answers at once."""
     server.publisher.publish(version, state)
-    return pool.sync_weights(server.address)
+    return pool.sync_weights(server.address, version)
 
 
 def requests_from(dataset, n: int, tag: str = "r") -> list[RolloutRequest]:
