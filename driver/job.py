@@ -69,7 +69,8 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> di
     if sc.init_from:
         score_init = checkpoint_model_dir(sc.init_from)
     elif "warmup" in tc.stages:
-        score_init = str(checkpoints.stage_root(out, "warmup") / checkpoints.LATEST)  # resolved once the warmup has finished
+        # Resolved once the warmup has finished.
+        score_init = str(checkpoints.stage_root(out, "warmup") / checkpoints.LATEST)
     else:
         score_init = resolve_model(cfg.model)
     model_path = resolve_model(cfg.model) if run_warm else checkpoint_model_dir(score_init)

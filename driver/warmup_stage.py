@@ -37,7 +37,8 @@ class WarmupStage:
         from prorank.learner.objectives import GrpoObjective
 
         cfg, self.job = job.cfg, job
-        self.steps, self.dev_every, self.checkpoint_every = cfg.train.steps, cfg.train.dev_every, cfg.train.checkpoint_every
+        tc = cfg.train
+        self.steps, self.dev_every, self.checkpoint_every = tc.steps, tc.dev_every, tc.checkpoint_every
         objective = GrpoObjective(cfg.learner, cfg.sampling.temperature)
         self.learner = LearnerGroup(job.model_path, cfg.learner, objective, sender=job.sync.sender())
         job.stack.callback(self.learner.shutdown)

@@ -32,7 +32,7 @@ class WeightSync:
 
     def __call__(self, version: int) -> dict[str, float]:
         """Publish the learner's weights as `version` and have every actor pull it after its chunks in flight."""
-        if version <= self.version and self.version:
+        if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than the published {self.version}")
         start = time.perf_counter()
         published = self.learner.publish(version, self.pool.receiver_names())

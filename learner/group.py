@@ -2,10 +2,10 @@
 
 `step(batch)` splits a global batch across the ranks, runs one optimizer step of the learner's objective
 (learner/objectives.py: GRPO in stage 1, the ranking losses in stage 2), and reduces the ranks' statistics
-into the step's metrics. Rank 0 runs the learner's end
-of the weight transport it is given (`serve_weights`), and `publish(version)` makes the weights a version
-there, read from the parameters in place; the weights never pass through the driver. `save`/`load` write and read atomic
-checkpoints, each with a plain Hugging Face model folder beside DeepSpeed's state.
+into the step's metrics. Rank 0 runs the learner's end of the weight transport it is given
+(`serve_weights`), and `publish(version)` makes the weights a version there, read from the parameters in
+place; the weights never pass through the driver. `save`/`load` write and read atomic checkpoints, each
+with a plain Hugging Face model folder beside DeepSpeed's state.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ class LearnerGroup:
         self.steps += 1
         seconds = time.perf_counter() - start
         summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in ("grad_norm", "lr", "seconds")}
-        return self.objective.metrics(batch, parts, summed, seconds)
+        # The optimizer's figures are the same on every rank (one global step): rank 0's.
+        return {**self.objective.metrics(batch, summed, seconds), "grad_norm": parts[0]["grad_norm"],
+                "lr": parts[0]["lr"], "step_seconds": seconds}
 
     def nodes(self) -> list[str]:
         """The Ray node id each rank runs on."""

@@ -2,8 +2,8 @@
 
 An objective says how big a step is, how its loss over a micro-batch is computed (summed over the step's
 global normaliser, so that K ranks and accumulation give the batch loss), and how the ranks' statistics
-become the step's metrics. The rank (learner/rank.py) does the rest: DeepSpeed, precision, accumulation,
-checkpoints and weights, the same for both.
+become the step's figures (the learner adds grad_norm, lr and step_seconds). The rank (learner/rank.py)
+does the rest: DeepSpeed, precision, accumulation, checkpoints and weights, the same for both.
 
 - GrpoObjective (stage 1): GRPO on groups of G sampled judgments (learner/step.py, learner/grpo.py).
 - RankingObjective (stage 2): the weighted ranking losses of logit("1") - logit("0") over each query's
@@ -20,6 +20,7 @@ import torch
 
 from prorank.batches import RankingGroup
 from prorank.config import LearnerConfig, RankingLoss, ScoreConfig
+from prorank.learner.score_losses import check_losses
 from prorank.learner.score_step import score_micro_batch_loss
 from prorank.learner.step import micro_batch_loss, step_normalizer
 from prorank.rollout import ScoredGroup
@@ -38,8 +39,8 @@ class Objective(Protocol):
     def loss(self, model, batch: Sequence, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
         """A micro-batch's loss over `normalizer`, and sums of its statistics."""
 
-    def metrics(self, batch: Sequence, parts: list[dict], summed: dict[str, float], seconds: float) -> dict:
-        """The step's metrics from each rank's figures (`parts`) and their sums."""
+    def metrics(self, batch: Sequence, summed: dict[str, float], seconds: float) -> dict:
+        """The objective's figures of a step, from the ranks' summed statistics and the step's seconds."""
 
 
 class GrpoObjective:
@@ -63,7 +64,7 @@ class GrpoObjective:
     def loss(self, model, batch: Sequence[ScoredGroup], normalizer: float):
         return micro_batch_loss(model, self.ref, batch, normalizer, self.cfg, self.pad_id, self.temperature)
 
-    def metrics(self, batch: Sequence[ScoredGroup], parts: list[dict], summed: dict[str, float], seconds: float):
+    def metrics(self, batch: Sequence[ScoredGroup], summed: dict[str, float], seconds: float):
         rewards = [r for g in batch for r in g.rewards]
         return {
             "loss": summed["loss"],
@@ -73,19 +74,17 @@ class GrpoObjective:
             "ratio_mean": summed["ratio"],
             "entropy": summed["entropy"],
             "mismatch_kl": summed["mismatch_kl"],
-            "grad_norm": parts[0]["grad_norm"],
-            "lr": parts[0]["lr"],
             "reward_mean": statistics.fmean(rewards),
             "reward_std": statistics.pstdev(rewards),
             "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in batch) / len(batch),
             "tokens_per_second": summed["tokens"] / seconds,
             "prompt_tokens": summed["prompt_tokens"],
-            "step_seconds": seconds,
         }
 
 
 class RankingObjective:
     def __init__(self, loss: RankingLoss, queries_per_step: int, micro_batch_queries: int, shared_prefix: bool = True):
+        check_losses(loss)  # here, in the driver, before any rank starts
         self.ranking_loss, self.shared_prefix = loss, shared_prefix
         self.batch_size, self.micro_batch = queries_per_step, micro_batch_queries
         self.answer_ids, self.pad_id = None, None
@@ -107,6 +106,5 @@ class RankingObjective:
         return score_micro_batch_loss(model, batch, normalizer, self.ranking_loss, self.answer_ids, self.pad_id,
                                       self.shared_prefix)
 
-    def metrics(self, batch: Sequence[RankingGroup], parts: list[dict], summed: dict[str, float], seconds: float):
-        return {**summed, "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"], "step_seconds": seconds,
-                "prompt_tokens_per_second": summed["prompt_tokens"] / seconds}
+    def metrics(self, batch: Sequence[RankingGroup], summed: dict[str, float], seconds: float):
+        return {**summed, "prompt_tokens_per_second": summed["prompt_tokens"] / seconds}

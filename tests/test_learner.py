@@ -186,7 +186,8 @@ def test_rank0_publishes_its_weights_and_only_what_a_step_changed(ray_local, tin
     from prorank.weights.transport import GrpcTransport
 
     cfg = _cfg(stage).model_copy(update={"trainable_layers": 1})
-    learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg), sender=GrpcTransport("tok", WeightSyncConfig()).sender())
+    sender = GrpcTransport("tok", WeightSyncConfig()).sender()
+    learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg), sender=sender)
     try:
         address = learner.serve_weights()
         first = learner.publish(1, ["r"])

@@ -32,6 +32,10 @@ def test_the_loss_mix_names_every_loss_and_no_other():
             ranking_losses(scores, labels, _mask(labels), RankingLoss(weights=weights, temperature=1.0))
     with pytest.raises(ValueError, match="one > 0"):
         RankingLoss(weights={"contrastive": 0.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
+    from prorank.learner.objectives import RankingObjective
+
+    with pytest.raises(ValueError, match="every loss of"):  # in the driver, before any learner rank starts
+        RankingObjective(RankingLoss(weights={"contrastive": 1.0}, temperature=1.0), 4, 1)
 
 
 def test_contrastive_hand_computed():

@@ -94,7 +94,8 @@ class WeightPublisher:
         current = self._current
         return current.manifest.version if current else 0
 
-    def publish(self, version: int, state: Mapping[str, torch.Tensor], receivers: Container[str] | None = None) -> Packed:
+    def publish(self, version: int, state: Mapping[str, torch.Tensor],
+                receivers: Container[str] | None = None) -> Packed:
         """Make `state` the newest version; versions only go up. Tensors equal to the last published
         version's are not copied again, and are sent only to receivers that hold none of the versions
         since they last changed. `receivers`: from now on Report accepts only these names (the job's actors)."""
