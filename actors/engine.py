@@ -5,9 +5,13 @@ Plain Python, so it can be tested and benchmarked directly; `actors.pool` runs i
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from prorank.config import ActorConfig, PromptConfig, SamplingConfig
 from prorank.models import load_tokenizer
@@ -19,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class RolloutEngine:
-    """`weights`: this actor's end of the weight transport (None: the engine serves its start weights only)."""
+    """`weights`: this actor's end of the weight transport (None: the engine serves its start weights only).
+    When its versions are LoRA adapters (`weights.lora`), the engine serves `model` with the newest one:
+    as vLLM's LoRA on every request (`actors_serve: adapter`), or added to its base weights, which are then
+    reloaded in place (`merged`: vLLM's CPU LoRA kernels are slow). Before the first version, the base
+    alone (a fresh adapter is zero)."""
 
     def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig,
                  name: str = "engine", seed_offset: int = 0, weights: WeightReceiver | None = None):
@@ -38,6 +46,24 @@ class RolloutEngine:
         if weights is not None:  # the class vLLM's workers load to apply a version in place
             engine_args["worker_extension_cls"] = weights.vllm_extension
             weights.bind(model, actors.dtype)
+        self.lora = weights.lora if weights is not None else None
+        self.serve = None  # with LoRA versions: "adapter" (vLLM's LoRA) or "merged" (into the base weights)
+        if self.lora is not None:
+            from prorank.lora import vllm_rank
+
+            self.serve = self.lora.actors_serve
+            if self.serve == "auto":
+                self.serve = "adapter" if actors.num_gpus > 0 else "merged"
+        if self.serve == "adapter":
+            # One adapter slot: each version replaces the last (its files are written under adapter_root).
+            engine_args.update(enable_lora=True, max_lora_rank=vllm_rank(self.lora.r), max_loras=1)
+            self.adapter_root = Path(tempfile.mkdtemp(prefix=f"prorank-{name}-adapters-"))
+            atexit.register(shutil.rmtree, self.adapter_root, True)
+        self.lora_request = None  # the served adapter's vllm LoRARequest (None: the base model)
+        self.model, self.dtype = model, actors.dtype
+        # Merged serving: the base weights of the adapted modules, and a full-weight blob (with views into it)
+        # that each version is merged into in place; made at the first version.
+        self._base, self._blob, self._views = None, None, None
         if actors.block_size:
             engine_args["block_size"] = actors.block_size
         if actors.num_gpus > 0:
@@ -78,7 +104,8 @@ class RolloutEngine:
             params = [self.params.clone() for _ in requests]
             for p, r in zip(params, requests):
                 p.seed = request_seed(self.seed, r.request_id)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         seconds = time.perf_counter() - start
         self.busy_seconds += seconds
         results = []
@@ -109,7 +136,8 @@ class RolloutEngine:
         zero, one = self.score_builder.answer_ids
         prompts = self.score_builder.encode_batch(pairs)
         params = SamplingParams(n=1, temperature=1.0, max_tokens=1, logprob_token_ids=[zero, one])
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         scores = []
         for out in outputs:
             first = out.outputs[0].logprobs[0]  # token id -> Logprob, for the answer tokens
@@ -139,9 +167,54 @@ class RolloutEngine:
         return self.weights.relay_address()
 
     def _apply(self, version: int, blob: bytearray) -> None:
-        """Apply a complete version (a safetensors blob) in place, in every vLLM worker."""
+        """Apply a complete version (a safetensors blob) in place, in every vLLM worker; an adapter version
+        becomes the LoRA every request is served with."""
+        if self.serve == "adapter":
+            return self._apply_adapter(version, blob)
+        if self.serve == "merged":
+            blob = self._merged(blob)
         self.llm.collective_rpc("prorank_load_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached prompt activations belong to the old weights
+
+    def _merged(self, adapter_blob: bytearray) -> bytearray:
+        """The full weights with an adapter version added (W + (alpha/r) B A), as the blob a full-weight
+        version would be: the wire carried the adapter alone, the engine serves at the base's speed. The
+        blob is made once; each version overwrites the adapted weights in it."""
+        import safetensors.torch
+
+        from prorank.lora import base_weights, merge_into
+        from prorank.models import safetensors_views
+
+        adapter = safetensors_views(adapter_blob)
+        if self._blob is None:
+            base = base_weights(self.model, self.dtype)
+            self._blob = bytearray(safetensors.torch.save(base))
+            self._views = safetensors_views(self._blob)
+            adapted = merge_into(base, adapter, self.lora).keys()
+            self._base = {name: base[name] for name in adapted}  # the rest stays as the blob holds it
+        for name, weight in merge_into(self._base, adapter, self.lora).items():
+            self._views[name].copy_(weight)
+        return self._blob
+
+    def _apply_adapter(self, version: int, blob: bytearray) -> None:
+        """Write the adapter as a peft folder and load it into the engine now (a bad one fails here, not in
+        the next request), then drop the previous one. The prefix cache keys on the adapter: no reset."""
+        from vllm.lora.request import LoRARequest
+
+        from prorank.lora import write_adapter
+
+        folder = write_adapter(self.adapter_root / f"v{version}", self.lora, self.model, blob=blob)
+        request = LoRARequest(lora_name=f"v{version}", lora_int_id=version, lora_path=str(folder))
+        try:
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not load the adapter of version {version} from {folder}")
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        old, self.lora_request = self.lora_request, request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
 
 def request_seed(seed: int, request_id: str) -> int:

@@ -204,8 +204,11 @@ def export_command(
         "--eval", help="`prorank eval` JSON report(s) for the model card's table.")] = None,
     config: ConfigOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the card; default: the folder name.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(
+        help="Also write the LoRA adapter (runs with learner.lora) as a peft folder here.")] = None,
 ) -> None:
-    """Write a trained model as a Hugging Face model folder: safetensors, tokenizer, model card."""
+    """Write a trained model as a Hugging Face model folder: safetensors, tokenizer, model card (with
+    learner.lora: the merged model; `--adapter` adds the adapter alone)."""
     import json
 
     from prorank.export import export_model
@@ -226,10 +229,16 @@ def export_command(
         prompt = None
         if config:  # else the prompt settings the run recorded in its summary
             prompt = cfg.prompt.model_dump()
+        if adapter:  # a run without an adapter fails before anything is written
+            from prorank.export import adapter_of, export_adapter
+
+            adapter_of(checkpoint)
         out = export_model(checkpoint, output, reports, prompt, name)
+        if adapter:
+            export_adapter(checkpoint, adapter)
     except (ConfigError, ModelError, PromptError) as err:
         _fail(err)
-    typer.echo(f"exported to {out}")
+    typer.echo(f"exported to {out}" + (f"; adapter in {adapter}" if adapter else ""))
 
 
 @app.command("convert-gguf")

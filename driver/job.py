@@ -73,6 +73,9 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> di
         score_init = str(checkpoints.stage_root(out, "warmup") / checkpoints.LATEST)
     else:
         score_init = resolve_model(cfg.model)
+    if cfg.learner.lora is not None and "warmup" in tc.stages:
+        # LoRA: the base stays the start model in both stages; the score stage goes on with the warmup's adapter.
+        score_init = resolve_model(cfg.model)
     model_path = resolve_model(cfg.model) if run_warm else checkpoint_model_dir(score_init)
 
     with ExitStack() as stack:  # stops everything started, in reverse order, however the run ends
@@ -88,7 +91,8 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> di
             stack.callback(job.rewards.close)
         job.control = start_control(tc.job_name)
         stack.callback(ray_kill, job.control)
-        job.sync = WeightSync(token, cfg.weights)  # the weight transport: its two ends go to the actors and learners
+        # The weight transport: its two ends go to the actors and learners (with LoRA, versions are adapters).
+        job.sync = WeightSync(token, cfg.weights, cfg.learner.lora)
         job.pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, job.sync.receivers()).start(wait=False)
         stack.callback(job.pool.shutdown)
         job.dev = DevEval(cfg, dataset, ranking, job.prompts.dev_query_ids, job.pool)

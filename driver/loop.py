@@ -65,7 +65,9 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
     job.sync.attach(learner, job.pool)
     job.placement[f"{stage.name}_learner"] = sorted(set(learner.nodes()))
     step = learner.load(root)["steps"] if resume else 0
-    if step:  # resumed: the actors start from the checkpoint's weights
+    # Resumed, or a stage whose start weights no version of this process has sent yet (the score stage of a
+    # job resumed after its warmup; with LoRA the actors then serve the bare base): the actors get them first.
+    if step or job.sync.version < stage.offset:
         job.run.log(stage.offset + step, job.sync(stage.offset + step))
     stage.begin(step)
 

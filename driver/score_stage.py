@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from prorank import checkpoints
+
 if TYPE_CHECKING:
     from prorank.driver.loop import Job
 
@@ -35,7 +37,11 @@ class ScoreStage:
         self.job, self.sc, self.offset = job, sc, offset
         self.steps, self.dev_every, self.checkpoint_every = sc.steps, sc.dev_every, sc.checkpoint_every
         self.wait_for_actors = sc.wait_for_actors
-        self.learner = LearnerGroup(init_model, cfg.score_learner(), RankingObjective.of(sc), sender=job.sync.sender())
+        adapter = None  # with LoRA after the warmup: its adapter, trained on (the actors serve it already)
+        if cfg.learner.lora is not None and "warmup" in cfg.train.stages:
+            adapter = checkpoints.final_adapter(checkpoints.stage_root(job.out, "warmup"))
+        self.learner = LearnerGroup(init_model, cfg.score_learner(), RankingObjective.of(sc), sender=job.sync.sender(),
+                                    adapter=adapter)
         job.stack.callback(self.learner.shutdown)
         builder = PromptBuilder.from_config(load_tokenizer(init_model), cfg.prompt)
         self.sampler = RankingSampler(job.prompts, job.ranking, sc, builder, cfg.train.seed,

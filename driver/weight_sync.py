@@ -3,7 +3,8 @@ weight transport, reading the parameters where they lie, and every actor is sent
 the chunks it has in flight. The driver only waits for the publish; the weights never pass through it.
 
 The transport is chosen here, once for the job (gRPC: weights/transport.py); the learner and the actors
-are handed its two ends. This object owns the job's version number: the last version published."""
+are handed its two ends. This object owns the job's version number: the last version published. With
+`learner.lora` a version is the LoRA adapter alone, and the actors serve it on the base model."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from prorank.weights.transport import GrpcTransport
 
 
 class WeightSync:
-    def __init__(self, token: str, cfg):
-        self.transport = GrpcTransport(token, cfg)
+    def __init__(self, token: str, cfg, lora=None):
+        self.transport = GrpcTransport(token, cfg, lora)
         self.pool, self.learner, self.address = None, None, ""
         self.version = 0
 

@@ -27,7 +27,9 @@ class LearnerError(RuntimeError):
 
 
 class LearnerGroup:
-    def __init__(self, model_path: str, cfg: LearnerConfig, objective: Objective, sender: WeightSender | None = None):
+    def __init__(self, model_path: str, cfg: LearnerConfig, objective: Objective, sender: WeightSender | None = None,
+                 adapter: str | None = None):
+        """`adapter`: with `cfg.lora`, the peft folder of the adapter to go on training (else a fresh one)."""
         if objective.batch_size % (cfg.num_ranks * objective.micro_batch):
             raise ValueError(f"a step of {objective.batch_size} is not a multiple of num_ranks * micro-batch "
                              f"({cfg.num_ranks} * {objective.micro_batch})")
@@ -36,7 +38,7 @@ class LearnerGroup:
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None, max_restarts=0,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
-        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, objective, sender if r == 0 else None)
+        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, objective, sender if r == 0 else None, adapter)
                       for r in range(cfg.num_ranks)]
         address, port = ray.get(self.ranks[0].master_address.remote())
         self.where = [f"rank {r}" for r in range(cfg.num_ranks)]  # how errors name a rank, until its node is known
@@ -95,6 +97,10 @@ class LearnerGroup:
         states = self._all("full_state_dict")
         return states[0], time.perf_counter() - start
 
+    def memory(self) -> list[dict[str, float]]:
+        """Each rank's peak RSS and optimizer state bytes, and its trainable parameters (learner/rank.py)."""
+        return self._all("memory")
+
     def serve_weights(self) -> str:
         """Start the weight sender on rank 0; its address (the node's IP for a wildcard bind)."""
         return self._on_rank0("serve_weights")
@@ -107,10 +113,10 @@ class LearnerGroup:
     def save(self, root: str | Path, driver_state: dict | None = None) -> Path:
         """Write a checkpoint of this step under `root` atomically (prorank/checkpoints.py: a crash at any
         point leaves the previous one and LATEST intact). Its model/ holds the full weights as a model
-        folder transformers loads (rank 0 writes it)."""
+        folder transformers loads (rank 0 writes it); with LoRA merged, and adapter/ the adapter alone."""
         tmp = checkpoints.start(root, self.steps)
         self._all("save", str(tmp))
-        self._all("save_model", str(tmp / checkpoints.MODEL))
+        self._all("save_model", str(tmp / checkpoints.MODEL), str(tmp / checkpoints.ADAPTER))
         return checkpoints.commit(root, tmp, self.steps, driver_state or {})
 
     def load(self, root: str | Path) -> dict:

@@ -53,7 +53,9 @@ class GrpoObjective:
         from transformers import AutoModelForCausalLM
 
         self.pad_id = tokenizer.pad_token_id
-        if self.cfg.beta > 0:  # a frozen copy of the starting policy; skipped entirely when beta is 0
+        # A frozen copy of the starting policy; skipped entirely when beta is 0, and with LoRA (the policy
+        # with its adapter off is the start model).
+        if self.cfg.beta > 0 and self.cfg.lora is None:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
             if gpu:
                 self.ref.cuda()

@@ -49,11 +49,13 @@ def freeze_below(model, trainable_layers: int, frozen_dtype: torch.dtype | None 
 
 class LearnerRank:
     """`objective`: what a step optimises (learner/objectives.py: GRPO, or the ranking losses). `sender`:
-    the weight transport's learner end (prorank/weight_transport.py), used on rank 0."""
+    the weight transport's learner end (prorank/weight_transport.py), used on rank 0. With `cfg.lora` the
+    model is wrapped by peft and only its adapter trains, from `adapter` (a peft folder) or fresh; a weight
+    version is then the adapter alone, and checkpoints hold it beside the merged model (prorank/lora.py)."""
 
     def __init__(self, rank: int, world: int, model_path: str, cfg: LearnerConfig, objective: Objective,
-                 sender: WeightSender | None = None):
-        self.rank, self.world, self.model_path, self.cfg = rank, world, model_path, cfg
+                 sender: WeightSender | None = None, adapter: str | None = None):
+        self.rank, self.world, self.model_path, self.cfg, self.adapter = rank, world, model_path, cfg, adapter
         self.objective = objective
         self.sender = sender  # the weight transport's learner end: rank 0 serves and publishes the versions
         self.gpu = cfg.num_gpus > 0
@@ -94,6 +96,10 @@ class LearnerRank:
         self.bf16 = uses_bf16(cfg.mixed_precision, self.device_type)
         if cfg.trainable_layers is not None:
             freeze_below(model, cfg.trainable_layers, torch.bfloat16 if self.bf16 else None)
+        if cfg.lora is not None:
+            from prorank.lora import add_adapter
+
+            model = add_adapter(model, cfg.lora, self.adapter)
         objective = self.objective
         objective.prepare(self.model_path, load_tokenizer(self.model_path), dtype, self.gpu)
         self.micro_batches = objective.batch_size // (self.world * objective.micro_batch)
@@ -126,7 +132,7 @@ class LearnerRank:
         by both (gradient accumulation, data-parallel mean): the sum over all ranks and micro-batches is
         then exactly the batch loss over the global `normalizer`.
         """
-        cfg, engine = self.cfg, self.engine
+        engine = self.engine
         engine.train()
         start = time.perf_counter()
         totals: dict[str, float] = {}
@@ -154,21 +160,51 @@ class LearnerRank:
         totals["seconds"] = time.perf_counter() - start
         return totals
 
-    def _full_parameters(self):
-        """A context in which the module holds its full parameters: ZeRO-3 gathers them (a collective);
-        under ZeRO-2 every rank already holds them, so nothing is gathered or copied."""
+    def _full_parameters(self, trainable_only: bool = False):
+        """A context in which the module holds its full parameters (or its trainable ones: a LoRA adapter):
+        ZeRO-3 gathers them (a collective); under ZeRO-2 every rank already holds them, so nothing is
+        gathered or copied."""
         if self.cfg.zero_stage == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+            params = [p for p in self.engine.module.parameters() if p.requires_grad or not trainable_only]
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The plain model's weights (with LoRA: merged), inside `_full_parameters()`."""
+        if self.cfg.lora is not None:
+            from prorank.lora import merged_state
+
+            return merged_state(self.engine.module)
+        return self.engine.module.state_dict()
+
+    def _version_state(self) -> dict[str, torch.Tensor]:
+        """What a weight version carries (with LoRA: the adapter alone), inside `_full_parameters(lora)`."""
+        if self.cfg.lora is not None:
+            from prorank.lora import adapter_state
+
+            return adapter_state(self.engine.module)
+        return self.engine.module.state_dict()
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """A copy of the full weights as named CPU tensors on rank 0 (None elsewhere). A collective."""
+        """A copy of the full weights (with LoRA: merged) as named CPU tensors on rank 0 (None elsewhere).
+        A collective."""
         with self._full_parameters():
             if self.rank != 0:
                 return None
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
+            return {k: v.detach().to("cpu", copy=True) for k, v in self._model_state().items()}
+
+    def memory(self) -> dict[str, float]:
+        """This rank's peak resident memory and optimizer state in bytes, and its trainable parameters."""
+        import resource
+
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps torch's AdamW
+        state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
+        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+                "optimizer_state_bytes": float(state), "trainable_parameters": float(trainable)}
 
     def serve_weights(self) -> str:
         """Start rank 0's end of the weight transport (the actors pull every version from it); its address."""
@@ -178,22 +214,28 @@ class LearnerRank:
         """Publish the weights as `version` from rank 0, read from the parameters where they lie (the gRPC
         sender copies them once, into the chunk messages; tensors unchanged since the last version not at
         all). A collective under ZeRO-3. `receivers`: the actor names whose reports are accepted."""
-        with self._full_parameters():
+        with self._full_parameters(trainable_only=self.cfg.lora is not None):
             if self.rank != 0:
                 return None
-            return self.sender.publish(version, self.engine.module.state_dict(), receivers)
+            return self.sender.publish(version, self._version_state(), receivers)
 
-    def save_model(self, folder: str) -> None:
-        """The full weights as a plain model folder (rank 0 writes it). A collective under ZeRO-3."""
+    def save_model(self, folder: str, adapter_folder: str | None = None) -> None:
+        """The full weights (with LoRA: merged) as a plain model folder, and with LoRA the adapter as a peft
+        folder in `adapter_folder` (rank 0 writes them). A collective under ZeRO-3."""
         from prorank.models import save_model_dir
 
         with self._full_parameters():
             if self.rank == 0:
-                save_model_dir(self.engine.module.state_dict(), self.model_path, folder)
+                save_model_dir(self._model_state(), self.model_path, folder)
+                if self.cfg.lora is not None and adapter_folder:
+                    from prorank.lora import write_adapter
+
+                    write_adapter(adapter_folder, self.cfg.lora, self.model_path, self._version_state())
 
     def save(self, folder: str) -> None:
-        """Model, optimizer and scheduler (DeepSpeed's checkpoint) plus this rank's RNG states."""
-        self.engine.save_checkpoint(folder, tag="state")
+        """Model, optimizer and scheduler (DeepSpeed's checkpoint) plus this rank's RNG states. With LoRA
+        the frozen base is not written: it is the start model's."""
+        self.engine.save_checkpoint(folder, tag="state", exclude_frozen_parameters=self.cfg.lora is not None)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -202,7 +244,8 @@ class LearnerRank:
 
     def load(self, folder: str) -> None:
         path, _ = self.engine.load_checkpoint(folder, tag="state", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=self.cfg.lora is None)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
         rng = torch.load(Path(folder) / f"rng-rank{self.rank}.pt", weights_only=False)

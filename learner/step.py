@@ -51,7 +51,9 @@ def _pad(rows: Sequence[Sequence[float]], like: torch.Tensor) -> torch.Tensor:
 
 def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer: float, cfg: LearnerConfig,
                      pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed GRPO loss of `groups` over `normalizer`, and sums of statistics for the step's metrics."""
+    """Summed GRPO loss of `groups` over `normalizer`, and sums of statistics for the step's metrics.
+    `ref_model`: the frozen reference; with `cfg.lora` and none given, the policy with its adapter off is
+    the reference (the start model itself, at no memory cost)."""
     forward = shared_prefix_group_logprobs if cfg.shared_prefix else naive_group_logprobs
     total = torch.zeros((), device=next(model.parameters()).device)
     stats: dict[str, float] = defaultdict(float)
@@ -61,9 +63,12 @@ def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer
         advantages = group_advantages(torch.tensor([g.rewards], dtype=torch.float32),
                                       cfg.scale_advantages_by_std)[0].to(out.logprobs.device)
         ref = None
-        if ref_model is not None and cfg.beta > 0:
+        if cfg.beta > 0 and ref_model is not None:
             with torch.no_grad():
                 ref = forward(ref_model, g.prompt_ids, g.completions, pad_id, temperature).logprobs
+        elif cfg.beta > 0 and cfg.lora is not None:
+            with torch.no_grad(), model.disable_adapter():
+                ref = forward(model, g.prompt_ids, g.completions, pad_id, temperature).logprobs
         loss, sums = grpo_loss(out.logprobs, behaviour, advantages, out.mask, normalizer, cfg.clip_eps,
                                ref, cfg.beta, cfg.aggregation, cfg.tis_cap)
         total = total + loss

@@ -4,7 +4,8 @@ everything that reads it (resume, the score stage's start model, `prorank export
     <output_dir>/checkpoints/            the warmup stage (score-checkpoints/ for the score stage)
         LATEST                           the name of the newest complete step folder
         step-N/driver.json               {"steps": N, ...}: the driver's state at step N
-        step-N/model/                    the full weights as a model folder transformers loads
+        step-N/model/                    the full weights as a model folder transformers loads (LoRA: merged)
+        step-N/adapter/                  with learner.lora: the adapter as a peft folder
         step-N/state/, rng-rank*.pt      DeepSpeed's model, optimizer and scheduler state; each rank's RNGs
 
 A step is written into .tmp-step-N and renamed into place, then LATEST is replaced: a crash at any point
@@ -21,6 +22,7 @@ WARMUP, SCORE = "checkpoints", "score-checkpoints"  # a stage's folder under the
 LATEST = "LATEST"
 STATE = "driver.json"
 MODEL = "model"
+ADAPTER = "adapter"
 
 
 def stage_root(output_dir: str | Path, stage: str) -> Path:
@@ -70,6 +72,12 @@ def final_model(root: str | Path) -> str | None:
     """The model folder of the newest checkpoint under `root`; None when there is none."""
     folder = latest(root)
     return str(folder / MODEL) if folder else None
+
+
+def final_adapter(root: str | Path) -> str | None:
+    """The LoRA adapter folder of the newest checkpoint under `root`; None when there is none."""
+    folder = latest(root)
+    return str(folder / ADAPTER) if folder and (folder / ADAPTER).is_dir() else None
 
 
 def is_pointer(path: Path) -> bool:

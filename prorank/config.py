@@ -187,6 +187,23 @@ class WeightSyncConfig(ServiceConfig):
     wire_dtype: Literal["same", "bfloat16"] = "same"
 
 
+class LoraSettings(Section):
+    """Low-rank adapters (peft's LoRA) instead of full fine-tuning: the base model stays frozen in both
+    stages, only the adapters train (a fraction of the optimizer state), and a weight version sent to the
+    actors is the adapters alone (megabytes), which vLLM serves on the base (prorank/lora.py)."""
+
+    r: int = Field(16, ge=1, le=512)  # vLLM serves ranks up to 512
+    alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module names peft adapts, or "all-linear": every linear layer but the output head.
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # How the actors serve a version: adapter (vLLM's LoRA: enable_lora, the adapter on every request),
+    # merged (each actor adds it to its copy of the base weights and reloads them in place: vLLM's CPU LoRA
+    # kernels score ~8x slower than the base, BENCHMARKS.md), auto: merged on CPU actors, adapter on GPU.
+    # Either way only the adapter goes over the wire.
+    actors_serve: Literal["auto", "adapter", "merged"] = "auto"
+
+
 class LearnerConfig(Section):
     """The DeepSpeed learner: K data-parallel ranks applying GRPO."""
 
@@ -219,6 +236,7 @@ class LearnerConfig(Section):
     # Train only the top N decoder layers and the final norm; the embeddings and the layers below stay
     # frozen and run without autograd (no activations kept, no gradients or optimizer state). None: all.
     trainable_layers: int | None = Field(None, ge=1)
+    lora: LoraSettings | None = None  # train LoRA adapters on a frozen base instead of the weights themselves
     tis_cap: float | None = Field(2.0, gt=0)  # truncated importance sampling (learner.grpo); None: off
     seed: int = 0
 
@@ -228,6 +246,9 @@ class LearnerConfig(Section):
         if self.groups_per_step % per_step:
             raise ValueError(f"learner.groups_per_step ({self.groups_per_step}) must be a multiple of "
                              f"num_ranks * micro_batch_groups ({per_step})")
+        if self.lora is not None and self.trainable_layers is not None:
+            raise ValueError("learner.lora and learner.trainable_layers cannot be used together: LoRA already "
+                             "freezes the whole base model (use lora.target_modules to adapt fewer layers)")
         return self
 
 

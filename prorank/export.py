@@ -97,6 +97,30 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
     return out
 
 
+def adapter_of(checkpoint: str | Path) -> Path:
+    """The LoRA adapter folder of a run trained with `learner.lora` (the checkpoint's adapter/, beside the
+    model/ that holds the merged model); a ModelError when there is none."""
+    from prorank import checkpoints
+    from prorank.lora import ADAPTER_CONFIG
+
+    source = Path(checkpoint_model_dir(str(checkpoint))).parent / checkpoints.ADAPTER
+    if not (source / ADAPTER_CONFIG).is_file():
+        raise ModelError(f"{checkpoint}: no LoRA adapter (missing {source / ADAPTER_CONFIG}); --adapter is for "
+                         "runs trained with learner.lora")
+    return source
+
+
+def export_adapter(checkpoint: str | Path, output: str | Path) -> Path:
+    """Copy the LoRA adapter of `checkpoint` (see `adapter_of`) to `output`: a peft folder that
+    `PeftModel.from_pretrained(base, output)` or vLLM's `LoRARequest` load on the base model."""
+    source = adapter_of(checkpoint)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        shutil.copy2(item, out / item.name)
+    return out
+
+
 def _write_json(path: Path, data: dict | list) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 

@@ -302,3 +302,31 @@ def build_answering_model(output_dir: str | Path, data_path: str | Path, rate: f
                 break
     model.save_pretrained(folder)
     return folder
+
+
+def safetensors_views(blob) -> dict:
+    """The tensors of a safetensors blob (bytes or a bytearray) as views into it (no copy): for a loader
+    that copies them into the model anyway (`safetensors.torch.load` would first copy the whole blob), and
+    for writing into a bytearray blob in place."""
+    import warnings
+
+    import torch
+
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    view = memoryview(blob)
+    size = int.from_bytes(view[:8], "little")
+    header = json.loads(bytes(view[8 : 8 + size]))
+    base = 8 + size
+    out = {}
+    with warnings.catch_warnings():  # read-only bytes are fine: the views are only read
+        warnings.simplefilter("ignore", UserWarning)
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = dtypes[spec["dtype"]]
+            start, end = spec["data_offsets"]
+            count = (end - start) // torch.empty((), dtype=dtype).element_size()
+            flat = (torch.frombuffer(view, dtype=dtype, count=count, offset=base + start) if count
+                    else torch.empty(0, dtype=dtype))
+            out[name] = flat.reshape(spec["shape"])
+    return out

@@ -114,10 +114,26 @@ def test_vllm_score_api_scores_like_prorank_eval(exported, candidates, ours):
 
 
 @pytest.mark.slow
+def _adapter_gives_the_merged_model(base: Path, adapter: Path, merged: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 3, 40, 9, 11]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+        assert torch.allclose(adapted(ids).logits, expected, atol=1e-4)
+        with adapted.disable_adapter():  # and the adapter moved the model: the base alone is not it
+            assert not torch.allclose(adapted(ids).logits, expected, atol=1e-4)
+
+
 def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_path):
     """A model saved as the released ProRank models are (transformers 4, Qwen2Tokenizer, bfloat16, no
-    prorank.json): zero-shot `prorank eval`, both training stages, export, then `MxbaiRerankV2` scores the
-    export as `prorank eval` does."""
+    prorank.json): zero-shot `prorank eval`, both training stages with LoRA (`learner.lora`), the score stage
+    resumed in a new process after the warmup (the actors start on the bare base and are sent the warmup's
+    adapter first), export (merged, and `--adapter`), then `MxbaiRerankV2` scores the export as `prorank
+    eval` does, and the adapter on the released base gives the merged model's logits."""
     from prorank.data import load_local
     from prorank.prompt import document_text
 
@@ -134,18 +150,29 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
     assert json.loads((tmp_path / "zs.json").read_text())["settings"]["prompt"]["layout"] == "mxbai-v2"
 
     tag = uuid.uuid4().hex
-    config = job_config(tmp_path, released, scifact_dir, "sync", steps=2, stages="warmup,score",
+    lora = {"r": 8, "alpha": 16}  # the actors (CPU) serve each version merged into their base weights
+    config = job_config(tmp_path, released, scifact_dir, "sync", steps=2, stages="warmup",
                         updates={"score": {"steps": 2, "dev_every": 0, "checkpoint_every": 2, "sync_every": 2},
-                                 "train": {"dev_every": 0, "checkpoint_every": 2}})
-    proc = start_job(config, tag)
-    output, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, output[-4000:]
-    assert not gone(tag), "processes left running"
-    out = tmp_path / "exported"
-    exported = subprocess.run(cli + ["export", str(tmp_path / "run-sync"), "--output", str(out)], cwd=ROOT,
+                                 "train": {"dev_every": 0, "checkpoint_every": 2}, "learner": {"lora": lora}})
+    for extra in ([], ["--resume", "train.stages=warmup,score"]):
+        proc = start_job(config, tag, *extra)
+        output, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, output[-4000:]
+        assert not gone(tag), "processes left running"
+    run = tmp_path / "run-sync"
+    synced = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    synced = [m for m in synced if "weights/bytes" in m]
+    model_bytes = (run / "checkpoints" / "step-2" / "model" / "model.safetensors").stat().st_size
+    # Every version, the score stage's first (its start adapter, to the new process's actors) included, is
+    # the adapter alone.
+    assert [m["step"] for m in synced] == [1, 2, 2, 4] and all(m["weights/bytes"] < 0.25 * model_bytes for m in synced)
+    assert all(m["weights/refused"] == 0 for m in synced), "an actor could not apply a version"
+    out, adapter = tmp_path / "exported", tmp_path / "adapter"
+    exported = subprocess.run(cli + ["export", str(run), "--output", str(out), "--adapter", str(adapter)], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert json.loads((out / "prorank.json").read_text())["max_length"] == 96
+    _adapter_gives_the_merged_model(released, adapter, out)
 
     data = load_local(scifact_dir, "train")
     qid = data.query_ids[0]

@@ -49,11 +49,13 @@ class FakeStage:
         self.events.append(("end", step))
 
 
-def fake_job(tmp_path, events: list, stop_at: int | None = None):
+def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int = 10):
+    """`published`: the last weight version this process sent (10: the warmup's last, in the same process)."""
     logged = {}
     job = SimpleNamespace(out=tmp_path, placement={}, stopping=False, logged=logged)
     job.sync = lambda version: events.append(("sync", version)) or {"weights/sync_seconds": 0.5}
     job.sync.attach = lambda learner, pool: events.append(("attach",))
+    job.sync.version = published
     job.pool = object()
     job.run = SimpleNamespace(log=lambda step, metrics: logged.setdefault(step, {}).update(metrics),
                               console_line=lambda: "")
@@ -91,6 +93,14 @@ def test_the_cadence_of_a_stage(tmp_path):
     assert job.logged[11]["time/learner_seconds"] == 1.0 and "weights/sync_seconds" not in job.logged[11]
     assert job.logged[13]["stage/synced_hook"] == 3.0 and job.logged[13]["actors/count"] == 1.0
     assert job.placement == {"score_learner": ["node-a"]}
+
+
+def test_a_stage_whose_start_weights_this_process_never_sent_sends_them_first(tmp_path):
+    """The score stage of a job resumed after its warmup: the new actors serve the start model (with LoRA,
+    the bare base), so the learner's start weights go to them before the stage begins."""
+    events = []
+    run_stage(fake_job(tmp_path, events, published=0), FakeStage(events), resume=False)
+    assert events[:3] == [("attach",), ("sync", 10), ("begin", 0)]
 
 
 def test_a_resumed_stage_sends_its_weights_first_and_a_stopped_one_still_saves(tmp_path):

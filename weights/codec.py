@@ -13,7 +13,6 @@ earlier version is sent only what changed since (`stream_messages`), and keeps t
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -217,31 +216,6 @@ def safetensors_header(manifest: weights_pb2.Manifest) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
     return len(raw).to_bytes(8, "little") + raw
-
-
-_TORCH_DTYPE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def safetensors_views(blob) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors blob as views into it (no copy), for a loader that copies them
-    into the model anyway; `safetensors.torch.load` would first copy the whole blob."""
-    view = memoryview(blob)
-    size = int.from_bytes(view[:8], "little")
-    header = json.loads(bytes(view[8 : 8 + size]))
-    base = 8 + size
-    out = {}
-    with warnings.catch_warnings():  # read-only bytes are fine: the views are only read
-        warnings.simplefilter("ignore", UserWarning)
-        for name, spec in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _TORCH_DTYPE[spec["dtype"]]
-            start, end = spec["data_offsets"]
-            count = (end - start) // torch.empty((), dtype=dtype).element_size()
-            flat = (torch.frombuffer(view, dtype=dtype, count=count, offset=base + start) if count
-                    else torch.empty(0, dtype=dtype))
-            out[name] = flat.reshape(spec["shape"])
-    return out
 
 
 def verify(manifest: weights_pb2.Manifest, data: memoryview) -> None:

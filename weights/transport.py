@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from prorank.config import WeightSyncConfig
+from prorank.config import LoraSettings, WeightSyncConfig
 from prorank.guarded_server import ServerLimits
 from prorank.weight_transport import Apply
 
@@ -22,16 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class GrpcTransport:
-    """The job's choice of transport: its token and settings, and the two ends made from them."""
+    """The job's choice of transport: its token and settings, and the two ends made from them. `lora`: the
+    learner's LoRA settings when a version is an adapter (prorank/lora.py), else None (the full weights)."""
 
-    def __init__(self, token: str, cfg: WeightSyncConfig):
-        self.token, self.cfg = token, cfg
+    def __init__(self, token: str, cfg: WeightSyncConfig, lora: LoraSettings | None = None):
+        self.token, self.cfg, self.lora = token, cfg, lora
 
     def sender(self) -> GrpcWeightSender:
         return GrpcWeightSender(self.token, self.cfg)
 
     def receiver(self, name: str) -> GrpcWeightReceiver:
-        return GrpcWeightReceiver(self.token, self.cfg, name)
+        return GrpcWeightReceiver(self.token, self.cfg, name, self.lora)
 
 
 class GrpcWeightSender:
@@ -66,8 +67,8 @@ class GrpcWeightSender:
 class GrpcWeightReceiver:
     vllm_extension = "prorank.weights.vllm_extension.WeightLoaderExtension"
 
-    def __init__(self, token: str, cfg: WeightSyncConfig, name: str = "receiver"):
-        self.token, self.cfg, self.name = token, cfg, name
+    def __init__(self, token: str, cfg: WeightSyncConfig, name: str = "receiver", lora: LoraSettings | None = None):
+        self.token, self.cfg, self.name, self.lora = token, cfg, name, lora
         self.relays = cfg.relay
         self.version = 0
         self.model, self.dtype = "", ""
@@ -97,7 +98,7 @@ class GrpcWeightReceiver:
         cfg = self.cfg
         wait = cfg.wait_seconds if wait_seconds is None else wait_seconds
         if self._expected is None:
-            self._expected = expected_specs(self.model, self.dtype)
+            self._expected = expected_specs(self.model, self.dtype, self.lora)
         publisher = None
         if self.relays:  # each chunk is handed on, as received, to this actor's relay
             self.relay_address()
@@ -125,17 +126,27 @@ class GrpcWeightReceiver:
             return {"version": self.version, "applied": False, "error": "", "source": "", "bytes": 0, "seconds": 0.0}
         manifest, self._buffer = got
         self._held, received = manifest.version, sent_bytes(manifest)
-        apply(manifest.version, self._buffer)
+        try:
+            apply(manifest.version, self._buffer)
+        except Exception as err:  # noqa: BLE001 - the engine's own errors: reported, the actor lives on
+            log.error("%s: the engine could not apply version %d: %s", self.name, manifest.version, err)
+            return tell(False, f"version {manifest.version}: the engine could not apply it: {type(err).__name__}: "
+                               f"{err}")
         self.version = manifest.version
         return tell(True)
 
 
-def expected_specs(model: str, dtype: str):
-    """The named tensors of the model's state dict (tied ones included), built on the meta device."""
+def expected_specs(model: str, dtype: str, lora: LoraSettings | None = None):
+    """The named tensors a version holds, built on the meta device: the model's state dict (tied ones
+    included), or with `lora` the adapter's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from prorank.weights import codec
 
+    if lora is not None:
+        from prorank.lora import adapter_specs_model
+
+        return codec.expected_specs(adapter_specs_model(model, lora, dtype))
     config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))

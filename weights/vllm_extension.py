@@ -11,7 +11,7 @@ from __future__ import annotations
 class WeightLoaderExtension:
     # Not `update_weights`: that name clashes with an attribute vLLM's worker already has.
     def prorank_load_weights(self, blob: bytes | bytearray) -> int:
-        from prorank.weights.codec import safetensors_views
+        from prorank.models import safetensors_views
 
         tensors = safetensors_views(blob)
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
