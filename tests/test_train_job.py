@@ -169,10 +169,11 @@ def test_tensorboard_shows_the_reward_curve(finished_runs, tmp_path):
                   "--window-size=1400,900", "--virtual-time-budget=30000"]
         # The time-series view names every chart card in its DOM; the scalars view draws the curves as SVG.
         cards = f"http://127.0.0.1:{port}/?tagFilter=reward%2Ftotal#timeseries"
-        for _ in range(3):  # a headless render under load can stop before the cards are drawn
+        for _ in range(5):  # a headless render under load can stop before the cards are drawn (seen 3 times in a row)
             dom = subprocess.run([*common, "--dump-dom", cards], capture_output=True, text=True, timeout=120).stdout
             if "train/reward/total_mean" in dom:
                 break
+            time.sleep(2)
         shot = ROOT / "runs" / "screenshots" / "tensorboard-reward.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         curve = f"http://127.0.0.1:{port}/#scalars&tagFilter=reward%2Ftotal_mean&_smoothingWeight=0"
