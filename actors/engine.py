@@ -190,9 +190,11 @@ class RolloutEngine:
             base = base_weights(self.model, self.dtype)
             self._blob = bytearray(safetensors.torch.save(base))
             self._views = safetensors_views(self._blob)
-            adapted = merge_into(base, adapter, self.lora).keys()
-            self._base = {name: base[name] for name in adapted}  # the rest stays as the blob holds it
-        for name, weight in merge_into(self._base, adapter, self.lora).items():
+            merged = merge_into(base, adapter, self.lora)
+            self._base = {name: base[name] for name in merged}  # the rest stays as the blob holds it
+        else:
+            merged = merge_into(self._base, adapter, self.lora)
+        for name, weight in merged.items():
             self._views[name].copy_(weight)
         return self._blob
 
