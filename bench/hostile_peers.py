@@ -223,6 +223,15 @@ class Attack:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def wait_answered(self, timeout: float = 10.0) -> int:
+        """Until the server has answered every hostile call (or `timeout`); returns how many it answered.
+        Refusals are counted as they arrive: a loaded machine may still be sending them after the
+        legitimate calls are done."""
+        deadline = time.monotonic() + timeout
+        while self.tally.answered < self.n and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
+        return self.tally.answered
+
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self._thread.join(timeout=60)

@@ -5,7 +5,6 @@ run goes on with the score stage (stage 2); its final model is exported and scor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -16,7 +15,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 from jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job, step_lines
 
 
@@ -156,7 +154,8 @@ def test_tensorboard_shows_the_reward_curve(finished_runs, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(finished_runs["sync"] / "tensorboard"),
+    logdir = finished_runs["sync"] / "tensorboard"
+    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
                               "--host", "127.0.0.1", "--port", str(port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -218,29 +217,24 @@ def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model,
     assert proc.returncode == 130, output[-4000:]
     assert not gone(tag), "processes left running after Ctrl-C"
 
-    tag = uuid.uuid4().hex
-    proc = start_job(config, tag, "--resume")
-    output, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, output[-4000:]
-    assert not gone(tag)
-    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    resumed = [m["step"] for m in lines if "train/loss" in m]
-    # Continued after its last checkpoint; the lines the interrupted run wrote after it are gone.
-    assert resumed == list(range(1, 41))
-    hours = [m["time/wall_hours"] for m in lines]
-    assert hours == sorted(hours)  # the job's clock runs on across the resume
+    interrupted = [json.loads(x) for x in metrics.read_text().splitlines()]
 
-    # train.max_hours: the same job asked for 80 steps ends once its clock reaches the budget, with a
-    # final checkpoint, and exits as a finished job.
-    # The budget is 7 s past the clock's last reading; start-up alone (Ray, the engines, the ranks) takes
-    # longer on any machine, so the job ends at once (before step 41 or soon after) however fast its steps are.
-    budget = hours[-1] + 0.002
+    # --resume, with train.max_hours: the same job, asked for 80 steps, continues from its last checkpoint
+    # and ends once its clock reaches the budget, with a final checkpoint, as a finished job. The budget is
+    # 7 s past the clock's last reading; start-up alone (Ray, the engines, the ranks) takes longer on any
+    # machine, so the resumed job ends at once, however fast its steps are. (A resume that trains on to the
+    # end is the soak's, tests/test_soak.py.)
+    budget = interrupted[-1]["time/wall_hours"] + 0.002
     tag = uuid.uuid4().hex
     proc = start_job(config, tag, "--resume", "train.steps=80", f"train.max_hours={budget}")
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-4000:]
     assert not gone(tag)
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    last = max(m["step"] for m in lines if "train/loss" in m)
-    assert 40 <= last < 80 and lines[-1]["time/wall_hours"] >= budget
+    steps = [m["step"] for m in lines if "train/loss" in m]
+    last = steps[-1]
+    # Continued after its last checkpoint (step 5 or later); the lines the interrupted run wrote after it are gone.
+    assert steps == list(range(1, last + 1)) and 5 <= last < 40
+    hours = [m["time/wall_hours"] for m in lines]
+    assert hours == sorted(hours) and hours[-1] >= budget  # the job's clock runs on across the resume
     assert (tmp_path / "run-sync" / "checkpoints" / "LATEST").read_text() == f"step-{last}"
