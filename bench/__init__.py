@@ -2,6 +2,9 @@
 baseline measured in the same run; the figures and commands are in BENCHMARKS.md."""
 
 import argparse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_model_parser(doc: str) -> argparse.ArgumentParser:
@@ -11,3 +14,24 @@ def data_model_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", required=True)
     return ap
+
+
+def recipe(name: str, data: str, model: str) -> dict:
+    """configs/<name>.yaml as a dict, pointed at `data` and `model`, without its eval outputs (a bench
+    writes its own); the caller changes what it measures, then `write_config`s it."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    cfg["data"]["path"], cfg["model"]["path"] = data, model
+    for key in ("output", "tensorboard_dir"):
+        cfg.get("eval", {}).pop(key, None)
+    return cfg
+
+
+def write_config(cfg: dict, out: Path) -> Path:
+    """`cfg` as the YAML file beside the run folder `out` (out.yaml)."""
+    import yaml
+
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -32,23 +32,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench import ROOT, recipe, write_config
 
 
 def job_config(out: Path, model: str, data: str, steps: int) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    cfg["data"]["path"], cfg["model"]["path"] = data, model
+    cfg = recipe("quickstart", data, model)
     cfg["sampling"].update(group_size=8, max_tokens=4)
     cfg["learner"]["beta"] = 0.0
     cfg["train"].update(steps=steps, mode="async", dev_every=5, checkpoint_every=0, output_dir=str(out),
                         job_name=f"critpath{os.getpid()}")
-    cfg["eval"].pop("output", None)
-    cfg["eval"].pop("tensorboard_dir", None)
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(cfg, out)
 
 
 @contextlib.contextmanager

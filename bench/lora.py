@@ -31,12 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from bench import data_model_parser
+from bench import ROOT, data_model_parser, recipe, write_config
 from bench.score_step import make_groups
 
-ROOT = Path(__file__).resolve().parents[1]
 LORA = {"r": 16, "alpha": 32}
 TOKEN = "bench-lora"
 
@@ -118,10 +115,7 @@ def actor_sync(learner, address: str, receivers, model: str, data: str, groups, 
 
 def quality_job(model: str, data: str, lora: dict | None, minutes: float, out: Path) -> dict:
     """Section 3 for one mode: a score-stage job stopped after `minutes` of job clock; its dev figures."""
-    cfg = yaml.safe_load((ROOT / "configs" / "scifact-cpu.yaml").read_text())
-    cfg["data"]["path"], cfg["model"]["path"] = data, model
-    for key in ("output", "tensorboard_dir"):
-        cfg.get("eval", {}).pop(key, None)
+    cfg = recipe("scifact-cpu", data, model)
     cfg["train"].update(stages=["score"], max_hours=minutes / 60, dev_queries=30, dev_depth=10, output_dir=str(out),
                         job_name=f"benchlora{os.getpid()}")
     cfg["score"].update(steps=1000, warmup_steps=3, dev_every=0, checkpoint_every=0, sync_every=1000,
@@ -129,8 +123,7 @@ def quality_job(model: str, data: str, lora: dict | None, minutes: float, out: P
     cfg["learner"]["trainable_layers"] = None  # every layer, as LoRA adapts every layer's linear maps
     if lora:
         cfg["learner"]["lora"] = lora
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_config(cfg, out)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=minutes * 60 + 1800)

@@ -88,6 +88,10 @@ def test_export_and_scale_refuse_bad_input(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["export", str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "holds no model" in result.output
+    result = runner.invoke(app, ["export", str(tiny_model_dir), "--output", str(tmp_path / "plain"),
+                                 "--adapter", str(tmp_path / "adapter")])  # not trained with learner.lora
+    assert result.exit_code == 2 and "no LoRA adapter" in result.output
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "adapter").exists()  # nothing written
     result = runner.invoke(app, ["export", str(tiny_model_dir), "--output", str(tmp_path / "out")])
     assert result.exit_code == 0 and (tmp_path / "out" / "README.md").is_file()
     result = runner.invoke(app, ["scale", "actors", "--", "-1"])
