@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -205,6 +205,7 @@ class GuardedServer:
         self.refusals = RefusalLog(limits.log_every_seconds)
         self.guard = CallGuard(token, limits, self.refusals, open_methods)
         self.loop = asyncio.new_event_loop()
+        self._stop_lock = threading.Lock()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-server", daemon=True)
         self._thread.start()
         creds = server_credentials(tls_cert, tls_key) if tls_cert else None
@@ -242,15 +243,21 @@ class GuardedServer:
             self._close_loop()
             raise
 
-    def stop(self, grace: float | None) -> None:
-        """New calls are refused at once; calls in flight get `grace` seconds, then are cancelled."""
-        if self.loop.is_closed():
-            return
-        try:
-            self.run(self.server.stop(grace), timeout=None if grace is None else grace + 30)
-            self.run(_cancel_the_rest(), timeout=30)
-        finally:
-            self._close_loop()
+    def stop(self, grace: float | None, first: Callable[[], Awaitable] | None = None) -> None:
+        """New calls are refused at once; calls in flight get `grace` seconds, then are cancelled. `first`
+        (a coroutine function, e.g. health's graceful shutdown) runs on the loop before that. Safe from
+        several threads: a second caller waits for the first stop to end (a coroutine handed to a loop
+        that the first stop is closing would never run: its caller waited out the 60 s timeout)."""
+        with self._stop_lock:
+            if self.loop.is_closed():
+                return
+            try:
+                if first is not None:
+                    self.run(first())
+                self.run(self.server.stop(grace), timeout=None if grace is None else grace + 30)
+                self.run(_cancel_the_rest(), timeout=30)
+            finally:
+                self._close_loop()
 
     def wait(self) -> None:
         self._thread.join()

@@ -131,9 +131,7 @@ class RewardServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: health turns NOT_SERVING, new calls are refused, calls in flight get `grace` s."""
-        if not self.server.loop.is_closed():
-            self.server.run(self.health.enter_graceful_shutdown())
-        self.server.stop(self.cfg.grace_seconds if grace is None else grace)
+        self.server.stop(self.cfg.grace_seconds if grace is None else grace, first=self.health.enter_graceful_shutdown)
         self.servicer.big_calls.shutdown(wait=False, cancel_futures=True)
 
     def wait(self) -> None:

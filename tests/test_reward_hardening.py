@@ -83,6 +83,29 @@ def test_a_second_server_on_a_used_port_fails_to_start(server, qrels):
         RewardServer(qrels, RewardConfig(port=port), TOKEN).start()
 
 
+def test_stop_from_several_threads_at_once_returns_promptly(qrels):
+    """Two threads stopping one server (a replica's own stop racing a test's or a signal handler's): the
+    second waits for the first and returns; before, it could hand health's shutdown to the loop being
+    closed and wait out a 60 s timeout."""
+    for _ in range(20):
+        srv = RewardServer(qrels, RewardConfig(port=0), TOKEN).start()
+        errors: list[BaseException] = []
+
+        def stop() -> None:
+            try:
+                srv.stop(0)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=stop) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        assert srv.server.loop.is_closed()
+
+
 def test_default_client_rides_out_a_restart_of_its_only_replica(qrels):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

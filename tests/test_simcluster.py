@@ -80,7 +80,7 @@ def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tm
         at = len(step_lines(metrics))
         _wait(lambda: any(m["time/wait_rewards_seconds"] > 2.5 for m in step_lines(metrics)[at:]),
               "a reward call that failed over", proc)
-        rewarded = steps_after(at, 5, "5 steps with a reward node cut off")
+        rewarded = steps_after(at, 3, "3 steps with a reward node cut off")
         cluster.link(REWARD2, up=True)
 
         # An actor node cut off: Ray declares it dead, the pool drops its actor and goes on with the other.
