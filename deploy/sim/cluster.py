@@ -20,6 +20,7 @@ removes every namespace, link and process, also after a failed `up`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -363,6 +364,7 @@ def _self_signed(cert: Path, key: Path, ips: list[str]) -> None:
                                           serialization.NoEncryption()))
 
 
+@functools.cache  # a probe namespace made and deleted once a process (two test modules ask at collection)
 def can_create_namespaces() -> str:
     """'' when this process can make network namespaces and shape links; else why not."""
     if os.geteuid() != 0:
