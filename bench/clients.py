@@ -80,7 +80,7 @@ def scifact_candidates(data_dir: Path, queries: int, depth: int) -> dict[str, li
     from prorank.bm25 import bm25_search
     from prorank.config import BM25Config
     from prorank.data import load_local
-    from prorank.eval.run import candidate_pairs
+    from prorank.eval.rerank import candidate_pairs
 
     data = load_local(data_dir, "test")
     qids = data.query_ids[:queries]

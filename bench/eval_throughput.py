@@ -18,7 +18,7 @@ from prorank.bm25 import bm25_search
 from prorank.config import BM25Config, DataConfig, ModelConfig
 from prorank.data import load_dataset
 from prorank.eval.metrics import evaluate, ranked_to_run
-from prorank.eval.run import rerank
+from prorank.eval.rerank import rerank
 from prorank.models import load_causal_lm, native_bf16
 from prorank.prompt import PromptBuilder, document_text
 from prorank.scoring import score_pairs

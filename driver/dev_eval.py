@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class DevEval:
     def __init__(self, cfg, dataset, ranking, query_ids: list[str], pool):
         from prorank.eval.metrics import evaluate, ranked_to_run
-        from prorank.eval.run import candidate_pairs
+        from prorank.eval.rerank import candidate_pairs
 
         self.depth, self.dataset, self.pool = cfg.train.dev_depth, dataset, pool
         self.ranking = {q: ranking[q] for q in query_ids}
@@ -76,7 +76,7 @@ class DevEval:
 
     def _figures(self, value: dict) -> dict[str, float]:
         from prorank.eval.metrics import evaluate, ranked_to_run
-        from prorank.eval.run import rerank_by_scores
+        from prorank.eval.rerank import rerank_by_scores
 
         scores, at = {}, 0
         for qid, pairs in self.pairs.items():

@@ -113,7 +113,9 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> di
         summary = {"steps": job.run.last_step, "stages": tc.stages, "versions": job.pool.versions(),
                    "placement": job.placement, "final": job.run.latest, "dev_bm25": job.dev.bm25,
                    "output_dir": str(out), "model": checkpoints.final_model(checkpoints.stage_root(out, tc.stages[-1])),
-                   "prompt": cfg.prompt.model_dump(), "addresses": [job.sync.address, *addresses]}
+                   "prompt": cfg.prompt.model_dump(), "addresses": [job.sync.address, *addresses],
+                   "dev": job.run.dev_history(), "dev_query_ids": job.prompts.dev_query_ids,
+                   "job_hours": job.run.wall_hours()}
         (out / "summary.json").write_text(_json(summary))
         return summary
 

@@ -105,8 +105,10 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
 
     learner.save(root)
     job.log_dev(wait=True)  # one still under way
-    job.dev.start()  # the final weights' figures (the last sync was queued before this)
-    job.log_dev(wait=True)
+    tc = job.cfg.train
+    if stage.name == "score" or "score" not in tc.stages or tc.dev_between_stages:
+        job.dev.start()  # the final weights' figures (the last sync was queued before this)
+        job.log_dev(wait=True)
     learner.shutdown()  # frees its memory for the next stage's learner
 
 

@@ -24,3 +24,17 @@ def evaluate(qrels: dict[str, dict[str, int]], run: Run) -> dict[str, float]:
 def ranked_to_run(ranked: dict[str, list[str]]) -> Run:
     """Ordered doc ids per query -> scores that reproduce the order (ties cannot reorder it)."""
     return {qid: {doc: float(len(docs) - i) for i, doc in enumerate(docs)} for qid, docs in ranked.items()}
+
+
+def scored_to_run(ranking: dict[str, list[tuple[str, float]]]) -> Run:
+    """A ranking with scores (each query's documents best first) -> the run to evaluate: the same scores,
+    as written to its run file, so that the figures are those of the file in any tool."""
+    return {qid: dict(hits) for qid, hits in ranking.items()}
+
+
+def per_query(qrels: dict[str, dict[str, int]], run: Run, measure: str = "nDCG@10") -> dict[str, float]:
+    """`measure` for each query of `run` that has qrels (a query with no candidates scores 0), in run order."""
+    judged = [qid for qid in run if qid in qrels]
+    values = {m.query_id: float(m.value) for m in ir_measures.iter_calc(
+        [MEASURES[measure]], {q: qrels[q] for q in judged}, {q: run[q] for q in judged if run[q]})}
+    return {qid: values.get(qid, 0.0) for qid in judged}

@@ -1,113 +1,140 @@
-"""`prorank eval`: BM25 top-k, optionally reranked by a model's relevance score, with IR metrics.
+"""`prorank eval`: first-stage candidates reranked by a model's relevance score, alone and fused with the
+first stage's scores, with IR metrics, per-query figures and TREC run files.
 
-Reads top to bottom: load the split, retrieve, rerank the top `rerank_depth` of each query (the rest
-keeps its BM25 order below them), evaluate, then report to JSON and TensorBoard.
+Reads top to bottom: load the split, take the first stage (BM25, or `eval.candidates`, any TREC run),
+rerank the top `rerank_depth` of each query (the rest keeps its first-stage order below them), fuse on
+request (`eval.fusion`, tuned on held-out training queries: eval/fusion.py), evaluate, then report to
+JSON, TensorBoard and run files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from prorank.bm25 import Ranking, bm25_search
+from prorank.bm25 import Ranking, bm25_name, bm25_search
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
 from prorank.data import BeirDataset, load_dataset
-from prorank.eval.metrics import evaluate, ranked_to_run
+from prorank.eval.metrics import evaluate, per_query, scored_to_run
+from prorank.eval.fusion import choose_fusion
+from prorank.eval.rerank import model_scores, scored_ranking
+from prorank.eval.runs import monotone, read_run, write_run
+from prorank.fusion import fuse
 from prorank.models import model_context, resolve_model
-from prorank.prompt import PromptBuilder, check_model_layout, document_text
-from prorank.scoring import score_query
+from prorank.prompt import PromptBuilder, check_model_layout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalReport:
-    metrics: dict[str, dict[str, float]]  # system ("bm25", "model") -> measure -> value
+    metrics: dict[str, dict[str, float]]  # system ("bm25" or "first_stage", "model", "fused") -> measure -> value
     settings: dict[str, object]
     seconds: dict[str, float] = field(default_factory=dict)
+    per_query: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> query id -> nDCG@10
+    runs: dict[str, Ranking] = field(default_factory=dict)  # system -> its ranking, as written to run files
 
     def to_json(self) -> dict[str, object]:
-        return {**self.metrics, "settings": self.settings, "seconds": self.seconds}
+        return {**self.metrics, "settings": self.settings, "seconds": self.seconds,
+                "per_query": {"nDCG@10": self.per_query}}
 
 
-def rerank(
-    model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
-    batch_size: int = 16, progress: bool = True,
-) -> dict[str, list[str]]:
-    """Each query's BM25 list with its top `depth` reordered by the model's score (ties keep BM25 order).
-
-    A query's candidates are scored together, with the prompt tokens they share encoded once."""
-    scores = {}
-    bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
-               disable=not progress)
-    for qid, pairs in candidate_pairs(dataset, ranking, depth).items():
-        documents = [d for _, d in pairs]
-        scores[qid] = score_query(model, builder, dataset.queries[qid], documents, batch_size) if pairs else []
-        bar.update(len(pairs))
-    bar.close()
-    return rerank_by_scores(ranking, depth, scores)
-
-
-def candidate_pairs(dataset: BeirDataset, ranking: Ranking, depth: int) -> dict[str, list[tuple[str, str]]]:
-    """Each query's top `depth` BM25 candidates as (query, document text) pairs, in BM25 order."""
-    return {qid: [(dataset.queries[qid], document_text(dataset.corpus[d].title, dataset.corpus[d].text))
-                  for d, _ in hits[:depth]] for qid, hits in ranking.items()}
-
-
-def rerank_by_scores(ranking: Ranking, depth: int, scores: dict[str, list[float]]) -> dict[str, list[str]]:
-    """Each query's top `depth` reordered by `scores` (one per candidate, in BM25 order; ties keep it),
-    the rest of its BM25 list below."""
-    ranked = {}
-    for qid, hits in ranking.items():
-        top = hits[:depth]
-        order = sorted(range(len(top)), key=lambda i: -scores[qid][i])
-        ranked[qid] = [top[i][0] for i in order] + [doc for doc, _ in hits[depth:]]
-    return ranked
+def first_stage(cfg: ProRankConfig, dataset: BeirDataset, query_ids: list[str]) -> tuple[str, Ranking, str]:
+    """(system name, each query's candidates best first, description): BM25 (bm25s), or the TREC run of
+    `eval.candidates` (its queries outside `query_ids` left out; a query it lacks has no candidates)."""
+    if not cfg.eval.candidates:
+        return "bm25", bm25_search(dataset, query_ids, cfg.bm25), bm25_name(cfg.bm25)
+    run = read_run(cfg.eval.candidates, dataset.queries, dataset.corpus, cfg.bm25.top_k)
+    missing = [q for q in query_ids if q not in run]
+    if missing:  # as trec_eval counts them: no candidates, every measure 0
+        log.warning("%s: no candidates for %d of the %d queries evaluated (first: %s); they score 0",
+                    cfg.eval.candidates, len(missing), len(query_ids), missing[0])
+    return "first_stage", {q: run.get(q, []) for q in query_ids}, f"run file {cfg.eval.candidates}"
 
 
 def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = True) -> EvalReport:
-    """BM25 metrics, plus the model's when one is given (or configured in `cfg.model`)."""
-    if cfg.eval.output:  # an output that cannot be written is refused before the evaluation, not after it
-        check_output_file(cfg.eval.output, "eval.output")
+    """The first stage's metrics, plus the model's (and the fused ones) when a model is given or configured."""
+    if cfg.eval.fusion in ("wsum", "rrf") and model is None and not (cfg.model.path or cfg.model.hub_id):
+        raise ConfigError(f"eval.fusion={cfg.eval.fusion} fuses a model's scores with the first stage's: give a model")
+    if cfg.eval.all_runs and not cfg.eval.run_out:
+        raise ConfigError("eval.all_runs writes every system's run beside eval.run_out: give eval.run_out (--run-out)")
+    for key in ("output", "run_out"):  # an output that cannot be written is refused before the evaluation
+        if getattr(cfg.eval, key):
+            check_output_file(getattr(cfg.eval, key), f"eval.{key}")
+    source = None
     if model is None and (cfg.model.path or cfg.model.hub_id):  # a model trained on another layout: say so now
-        check_model_layout(resolve_model(cfg.model), cfg.prompt.layout)
+        source = resolve_model(cfg.model)
+        check_model_layout(source, cfg.prompt.layout)
     clock = time.perf_counter()
     dataset = load_dataset(cfg.data)
     query_ids = dataset.query_ids[: cfg.eval.max_queries]
-    ranking = bm25_search(dataset, query_ids, cfg.bm25)
-    seconds = {"bm25": time.perf_counter() - clock}
-    bm25_order = {qid: [doc for doc, _ in hits] for qid, hits in ranking.items()}
-    metrics = {"bm25": evaluate(dataset.eval_qrels, ranked_to_run(bm25_order))}
+    name, ranking, described = first_stage(cfg, dataset, query_ids)
+    seconds = {name: time.perf_counter() - clock}
+    systems: dict[str, Ranking] = {name: {q: monotone(hits) for q, hits in ranking.items()}}
     depth = min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
     settings: dict[str, object] = {
         "dataset": dataset.name, "source": dataset.source, "split": cfg.data.split,
         "queries": len(query_ids), "queries_in_split": len(dataset.query_ids),
-        "bm25_top_k": cfg.bm25.top_k,
+        "first_stage": described, "bm25_top_k": cfg.bm25.top_k,
     }
-    if model is None and (cfg.model.path or cfg.model.hub_id):
+    if source is not None:
         from prorank.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(cfg.model)
-        settings["model"] = resolve_model(cfg.model)
+        settings["model"] = source
     if model is not None:
+        fusion = choose_fusion(cfg, model, tokenizer, source, query_ids, progress)  # before the test scoring
         clock = time.perf_counter()
         builder = PromptBuilder.from_config(tokenizer, cfg.prompt, model_context(model))
-        ranked = rerank(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
+        scores = model_scores(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
         seconds["model"] = time.perf_counter() - clock
-        metrics["model"] = evaluate(dataset.eval_qrels, ranked_to_run(ranked))
+        systems["model"] = scored_ranking(ranking, depth, scores)
         settings.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."), rerank_depth=depth,
                         prompt=builder.settings(), max_length=builder.max_length,
                         pairs=sum(min(depth, len(hits)) for hits in ranking.values()))
-    report = EvalReport(metrics, settings, seconds)
+        if fusion is not None:
+            top = {q: dict(hits[:depth]) for q, hits in ranking.items()}
+            modeled = {q: {d: s for (d, _), s in zip(hits[:depth], scores[q])} for q, hits in ranking.items()}
+            fused = fuse(top, modeled, fusion)
+            systems["fused"] = scored_ranking(ranking, depth, {q: [fused[q][d] for d, _ in hits[:depth]]
+                                                               for q, hits in ranking.items()})
+            settings["fusion"] = fusion.model_dump()
+    runs = {system: scored_to_run(r) for system, r in systems.items()}
+    report = EvalReport({s: evaluate(dataset.eval_qrels, run) for s, run in runs.items()}, settings, seconds,
+                        {s: per_query(dataset.eval_qrels, run) for s, run in runs.items()}, systems)
     write_tensorboard(report, cfg.eval.tensorboard_dir or default_tensorboard_dir(dataset.name, cfg.data.split))
-    if cfg.eval.output:
-        Path(cfg.eval.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.eval.output).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    write_outputs(cfg, report)
     return report
+
+
+def run_paths(run_out: str, systems: list[str], all_runs: bool) -> dict[str, Path]:
+    """Where each system's run goes: the last (final) system's at `run_out`; with `all_runs` every other
+    one beside it as <stem>.<system><suffix> (runs/test.trec -> runs/test.bm25.trec, runs/test.model.trec)."""
+    out = Path(run_out)
+    paths = {systems[-1]: out}
+    if all_runs:
+        paths.update({s: out.with_name(f"{out.stem}.{s}{out.suffix}") for s in systems[:-1]})
+    return paths
+
+
+def write_outputs(cfg: ProRankConfig, report: EvalReport) -> None:
+    """The run files (`eval.run_out`) and the JSON report (`eval.output`), each written atomically."""
+    if cfg.eval.run_out:
+        paths = run_paths(cfg.eval.run_out, list(report.runs), cfg.eval.all_runs)
+        for system, path in paths.items():
+            write_run(path, report.runs[system], f"prorank-{system}")
+        report.settings["run_files"] = {s: str(p) for s, p in paths.items()}
+    if cfg.eval.output:
+        path = Path(cfg.eval.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        tmp.replace(path)
 
 
 def check_output_file(path: str, key: str) -> None:

@@ -34,6 +34,21 @@ def hard_negatives(ranking: Ranking, qrels: dict, qid: str, depth: int, threshol
     return [d for d, _ in ranking.get(qid, [])[:depth] if qrels[qid].get(d, 0) < threshold]
 
 
+def held_out_split(dataset: BeirDataset, cfg: TrainConfig, relevance_threshold: int = 1) -> tuple[list[str], list[str]]:
+    """(dev query ids, training query ids) of the training split: `cfg.dev_queries` of the queries with a
+    relevant document, drawn by `cfg.seed`, are held out from both stages. The one definition of that set:
+    dev nDCG@10 is measured on it, and fusion weights are tuned on it (prorank/fusion.py)."""
+    usable = [q for q in dataset.query_ids
+              if any(s >= relevance_threshold for s in dataset.qrels[q].values())]
+    if cfg.max_train_queries:
+        usable = usable[: cfg.max_train_queries + cfg.dev_queries]
+    shuffled = random.Random(cfg.seed).sample(usable, len(usable))
+    dev, train = sorted(shuffled[: cfg.dev_queries]), sorted(shuffled[cfg.dev_queries :])
+    if not train:
+        raise ValueError(f"no training queries left: {len(usable)} with positives, {cfg.dev_queries} held out")
+    return dev, train
+
+
 class PromptSampler:
     def __init__(self, dataset: BeirDataset, ranking: Ranking, cfg: TrainConfig, relevance_threshold: int = 1):
         self.dataset, self.cfg = dataset, cfg
@@ -41,14 +56,7 @@ class PromptSampler:
                           for qid in dataset.query_ids}
         self.negatives = {qid: hard_negatives(ranking, dataset.qrels, qid, cfg.hard_negative_depth, relevance_threshold)
                           for qid in dataset.query_ids}
-        usable = [q for q in dataset.query_ids if self.positives[q]]
-        if cfg.max_train_queries:
-            usable = usable[: cfg.max_train_queries + cfg.dev_queries]
-        shuffled = random.Random(cfg.seed).sample(usable, len(usable))
-        self.dev_query_ids = sorted(shuffled[: cfg.dev_queries])
-        self.train_query_ids = sorted(shuffled[cfg.dev_queries :])
-        if not self.train_query_ids:
-            raise ValueError(f"no training queries left: {len(usable)} with positives, {cfg.dev_queries} held out")
+        self.dev_query_ids, self.train_query_ids = held_out_split(dataset, cfg, relevance_threshold)
 
     def batch(self, step: int, size: int) -> list[RolloutRequest]:
         """`size` prompts for `step`: queries drawn in a step-seeded order, each giving its positives

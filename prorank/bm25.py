@@ -63,6 +63,11 @@ def _load_or_build_index(dataset: BeirDataset, cfg: BM25Config, folder: Path):
     return retriever
 
 
+def bm25_name(cfg: BM25Config) -> str:
+    """What a report calls this first stage."""
+    return f"bm25s {cfg.method} k1={cfg.k1} b={cfg.b}"
+
+
 def bm25_search(dataset: BeirDataset, query_ids: list[str], cfg: BM25Config) -> Ranking:
     """Top `cfg.top_k` documents for each query id, from the cache when it has them."""
     unknown = [q for q in query_ids if q not in dataset.queries]

@@ -175,7 +175,7 @@ def parse_qrels(records: Iterable[Record], corpus: dict[str, Document], queries:
 # ---------------------------------------------------------------- local folder
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file; a line that is not UTF-8 is a DataError naming file, line and column."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -187,7 +187,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[Record]:
-    for lineno, line in _text_lines(path):
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -201,7 +201,7 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
 
 
 def _tsv_qrels_records(path: Path) -> Iterator[Record]:
-    for lineno, line in _text_lines(path):
+    for lineno, line in text_lines(path):
         cols = next(csv.reader([line.rstrip("\r\n")], delimiter="\t"), [])
         if not cols or not "".join(cols).strip():
             continue

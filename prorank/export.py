@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from prorank.config import PromptConfig
+from prorank.fusion import FusionSettings
 from prorank.model_card import model_card
 from prorank.models import ModelError, checkpoint_model_dir
 from prorank.prompt import (
@@ -61,10 +62,11 @@ def vllm_overrides(config: dict) -> dict:
 
 
 def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict] | None = None,
-                 prompt: dict | None = None, name: str | None = None) -> Path:
+                 prompt: dict | None = None, name: str | None = None, fusion: FusionSettings | None = None) -> Path:
     """Copy the model behind `checkpoint` (a checkpoint step, checkpoints root or model folder) to
     `output`, with the files above. `prompt`: the settings it was trained with (a `PromptConfig` dump);
-    default: those its run recorded in summary.json."""
+    default: those its run recorded in summary.json. `fusion`: how to fuse its score with the first
+    stage's (prorank.json's `fusion`, which `Reranker` and `prorank eval` apply)."""
     source = Path(checkpoint_model_dir(str(checkpoint)))
     if not source.is_dir():
         raise ModelError(f"{checkpoint} is not a local checkpoint or model folder")
@@ -92,8 +94,9 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
         "answers": list(ANSWERS), "answer_token_ids": [false_id, true_id],
         "score": 'logit("1") - logit("0") at the last prompt position',
         "vllm_hf_overrides": overrides,
+        **({"fusion": fusion.model_dump()} if fusion else {}),
     })
-    (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt, overrides))
+    (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt, overrides, fusion))
     return out
 
 

@@ -45,7 +45,7 @@ class ServerLimits:
 
     @classmethod
     def of(cls, cfg) -> ServerLimits:
-        """From a service's config section (prorank.config.ServiceLimits: reward.*, weights.*)."""
+        """From a service's config section (prorank.service_config.ServiceLimits: reward.*, weights.*)."""
         return cls(cfg.max_calls, cfg.max_calls_per_peer, cfg.max_streams_per_connection, cfg.stream_window_kb,
                    cfg.log_refusals_every_seconds)
 

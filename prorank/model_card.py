@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from prorank.fusion import FusionSettings
 from prorank.prompt import ANSWERS, LAYOUT, TASK_PROMPT
 
 MEASURES = ("nDCG@10", "RR@10", "R@100")
@@ -54,20 +55,56 @@ run the model and take logit("1") - logit("0") at the last position.
 
 
 def evaluation_rows(reports: list[dict]) -> list[tuple[str, dict]]:
-    """(system, metrics) rows from `prorank eval` JSON reports: BM25 once, then each model."""
-    rows, seen_bm25 = [], False
+    """(system, metrics) rows from `prorank eval` JSON reports: the first stage once, then each model
+    (and its fusion with the first stage, when the report has one)."""
+    rows, seen_first = [], False
     for report in reports:
         settings = report.get("settings", {})
-        if "bm25" in report and not seen_bm25:
-            rows.append(("BM25", report["bm25"]))
-            seen_bm25 = True
+        first = "bm25" if "bm25" in report else "first_stage" if "first_stage" in report else None
+        if first and not seen_first:
+            rows.append(("BM25" if first == "bm25" else str(settings.get("first_stage", "first stage")), report[first]))
+            seen_first = True
+        label = str(report.get("label") or settings.get("model", "model"))
         if "model" in report:
-            label = report.get("label") or settings.get("model", "model")
-            rows.append((str(label), report["model"]))
+            rows.append((label, report["model"]))
+        if "fused" in report:
+            rows.append((f"{label}, fused with the first stage", report["fused"]))
     return rows
 
 
-def model_card(name: str, reports: list[dict], summary: dict | None, prompt: dict, overrides: dict) -> str:
+def fusion_section(fusion: FusionSettings) -> list[str]:
+    """How to fuse the model's score with the first stage's, as chosen on held-out training queries."""
+    tuned = fusion.tuned_on
+    figures = tuned.get("ndcg@10", {})
+    lines = ["## Fusion with the first stage", "",
+             f"The model's score fused with the first stage's ({tuned.get('first_stage', 'first stage')}): "
+             f"the fusion chosen by ranx's grid search for nDCG@10 on "
+             f"{tuned.get('queries', '?')} {tuned.get('dataset', '')} `{tuned.get('split', '?')}` queries that "
+             f"training held out (never test queries), over each query's top {tuned.get('rerank_depth', '?')}: "
+             f"**{fusion.describe()}**."]
+    if figures:
+        lines += ["", "| on the held-out queries | nDCG@10 |", "|---|---|"]
+        lines += [f"| {name.replace('_', ' ')} | {value:.4f} |" for name, value in figures.items()]
+    lines += ["", "It is stored in `prorank.json` (`fusion`). **ProRank RL** applies it: "
+              "`Reranker(\"{name}\").rank(query, documents, first_stage_scores=bm25_scores)`. With any other "
+              "client, score the candidates, then fuse over one query's candidates:", "", "```python"]
+    if fusion.method == "wsum":
+        first, model = fusion.params["weights"]
+        lines += ["def min_max(xs):", "    lo, hi = min(xs), max(xs)",
+                  "    return [(x - lo) / max(hi - lo, 1e-9) for x in xs]",
+                  "", f"fused = [{first!r} * f + {model!r} * m for f, m in zip(min_max(first_stage_scores), "
+                  "min_max(model_scores))]"]
+    else:
+        k = fusion.params["k"]
+        lines += ["def ranks(xs):", "    order = sorted(range(len(xs)), key=lambda i: -xs[i])",
+                  "    return {i: r for r, i in enumerate(order, 1)}", "",
+                  "rf, rm = ranks(first_stage_scores), ranks(model_scores)",
+                  f"fused = [1 / ({k} + rf[i]) + 1 / ({k} + rm[i]) for i in range(len(model_scores))]"]
+    return lines + ["```", ""]
+
+
+def model_card(name: str, reports: list[dict], summary: dict | None, prompt: dict, overrides: dict,
+               fusion: FusionSettings | None = None) -> str:
     instruction = prompt.get("instruction")
     lines = ["---", "library_name: transformers", "pipeline_tag: text-ranking",
              "tags: [reranker, prorank, sentence-transformers]", "---", "", f"# {name}", "",
@@ -91,6 +128,8 @@ def model_card(name: str, reports: list[dict], summary: dict | None, prompt: dic
     lines += [_CLIENTS.format(
         name=name, max_length=prompt["max_length"], overrides=overrides, overrides_json=json.dumps(overrides),
         instruction_kwarg=f", instruction={instruction!r}" if instruction else "")]
+    if fusion is not None:
+        lines += [line.replace("{name}", name) for line in fusion_section(fusion)]
     rows = evaluation_rows(reports)
     if rows:
         settings = reports[0].get("settings", {})

@@ -1,4 +1,5 @@
-"""The report figure of a training run: dev nDCG@10 against the job's wall-clock hours, from metrics.jsonl."""
+"""The report figures of a training run, from its metrics.jsonl: dev nDCG@10 against the job's wall-clock
+hours, and (`rewards=True`) beside it the warmup's reward curves and dev nDCG@10 by step."""
 
 from __future__ import annotations
 
@@ -36,15 +37,42 @@ def dev_curve(metrics_file: str | Path) -> dict[str, list[float]]:
     return {"hours": hours, "ndcg": ndcg, "steps": steps, "bm25": bm25, "score_start": score_start}
 
 
-def plot_dev_curve(metrics_file: str | Path, output: str | Path, title: str = "") -> Path:
-    """Write the PNG: the model's dev nDCG@10 per evaluation, BM25's on the same queries as a line."""
+def reward_curve(metrics_file: str | Path) -> dict[str, list[float]]:
+    """{"steps", "total", "format"}: the warmup's mean rewards per step (empty lists without a warmup)."""
+    steps, total, fmt = [], [], []
+    for line in Path(metrics_file).read_text().splitlines():
+        record = json.loads(line)
+        if "train/reward/total_mean" in record:
+            steps.append(record["step"])
+            total.append(record["train/reward/total_mean"])
+            fmt.append(record.get("train/reward/format_mean", float("nan")))
+    return {"steps": steps, "total": total, "format": fmt}
+
+
+def plot_dev_curve(metrics_file: str | Path, output: str | Path, title: str = "", rewards: bool = False) -> Path:
+    """Write the PNG: the model's dev nDCG@10 per evaluation, BM25's on the same queries as a line; with
+    `rewards`, by step, and the warmup's reward curves (total and format, max 2 and 1) in a panel before it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curve = dev_curve(metrics_file)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if rewards:
+        fig, (left, ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+        warmup = reward_curve(metrics_file)
+        left.plot(warmup["steps"], warmup["total"], marker="o", label="reward (format + relevance, max 2)")
+        left.plot(warmup["steps"], warmup["format"], marker="s", label="format reward (max 1)")
+        left.set_xlabel("warmup step (GRPO)")
+        left.set_ylabel("mean reward of the step's judgments")
+        left.set_title("stage 1: prompt warmup")
+        left.grid(alpha=0.3)
+        left.legend(loc="upper left", fontsize=8)
+        last_warmup = max(warmup["steps"], default=None)
+        staged = last_warmup is not None and max(curve["steps"]) > last_warmup
+        curve = {**curve, "hours": curve["steps"], "score_start": last_warmup if staged else None}
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(curve["hours"], curve["ndcg"], marker="o", label="model (logit 1 - logit 0)")
     for h, n, s in zip(curve["hours"], curve["ndcg"], curve["steps"]):
         ax.annotate(f"step {s}", (h, n), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
@@ -52,7 +80,7 @@ def plot_dev_curve(metrics_file: str | Path, output: str | Path, title: str = ""
         ax.axhline(curve["bm25"], color="gray", linestyle="--", label=f"BM25 ({curve['bm25']:.3f})")
     if curve["score_start"] is not None:
         ax.axvline(curve["score_start"], color="tab:green", linestyle=":", label="stage 2 starts")
-    ax.set_xlabel("wall-clock hours (job clock)")
+    ax.set_xlabel("step (warmup, then score)" if rewards else "wall-clock hours (job clock)")
     ax.set_ylabel("dev nDCG@10 (held-out train queries)")
     ax.set_title(title or str(Path(metrics_file).parent))
     ax.grid(alpha=0.3)

@@ -54,6 +54,12 @@ class RunLog:
         self.latest.update(metrics)
         self.last_step = max(self.last_step, step)  # dev figures arrive late, at the step they measured
 
+    def dev_history(self) -> list[dict[str, float]]:
+        """Every dev evaluation of the run so far (a resumed run's earlier ones too), in logged order."""
+        self._jsonl.flush()
+        return [{"step": r["step"], "ndcg@10": r["dev/ndcg@10"], "wall_hours": r["time/wall_hours"]}
+                for r in map(json.loads, (self.dir / "metrics.jsonl").read_text().splitlines()) if "dev/ndcg@10" in r]
+
     def console_line(self) -> str:
         return "  ".join(f"{short} {self.latest[key]:.3g}" for key, short in CONSOLE if key in self.latest)
 

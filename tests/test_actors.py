@@ -276,7 +276,7 @@ def test_dev_scores_on_an_actor_equal_prorank_evals(pool, server, tiny_model, sc
     logit("1") - logit("0")) on the same weights within 1e-3, so the rankings are the same."""
     from prorank.bm25 import bm25_search
     from prorank.config import BM25Config
-    from prorank.eval.run import candidate_pairs, rerank, rerank_by_scores
+    from prorank.eval.rerank import candidate_pairs, rerank, rerank_by_scores
     from prorank.prompt import PromptBuilder
 
     # Every tensor new: the actors last held another server's version, so none is kept from their blobs.

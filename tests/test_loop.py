@@ -49,10 +49,11 @@ class FakeStage:
         self.events.append(("end", step))
 
 
-def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int = 10):
+def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int = 10, between: bool = True):
     """`published`: the last weight version this process sent (10: the warmup's last, in the same process)."""
     logged = {}
-    job = SimpleNamespace(out=tmp_path, placement={}, stopping=False, logged=logged)
+    train = SimpleNamespace(stages=["warmup", "score"], dev_between_stages=between)
+    job = SimpleNamespace(out=tmp_path, placement={}, stopping=False, logged=logged, cfg=SimpleNamespace(train=train))
     job.sync = lambda version: events.append(("sync", version)) or {"weights/sync_seconds": 0.5}
     job.sync.attach = lambda learner, pool: events.append(("attach",))
     job.sync.version = published
@@ -93,6 +94,21 @@ def test_the_cadence_of_a_stage(tmp_path):
     assert job.logged[11]["time/learner_seconds"] == 1.0 and "weights/sync_seconds" not in job.logged[11]
     assert job.logged[13]["stage/synced_hook"] == 3.0 and job.logged[13]["actors/count"] == 1.0
     assert job.placement == {"score_learner": ["node-a"]}
+
+
+def test_the_warmup_ends_without_a_dev_evaluation_when_asked(tmp_path):
+    """train.dev_between_stages: false: the warmup's final figures are skipped (the score stage's end still
+    has them), one evaluation less for the quickstart."""
+    for between, expected in ((True, 1), (False, 0)):
+        events = []
+        warmup = FakeStage(events, steps=2)
+        warmup.name, warmup.offset, warmup.dev_every = "warmup", 0, 0
+        run_stage(fake_job(tmp_path, events, published=0, between=between), warmup, resume=False)
+        tail = [("end", 2), ("save", "checkpoints"), *[("dev",)] * expected, ("shutdown",)]
+        assert events[-len(tail):] == tail and events.count(("dev",)) == expected
+        events.clear()
+        run_stage(fake_job(tmp_path, events, between=between), FakeStage(events, steps=2), resume=False)
+        assert events[-2:] == [("dev",), ("shutdown",)]
 
 
 def test_a_stage_whose_start_weights_this_process_never_sent_sends_them_first(tmp_path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from prorank.models import native_bf16, resolve_dtype
-from prorank.plots import PlotError, dev_curve, plot_dev_curve
+from prorank.plots import PlotError, dev_curve, plot_dev_curve, reward_curve
 from prorank.tracking import RunLog
 
 
@@ -52,6 +52,19 @@ def test_dev_curve_and_plot(tmp_path):
     assert curve["hours"] == [0.1, 0.5] and curve["ndcg"] == [0.40, 0.55] and curve["steps"] == [0, 3]
     assert curve["bm25"] == 0.70 and curve["score_start"] == 0.3
     png = plot_dev_curve(tmp_path / "metrics.jsonl", tmp_path / "out" / "dev.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reward_curve_and_the_quickstart_picture(tmp_path):
+    records = [
+        {"step": 0, "time/wall_hours": 0.1, "dev/ndcg@10": 0.40, "dev/bm25_ndcg@10": 0.70},
+        {"step": 1, "time/wall_hours": 0.2, "train/reward/total_mean": 0.1, "train/reward/format_mean": 0.0},
+        {"step": 2, "time/wall_hours": 0.3, "train/reward/total_mean": 1.2, "train/reward/format_mean": 0.9},
+        {"step": 12, "time/wall_hours": 0.5, "score/loss": 1.5, "dev/ndcg@10": 0.55, "dev/bm25_ndcg@10": 0.70},
+    ]
+    _write(tmp_path / "metrics.jsonl", records)
+    assert reward_curve(tmp_path / "metrics.jsonl") == {"steps": [1, 2], "total": [0.1, 1.2], "format": [0.0, 0.9]}
+    png = plot_dev_curve(tmp_path / "metrics.jsonl", tmp_path / "curves.png", rewards=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -88,6 +88,8 @@ def test_score_stage_follows_the_warmup(finished_runs):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stages"] == ["warmup", "score"]
     assert summary["model"] == str(run / "score-checkpoints" / f"step-{SCORE_STEPS}" / "model")
+    assert [d["step"] for d in summary["dev"]] == dev_steps and summary["dev"][0]["step"] == 0  # zero-shot first
+    assert len(summary["dev_query_ids"]) == 6  # train.dev_queries of tests/jobs.py
 
 
 def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp_path):
@@ -101,7 +103,7 @@ def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp
     from prorank.config import ModelConfig
     from prorank.data import load_local
     from prorank.driver.cli import app
-    from prorank.eval.run import rerank
+    from prorank.eval.rerank import rerank
     from prorank.models import load_causal_lm
     from prorank.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
     from prorank.scoring import score_pairs

@@ -1,0 +1,59 @@
+"""Reranking first-stage candidates by a model's relevance score: the scores of each query's top `depth`
+candidates (a query's candidates in one batch, the prompt tokens they share encoded once), and the
+ranking they make, with the rest of the first-stage list below."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from prorank.bm25 import Ranking
+from prorank.data import BeirDataset
+from prorank.eval.runs import monotone
+from prorank.prompt import PromptBuilder, document_text
+from prorank.scoring import score_query
+
+
+def model_scores(model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
+                 batch_size: int = 16, progress: bool = True) -> dict[str, list[float]]:
+    """The model's score of each query's top `depth` candidates, in first-stage order. A query's candidates
+    are scored together, with the prompt tokens they share encoded once."""
+    scores = {}
+    bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
+               disable=not progress)
+    for qid, pairs in candidate_pairs(dataset, ranking, depth).items():
+        documents = [d for _, d in pairs]
+        scores[qid] = score_query(model, builder, dataset.queries[qid], documents, batch_size) if pairs else []
+        bar.update(len(pairs))
+    bar.close()
+    return scores
+
+
+def rerank(
+    model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
+    batch_size: int = 16, progress: bool = True,
+) -> dict[str, list[str]]:
+    """Each query's first-stage list with its top `depth` reordered by the model's score (ties keep the
+    first-stage order)."""
+    return rerank_by_scores(ranking, depth, model_scores(model, builder, dataset, ranking, depth, batch_size, progress))
+
+
+def candidate_pairs(dataset: BeirDataset, ranking: Ranking, depth: int) -> dict[str, list[tuple[str, str]]]:
+    """Each query's top `depth` candidates as (query, document text) pairs, in first-stage order."""
+    return {qid: [(dataset.queries[qid], document_text(dataset.corpus[d].title, dataset.corpus[d].text))
+                  for d, _ in hits[:depth]] for qid, hits in ranking.items()}
+
+
+def scored_ranking(ranking: Ranking, depth: int, scores: dict[str, list[float]]) -> Ranking:
+    """Each query's top `depth` reordered by `scores` (one per candidate, in first-stage order; ties keep
+    it), the rest of its first-stage list below, with scores that reproduce this order (runs.monotone)."""
+    ranked = {}
+    for qid, hits in ranking.items():
+        top = hits[:depth]
+        order = sorted(range(len(top)), key=lambda i: -scores[qid][i])
+        ranked[qid] = monotone([(top[i][0], float(scores[qid][i])) for i in order], [d for d, _ in hits[depth:]])
+    return ranked
+
+
+def rerank_by_scores(ranking: Ranking, depth: int, scores: dict[str, list[float]]) -> dict[str, list[str]]:
+    """The order of `scored_ranking`, document ids only."""
+    return {qid: [d for d, _ in hits] for qid, hits in scored_ranking(ranking, depth, scores).items()}
