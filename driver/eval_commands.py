@@ -122,12 +122,13 @@ def compare_command(
     typer.echo(f"\n{'run':<24} {'against':<24} {'measure':<8} {'p-value':>9}")
     rows = p_values(report)
     for a, b, measure, p, significant in rows:
-        typer.echo(f"{a:<24} {b:<24} {measure:<8} {p:>9.4g}{'  significant' if significant else ''}")
+        shown = f"{p:>9.4g}" if p == p else "        -"  # ranx gives no p-value where both runs score alike
+        typer.echo(f"{a:<24} {b:<24} {measure:<8} {shown}{'  significant' if significant else ''}")
     if output:
         result = {"qrels": str(qrels), "runs": [str(r) for r in runs], "test": test, "max_p": max_p,
                   "means": report.results,
-                  "p_values": [{"run": a, "against": b, "measure": m, "p_value": p, "significant": sig}
-                               for a, b, m, p, sig in rows]}
+                  "p_values": [{"run": a, "against": b, "measure": m, "p_value": None if p != p else p,
+                                "significant": sig} for a, b, m, p, sig in rows]}
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"comparison written to {output}")
