@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
-from prorank.bm25 import bm25_name, bm25_search
 from prorank.batches import held_out_split
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
 from prorank.data import load_dataset
-from prorank.eval.rerank import model_scores
-from prorank.eval.runs import read_run
+from prorank.eval.rerank import first_stage, model_scores, rerank_depth, top_runs
 from prorank.fusion import FusionSettings, tune
 from prorank.models import model_context
 from prorank.prompt import PromptBuilder, model_prompt_settings
@@ -63,16 +61,11 @@ def tune_on_held_out(cfg: ProRankConfig, model, tokenizer, method: str, eval_que
     if overlap:
         raise ConfigError(f"eval.fusion would be tuned on {len(overlap)} of the queries it is evaluated on "
                           f"(data.split and train.split are both {cfg.train.split!r})")
-    if cfg.eval.fusion_candidates:
-        run = read_run(cfg.eval.fusion_candidates, dataset.queries, dataset.corpus, cfg.bm25.top_k)
-        ranking, first = {q: run.get(q, []) for q in dev}, f"run file {cfg.eval.fusion_candidates}"
-    else:
-        ranking, first = bm25_search(dataset, dev, cfg.bm25), bm25_name(cfg.bm25)
-    depth = min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
+    _, ranking, first = first_stage(cfg, dataset, dev, cfg.eval.fusion_candidates)
+    depth = rerank_depth(cfg)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt, model_context(model))
     scores = model_scores(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
-    first_run = {q: dict(hits[:depth]) for q, hits in ranking.items()}
-    model_run = {q: {d: s for (d, _), s in zip(hits[:depth], scores[q])} for q, hits in ranking.items()}
+    first_run, model_run = top_runs(ranking, depth, scores)
     settings = tune(dataset.eval_qrels, first_run, model_run, method, cfg.eval.fusion_step)
     # The other method on the same scores costs no scoring: its figure says what choosing it would have given.
     others = {other: tune(dataset.eval_qrels, first_run, model_run, other, cfg.eval.fusion_step)

@@ -6,11 +6,43 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from prorank.bm25 import Ranking
+import logging
+
+from prorank.bm25 import Ranking, bm25_name, bm25_search
+from prorank.config import ProRankConfig
 from prorank.data import BeirDataset
-from prorank.eval.runs import monotone
+from prorank.eval.runs import monotone, read_run
 from prorank.prompt import PromptBuilder, document_text
 from prorank.scoring import score_query
+
+log = logging.getLogger(__name__)
+
+
+def rerank_depth(cfg: ProRankConfig) -> int:
+    """How many of each query's first-stage candidates the model reranks."""
+    return min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
+
+
+def first_stage(cfg: ProRankConfig, dataset: BeirDataset, query_ids: list[str],
+                run_file: str | None) -> tuple[str, Ranking, str]:
+    """(system name, each query's candidates best first, description): BM25 (bm25s), or the TREC run in
+    `run_file` (its queries outside `query_ids` left out; a query it lacks has no candidates)."""
+    if not run_file:
+        return "bm25", bm25_search(dataset, query_ids, cfg.bm25), bm25_name(cfg.bm25)
+    run = read_run(run_file, dataset.queries, dataset.corpus, cfg.bm25.top_k)
+    missing = [q for q in query_ids if q not in run]
+    if missing:  # as trec_eval counts them: no candidates, every measure 0
+        log.warning("%s: no candidates for %d of the %d queries (first: %s); they score 0",
+                    run_file, len(missing), len(query_ids), missing[0])
+    return "first_stage", {q: run.get(q, []) for q in query_ids}, f"run file {run_file}"
+
+
+def top_runs(ranking: Ranking, depth: int, scores: dict[str, list[float]]) -> tuple[dict, dict]:
+    """(first-stage run, model run) of each query's top `depth` candidates, {query: {doc: score}}: what a
+    fusion fuses."""
+    first = {q: dict(hits[:depth]) for q, hits in ranking.items()}
+    model = {q: {d: s for (d, _), s in zip(hits[:depth], scores[q])} for q, hits in ranking.items()}
+    return first, model
 
 
 def model_scores(model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,

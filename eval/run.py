@@ -10,25 +10,22 @@ JSON, TensorBoard and run files.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prorank.bm25 import Ranking, bm25_name, bm25_search
+from prorank.bm25 import Ranking
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
-from prorank.data import BeirDataset, load_dataset
+from prorank.data import load_dataset
 from prorank.eval.metrics import evaluate, per_query, scored_to_run
 from prorank.eval.fusion import choose_fusion
-from prorank.eval.rerank import model_scores, scored_ranking
-from prorank.eval.runs import monotone, read_run, write_run
+from prorank.eval.rerank import first_stage, model_scores, rerank_depth, scored_ranking, top_runs
+from prorank.eval.runs import monotone, write_run
 from prorank.fusion import fuse
 from prorank.models import model_context, resolve_model
 from prorank.prompt import PromptBuilder, check_model_layout
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,19 +39,6 @@ class EvalReport:
     def to_json(self) -> dict[str, object]:
         return {**self.metrics, "settings": self.settings, "seconds": self.seconds,
                 "per_query": {"nDCG@10": self.per_query}}
-
-
-def first_stage(cfg: ProRankConfig, dataset: BeirDataset, query_ids: list[str]) -> tuple[str, Ranking, str]:
-    """(system name, each query's candidates best first, description): BM25 (bm25s), or the TREC run of
-    `eval.candidates` (its queries outside `query_ids` left out; a query it lacks has no candidates)."""
-    if not cfg.eval.candidates:
-        return "bm25", bm25_search(dataset, query_ids, cfg.bm25), bm25_name(cfg.bm25)
-    run = read_run(cfg.eval.candidates, dataset.queries, dataset.corpus, cfg.bm25.top_k)
-    missing = [q for q in query_ids if q not in run]
-    if missing:  # as trec_eval counts them: no candidates, every measure 0
-        log.warning("%s: no candidates for %d of the %d queries evaluated (first: %s); they score 0",
-                    cfg.eval.candidates, len(missing), len(query_ids), missing[0])
-    return "first_stage", {q: run.get(q, []) for q in query_ids}, f"run file {cfg.eval.candidates}"
 
 
 def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = True) -> EvalReport:
@@ -73,10 +57,10 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
     clock = time.perf_counter()
     dataset = load_dataset(cfg.data)
     query_ids = dataset.query_ids[: cfg.eval.max_queries]
-    name, ranking, described = first_stage(cfg, dataset, query_ids)
+    name, ranking, described = first_stage(cfg, dataset, query_ids, cfg.eval.candidates)
     seconds = {name: time.perf_counter() - clock}
     systems: dict[str, Ranking] = {name: {q: monotone(hits) for q, hits in ranking.items()}}
-    depth = min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
+    depth = rerank_depth(cfg)
     settings: dict[str, object] = {
         "dataset": dataset.name, "source": dataset.source, "split": cfg.data.split,
         "queries": len(query_ids), "queries_in_split": len(dataset.query_ids),
@@ -98,9 +82,7 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
                         prompt=builder.settings(), max_length=builder.max_length,
                         pairs=sum(min(depth, len(hits)) for hits in ranking.values()))
         if fusion is not None:
-            top = {q: dict(hits[:depth]) for q, hits in ranking.items()}
-            modeled = {q: {d: s for (d, _), s in zip(hits[:depth], scores[q])} for q, hits in ranking.items()}
-            fused = fuse(top, modeled, fusion)
+            fused = fuse(*top_runs(ranking, depth, scores), fusion)
             systems["fused"] = scored_ranking(ranking, depth, {q: [fused[q][d] for d, _ in hits[:depth]]
                                                                for q, hits in ranking.items()})
             settings["fusion"] = fusion.model_dump()
