@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, from a fresh machine: set up, import SmolLM2 offline, then both ProRank stages on SciFact
-# (6 GRPO warmup steps, 32 score steps; about 11 minutes on 2 AVX2 cores) with TensorBoard logs, and the reward
+# (7 GRPO warmup steps, 40 score steps; about 6 minutes on 2 AVX2 cores) with TensorBoard logs, and the reward
 # and dev curves as a picture. Extra arguments go to `prorank train` (e.g. score.steps=100).
 # Zero-shot evaluation: .venv/bin/prorank eval --config configs/quickstart.yaml
 set -euo pipefail

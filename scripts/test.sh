@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
-# The test command: sets up the environment if needed, then runs the whole suite.
+# The test command: sets up the environment if needed, then runs the whole suite: two pytest workers over
+# every module but the serial ones (most tests wait on start-ups, polls and sockets far more than they
+# compute: one worker left a core idle over half the time), then the serial ones alone (tests/conftest.py).
+# With a selection of your own (-m, -k, a path), one pytest runs just that: bash scripts/test.sh -m "not slow".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh cpu
 bash scripts/install-clients.sh  # mxbai-rerank under transformers 4, for tests/test_clients.py
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest "$@"
+# Two busy processes share 2 cores: OpenMP threads that spin at their barriers would hold a core the other
+# needs; a local Ray's GCS can take longer than Ray's default 30 s to come up beside a running job.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} RAY_gcs_server_port_wait_time_s=${RAY_gcs_server_port_wait_time_s:-120}
+pytest=(.venv/bin/python -m pytest)
+for arg in "$@"; do
+  case "$arg" in -m|-k|tests*|*.py*) exec "${pytest[@]}" "$@" ;; esac
+done
+status=0
+"${pytest[@]}" -n 2 --dist loadfile -m "not serial" "$@" || status=$?
+"${pytest[@]}" -m serial "$@" || { s=$?; [ "$status" != 0 ] || status=$s; }
+exit "$status"

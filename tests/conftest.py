@@ -63,7 +63,8 @@ def write_beir(root: Path, corpus, queries, qrels_lines, split: str = "test") ->
     for name, rows in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
         (root / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     (root / "qrels").mkdir(exist_ok=True)
-    (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(l + "\n" for l in qrels_lines))
+    lines = "".join(line + "\n" for line in qrels_lines)
+    (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + lines)
     return root
 
 
@@ -94,9 +95,23 @@ def answering_model(tmp_path_factory, scifact_dir):
 SLOW_FIXTURES = {"ray_local", "smollm2_dir", "answering_model"}
 SLOW_MODULES = {"test_train_job", "test_simcluster", "test_deploy", "test_soak", "test_clients", "test_control",
                 "test_hostile_callers"}
+# scripts/test.sh runs the suite as two pytest workers (most tests wait on start-ups, polls and sockets far
+# more than they compute), then these modules alone: they hold a server under attack and judge it by its
+# legitimate calls' deadlines or its RSS, or (the simulated cluster) run Ray's health checks at 1 s, which a
+# second busy process on 2 cores would decide instead (beside one, a cut-off node's actor was not back in 300 s).
+SERIAL_MODULES = {"test_hostile_callers", "test_reward_hardening", "test_weight_service_hardening", "test_simcluster"}
+# The longest modules first (by --durations on 2 AVX2 cores): the two workers then finish together,
+# rather than one running the longest module alone at the end.
+LONGEST_FIRST = ["test_clients", "test_train_job", "test_soak", "test_actors", "test_lora",
+                 "test_learner", "test_score_learning"]
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if SLOW_FIXTURES & set(item.fixturenames) or module in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if module in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable

@@ -66,8 +66,11 @@ def test_reward_service_answers_while_callers_without_the_token_hold_calls(rewar
                 (answer,) = client.score([group(i)])
                 assert answer.label == 1 and len(answer.rewards) == 2
             answered = a.wait_answered() if mode != "unread" else 0
-        if mode != "unread":  # every hostile call was refused at its headers, not held
-            assert a.tally.opened == answered == n and a.tally.sent_bytes == 0
+        if mode != "unread":  # every hostile call was ended by the server, none held to the attack's end
+            # A "slow" call announces 1 MiB and sends a byte a second: any answer is a refusal without the
+            # body. How many bytes got out before it arrived is the attack loop's timing, not the server's
+            # (CI saw one a call with 1,000 callers on a loaded machine), so it is not asserted.
+            assert a.tally.opened == answered == n
     finally:
         client.close()
 
