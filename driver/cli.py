@@ -42,14 +42,20 @@ def train_command(
     overrides: Overrides = None,
 ) -> None:
     """Train: stage 1 (GRPO prompt warmup) and/or stage 2 (score learning), with rollout actors, reward
-    service and learner ranks as one Ray job."""
-    import signal
+    service and learner ranks as one Ray job. SIGTERM or SIGINT: the step under way ends, a checkpoint is
+    written, everything stops, exit 143 or 130; `--resume` goes on from there."""
+    import errno
+    import shlex
+    import sys
 
+    from prorank.checkpoints import CheckpointError
     from prorank.data import DataError
     from prorank.driver.job import train
+    from prorank.driver.stop import StopSignals
     from prorank.learner.group import LearnerError
     from prorank.models import ModelError
     from prorank.prompt import PromptError
+    from prorank.run_lock import FolderInUse
     from prorank.security import SecurityError
 
     try:
@@ -59,24 +65,35 @@ def train_command(
     except ConfigError as err:
         fail(err)
 
-    def interrupt(*_):  # SIGTERM (a scheduler's stop) shuts down like Ctrl-C
-        raise KeyboardInterrupt
-
-    # SIGINT too: a job started in the background of a script inherits SIGINT ignored, and Python then
-    # installs no handler of its own, so `kill -INT` (or a launcher's Ctrl-C) would not stop it.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, interrupt)
+    # Until the job's loop runs, a signal stops at once (nothing to finish); the job then asks for a clean
+    # stop instead. SIGINT too: a job started in the background of a script inherits SIGINT ignored, and
+    # Python then installs no handler of its own, so `kill -INT` (or a launcher's Ctrl-C) would not stop it.
+    signals = StopSignals(cfg.train.stop_grace_seconds)
+    signals.install()
+    again = shlex.join(["prorank", *sys.argv[1:], *([] if resume else ["--resume"])])
 
     def started() -> None:  # once the data and model are checked: a bad input gets its error alone
         typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
 
     try:
-        summary = train(cfg, resume=resume, progress=True, on_start=started)
-    except (DataError, ModelError, PromptError, SecurityError, FileNotFoundError, LearnerError) as err:
+        summary = train(cfg, resume=resume, progress=True, on_start=started, signals=signals)
+    except (DataError, ModelError, PromptError, SecurityError, FileNotFoundError, LearnerError, CheckpointError,
+            FolderInUse) as err:
         fail(err)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: every actor and server was stopped", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as err:  # a second signal, or the step outlasted train.stop_grace_seconds
+        typer.echo(f"stopped at once ({err or signals.name or 'SIGINT'}): every actor and server was stopped; "
+                   f"the last checkpoint stands; continue with: {again}", err=True)
+        raise typer.Exit(signals.exit_code) from None
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fail(f"no space left on the device holding {err.filename or cfg.train.output_dir}: {err.strerror}")
+        raise
+    if signals.received:
+        typer.echo(f"stopped by {signals.name} after step {summary['steps']}: checkpoint of it written under "
+                   f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}", err=True)
+        raise typer.Exit(signals.exit_code)
+    if summary["stopped"].startswith("no room"):
+        fail(f"stopped after step {summary['steps']}: {summary['stopped']}; free some space, then: {again}")
     final, dev = summary["final"], summary["dev"]
     figures = [f"reward {final['train/reward/total_mean']:.3f}"] if "train/reward/total_mean" in final else []
     if "train/reward/format_mean" in final:

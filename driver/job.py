@@ -9,8 +9,10 @@ TensorBoard step run on across stages.
 
 Every `dev_every` steps: nDCG@10 on held-out training queries, scored on a rollout actor while training
 goes on (driver/dev_eval.py); every `checkpoint_every` steps a checkpoint (DeepSpeed state plus a plain
-model folder) that `resume` continues from, with the same data order. A stage whose checkpoint is
-already complete is skipped. Everything started is stopped in reverse order on success, on Ctrl-C and on error.
+model folder; driver/checkpointing.py keeps the last few) that `resume` continues from, with the same data
+order. A stage whose checkpoint is already complete is skipped. Everything started is stopped in reverse
+order on success, on error and on a signal: SIGTERM or SIGINT end the job after its step with a checkpoint
+(driver/stop.py). One job at a time holds the output folder (prorank/run_lock.py).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from pathlib import Path
 
 from prorank import checkpoints
 from prorank.driver.loop import BusyClock, Job, run_stage
+from prorank.driver.stop import StopSignals
+from prorank.run_lock import lock_output
 
 log = logging.getLogger(__name__)
 
-def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> dict:
+def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signals: StopSignals | None = None) -> dict:
     """Run the job described by `cfg` (a validated ProRankConfig); returns the summary it writes.
-    `on_start()` is called once the data and models are checked, before anything is started or written."""
+    `on_start()` is called once the data and models are checked, before anything is started or written.
+    `signals` (the CLI's): once Ray is up, SIGTERM/SIGINT end the job after its step, with a checkpoint."""
     from prorank.actors.pool import ActorPool
     from prorank.batches import PromptSampler
     from prorank.bm25 import bm25_search
@@ -57,6 +62,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> di
     depth = max(tc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
     ranking = bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
     token = _job_token(cfg)
+    lock = lock_output(out)  # a second job on this folder is refused here, before anything starts
     if on_start:
         on_start()
 
@@ -79,9 +85,12 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> di
     model_path = resolve_model(cfg.model) if run_warm else checkpoint_model_dir(score_init)
 
     with ExitStack() as stack:  # stops everything started, in reverse order, however the run ends
+        stack.callback(lock.close)
         prompts = PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold)
-        job = Job(cfg, out, stack, dataset, ranking, prompts, model_path, progress)
+        job = Job(cfg, out, stack, dataset, ranking, prompts, model_path, progress, signals=signals)
         _start_ray(cfg, stack)
+        if signals:  # ray.init put its own SIGTERM handler (a stack dump, exit 134) over the CLI's
+            signals.install(on_stop=lambda: job.stop(f"{signals.name} received"))
         addresses = []
         if run_warm:
             job.replicas = ReplicaSet(data_cfg, cfg.reward, token)
@@ -108,14 +117,15 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None) -> di
         if run_sc and not job.stopping:
             run_stage(job, ScoreStage(job, checkpoint_model_dir(score_init), offset), resume=score_done > 0)
 
-        job.pool.wait_synced()
+        if not (signals and signals.received):  # a scheduler's stop: no time to wait for the actors
+            job.pool.wait_synced()
         job.placement["actors"] = sorted(set(job.pool.nodes().values()))
         summary = {"steps": job.run.last_step, "stages": tc.stages, "versions": job.pool.versions(),
                    "placement": job.placement, "final": job.run.latest, "dev_bm25": job.dev.bm25,
                    "output_dir": str(out), "model": checkpoints.final_model(checkpoints.stage_root(out, tc.stages[-1])),
                    "prompt": cfg.prompt.model_dump(), "addresses": [job.sync.address, *addresses],
                    "dev": job.run.dev_history(), "dev_query_ids": job.prompts.dev_query_ids,
-                   "job_hours": job.run.wall_hours()}
+                   "job_hours": job.run.wall_hours(), "stopped": job.stop_reason}
         (out / "summary.json").write_text(_json(summary))
         return summary
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from prorank import checkpoints
+from prorank.driver.checkpointing import save_checkpoint
 
 if TYPE_CHECKING:
     from prorank.actors.pool import ActorPool
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from prorank.config import ProRankConfig
     from prorank.data import BeirDataset
     from prorank.driver.dev_eval import DevEval
+    from prorank.driver.stop import StopSignals
     from prorank.driver.weight_sync import WeightSync
     from prorank.learner.group import LearnerGroup
     from prorank.reward.client import SyncRewardClient
@@ -64,7 +66,7 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
     learner, root = stage.learner, checkpoints.stage_root(job.out, stage.name)
     job.sync.attach(learner, job.pool)
     job.placement[f"{stage.name}_learner"] = sorted(set(learner.nodes()))
-    step = learner.load(root)["steps"] if resume else 0
+    step = started = learner.load(root)["steps"] if resume else 0
     # Resumed, or a stage whose start weights no version of this process has sent yet (the score stage of a
     # job resumed after its warmup; with LoRA the actors then serve the bare base): the actors get them first.
     if step or job.sync.version < stage.offset:
@@ -93,7 +95,7 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
                 job.log_dev(wait=True)
         if save_due:
             clock = time.perf_counter()
-            learner.save(root)
+            save_checkpoint(job, stage, root)
             learner_seconds += time.perf_counter() - clock
         metrics.update(job.clock(learner_seconds))
         job.run.log(stage.offset + step, metrics)
@@ -103,7 +105,12 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
     bar.close()
     stage.end(step)
 
-    learner.save(root)
+    if step > started or not job.stopping:  # a stop before any step: the checkpoint it resumed from stands
+        save_checkpoint(job, stage, root)
+    if job.signals and job.signals.received:  # a scheduler's stop: the step and its checkpoint are done
+        job.signals.disarm()
+        learner.shutdown()
+        return
     job.log_dev(wait=True)  # one still under way
     tc = job.cfg.train
     if stage.name == "score" or "score" not in tc.stages or tc.dev_between_stages:
@@ -133,7 +140,16 @@ class Job:
     run: RunLog | None = None
     control: object = None  # a Ray actor handle of driver.control.JobControl: `prorank scale actors N` writes to it
     placement: dict[str, list[str]] = field(default_factory=dict)  # role -> Ray node ids, for the summary
-    stopping: bool = False  # `prorank stop` asked, or train.max_hours reached: the stages end after this step
+    # `prorank stop`, train.max_hours, a signal or a full disk: the stages end after this step.
+    stopping: bool = False
+    stop_reason: str = ""  # why, when it is not the end of the last stage; in the summary
+    signals: StopSignals | None = None  # SIGTERM/SIGINT handling, when the job runs under the CLI
+
+    def stop(self, reason: str) -> None:
+        """End the job after the step under way, with a checkpoint, as if it had reached its last step."""
+        if not self.stopping:
+            log.info("stopping: %s", reason)
+            self.stopping, self.stop_reason = True, reason
 
     def between_steps(self, stage: str, step: int) -> dict[str, float]:
         """Apply `prorank scale` (or per-node following) to the actor pool and report the job's state."""
@@ -151,13 +167,11 @@ class Job:
             self.rewards.set_addresses(moved)
         self.control.report.remote({"stage": stage, "step": step, "actors": self.pool.size,
                                     "versions": self.pool.versions()})
-        if ray.get(self.control.stop_requested.remote(), timeout=10) and not self.stopping:
-            log.info("step %d: stop requested; ending the job", step)
-            self.stopping = True
+        if ray.get(self.control.stop_requested.remote(), timeout=10):
+            self.stop(f"`prorank stop` at step {step}")
         budget = self.cfg.train.max_hours
-        if budget and self.run.wall_hours() >= budget and not self.stopping:
-            log.info("step %d: the job clock reached train.max_hours (%.2f h); ending the job", step, budget)
-            self.stopping = True
+        if budget and self.run.wall_hours() >= budget:
+            self.stop(f"the job clock reached train.max_hours ({budget:.2f} h) at step {step}")
         return {"actors/count": float(self.pool.size), "actors/ready": float(self.pool.ready),
                 "actors/lost": float(self.pool.replaced), "rollout/requeued": float(self.pool.requeued),
                 "weights/relay_fallbacks": float(self.pool.relay_fallbacks)}

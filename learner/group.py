@@ -69,7 +69,12 @@ class LearnerGroup:
             raise self._failure(0, method, err) from err
 
     def _failure(self, rank: int, method: str, err: Exception) -> LearnerError:
-        cause = str(err).strip().splitlines()[0][:300]
+        # A RayTaskError's text is the rank's traceback: its first line says where, its last the cause
+        # ("OSError: [Errno 28] No space left on device: '...'"), and both reach the console.
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        cause = lines[0][:300] if lines else ""
+        if len(lines) > 1:
+            cause += f" ... {lines[-1][:500]}"
         return LearnerError(f"learner {self.where[rank]} failed in {method}: {type(err).__name__}: {cause}")
 
     def step(self, batch: list) -> dict[str, float]:
@@ -120,10 +125,12 @@ class LearnerGroup:
         return checkpoints.commit(root, tmp, self.steps, driver_state or {})
 
     def load(self, root: str | Path) -> dict:
-        """Restore the checkpoint LATEST points to; returns the driver state saved with it."""
-        folder = checkpoints.latest(root)
+        """Restore the newest intact checkpoint (the one LATEST points to unless it is damaged: then the
+        one before, with a warning naming the damage); returns the driver state saved with it."""
+        folder = checkpoints.resume_point(root)
         if folder is None:
             raise FileNotFoundError(f"no checkpoint under {root} (missing {Path(root) / checkpoints.LATEST})")
+        checkpoints.set_aside_newer(root, folder)
         self._all("load", str(folder))
         state = checkpoints.read_state(folder)
         self.steps = state["steps"]

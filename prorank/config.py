@@ -208,6 +208,13 @@ class TrainConfig(Section):
     # warmup teaches the answer format, not the ranking). false: one evaluation less (the quickstart).
     dev_between_stages: bool = True
     checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
+    keep_checkpoints: int = Field(3, ge=1)  # the newest N step folders of each stage, plus the best by dev
+    # A checkpoint that would not fit (the last one's size > the free space): stop the job cleanly, or
+    # train on without it. Either way the previous checkpoint is kept intact.
+    when_disk_full: Literal["stop", "skip"] = "stop"
+    # On SIGTERM/SIGINT the job finishes its step and writes a checkpoint within this many seconds, else it
+    # stops at once. Below the scheduler's warning: SLURM `--signal=B:TERM@120`, Kubernetes' grace period.
+    stop_grace_seconds: float = Field(90, gt=0)
     # Stop once the job clock (`time/wall_hours`, resumes included) reaches this; the final checkpoint,
     # weight sync and dev evaluation follow. None: run every step. For budgets and equal-clock A/Bs.
     max_hours: float | None = Field(None, gt=0)
@@ -273,6 +280,13 @@ class ScoreConfig(Section):
     sync_every: int = Field(1, ge=1)
     dev_every: int = Field(10, ge=0)  # steps; 0: only before and after
     checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
+    keep_checkpoints: int = Field(3, ge=1)  # the newest N step folders of each stage, plus the best by dev
+    # A checkpoint that would not fit (the last one's size > the free space): stop the job cleanly, or
+    # train on without it. Either way the previous checkpoint is kept intact.
+    when_disk_full: Literal["stop", "skip"] = "stop"
+    # On SIGTERM/SIGINT the job finishes its step and writes a checkpoint within this many seconds, else it
+    # stops at once. Below the scheduler's warning: SLURM `--signal=B:TERM@120`, Kubernetes' grace period.
+    stop_grace_seconds: float = Field(90, gt=0)
     # Where each query's hard negatives come from. bm25: drawn from BM25's top hard_negative_depth, afresh
     # each epoch. policy: every mine_every steps the actors (idle in this stage) score the BM25 top
     # hard_negative_depth of the coming mine_every steps' queries under the current weights, and those

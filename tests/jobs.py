@@ -47,9 +47,11 @@ def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = ST
 
 
 def start_job(config: Path, tag: str, *extra: str) -> subprocess.Popen:
+    """The CLI in its own process group, as a scheduler (SLURM, Kubernetes, a launcher) starts it."""
     env = {**os.environ, "PRORANK_E2E_TAG": tag, "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def leftovers(tag: str) -> list[str]:

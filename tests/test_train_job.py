@@ -203,40 +203,52 @@ def _scalar_tags(port: int) -> str:
         return ""
 
 
-def test_ctrl_c_stops_everything_and_resume_continues(tmp_path, answering_model, scifact_dir):
-    # Steps of the tiny model take about 0.3 s: 40 of them, so that Ctrl-C lands mid-run, never after the end.
-    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=40, updates={"train": {"dev_every": 0}})
+def _wait_for_step(proc, metrics: Path, step: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(m["step"] >= step for m in step_lines(metrics)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the job did not reach step {step}: {proc.poll()=}")
+
+
+def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, answering_model, scifact_dir):
+    # Steps of the tiny model take about 0.3 s: 400 of them, so that the signals land mid-run, never after the
+    # end. A checkpoint every 5 steps, 2 kept (no dev: no best to keep beside them).
+    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=400,
+                        updates={"train": {"dev_every": 0, "keep_checkpoints": 2, "stop_grace_seconds": 60}})
+    run = tmp_path / "run-sync"
+    metrics, root = run / "metrics.jsonl", run / "checkpoints"
     tag = uuid.uuid4().hex
     proc = start_job(config, tag)
-    metrics = tmp_path / "run-sync" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:  # past the first checkpoint (step 5)
-        if any(m["step"] >= 6 for m in step_lines(metrics)):
-            break
-        time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    _wait_for_step(proc, metrics, 2)
+    # A second job on the same output folder is refused, before it starts anything.
+    second = start_job(config, uuid.uuid4().hex)
+    refused, _ = second.communicate(timeout=300)
+    assert second.returncode == 2 and f"{run} is in use by a running job (pid {proc.pid} on " in refused, refused
+    _wait_for_step(proc, metrics, 12)  # past two periodic checkpoints (5, 10): the first is pruned
+    proc.send_signal(signal.SIGTERM)  # to the job's process alone, as SLURM's --signal=B:TERM or Kubernetes
+    sent = time.monotonic()
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output[-4000:]
-    assert not gone(tag), "processes left running after Ctrl-C"
+    assert proc.returncode == 143 and time.monotonic() - sent < 60, output[-4000:]
+    assert "SIGTERM received" not in output and "Traceback" not in output, output[-4000:]  # not Ray's stack dump
+    assert not gone(tag), "processes left running after SIGTERM"
+    lines = step_lines(metrics)
+    last = lines[-1]["step"]
+    assert f"stopped by SIGTERM after step {last}:" in output and "--resume" in output, output[-2000:]
+    # The checkpoint of the last finished step, written at the stop; 2 kept.
+    assert (root / "LATEST").read_text() == f"step-{last}"
+    assert sorted(p.name for p in root.glob("step-*")) == sorted([f"step-{last}", "step-10"]), list(root.iterdir())
 
-    interrupted = [json.loads(x) for x in metrics.read_text().splitlines()]
-
-    # --resume, with train.max_hours: the same job, asked for 80 steps, continues from its last checkpoint
-    # and ends once its clock reaches the budget, with a final checkpoint, as a finished job. The budget is
-    # 7 s past the clock's last reading; start-up alone (Ray, the engines, the ranks) takes longer on any
-    # machine, so the resumed job ends at once, however fast its steps are. (A resume that trains on to the
-    # end is the soak's, tests/test_soak.py.)
-    budget = interrupted[-1]["time/wall_hours"] + 0.002
+    # --resume trains on from the next step (the batches are a function of the step: the same data order,
+    # as the soak checks against an untouched run); two signals in a row end it at once.
     tag = uuid.uuid4().hex
-    proc = start_job(config, tag, "--resume", "train.steps=80", f"train.max_hours={budget}")
-    output, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, output[-4000:]
-    assert not gone(tag)
-    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    steps = [m["step"] for m in lines if "train/loss" in m]
-    last = steps[-1]
-    # Continued after its last checkpoint (step 5 or later); the lines the interrupted run wrote after it are gone.
-    assert steps == list(range(1, last + 1)) and 5 <= last < 40
-    hours = [m["time/wall_hours"] for m in lines]
-    assert hours == sorted(hours) and hours[-1] >= budget  # the job's clock runs on across the resume
-    assert (tmp_path / "run-sync" / "checkpoints" / "LATEST").read_text() == f"step-{last}"
+    proc = start_job(config, tag, "--resume")
+    _wait_for_step(proc, metrics, last + 1)
+    proc.send_signal(signal.SIGINT)  # two of one kind sent at once arrive as one: a SIGTERM follows it
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped at once" in output, output[-4000:]
+    assert not gone(tag), "processes left running after two signals"
+    steps = [m["step"] for m in step_lines(metrics)]
+    assert steps[: last + 1] == list(range(1, last + 2)), steps  # none skipped or repeated across the stop
