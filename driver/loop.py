@@ -66,7 +66,8 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
     learner, root = stage.learner, checkpoints.stage_root(job.out, stage.name)
     job.sync.attach(learner, job.pool)
     job.placement[f"{stage.name}_learner"] = sorted(set(learner.nodes()))
-    step = started = learner.load(root)["steps"] if resume else 0
+    step = learner.load(root)["steps"] if resume else 0
+    tried = step  # the last step a checkpoint was written (or found no room) at; the resumed one, or 0
     # Resumed, or a stage whose start weights no version of this process has sent yet (the score stage of a
     # job resumed after its warmup; with LoRA the actors then serve the bare base): the actors get them first.
     if step or job.sync.version < stage.offset:
@@ -96,6 +97,7 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
         if save_due:
             clock = time.perf_counter()
             save_checkpoint(job, stage, root)
+            tried = step
             learner_seconds += time.perf_counter() - clock
         metrics.update(job.clock(learner_seconds))
         job.run.log(stage.offset + step, metrics)
@@ -105,7 +107,7 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
     bar.close()
     stage.end(step)
 
-    if step > started or not job.stopping:  # a stop before any step: the checkpoint it resumed from stands
+    if step != tried:  # a stop right after a checkpoint (or before any step) has its checkpoint already
         save_checkpoint(job, stage, root)
     if job.signals and job.signals.received:  # a scheduler's stop: the step and its checkpoint are done
         job.signals.disarm()

@@ -21,7 +21,7 @@ from pathlib import Path
 from prorank.config import PromptConfig
 from prorank.fusion import FusionSettings
 from prorank.model_card import model_card
-from prorank.models import ModelError, checkpoint_model_dir
+from prorank.models import ModelError, check_model_folder, checkpoint_model_dir
 from prorank.prompt import (
     ANSWERS, CHAT_PREFIX, CHAT_SUFFIX, DOCUMENT_TEMPLATE, INSTRUCTION_TEMPLATE, LAYOUT, QUERY_TEMPLATE, SEP,
     TASK_PROMPT, answer_token_ids, check_layout, model_prompt_settings,
@@ -70,6 +70,7 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
     source = Path(checkpoint_model_dir(str(checkpoint)))
     if not source.is_dir():
         raise ModelError(f"{checkpoint} is not a local checkpoint or model folder")
+    _check_source(source)
     out = Path(output)
     if out.resolve() == source.resolve():
         raise ModelError(f"--output {out} is the checkpoint's own model folder")
@@ -83,6 +84,8 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
     for item in source.iterdir():
         if item.is_file() and item.name not in ("README.md", "prorank.json"):
             shutil.copy2(item, out / item.name)
+            if (out / item.name).stat().st_size != item.stat().st_size:  # a full disk can cut a copy short
+                raise ModelError(f"{out / item.name}: copied short ({item.stat().st_size:,} bytes in {item})")
 
     _write_json(out / "config.json", _config_for_transformers4(config))
     _fix_tokenizer_config(out / "tokenizer_config.json")
@@ -98,6 +101,18 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
     })
     (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt, overrides, fusion))
     return out
+
+
+def _check_source(model: Path) -> None:
+    """A damaged checkpoint is refused before anything is written: its step's file list (sizes as
+    written, prorank/checkpoints.py) when it is a checkpoint's model, and the weights' own headers."""
+    from prorank import checkpoints
+
+    step = model.parent
+    if model.name == checkpoints.MODEL and (step / checkpoints.STATE).is_file():
+        if damage := checkpoints.problems(step):
+            raise ModelError(f"{step} is damaged, not exported: {'; '.join(damage[:3])}")
+    check_model_folder(str(model))
 
 
 def adapter_of(checkpoint: str | Path) -> Path:

@@ -54,7 +54,41 @@ def check_model_folder(folder: str) -> str:
         raise ModelError(f"{config}: not a model config (not JSON: {err})") from None
     if not isinstance(fields, dict) or not (fields.get("model_type") or fields.get("architectures")):
         raise ModelError(f"{config}: not a model config (no model_type or architectures)")
+    check_weights(folder)
     return folder
+
+
+def check_weights(folder: str | Path) -> None:
+    """A ModelError naming the file when a model folder's weights are damaged: a safetensors file shorter
+    or longer than its header says, a header that is not one, a shard its index lists missing, no weights
+    at all. Reads the headers only (milliseconds), so loaders, `prorank export` and `prorank eval` check
+    before they copy or score."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_bytes())["weight_map"].values())
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelError(f"{index}: not a safetensors index ({err})") from None
+        if missing := sorted(s for s in shards if not (folder / s).is_file()):
+            raise ModelError(f"{folder}: weight shard(s) {', '.join(missing)} listed in {index.name} are missing")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")) and not any(folder.glob("*.gguf")):
+        raise ModelError(f"{folder}: no weights (no *.safetensors, *.bin or *.gguf file)")
+    for path in files:
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length <= min(size - 8, 100_000_000):
+                    raise ValueError(f"header length {length} in a file of {size:,} bytes")
+                header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ModelError(f"{path}: damaged safetensors file ({err})") from None
+        if size != 8 + length + end:
+            raise ModelError(f"{path}: damaged safetensors file: {size:,} bytes, its header describes "
+                             f"{8 + length + end:,} (truncated or cut short while written)")
 
 
 def pick_device(device: str) -> str:

@@ -61,7 +61,8 @@ def test_a_damaged_newest_step_is_named_and_the_one_before_resumed(tmp_path, cap
     assert str(weights) in caplog.text and "config.json: missing" in caplog.text
     moved = checkpoints.set_aside_newer(root, root / "step-1")
     assert [p.name for p in moved] == ["damaged-step-3", "damaged-step-2"]
-    assert checkpoints.latest(root) == root / "step-1" and [p.name for p in checkpoints.steps_on_disk(root)] == ["step-1"]
+    assert checkpoints.latest(root) == root / "step-1"
+    assert [p.name for p in checkpoints.steps_on_disk(root)] == ["step-1"]
     (root / "step-1" / checkpoints.STATE).write_text("{trunc")
     with pytest.raises(checkpoints.CheckpointError, match=r"no intact checkpoint under .*driver.json: unreadable"):
         checkpoints.resume_point(root)

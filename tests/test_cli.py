@@ -200,3 +200,31 @@ def test_train_names_a_data_error_before_its_tensorboard_line(scifact_dir, tiny_
     assert res.returncode == 2, res.stderr
     assert f"{data / 'queries.jsonl'}:2: not UTF-8" in res.stderr and "TensorBoard" not in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_damaged_weights_are_refused_by_export_and_eval_naming_the_file(scifact_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    from prorank import checkpoints
+
+    root = tmp_path / "checkpoints"  # a checkpoint step as the learner commits it, then damaged
+    tmp = checkpoints.start(root, 3)
+    shutil.copytree(tiny_model_dir, tmp / checkpoints.MODEL)
+    step = checkpoints.commit(root, tmp, 3, {})
+    weights = step / checkpoints.MODEL / "model.safetensors"
+    assert _run("export", root, "--output", tmp_path / "ok").exit_code == 0
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    res = _run("export", root, "--output", tmp_path / "out")
+    assert res.exit_code == 2 and f"{step} is damaged, not exported: {weights}: " in res.output, res.output
+    assert "written as" in res.output and not (tmp_path / "out").exists()
+
+    bare = tmp_path / "bare"  # a model folder without a checkpoint's file list: its own header tells
+    shutil.copytree(step / checkpoints.MODEL, bare)
+    res = _run("export", bare, "--output", tmp_path / "out")
+    assert res.exit_code == 2 and f"{bare / 'model.safetensors'}: damaged safetensors file" in res.output, res.output
+    res = _run("eval", "--data", scifact_dir, "--model", bare, "--max-queries", 2, "--output", tmp_path / "r.json")
+    assert res.exit_code == 2 and "damaged safetensors file" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r.json").exists()
+    (bare / "model.safetensors").write_bytes(b"\x00" * 7)
+    assert "damaged safetensors file" in _run("export", bare, "--output", tmp_path / "out").output

@@ -52,14 +52,17 @@ class FakeStage:
 def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int = 10, between: bool = True):
     """`published`: the last weight version this process sent (10: the warmup's last, in the same process)."""
     logged = {}
-    train = SimpleNamespace(stages=["warmup", "score"], dev_between_stages=between)
-    job = SimpleNamespace(out=tmp_path, placement={}, stopping=False, logged=logged, cfg=SimpleNamespace(train=train))
+    train = SimpleNamespace(stages=["warmup", "score"], dev_between_stages=between, keep_checkpoints=2,
+                            when_disk_full="stop")
+    job = SimpleNamespace(out=tmp_path, placement={}, stopping=False, logged=logged, cfg=SimpleNamespace(train=train),
+                          signals=None, stop_reason="")
+    job.stop = lambda reason: events.append(("stop", reason)) or setattr(job, "stopping", True)
     job.sync = lambda version: events.append(("sync", version)) or {"weights/sync_seconds": 0.5}
     job.sync.attach = lambda learner, pool: events.append(("attach",))
     job.sync.version = published
     job.pool = object()
     job.run = SimpleNamespace(log=lambda step, metrics: logged.setdefault(step, {}).update(metrics),
-                              console_line=lambda: "")
+                              console_line=lambda: "", dev_history=lambda: [])
     job.dev = SimpleNamespace(start=lambda: events.append(("dev",)))
     job.log_dev = lambda wait=False: None
     job.progress_bar = lambda name, start, total: SimpleNamespace(update=lambda n: None, close=lambda: None,
@@ -125,5 +128,62 @@ def test_a_resumed_stage_sends_its_weights_first_and_a_stopped_one_still_saves(t
     run_stage(job, FakeStage(events, resumed_at=2), resume=True)
     assert events == [("attach",), ("load", "score-checkpoints"), ("sync", 12), ("begin", 2),
                       ("train", 2), ("save", "score-checkpoints"),  # step 3: a checkpoint is due
-                      ("end", 3), ("save", "score-checkpoints"), ("dev",), ("shutdown",)]
+                      ("end", 3), ("dev",), ("shutdown",)]  # stopped right after it: not saved twice
     assert sorted(job.logged) == [12, 13]
+
+
+class WritingLearner(FakeLearner):
+    """Commits real step folders of 1,000 bytes (prorank/checkpoints.py), as the learner does."""
+
+    steps = 0
+
+    def save(self, root):
+        from prorank import checkpoints
+
+        super().save(root)
+        tmp = checkpoints.start(root, self.steps)
+        (tmp / "state.bin").write_bytes(b"s" * 1000)
+        checkpoints.commit(root, tmp, self.steps, {})
+
+
+def _writing_stage(events, steps=8):
+    stage = FakeStage(events, steps=steps)
+    stage.checkpoint_every, stage.learner = 1, WritingLearner(events)
+    real_train = stage.train
+    stage.train = lambda step: (setattr(stage.learner, "steps", step + 1), real_train(step))[1]
+    return stage
+
+
+def test_checkpoints_are_pruned_to_the_newest_and_the_best_by_dev(tmp_path):
+    events = []
+    job = fake_job(tmp_path, events)
+    job.run.dev_history = lambda: [{"step": 12, "ndcg@10": 0.9}, {"step": 14, "ndcg@10": 0.5}]  # offset 10
+    run_stage(job, _writing_stage(events), resume=False)
+    names = sorted(p.name for p in (tmp_path / "score-checkpoints").glob("step-*"))
+    assert names == ["step-2", "step-7", "step-8"]  # the last 2 and the best (step 2: global 12)
+
+
+def test_no_room_for_a_checkpoint_stops_or_skips_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from prorank.driver import checkpointing
+
+    free = {"bytes": 10**9}
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free["bytes"]))
+    for policy, expected in (("stop", ["step-1", "step-2"]), ("skip", ["step-1", "step-2"])):
+        events, out = [], tmp_path / policy
+        job = fake_job(out, events)
+        job.cfg.train.when_disk_full = policy
+        stage = _writing_stage(events, steps=6)
+        real_train = stage.train
+        stage.train = lambda step: (free.update(bytes=500 if step >= 2 else 10**9), real_train(step))[1]
+        run_stage(job, stage, resume=False)
+        assert sorted(p.name for p in (out / "score-checkpoints").glob("step-*")) == expected
+        message = capsys.readouterr().err
+        assert "no room for the checkpoint of score step 3" in message and "step-2 is kept" in message
+        assert f"(train.when_disk_full: {policy})" in message
+        trained = [e[1] for e in events if e[0] == "train"]
+        if policy == "stop":  # a clean stop after the step that found no room: no more steps, no final save
+            assert trained == [0, 1, 2] and job.stopping and events[-3:] == [("end", 3), ("dev",), ("shutdown",)]
+        else:  # trains to the end; the final checkpoint does not fit either
+            assert trained == list(range(6)) and not job.stopping

@@ -26,6 +26,9 @@ def test_resolve_model_prefers_local_folder(tmp_path):
     with pytest.raises(ModelError, match="config.json: not a model config"):
         resolve_model(ModelConfig(path=str(tmp_path)))
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelError, match="no weights"):
+        resolve_model(ModelConfig(path=str(tmp_path)))
+    (tmp_path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # a header of no tensors
     assert resolve_model(ModelConfig(path=str(tmp_path), hub_id="org/m")) == str(tmp_path)
     assert resolve_model(ModelConfig(path=str(tmp_path / "no"), hub_id="org/m")) == "org/m"
     with pytest.raises(ModelError, match="is not a folder and no model.hub_id"):
