@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from prorank.config_file import ConfigError, load_config
-from prorank.driver.cli_options import ConfigOpt, DataOpt, Overrides, SplitOpt, StrictOpt, fail, given, source_values
+from prorank.driver.cli_options import (ConfigOpt, DataOpt, Overrides, SplitOpt, StrictOpt, fail, fail_on_full_disk,
+                                         given, source_values)
 from prorank.driver.eval_commands import compare_command, eval_command, export_command, plot_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -44,7 +45,6 @@ def train_command(
     """Train: stage 1 (GRPO prompt warmup) and/or stage 2 (score learning), with rollout actors, reward
     service and learner ranks as one Ray job. SIGTERM or SIGINT: the step under way ends, a checkpoint is
     written, everything stops, exit 143 or 130; `--resume` goes on from there."""
-    import errno
     import shlex
     import sys
 
@@ -85,9 +85,7 @@ def train_command(
                    f"the last checkpoint stands; continue with: {again}", err=True)
         raise typer.Exit(signals.exit_code) from None
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            fail(f"no space left on the device holding {err.filename or cfg.train.output_dir}: {err.strerror}")
-        raise
+        fail_on_full_disk(err, cfg.train.output_dir)
     if signals.received:
         typer.echo(f"stopped by {signals.name} after step {summary['steps']}: checkpoint of it written under "
                    f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}", err=True)

@@ -42,3 +42,12 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
 def fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def fail_on_full_disk(err: OSError, where: str) -> None:
+    """A full disk (or quota) is a clear error naming the file, never a traceback; other OSErrors go on."""
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fail(f"no space left on the device holding {err.filename or where} ({err.strerror})")
+    raise err

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from prorank.config_file import ConfigError, load_config
-from prorank.driver.cli_options import ConfigOpt, DataOpt, Overrides, SplitOpt, StrictOpt, fail, given, source_values
+from prorank.driver.cli_options import (ConfigOpt, DataOpt, Overrides, SplitOpt, StrictOpt, fail, fail_on_full_disk,
+                                         given, source_values)
 
 
 def eval_command(
@@ -66,6 +67,8 @@ def eval_command(
         report = run_eval(cfg, progress=sys.stderr.isatty())
     except (ConfigError, DataError, ModelError, PromptError) as err:
         fail(err)
+    except OSError as err:
+        fail_on_full_disk(err, str(output or run_out or "the output"))
 
     s = report.settings
     table = Table(title=f"{s['dataset']} / {s['split']}: {s['queries']} of {s['queries_in_split']} queries")
@@ -214,4 +217,6 @@ def export_command(
             export_adapter(checkpoint, adapter)
     except (ConfigError, DataError, ModelError, PromptError) as err:
         fail(err)
+    except OSError as err:
+        fail_on_full_disk(err, str(output))
     typer.echo(f"exported to {out}" + (f"; adapter in {adapter}" if adapter else ""))

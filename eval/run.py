@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,8 +116,15 @@ def write_outputs(cfg: ProRankConfig, report: EvalReport) -> None:
         path = Path(cfg.eval.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        try:
+            tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk: no half-written file left behind
+            raise
         tmp.replace(path)
+
+
+MIN_FREE_BYTES = 4 << 20
 
 
 def check_output_file(path: str, key: str) -> None:
@@ -129,6 +137,8 @@ def check_output_file(path: str, key: str) -> None:
         raise ConfigError(f"{key} {path}: {parent} is a file, not a directory")
     if not os.access(target if target.exists() else parent, os.W_OK):
         raise ConfigError(f"{key} {path}: not writable")
+    if (free := shutil.disk_usage(parent).free) < MIN_FREE_BYTES:  # a report or run of 300 queries: ~1 MB
+        raise ConfigError(f"{key} {path}: no room on the device holding {parent} ({free:,} bytes free)")
 
 
 def default_tensorboard_dir(dataset: str, split: str) -> str:

@@ -228,3 +228,16 @@ def test_damaged_weights_are_refused_by_export_and_eval_naming_the_file(scifact_
     assert not (tmp_path / "r.json").exists()
     (bare / "model.safetensors").write_bytes(b"\x00" * 7)
     assert "damaged safetensors file" in _run("export", bare, "--output", tmp_path / "out").output
+
+
+def test_eval_output_on_a_full_disk_is_refused_before_scoring(scifact_dir, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        res = _run("eval", "--data", scifact_dir, "--max-queries", 2, "--output", disk / "r.json")
+        assert res.exit_code == 2 and f"eval.output {disk / 'r.json'}: no room on the device" in res.output, res.output
+        assert "Traceback" not in res.output and list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -226,7 +226,7 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
     second = start_job(config, uuid.uuid4().hex)
     refused, _ = second.communicate(timeout=300)
     assert second.returncode == 2 and f"{run} is in use by a running job (pid {proc.pid} on " in refused, refused
-    _wait_for_step(proc, metrics, 12)  # past two periodic checkpoints (5, 10): the first is pruned
+    _wait_for_step(proc, metrics, 12)  # past two periodic checkpoints (5, 10 or more): the older are pruned
     proc.send_signal(signal.SIGTERM)  # to the job's process alone, as SLURM's --signal=B:TERM or Kubernetes
     sent = time.monotonic()
     output, _ = proc.communicate(timeout=120)
@@ -238,20 +238,30 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
     assert f"stopped by SIGTERM after step {last}:" in output and "--resume" in output, output[-2000:]
     # The checkpoint of the last finished step, written at the stop; 2 kept.
     assert (root / "LATEST").read_text() == f"step-{last}"
-    assert sorted(p.name for p in root.glob("step-*")) == sorted([f"step-{last}", "step-10"]), list(root.iterdir())
+    previous = (last - 1) // 5 * 5  # the periodic checkpoint before it (every 5 steps)
+    assert sorted(p.name for p in root.glob("step-*")) == sorted([f"step-{last}", f"step-{previous}"])
 
-    # --resume trains on from the next step (the batches are a function of the step: the same data order,
-    # as the soak checks against an untouched run); two signals in a row end it at once.
+    # The newest checkpoint damaged (its optimizer state cut short, as by a node crash): --resume names the
+    # file, sets the step aside and goes on from the one before, the newest intact one, with the same data order
+    # (the batches are a function of the step, as the soak checks against an untouched run). Two signals in
+    # a row then end it at once.
+    damaged = max((root / f"step-{last}" / "state").rglob("*optim_states.pt"), key=lambda f: f.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
     tag = uuid.uuid4().hex
     proc = start_job(config, tag, "--resume")
-    _wait_for_step(proc, metrics, last + 1)
+    deadline = time.monotonic() + 300  # the damaged step set aside: metrics.jsonl holds the new run's lines
+    while not (root / f"damaged-step-{last}").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _wait_for_step(proc, metrics, previous + 1)
     proc.send_signal(signal.SIGINT)  # two of one kind sent at once arrive as one: a SIGTERM follows it
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "stopped at once" in output, output[-4000:]
+    assert f"resuming from {root / f'step-{previous}'}: the newer checkpoint is damaged: {damaged}: 1,000 bytes" in output
     assert not gone(tag), "processes left running after two signals"
     steps = [m["step"] for m in step_lines(metrics)]
-    assert steps[: last + 1] == list(range(1, last + 2)), steps  # none skipped or repeated across the stop
+    assert steps[: previous + 1] == list(range(1, previous + 2)), steps  # none skipped or repeated
+    assert (root / f"damaged-step-{last}").is_dir() and (root / "LATEST").read_text() != f"step-{last}"
 
 
 def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp_path, answering_model, scifact_dir):
