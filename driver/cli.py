@@ -86,10 +86,11 @@ def train_command(
         raise typer.Exit(signals.exit_code) from None
     except OSError as err:
         fail_on_full_disk(err, cfg.train.output_dir)
-    if signals.received:
-        typer.echo(f"stopped by {signals.name} after step {summary['steps']}: checkpoint of it written under "
+    if signals.received or summary["preempted"]:
+        by = signals.name if signals.received else "`prorank stop --preempt`"
+        typer.echo(f"stopped by {by} after step {summary['steps']}: checkpoint of it written under "
                    f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}", err=True)
-        raise typer.Exit(signals.exit_code)
+        raise typer.Exit(signals.exit_code if signals.received else 143)
     if summary["stopped"].startswith("no room"):
         fail(f"stopped after step {summary['steps']}: {summary['stopped']}; free some space, then: {again}")
     final, dev = summary["final"], summary["dev"]
@@ -176,19 +177,36 @@ def scale_actors_command(
 def stop_command(
     address: Annotated[str, typer.Option(help="The job's Ray cluster (auto or host:port).")] = "auto",
     job: Annotated[str, typer.Option(help="The job's train.job_name.")] = "prorank",
+    wait: Annotated[float, typer.Option(help="Then wait up to this many seconds for the job to end (a "
+                                              "Kubernetes preStop hook: the pod stays up until then).")] = 0,
+    preempt: Annotated[bool, typer.Option(help="Exit 143 once stopped, as on SIGTERM, so that a scheduler "
+                                               "retries the job (with --resume).")] = False,
 ) -> None:
     """End a running `prorank train` job after its current step: it saves a checkpoint and its model and
     writes its summary, as at its last step (`--resume` continues it later)."""
+    import time
+
     import ray
 
     from prorank.driver.control import NAMESPACE, find_control
 
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        status = ray.get(find_control(job).request_stop.remote(), timeout=30)
+        try:
+            status = ray.get(find_control(job).request_stop.remote(preempt), timeout=30)
+        except LookupError as err:
+            fail(err)
         typer.echo(f"job {job}: stopping after step {status.get('step', '?')} ({status.get('stage', '?')})")
-    except LookupError as err:
-        fail(err)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                find_control(job)  # the job's control actor ends with the job
+            except LookupError:
+                typer.echo(f"job {job}: ended")
+                return
+            time.sleep(2)
+        if wait:
+            fail(TimeoutError(f"job {job} still running after {wait:g} s"))
     finally:
         ray.shutdown()
 

@@ -6,7 +6,8 @@ the job reads it between steps and grows or shrinks its actor pool (new actors p
 before they take work). With `actors.per_node` set, the pool also follows the cluster: per_node actors
 for every live node that offers the actors' custom resource, so actors join when such nodes appear.
 An explicit `prorank scale` wins over per-node following until the job ends. `prorank stop --job ...`
-ends the job after its current step, with a checkpoint and its summary, as if it had reached its last step.
+ends the job after its current step, with a checkpoint and its summary, as if it had reached its last step
+(`--preempt`: then exit 143 as on SIGTERM, for a scheduler to retry it with --resume).
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ class JobControl:
     def __init__(self):
         self.desired: int | None = None
         self.status: dict = {}
-        self.stop = False
+        self.stop = ""  # "", "stop" or "preempt"
 
-    def request_stop(self) -> dict:
-        """`prorank stop`: the job ends after its current step, saving its model as at the end."""
-        self.stop = True
+    def request_stop(self, preempt: bool = False) -> dict:
+        """`prorank stop`: the job ends after its current step, saving its model as at the end. With
+        `preempt` (`--preempt`, a Kubernetes preStop hook) it then exits 143, as on SIGTERM, so that the
+        scheduler retries it with --resume."""
+        self.stop = "preempt" if preempt or self.stop == "preempt" else "stop"
         return self.status
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self) -> str:
         return self.stop
 
     def set_actors(self, n: int) -> dict:

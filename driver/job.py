@@ -125,7 +125,8 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
                    "output_dir": str(out), "model": checkpoints.final_model(checkpoints.stage_root(out, tc.stages[-1])),
                    "prompt": cfg.prompt.model_dump(), "addresses": [job.sync.address, *addresses],
                    "dev": job.run.dev_history(), "dev_query_ids": job.prompts.dev_query_ids,
-                   "job_hours": job.run.wall_hours(), "stopped": job.stop_reason}
+                   "job_hours": job.run.wall_hours(), "stopped": job.stop_reason,
+                   "preempted": job.preempted}
         (out / "summary.json").write_text(_json(summary))
         return summary
 

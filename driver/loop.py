@@ -145,6 +145,7 @@ class Job:
     # `prorank stop`, train.max_hours, a signal or a full disk: the stages end after this step.
     stopping: bool = False
     stop_reason: str = ""  # why, when it is not the end of the last stage; in the summary
+    preempted: bool = False  # `prorank stop --preempt`: the CLI exits 143, as on SIGTERM
     signals: StopSignals | None = None  # SIGTERM/SIGINT handling, when the job runs under the CLI
 
     def stop(self, reason: str) -> None:
@@ -169,8 +170,9 @@ class Job:
             self.rewards.set_addresses(moved)
         self.control.report.remote({"stage": stage, "step": step, "actors": self.pool.size,
                                     "versions": self.pool.versions()})
-        if ray.get(self.control.stop_requested.remote(), timeout=10):
-            self.stop(f"`prorank stop` at step {step}")
+        if asked := ray.get(self.control.stop_requested.remote(), timeout=10):
+            self.preempted = asked == "preempt"
+            self.stop(f"`prorank stop{' --preempt' if self.preempted else ''}` at step {step}")
         budget = self.cfg.train.max_hours
         if budget and self.run.wall_hours() >= budget:
             self.stop(f"the job clock reached train.max_hours ({budget:.2f} h) at step {step}")
