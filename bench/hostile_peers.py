@@ -8,6 +8,7 @@ holds them for `seconds`, then closes everything:
 - "unread": a whole small request, then never reads the socket, with a receive window of 0;
 - "flood": a `body_mb` message sent as fast as HTTP/2 flow control lets it go.
 `token=None` sends no authorization header; any other string is sent as the bearer token.
+`hold_idle` opens connections that start no call at all: half send nothing, half only the HTTP/2 preface.
 """
 
 from __future__ import annotations
@@ -170,6 +171,49 @@ async def hold_calls(address: str, path: str, n: int, mode: str, seconds: float,
         for connection in connections:
             connection.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return tally
+
+
+@dataclass
+class IdleTally:
+    opened: int = 0  # connections that were accepted
+    refused: int = 0  # connections that could not be opened
+    closed_by_server: int = 0  # connections the server closed while they were held
+    last_closed_after: float = 0.0  # seconds from the start to the last of those
+
+
+async def _idle_connection(host: str, port: int, preface: bool, tally: IdleTally, start: float) -> None:
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        tally.refused += 1
+        return
+    tally.opened += 1
+    try:
+        if preface:
+            writer.write(PREFACE + frame(SETTINGS, 0, 0))
+            await writer.drain()
+        while await reader.read(65536):  # settings and pings from the server, never answered; then EOF
+            pass
+        tally.closed_by_server += 1
+        tally.last_closed_after = time.monotonic() - start
+    except (ConnectionError, OSError):
+        tally.closed_by_server += 1
+        tally.last_closed_after = time.monotonic() - start
+    finally:
+        writer.close()
+
+
+async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | None = None) -> IdleTally:
+    """Open `n` connections that start no call (every other one sends the HTTP/2 preface and SETTINGS,
+    the rest nothing) and hold them for `seconds`, or until the server has closed them all."""
+    host, port = address.rsplit(":", 1)
+    tally, start = tally or IdleTally(), time.monotonic()
+    tasks = [asyncio.ensure_future(_idle_connection(host, int(port), i % 2 == 1, tally, start)) for i in range(n)]
+    _, pending = await asyncio.wait(tasks, timeout=seconds)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     return tally
 
 

@@ -42,12 +42,31 @@ class ServerLimits:
     max_streams_per_connection: int = 128  # HTTP/2 streams one connection may open at once
     stream_window_kb: int = 64  # HTTP/2 flow-control window per stream: the unread bytes a call may send ahead
     log_every_seconds: float = 10.0  # a refusal is logged at most this often per peer host and kind
+    handshake_timeout_seconds: float = 5.0  # a connection that has not finished its HTTP/2 handshake is closed
+    idle_connection_seconds: float = 10.0  # a connection without a call in flight this long is closed
 
     @classmethod
     def of(cls, cfg) -> ServerLimits:
         """From a service's config section (prorank.service_config.ServiceLimits: reward.*, weights.*)."""
         return cls(cfg.max_calls, cfg.max_calls_per_peer, cfg.max_streams_per_connection, cfg.stream_window_kb,
-                   cfg.log_refusals_every_seconds)
+                   cfg.log_refusals_every_seconds, cfg.handshake_timeout_seconds, cfg.idle_connection_seconds)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (Go's runtime does the same): at a
+    soft 1,024, a common default, 1,000 idle connections from anyone leave no descriptor for a legitimate
+    caller. Returns the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # a container may refuse: keep what we have
+            pass
+    return soft
 
 
 def peer_host(peer: str) -> str:
@@ -209,10 +228,14 @@ class GuardedServer:
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-server", daemon=True)
         self._thread.start()
         creds = server_credentials(tls_cert, tls_key) if tls_cert else None
+        raise_open_file_limit()
         options = dict(options) | {
             "grpc.so_reuseport": 0,  # a second server on a port in use fails to start instead of sharing it
             "grpc.max_concurrent_streams": limits.max_streams_per_connection,
-            "grpc.http2.lookahead_bytes": limits.stream_window_kb * 1024}
+            "grpc.http2.lookahead_bytes": limits.stream_window_kb * 1024,
+            # Connections that never start a call: closed at the handshake's end or after an idle spell.
+            "grpc.server_handshake_timeout_ms": int(limits.handshake_timeout_seconds * 1000),
+            "grpc.max_connection_idle_ms": int(limits.idle_connection_seconds * 1000)}
 
         async def build() -> tuple[grpc.aio.Server, int]:
             server = grpc.aio.server(interceptors=[self.guard], options=list(options.items()))

@@ -20,6 +20,12 @@ class ServiceLimits(Section):
     # without the token is refused before its body is read, so this bounds its bytes.
     stream_window_kb: int = Field(64, ge=16, le=65536)
     log_refusals_every_seconds: float = Field(10.0, ge=0)  # a refusal is logged at most this often per host and kind
+    # A connection that has not finished the HTTP/2 handshake in this time is closed (2,000 that send
+    # nothing would otherwise hold 2,000 file descriptors for gRPC's default 120 s).
+    handshake_timeout_seconds: float = Field(5.0, gt=0)
+    # A connection with no call in flight for this long is sent GOAWAY and closed; our clients reconnect
+    # on their next call (milliseconds on a LAN).
+    idle_connection_seconds: float = Field(10.0, gt=0)
 
 
 class ServiceConfig(ServiceLimits):

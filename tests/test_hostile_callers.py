@@ -245,3 +245,55 @@ def test_fetch_timeout_bounds_the_whole_call():
         assert time.monotonic() - start < 30  # bounded (the old bound was 600 s)
     finally:
         srv.stop(0)
+
+
+def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifact_dir, tmp_path):
+    """2,000 connections without the token that start no call (half send nothing, half only the HTTP/2
+    preface), against `prorank reward serve` started with a soft open-file limit of 1,024 (a common
+    default): the server raises its limit, closes every one of them within seconds, and new legitimate
+    connections are answered meanwhile."""
+    import os
+    import resource
+
+    from bench.hostile_peers import hold_idle
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard open-file limit here is {hard}: too low for 2,000 connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds the 2,000 connections
+    env = {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "reward", "serve", "--data",
+                             str(scifact_dir), "--split", "train", "--port", "0", "--token-file", str(token_file)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    try:
+        line, deadline = "", time.monotonic() + 60
+        while " on 127.0.0.1:" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        address = line.rsplit(" on ", 1)[1].strip()
+        attack = {}
+        attacker = __import__("threading").Thread(
+            target=lambda: attack.update(tally=asyncio.run(hold_idle(address, 2000, seconds=30))), daemon=True)
+        attacker.start()
+        time.sleep(1.0)  # the connections are open
+        answered = 0
+        while attacker.is_alive() and answered < 40:
+            client = SyncRewardClient([address], TOKEN, timeout=5.0, retries=0)  # a new connection each time
+            try:
+                (res,) = client.score([reward_pb2.Group(request_id=f"r{answered}", query_id="0", doc_id="31715818",
+                                                        completions=["1"])])
+                assert res.label == 1
+                answered += 1
+            finally:
+                client.close()
+            time.sleep(0.25)
+        attacker.join(timeout=60)
+        tally = attack["tally"]
+        assert tally.opened + tally.refused == 2000 and tally.refused == 0
+        assert tally.closed_by_server == 2000, tally  # none kept for the attack's 30 s
+        assert answered >= 10
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
