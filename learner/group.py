@@ -26,6 +26,17 @@ class LearnerError(RuntimeError):
     """A learner rank failed (died, or raised); the message names the rank, its node and the call."""
 
 
+def rank_failure(where: str, method: str, err: Exception) -> LearnerError:
+    """The error of a rank (`where`: "rank 0 on node ...") that failed in `method`. A RayTaskError's text is
+    the rank's traceback: its first line says where, its last the cause ("OSError: [Errno 28] No space left
+    on device: '...'"), and both reach the console."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    cause = lines[0][:300] if lines else ""
+    if len(lines) > 1:
+        cause += f" ... {lines[-1][:500]}"
+    return LearnerError(f"learner {where} failed in {method}: {type(err).__name__}: {cause}")
+
+
 class LearnerGroup:
     def __init__(self, model_path: str, cfg: LearnerConfig, objective: Objective, sender: WeightSender | None = None,
                  adapter: str | None = None):
@@ -69,13 +80,7 @@ class LearnerGroup:
             raise self._failure(0, method, err) from err
 
     def _failure(self, rank: int, method: str, err: Exception) -> LearnerError:
-        # A RayTaskError's text is the rank's traceback: its first line says where, its last the cause
-        # ("OSError: [Errno 28] No space left on device: '...'"), and both reach the console.
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        cause = lines[0][:300] if lines else ""
-        if len(lines) > 1:
-            cause += f" ... {lines[-1][:500]}"
-        return LearnerError(f"learner {self.where[rank]} failed in {method}: {type(err).__name__}: {cause}")
+        return rank_failure(self.where[rank], method, err)
 
     def step(self, batch: list) -> dict[str, float]:
         """One optimizer step on the objective's `batch_size` items (GRPO groups, or queries); its metrics."""
@@ -133,6 +138,7 @@ class LearnerGroup:
         checkpoints.set_aside_newer(root, folder)
         self._all("load", str(folder))
         state = checkpoints.read_state(folder)
+        state.pop("files", None)  # the checkpoint's own file list, not the driver's
         self.steps = state["steps"]
         return state
 

@@ -99,17 +99,14 @@ def test_a_second_holder_of_an_output_folder_is_refused_and_a_dead_one_leaves_no
 
 
 def test_a_ranks_error_reaches_the_console_with_its_cause():
-    from types import SimpleNamespace
-
-    from prorank.learner.group import LearnerGroup
+    from prorank.learner.group import rank_failure
 
     traceback = ("ray::LearnerRank.save() (pid=4242, ip=10.0.0.2, actor_id=ab)\n"
                  "  File \"learner/rank.py\", line 238\n"
                  "    self.engine.save_checkpoint(folder)\n"
                  "OSError: [Errno 28] No space left on device: "
                  "'/runs/x/checkpoints/.tmp-step-40/state/mp_rank_00.pt'\n")
-    err = LearnerGroup._failure(SimpleNamespace(where=["rank 0 on node 10.0.0.2 (abcd1234)"]), 0, "save",
-                                RuntimeError(traceback))
+    err = rank_failure("rank 0 on node 10.0.0.2 (abcd1234)", "save", RuntimeError(traceback))
     message = str(err)
     assert message.startswith("learner rank 0 on node 10.0.0.2 (abcd1234) failed in save: RuntimeError: ray::")
     assert message.endswith("OSError: [Errno 28] No space left on device: "

@@ -164,12 +164,10 @@ def test_checkpoints_are_pruned_to_the_newest_and_the_best_by_dev(tmp_path):
 
 
 def test_no_room_for_a_checkpoint_stops_or_skips_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
-    import shutil
-
     from prorank.driver import checkpointing
 
     free = {"bytes": 10**9}
-    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free["bytes"]))
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     for policy, expected in (("stop", ["step-1", "step-2"]), ("skip", ["step-1", "step-2"])):
         events, out = [], tmp_path / policy
         job = fake_job(out, events)
