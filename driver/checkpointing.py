@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NO_ROOM = "no room for the checkpoint"  # how a stop for want of room begins: the CLI exits 2 on it
 HEADROOM = 1.05  # DeepSpeed's files vary a little between steps (its JSON, the scheduler state)
 
 
@@ -33,7 +34,7 @@ def save_checkpoint(job: Job, stage: Stage, root: Path) -> bool:
         need, free = int(checkpoints.size(previous) * HEADROOM), shutil.disk_usage(root).free
         if free < need:
             action = "stopping the job" if tc.when_disk_full == "stop" else "training on without it"
-            message = (f"no room for the checkpoint of {stage.name} step {learner.steps} under {root}: the last one "
+            message = (f"{NO_ROOM} of {stage.name} step {learner.steps} under {root}: the last one "
                        f"({previous.name}) took {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free; "
                        f"{previous.name} is kept; {action} (train.when_disk_full: {tc.when_disk_full})")
             print(message, file=sys.stderr, flush=True)
@@ -56,6 +57,6 @@ def save_checkpoint(job: Job, stage: Stage, root: Path) -> bool:
 def best_checkpoint(job: Job, stage: Stage, root: Path) -> Path | None:
     """The kept step folder whose step has the highest dev nDCG@10 so far (None before any)."""
     dev = {row["step"]: row["ndcg@10"] for row in job.run.dev_history()}
-    scored = [(dev[stage.offset + int(p.name.split("-")[1])], p) for p in checkpoints.steps_on_disk(root)
-              if stage.offset + int(p.name.split("-")[1]) in dev]
+    scored = [(dev[stage.offset + checkpoints.step_of(p)], p) for p in checkpoints.steps_on_disk(root)
+              if stage.offset + checkpoints.step_of(p) in dev]
     return max(scored, key=lambda pair: pair[0])[1] if scored else None

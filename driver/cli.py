@@ -50,6 +50,7 @@ def train_command(
 
     from prorank.checkpoints import CheckpointError
     from prorank.data import DataError
+    from prorank.driver.checkpointing import NO_ROOM
     from prorank.driver.job import train
     from prorank.driver.stop import StopSignals
     from prorank.learner.group import LearnerError
@@ -91,7 +92,7 @@ def train_command(
         typer.echo(f"stopped by {by} after step {summary['steps']}: checkpoint of it written under "
                    f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}", err=True)
         raise typer.Exit(signals.exit_code if signals.received else 143)
-    if summary["stopped"].startswith("no room"):
+    if summary["stopped"].startswith(NO_ROOM):
         fail(f"stopped after step {summary['steps']}: {summary['stopped']}; free some space, then: {again}")
     final, dev = summary["final"], summary["dev"]
     figures = [f"reward {final['train/reward/total_mean']:.3f}"] if "train/reward/total_mean" in final else []

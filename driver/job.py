@@ -57,12 +57,14 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     if sc.init_from:
         check_model_layout(checkpoint_model_dir(sc.init_from), cfg.prompt.layout)
     out = Path(tc.output_dir)
-    lock = lock_output(out)  # a second job on this folder is refused here, before anything is loaded
     data_cfg = cfg.data.model_copy(update={"split": tc.split})
     dataset = load_dataset(data_cfg)
     depth = max(tc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
     ranking = bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
     token = _job_token(cfg)
+    # A second job on this folder is refused here: after the inputs are checked (a bad one leaves no
+    # folder behind), before anything is started or written.
+    lock = lock_output(out)
     if on_start:
         on_start()
 

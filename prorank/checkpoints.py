@@ -56,14 +56,19 @@ def commit(root: str | Path, tmp: Path, steps: int, state: dict) -> Path:
     final = root / f"step-{steps}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    _point_latest(root, final)
+    return final
+
+
+def _point_latest(root: Path, folder: Path) -> None:
+    """Replace LATEST with `folder`'s name, atomically and fsynced."""
     pointer = root / f".{LATEST}.tmp"
     with open(pointer, "w") as f:
-        f.write(final.name)
+        f.write(folder.name)
         f.flush()
         os.fsync(f.fileno())
     pointer.replace(root / LATEST)
     _fsync_dir(root)
-    return final
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -85,10 +90,15 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+def step_of(folder: Path) -> int:
+    """N of a step-N folder."""
+    return int(folder.name.rsplit("-", 1)[1])
+
+
 def steps_on_disk(root: str | Path) -> list[Path]:
     """The committed step folders under `root`, newest first."""
     found = [p for p in Path(root).glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: -int(p.name.split("-")[1]))
+    return sorted(found, key=step_of, reverse=True)
 
 
 def problems(folder: Path) -> list[str]:
@@ -112,10 +122,10 @@ def resume_point(root: str | Path) -> Path | None:
     """The newest intact step under `root`, starting from the one LATEST names; a damaged step is named
     in a warning and passed over. None when there is no checkpoint; an error when none is intact."""
     root = Path(root)
-    named = latest(root)
-    if named is None and not steps_on_disk(root):
+    named, on_disk = latest(root), steps_on_disk(root)
+    if named is None and not on_disk:
         return None
-    candidates = ([named] if named else []) + [p for p in steps_on_disk(root) if p != named]
+    candidates = ([named] if named else []) + [p for p in on_disk if p != named]
     damaged = []
     for folder in candidates:
         if not (wrong := problems(folder)):
@@ -133,15 +143,13 @@ def set_aside_newer(root: str | Path, folder: Path) -> list[Path]:
     root = Path(root)
     moved = []
     for newer in steps_on_disk(root):
-        if int(newer.name.split("-")[1]) > int(folder.name.split("-")[1]):
+        if step_of(newer) > step_of(folder):
             target = root / f"damaged-{newer.name}"
             shutil.rmtree(target, ignore_errors=True)
             newer.rename(target)
             moved.append(target)
     if latest(root) != folder:
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(folder.name)
-        pointer.replace(root / LATEST)
+        _point_latest(root, folder)
     return moved
 
 
