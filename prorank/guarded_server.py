@@ -9,8 +9,10 @@ Why the token from the headers: a refused call is answered at once, from a handl
 request, so it holds no handler and its body is never parsed or copied into Python; the few bytes that
 reach the server before the refusal sit in the HTTP/2 stream's flow-control window (`stream_window_kb`)
 and are dropped with the stream.
-Authenticated calls are capped per peer host and in total (RESOURCE_EXHAUSTED beyond, which clients
-retry). Every refusal is logged at most once per peer host and kind per `log_every_seconds`, with a count.
+Connections are capped per peer host and in total by the accept layer in front of gRPC
+(prorank/connection_gate.py). Authenticated calls are capped per peer host and in total
+(RESOURCE_EXHAUSTED beyond, which clients retry). Every refusal is logged at most once per peer host and
+kind per `log_every_seconds`, with a count.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
+from prorank.connection_gate import ConnectionGate
 from prorank.security import server_credentials
 
 log = logging.getLogger(__name__)
@@ -44,12 +47,15 @@ class ServerLimits:
     log_every_seconds: float = 10.0  # a refusal is logged at most this often per peer host and kind
     handshake_timeout_seconds: float = 5.0  # a connection that has not finished its HTTP/2 handshake is closed
     idle_connection_seconds: float = 10.0  # a connection without a call in flight this long is closed
+    max_connections_per_peer: int = 16  # connections one host may hold; 0: no accept layer (gRPC's own)
+    max_connections: int = 4096  # connections held in all (with the accept layer)
 
     @classmethod
     def of(cls, cfg) -> ServerLimits:
         """From a service's config section (prorank.service_config.ServiceLimits: reward.*, weights.*)."""
         return cls(cfg.max_calls, cfg.max_calls_per_peer, cfg.max_streams_per_connection, cfg.stream_window_kb,
-                   cfg.log_refusals_every_seconds, cfg.handshake_timeout_seconds, cfg.idle_connection_seconds)
+                   cfg.log_refusals_every_seconds, cfg.handshake_timeout_seconds, cfg.idle_connection_seconds,
+                   cfg.max_connections_per_peer, cfg.max_connections)
 
 
 def raise_open_file_limit() -> int:
@@ -79,14 +85,14 @@ class RefusalLog:
     """Logs a refusal at most once per (peer host, kind) per `every` seconds, with how many there were
     since; a bounded table, so a flood of peers cannot grow it."""
 
-    def __init__(self, every: float, max_peers: int = 4096):
-        self.every, self.max_peers = every, max_peers
+    def __init__(self, every: float, max_peers: int = 4096, real_peer: Callable[[str], str] = str):
+        self.every, self.max_peers, self.real_peer = every, max_peers, real_peer
         self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()  # -> (last logged, count since)
         self._lock = threading.Lock()
         self.logged = 0  # lines written (the tests count them)
 
     def refused(self, peer: str, kind: str, detail: str) -> None:
-        key, now = (peer_host(peer), kind), time.monotonic()
+        key, now = (peer_host(self.real_peer(peer)), kind), time.monotonic()
         with self._lock:
             last, count = self._seen.pop(key, (float("-inf"), 0))
             count += 1
@@ -97,8 +103,8 @@ class RefusalLog:
             while len(self._seen) > self.max_peers:
                 self._seen.popitem(last=False)
             self.logged += 1
-        log.warning("refused a call from %s, %s: %s (%d such refusal(s) from this host since its last line)",
-                    key[0], kind, detail, count)
+        log.warning("refused %s from %s, %s: %s (%d such refusal(s) from this host since its last line)",
+                    "a connection" if kind == "CONNECTION" else "a call", key[0], kind, detail, count)
 
     async def refuse(self, context, code: grpc.StatusCode, message: str) -> None:
         """Log (rate-limited) and end the call with `code`; raises, as `context.abort` does."""
@@ -150,7 +156,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def enter(self, peer: str) -> str | None:
         """Count a call in; why it may not run, or None."""
-        host = peer_host(peer)
+        host = peer_host(self.refusals.real_peer(peer))
         if self.total >= self.limits.max_calls:
             return f"{self.total} calls in flight; at most {self.limits.max_calls} (max_calls)"
         if self.in_flight.get(host, 0) >= self.limits.max_calls_per_peer:
@@ -161,7 +167,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return None
 
     def leave(self, peer: str) -> None:
-        host = peer_host(peer)
+        host = peer_host(self.refusals.real_peer(peer))
         self.total -= 1
         if (left := self.in_flight[host] - 1) > 0:
             self.in_flight[host] = left
@@ -237,7 +243,14 @@ class GuardedServer:
                  tls_cert: str | None = None, tls_key: str | None = None, limits: ServerLimits = ServerLimits(),
                  options: Iterable[tuple[str, object]] = (), open_methods: frozenset[str] = frozenset(),
                  name: str = "grpc"):
-        self.refusals = RefusalLog(limits.log_every_seconds)
+        self.gate = None
+        if limits.max_connections_per_peer:
+            try:
+                self.gate = ConnectionGate(host, port, limits.max_connections_per_peer, limits.max_connections,
+                                           lambda *refusal: self.refusals.refused(*refusal))
+            except OSError as err:  # as gRPC's own bind failure reads
+                raise RuntimeError(f"cannot listen on {host}:{port}: {err}") from None
+        self.refusals = RefusalLog(limits.log_every_seconds, real_peer=self.gate.real_peer if self.gate else str)
         self.guard = CallGuard(token, limits, self.refusals, open_methods)
         self.loop = asyncio.new_event_loop()
         self._stop_lock = threading.Lock()
@@ -256,7 +269,7 @@ class GuardedServer:
         async def build() -> tuple[grpc.aio.Server, int]:
             server = grpc.aio.server(interceptors=[self.guard], options=list(options.items()))
             add_services(server, self.refusals)
-            target = f"{host}:{port}"
+            target = self.gate.backend_address if self.gate else f"{host}:{port}"
             return server, server.add_secure_port(target, creds) if creds else server.add_insecure_port(target)
 
         try:
@@ -264,6 +277,8 @@ class GuardedServer:
         except BaseException:
             self._close_loop()
             raise
+        if self.gate:
+            self.port = self.gate.port
 
     def run(self, coro, timeout: float | None = 60):
         """Run a coroutine on the server's loop and wait for its result."""
@@ -278,6 +293,8 @@ class GuardedServer:
     def start(self) -> None:
         try:
             self.run(self.server.start())
+            if self.gate:
+                self.gate.start()
         except BaseException:
             self._close_loop()
             raise
@@ -303,6 +320,8 @@ class GuardedServer:
         self._thread.join()
 
     def _close_loop(self) -> None:
+        if self.gate:
+            self.gate.stop()
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=30)

@@ -26,6 +26,11 @@ class ServiceLimits(Section):
     # A connection with no call in flight for this long is sent GOAWAY and closed; our clients reconnect
     # on their next call (milliseconds on a LAN).
     idle_connection_seconds: float = Field(10.0, gt=0)
+    # Connections one host may hold (prorank/connection_gate.py): one per engine, client and relay is what
+    # our own processes open, so raise it past 16 only for more processes per node than that. 0: none
+    # (gRPC's own accept, no cap). A flood needs many connections: with 4 it held, with 32-64 it did not.
+    max_connections_per_peer: int = Field(16, ge=0)
+    max_connections: int = Field(4096, ge=1)  # connections held from all hosts together
 
 
 class ServiceConfig(ServiceLimits):
@@ -88,3 +93,6 @@ class WeightSyncConfig(ServiceConfig):
     # bfloat16: float tensors go on the wire (and into the receivers' blobs) as bfloat16, half the bytes of
     # float32; receivers cast to their engine's dtype. For GPU configs; see BENCHMARKS.md for its logprob cost.
     wire_dtype: Literal["same", "bfloat16"] = "same"
+    # No accept layer by default: its relay cost the loopback weight transfer 0.6-0.7x on 2 cores
+    # (BENCHMARKS.md), on the critical path of every sync. Set 16 where untrusted hosts reach the port.
+    max_connections_per_peer: int = Field(0, ge=0)

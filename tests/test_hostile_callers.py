@@ -249,9 +249,10 @@ def test_fetch_timeout_bounds_the_whole_call():
 
 def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifact_dir, tmp_path):
     """2,000 connections without the token that start no call (half send nothing, half only the HTTP/2
-    preface), against `prorank reward serve` started with a soft open-file limit of 1,024 (a common
-    default): the server raises its limit, closes every one of them within seconds, and new legitimate
-    connections are answered meanwhile."""
+    preface) from 200 loopback hosts (10 each: within the cap per host, so that every one reaches gRPC),
+    against `prorank reward serve` started with a soft open-file limit of 1,024 (a common default): the
+    server raises its limit, closes every one of them within seconds, and new legitimate connections are
+    answered meanwhile. (From one host, all but 16 are reset at once: tests/test_connection_gate.py.)"""
     import os
     import resource
 
@@ -274,8 +275,8 @@ def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifa
             line = proc.stderr.readline()
         address = line.rsplit(" on ", 1)[1].strip()
         attack = {}
-        attacker = __import__("threading").Thread(
-            target=lambda: attack.update(tally=asyncio.run(hold_idle(address, 2000, seconds=30))), daemon=True)
+        hold = lambda: attack.update(tally=asyncio.run(hold_idle(address, 2000, seconds=30, hosts=200)))  # noqa: E731
+        attacker = __import__("threading").Thread(target=hold, daemon=True)
         attacker.start()
         time.sleep(1.0)  # the connections are open
         answered = 0
@@ -301,16 +302,17 @@ def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifa
 
 @pytest.mark.parametrize("shape", ["rapid reset", "oversized headers"])
 def test_http2_floods_across_64_connections(shape):
-    """Without the token, on 64 connections for 20 s, against a reward server process of its own after a
-    10 s round that warms it up: HTTP/2 rapid reset (HEADERS then RST_STREAM, stream after stream), or calls
-    whose header block (10,000 headers) is past gRPC's metadata limit. Legitimate Score calls (a 5 s
+    """Without the token, on 64 connections for 10 s from another loopback host, against a reward server
+    process of its own after a 5 s round that warms it up: HTTP/2 rapid reset (HEADERS then RST_STREAM,
+    stream after stream), or calls whose header block (10,000 headers) is past gRPC's metadata limit; a
+    connection the server refuses or closes is opened again at once. Legitimate Score calls (a 5 s
     deadline, no retry) go on beside it, and RSS is measured once the attack has ended.
 
-    Rapid reset: every legitimate call answered; RSS grows by a few MB a round (~4.5 MB per 3 M resets,
-    inside gRPC core: noticed, not fixed), bounded here at +25 MB. Oversized headers: RSS back within 10%
-    (the server returns freed memory to the system every 2 s; without that it stayed +150 MB). Legitimate
-    calls during that attack are not all answered yet on 2 cores (SECURITY.md, issue 34): the test counts
-    them and asserts the server answers once the attack ends."""
+    Every legitimate call is answered: the cap on connections per host (16) leaves the attacker 16 of its
+    64 (without it, 1-4 of ~60 oversized-header calls timed out on 2 cores). RSS: rapid reset grows it by a
+    few MB a round (~4.5 MB per 3 M resets, inside gRPC core: noticed, not fixed), bounded here at +25 MB;
+    oversized headers: back within 10% (the server returns freed memory to the system every 2 s; without
+    that it stayed +150 MB)."""
     import threading
 
     from bench.hostile_peers import oversized_headers, rapid_reset
@@ -348,11 +350,8 @@ def test_http2_floods_across_64_connections(shape):
         print(f"{shape}: {sent['n']} sent, legitimate calls {answered} answered, {len(failed)} failed {failed}; "
               f"RSS {start:.0f} -> peak {rss.peak:.0f} -> {after:.0f} MB")
         assert sent["n"] > 1000 and res.label == 1, (sent, answered, failed)
-        if shape == "rapid reset":
-            assert answered >= 10, (answered, failed)
-            assert not failed and after <= start + 25, (failed, start, rss.peak, after)
-        else:
-            assert after <= 1.1 * start, (start, rss.peak, after)
+        assert answered >= 10 and not failed, (answered, failed)
+        assert after <= (start + 25 if shape == "rapid reset" else 1.1 * start), (start, rss.peak, after)
     finally:
         proc.stdin.close()
         proc.kill()

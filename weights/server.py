@@ -192,7 +192,8 @@ class WeightPublisher:
 
     async def Report(self, raw: bytes, context) -> weights_pb2.ReportReply:
         request = await parse_request(weights_pb2.Ack, raw, context, self.refusals)
-        name = (request.receiver or context.peer())[:MAX_NAME]  # short enough to quote in an error
+        # Short enough to quote in an error; the caller's own address behind an accept layer.
+        name = (request.receiver or self.refusals.real_peer(context.peer()))[:MAX_NAME]
         if self.known is not None and name not in self.known:
             await self.refusals.refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"unknown receiver {name!r}")
         if request.version > self.version:  # nobody can serve a version that was never published
@@ -233,13 +234,16 @@ def _handlers(publisher: WeightPublisher) -> grpc.GenericRpcHandler:
     })
 
 
+NO_GATE = ServerLimits(max_connections_per_peer=0)  # as weights.max_connections_per_peer's default (why: there)
+
+
 class WeightServer:
     """The publisher behind a token-checked (optionally TLS) gRPC server; binds 127.0.0.1 by default.
     `limits` caps the calls in flight (see prorank/guarded_server.py); at most half of them wait for a
     version, so reports and transfers always find room."""
 
     def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, tls_cert: str | None = None,
-                 tls_key: str | None = None, chunk_bytes: int = CHUNK_BYTES, limits: ServerLimits = ServerLimits(),
+                 tls_key: str | None = None, chunk_bytes: int = CHUNK_BYTES, limits: ServerLimits = NO_GATE,
                  publisher: WeightPublisher | None = None, wire_dtype: torch.dtype | None = None):
         waiters = max(1, min(limits.max_calls, limits.max_calls_per_peer) // 2)
         self.publisher = publisher or WeightPublisher(chunk_bytes, waiters, wire_dtype)

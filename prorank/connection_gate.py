@@ -1,0 +1,247 @@
+"""The accept layer in front of our gRPC servers: it caps the connections one peer host (and everyone
+together) may hold, then relays each connection it keeps to the gRPC server behind it.
+
+Why: gRPC has no per-peer connection limit, and a few hosts with many connections are what floods
+need. Measured on 2 cores (issue 34; BENCHMARKS.md): 20 s of header blocks past gRPC's metadata limit,
+sent back to back, failed legitimate calls on 32-64 connections and held on 4; HTTP/2 rapid reset the same
+way. One host gets `max_per_host` connections; the next is reset at once and counted in our refusal log.
+Why a relay and not a check after gRPC's accept: grpcio cannot be handed an accepted socket. The gRPC
+server listens on a Unix socket in a private folder (mode 0700: no one else can skip the gate), and each
+relayed connection comes from an abstract Unix address of its own, so that the server can map
+`context.peer()` back to the real caller with `real_peer`. Bytes pass through unread (TLS included) and
+uncopied: one thread with an epoll selector moves them with `os.splice` through a pipe each way (made at a
+direction's first byte), so a caller that never reads holds at most one pipe (1 MiB) of kernel memory here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import logging
+import os
+import selectors
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+PIPE_BYTES = 1024 * 1024  # what a pipe between the two sockets holds (F_SETPIPE_SZ)
+SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+def _uri(family: int, address) -> str:
+    """A socket address as gRPC writes a peer: 'ipv4:10.0.0.5:41234', 'ipv6:[::1]:41234'."""
+    if family == socket.AF_INET6:
+        return f"ipv6:[{address[0]}]:{address[1]}"
+    return f"ipv4:{address[0]}:{address[1]}"
+
+
+class _Relay:
+    """One kept connection: the caller's socket and ours to the gRPC server, and a pipe each way that holds
+    what one side sent until the other takes it (the kernel moves the bytes: `os.splice`, no copy here)."""
+
+    def __init__(self, outer: socket.socket, inner: socket.socket, host: str, name: str):
+        self.outer, self.inner, self.host, self.name = outer, inner, host, name
+        self.pipes: dict[socket.socket, tuple[int, int]] = {}  # from this socket: (read end, write end)
+        self.pending = {outer: 0, inner: 0}  # bytes read from this socket, in its pipe, not yet written on
+        self.eof = {outer: False, inner: False}
+
+    def other(self, sock: socket.socket) -> socket.socket:
+        return self.inner if sock is self.outer else self.outer
+
+    def pipe(self, sock: socket.socket) -> tuple[int, int]:
+        """The pipe for what `sock` sends, made at its first byte (an idle connection holds none)."""
+        if sock not in self.pipes:
+            read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # over /proc/sys/fs/pipe-max-size for this user: the default 64 KiB
+                pass
+            self.pipes[sock] = (read, write)
+        return self.pipes[sock]
+
+    def events(self, sock: socket.socket) -> int:
+        """What to wait for on `sock`: readable while what it sent is passed on, writable while the other
+        side's bytes wait for it."""
+        mask = 0 if self.eof[sock] or self.pending[sock] else selectors.EVENT_READ
+        return mask | (selectors.EVENT_WRITE if self.pending[self.other(sock)] else 0)
+
+    def close(self) -> None:
+        for read, write in self.pipes.values():
+            os.close(read)
+            os.close(write)
+        self.pipes.clear()
+
+
+class ConnectionGate:
+    """Listens on (host, port) for TCP, keeps at most `max_per_host` connections per peer host and
+    `max_total` in all, and relays the kept ones to the Unix socket `backend` (see `backend_address`).
+    `refused(peer, kind, detail)` hears of each refused connection (our RefusalLog)."""
+
+    def __init__(self, host: str, port: int, max_per_host: int, max_total: int,
+                 refused: Callable[[str, str, str], None]):
+        self.max_per_host, self.max_total, self._refused = max_per_host, max_total, refused
+        self._folder = tempfile.mkdtemp(prefix="prorank-gate-")  # 0700: only this user reaches the backend
+        self.backend = os.path.join(self._folder, "grpc.sock")
+        family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        self._listener = socket.create_server(address[:2], family=family, backlog=1024)
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._names = (f"prorank-gate-{os.getpid()}-{id(self):x}-{n}" for n in itertools.count())
+        self._peers: dict[str, str] = {}  # 'unix-abstract:<name>' -> the caller's peer, read by gRPC's threads
+        self._per_host: dict[str, int] = {}
+        self._relays: dict[socket.socket, _Relay] = {}
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"gate-{self.port}", daemon=True)
+
+    @property
+    def backend_address(self) -> str:
+        """Where the gRPC server behind the gate listens (an `add_*_port` target)."""
+        return f"unix:{self.backend}"
+
+    def real_peer(self, peer: str) -> str:
+        """gRPC's `context.peer()` of a relayed call -> the caller's own ('ipv4:10.0.0.5:41234')."""
+        return self._peers.get(peer, peer)
+
+    @property
+    def connections(self) -> int:
+        return len(self._relays) // 2
+
+    def start(self) -> ConnectionGate:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        for relay in {id(r): r for r in self._relays.values()}.values():
+            self._close(relay)
+        self._selector.close()
+        self._listener.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for key, mask in self._selector.select(timeout=0.5):
+                if key.fileobj is self._listener:
+                    self._accept_all()
+                elif (relay := self._relays.get(key.fileobj)) is not None:
+                    self._pump(relay, key.fileobj, mask)
+
+    def _accept_all(self) -> None:
+        while True:
+            try:
+                outer, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # out of file descriptors: the caller stays in the backlog
+                log.warning("connection gate on port %d: accept failed: %s", self.port, err)
+                return
+            self._admit(outer, _uri(outer.family, address))
+
+    def _admit(self, outer: socket.socket, peer: str) -> None:
+        host = peer.rpartition(":")[0]
+        held = self._per_host.get(host, 0)
+        problem = (f"{held} connections from {host}; at most {self.max_per_host} (max_connections_per_peer)"
+                   if held >= self.max_per_host else
+                   f"{self.connections} connections; at most {self.max_total} (max_connections)"
+                   if self.connections >= self.max_total else None)
+        inner = None
+        if problem is None:
+            name = next(self._names)
+            inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                inner.bind(f"\0{name}")
+                inner.settimeout(2.0)  # the gRPC server accepts in microseconds; a full backlog is a refusal
+                inner.connect(self.backend)
+            except OSError as err:
+                inner.close()
+                inner, problem = None, f"the gRPC server behind the gate did not accept: {err}"
+        if problem is not None:
+            outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            outer.close()
+            self._refused(peer, "CONNECTION", problem)
+            return
+        outer.setblocking(False)
+        inner.setblocking(False)
+        outer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        relay = _Relay(outer, inner, host, f"unix-abstract:{name}")
+        self._peers[relay.name] = peer
+        self._per_host[host] = held + 1
+        for sock in (outer, inner):
+            self._relays[sock] = relay
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _pump(self, relay: _Relay, sock: socket.socket, mask: int) -> None:
+        other = relay.other(sock)
+        try:
+            if mask & selectors.EVENT_WRITE and relay.pending[other]:  # `sock` can take what `other` sent
+                relay.pending[other] -= _splice(relay.pipe(other)[0], sock.fileno(), relay.pending[other])
+                if not relay.pending[other] and relay.eof[other]:
+                    sock.shutdown(socket.SHUT_WR)
+            if mask & selectors.EVENT_READ and not relay.pending[sock]:
+                read, write = relay.pipe(sock)
+                try:
+                    n = os.splice(sock.fileno(), write, PIPE_BYTES, flags=SPLICE)
+                except (BlockingIOError, InterruptedError):  # woken for nothing
+                    n = None
+                if n == 0:
+                    relay.eof[sock] = True
+                    other.shutdown(socket.SHUT_WR)
+                elif n:
+                    relay.pending[sock] = n - _splice(read, other.fileno(), n)
+        except OSError:  # reset, broken pipe: the connection is over both ways
+            self._close(relay)
+            return
+        if all(relay.eof.values()):
+            self._close(relay)
+            return
+        for s in (relay.outer, relay.inner):
+            self._watch(s, relay.events(s))
+
+    def _watch(self, sock: socket.socket, events: int) -> None:
+        """Wait for `events` on `sock`; none (its caller has finished sending and nothing waits for it):
+        out of the selector, or a socket at its end of file would wake it forever."""
+        try:
+            key = self._selector.get_key(sock)
+        except KeyError:
+            key = None
+        if events and key is None:
+            self._selector.register(sock, events)
+        elif events and key.events != events:
+            self._selector.modify(sock, events)
+        elif not events and key is not None:
+            self._selector.unregister(sock)
+
+    def _close(self, relay: _Relay) -> None:
+        if self._relays.pop(relay.outer, None) is None:
+            return
+        self._relays.pop(relay.inner, None)
+        self._peers.pop(relay.name, None)
+        if (left := self._per_host[relay.host] - 1) > 0:
+            self._per_host[relay.host] = left
+        else:
+            del self._per_host[relay.host]
+        for sock in (relay.outer, relay.inner):
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        relay.close()
+
+
+def _splice(source: int, target: int, n: int) -> int:
+    """Move up to `n` bytes from the pipe `source` to the socket `target` in the kernel; 0 when `target`
+    is full."""
+    try:
+        return os.splice(source, target, n, flags=SPLICE)
+    except (BlockingIOError, InterruptedError):
+        return 0
