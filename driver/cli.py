@@ -233,6 +233,7 @@ def reward_serve_command(
     import threading
 
     from prorank.data import DataError, load_dataset
+    from prorank.grpc_core_log import fold_grpc_core_lines
     from prorank.reward.server import RewardServer
     from prorank.security import SecurityError
 
@@ -243,6 +244,7 @@ def reward_serve_command(
                      {"token_file": token_file, "tls_cert": tls_cert, "tls_key": tls_key}.items() if v}}
         cfg = load_config(config, overrides or [], given(values))
         dataset = load_dataset(cfg.data)
+        fold_grpc_core_lines(cfg.reward.log_refusals_every_seconds or 10.0)
         server = RewardServer(dataset.qrels, cfg.reward).start()
     except (ConfigError, DataError, SecurityError) as err:
         fail(err)

@@ -264,3 +264,39 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
     assert steps[: previous + 1] == list(range(1, previous + 2)), steps  # none skipped or repeated
     assert (root / f"damaged-step-{last}").is_dir() and (root / "LATEST").read_text() != f"step-{last}"
 
+
+
+def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp_path, answering_model, scifact_dir):
+    """The output folder on a small tmpfs, filled once the first checkpoint is in, so that the next does not
+    fit: the job says so, keeps the first intact and stops cleanly (train.when_disk_full: stop)."""
+    from prorank import checkpoints
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        config = job_config(disk, answering_model, scifact_dir, "sync", steps=400,
+                            updates={"train": {"dev_every": 0, "checkpoint_every": 10}})
+        root = disk / "run-sync" / "checkpoints"
+        tag = uuid.uuid4().hex
+        proc = start_job(config, tag)
+        deadline = time.monotonic() + 600
+        while not (root / "LATEST").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first = checkpoints.latest(root)
+        assert first is not None and first.name == "step-10", proc.poll()
+        left = shutil.disk_usage(disk).free - checkpoints.size(first) // 2  # room for half a checkpoint
+        with open(disk / "filler", "wb") as f:  # written, not truncated: tmpfs allocates pages on write
+            for _ in range(left >> 20):
+                f.write(bytes(1 << 20))
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, output[-4000:]
+        assert "no room for the checkpoint of warmup step 20" in output and "step-10 is kept" in output, output[-3000:]
+        assert "--resume" in output and "Traceback" not in output, output[-3000:]
+        assert not gone(tag)
+        assert checkpoints.latest(root) == first and checkpoints.problems(first) == []
+        assert [p.name for p in checkpoints.steps_on_disk(root)] == ["step-10"]
+        assert not list(root.glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
