@@ -244,7 +244,7 @@ def reward_serve_command(
                      {"token_file": token_file, "tls_cert": tls_cert, "tls_key": tls_key}.items() if v}}
         cfg = load_config(config, overrides or [], given(values))
         dataset = load_dataset(cfg.data)
-        fold_grpc_core_lines(cfg.reward.log_refusals_every_seconds or 10.0)
+        fold_grpc_core_lines(cfg.reward.log_refusals_every_seconds)
         server = RewardServer(dataset.qrels, cfg.reward).start()
     except (ConfigError, DataError, SecurityError) as err:
         fail(err)

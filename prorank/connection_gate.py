@@ -32,6 +32,12 @@ PIPE_BYTES = 1024 * 1024  # what a pipe between the two sockets holds (F_SETPIPE
 SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
+def peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.5:41234' -> 'ipv4:10.0.0.5': the caller's host (its port changes per connection)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
 def _uri(family: int, address) -> str:
     """A socket address as gRPC writes a peer: 'ipv4:10.0.0.5:41234', 'ipv6:[::1]:41234'."""
     if family == socket.AF_INET6:
@@ -147,7 +153,7 @@ class ConnectionGate:
             self._admit(outer, _uri(outer.family, address))
 
     def _admit(self, outer: socket.socket, peer: str) -> None:
-        host = peer.rpartition(":")[0]
+        host = peer_host(peer)
         held = self._per_host.get(host, 0)
         problem = (f"{held} connections from {host}; at most {self.max_per_host} (max_connections_per_peer)"
                    if held >= self.max_per_host else

@@ -51,9 +51,12 @@ flush()
 """
 
 
-def fold_grpc_core_lines(every: float = 10.0) -> subprocess.Popen | None:
-    """From now on, this process's file descriptor 2 goes through the folding child (see above); returns
-    it, or None where fd 2 is not a file or terminal we can hand on (nothing changes then)."""
+def fold_grpc_core_lines(every: float) -> subprocess.Popen | None:
+    """From now on, this process's file descriptor 2 goes through the folding child (see above), which
+    counts held-back lines per `every` seconds (a service's `log_refusals_every_seconds`; 0, which logs
+    every refusal, folds per 10 s: the child's wait would spin at 0). Returns the child, or None where
+    this process has no fd 2 (nothing changes then)."""
+    every = every or 10.0
     try:
         os.fstat(2)
     except OSError:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from prorank.connection_gate import ConnectionGate
+from prorank.connection_gate import ConnectionGate, peer_host
 from prorank.security import server_credentials
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,6 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def peer_host(peer: str) -> str:
-    """'ipv4:10.0.0.5:41234' -> 'ipv4:10.0.0.5': the caller's host (its port changes per connection)."""
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else peer
-
-
 class RefusalLog:
     """Logs a refusal at most once per (peer host, kind) per `every` seconds, with how many there were
     since; a bounded table, so a flood of peers cannot grow it."""
@@ -91,8 +85,12 @@ class RefusalLog:
         self._lock = threading.Lock()
         self.logged = 0  # lines written (the tests count them)
 
+    def host(self, peer: str) -> str:
+        """gRPC's `context.peer()` -> the caller's host (through the accept layer, if there is one)."""
+        return peer_host(self.real_peer(peer))
+
     def refused(self, peer: str, kind: str, detail: str) -> None:
-        key, now = (peer_host(self.real_peer(peer)), kind), time.monotonic()
+        key, now = (self.host(peer), kind), time.monotonic()
         with self._lock:
             last, count = self._seen.pop(key, (float("-inf"), 0))
             count += 1
@@ -156,7 +154,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def enter(self, peer: str) -> str | None:
         """Count a call in; why it may not run, or None."""
-        host = peer_host(self.refusals.real_peer(peer))
+        host = self.refusals.host(peer)
         if self.total >= self.limits.max_calls:
             return f"{self.total} calls in flight; at most {self.limits.max_calls} (max_calls)"
         if self.in_flight.get(host, 0) >= self.limits.max_calls_per_peer:
@@ -167,7 +165,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return None
 
     def leave(self, peer: str) -> None:
-        host = peer_host(self.refusals.real_peer(peer))
+        host = self.refusals.host(peer)
         self.total -= 1
         if (left := self.in_flight[host] - 1) > 0:
             self.in_flight[host] = left

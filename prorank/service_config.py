@@ -93,6 +93,6 @@ class WeightSyncConfig(ServiceConfig):
     # bfloat16: float tensors go on the wire (and into the receivers' blobs) as bfloat16, half the bytes of
     # float32; receivers cast to their engine's dtype. For GPU configs; see BENCHMARKS.md for its logprob cost.
     wire_dtype: Literal["same", "bfloat16"] = "same"
-    # No accept layer by default: its relay cost the loopback weight transfer 0.6-0.7x on 2 cores
-    # (BENCHMARKS.md), on the critical path of every sync. Set 16 where untrusted hosts reach the port.
+    # No accept layer by default: its relay cost the loopback weight transfer 0.79x on 2 cores (same
+    # run; BENCHMARKS.md), on the critical path of every sync. Set 16 where untrusted hosts reach the port.
     max_connections_per_peer: int = Field(0, ge=0)

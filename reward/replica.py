@@ -18,7 +18,7 @@ class RewardReplica:
         from prorank.grpc_core_log import fold_grpc_core_lines
         from prorank.reward.server import RewardServer
 
-        fold_grpc_core_lines(cfg.log_refusals_every_seconds or 10.0)  # this actor's process is the replica's own
+        fold_grpc_core_lines(cfg.log_refusals_every_seconds)  # this actor's process is the replica's own
         # Several replicas may share a node: each takes a free port.
         self.server = RewardServer(load_dataset(data).qrels, cfg.model_copy(update={"port": 0}), token).start()
 
