@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,16 @@ class ConnectionGate:
     def __init__(self, host: str, port: int, max_per_host: int, max_total: int,
                  refused: Callable[[str, str, str], None]):
         self.max_per_host, self.max_total, self._refused = max_per_host, max_total, refused
-        self._folder = tempfile.mkdtemp(prefix="prorank-gate-")  # 0700: only this user reaches the backend
-        self.backend = os.path.join(self._folder, "grpc.sock")
         family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                                       flags=socket.AI_PASSIVE)[0]
-        self._listener = socket.create_server(address[:2], family=family, backlog=1024)
+        self._listener = socket.create_server(address[:2], family=family, backlog=1024)  # a port in use: here
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
+        _remove_folders_of_dead_servers()
+        # 0700: only this user reaches the backend. The pid in its name lets a later gate remove it when
+        # this process was killed before its stop() (a test's kill, the OOM killer).
+        self._folder = tempfile.mkdtemp(prefix=f"prorank-gate-{os.getpid()}-")
+        self.backend = os.path.join(self._folder, "grpc.sock")
         self._names = (f"prorank-gate-{os.getpid()}-{id(self):x}-{n}" for n in itertools.count())
         self._peers: dict[str, str] = {}  # 'unix-abstract:<name>' -> the caller's peer, read by gRPC's threads
         self._per_host: dict[str, int] = {}
@@ -242,6 +246,20 @@ class ConnectionGate:
                 pass
             sock.close()
         relay.close()
+
+
+def _remove_folders_of_dead_servers() -> None:
+    """Remove the backend folders that gates of processes no longer running left in the temp folder."""
+    for folder in Path(tempfile.gettempdir()).glob("prorank-gate-*-*"):
+        pid = folder.name.split("-")[2]
+        if not pid.isdigit() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # gone: nobody serves or connects there
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, as another user
+            pass
 
 
 def _splice(source: int, target: int, n: int) -> int:

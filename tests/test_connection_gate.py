@@ -5,8 +5,13 @@ sees the real caller. Loopback: the "other host" is 127.0.0.2 (every 127.x.y.z i
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,8 +99,11 @@ def test_grpc_sees_the_real_caller(server, caplog):
 
 def test_a_port_in_use_is_a_clear_error(server):
     port = int(server.address.rsplit(":", 1)[1])
+    ours = lambda: set(Path(tempfile.gettempdir()).glob(f"prorank-gate-{os.getpid()}-*"))  # noqa: E731
+    before = ours()
     with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
         RewardServer({"q1": {"d1": 1}}, RewardConfig(port=port), TOKEN)
+    assert ours() == before  # nothing left behind
 
 
 def test_without_the_gate_grpc_listens_itself():
@@ -104,3 +112,24 @@ def test_without_the_gate_grpc_listens_itself():
         assert srv.server.gate is None and score(srv.address) == 1
     finally:
         srv.stop(0)
+
+
+def test_a_killed_servers_backend_folder_is_removed_by_the_next_gate():
+    """A server killed before its stop leaves its backend folder; the next gate to start removes the
+    folders of processes no longer running, and only those."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = Path(tempfile.gettempdir())
+    left, alive = tmp / f"prorank-gate-{dead.pid}-test", tmp / f"prorank-gate-{os.getpid()}-test"
+    for folder in (left, alive):
+        folder.mkdir()
+        (folder / "grpc.sock").touch()
+    try:
+        srv = RewardServer({"q1": {"d1": 1}}, RewardConfig(port=0), TOKEN)
+        srv.server.stop(0)
+        assert not left.exists() and alive.is_dir()
+    finally:
+        for folder in (left, alive):
+            if folder.exists():
+                (folder / "grpc.sock").unlink()
+                folder.rmdir()
