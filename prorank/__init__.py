@@ -4,16 +4,9 @@
 the core stays light).
 
 `prorank` is also the project's one import package: the role folders beside this one in the repository
-(learner/, actors/, reward/, weights/, protocol/, eval/, driver/) are its subpackages, prorank.learner and so on.
-Installed, setuptools puts them inside it (pyproject's package-dir). Run from a checkout (PYTHONPATH, the
-git worktrees of the A/B benches, an editable install) they are found through the repository root added
-to this package's path below, so a worktree always runs its own roles, never another checkout's."""
-
-from pathlib import Path as _Path
-
-_REPO = _Path(__file__).resolve().parent.parent
-if (_REPO / "pyproject.toml").is_file() and (_REPO / "driver").is_dir():
-    __path__.append(str(_REPO))
+(learner/, actors/, reward/, weights/, protocol/, eval/, driver/) are its subpackages through the relative
+symlinks in this folder (prorank/learner -> ../learner), so an import path is a file path: a git worktree
+of the A/B benches, run with PYTHONPATH at its root, imports its own roles through its own links."""
 
 
 def __getattr__(name: str):

@@ -105,8 +105,6 @@ def test_nothing_uses_another_modules_private_names():
 def test_one_import_package_installs_with_the_command():
     toml = (ROOT / "pyproject.toml").read_text()
     assert 'prorank = "prorank.driver.cli:app"' in toml
-    for folder in TOP_LEVEL:
-        assert f'"prorank.{folder}" = "{folder}"' in toml, folder
     code = ("from prorank import Reranker; import prorank.driver.cli as c; "
             "print(Reranker.__name__, type(c.app).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
