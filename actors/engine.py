@@ -29,8 +29,16 @@ class RolloutEngine:
     reloaded in place (`merged`: vLLM's CPU LoRA kernels are slow). Before the first version, the base
     alone (a fresh adapter is zero)."""
 
-    def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig,
-                 name: str = "engine", seed_offset: int = 0, weights: WeightReceiver | None = None):
+    def __init__(
+        self,
+        model: str,
+        actors: ActorConfig,
+        sampling: SamplingConfig,
+        prompt: PromptConfig,
+        name: str = "engine",
+        seed_offset: int = 0,
+        weights: WeightReceiver | None = None,
+    ):
         # Read by vLLM at import: the engine stays in this process (on CPU: 2-3 s and 1.7 GB to start
         # instead of ~20 s and 4 processes), with a bounded KV cache.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -38,9 +46,13 @@ class RolloutEngine:
         from vllm import LLM, SamplingParams
 
         engine_args = dict(
-            model=model, dtype=actors.dtype, max_model_len=actors.max_model_len,
-            tensor_parallel_size=actors.tensor_parallel_size, seed=sampling.seed + seed_offset,
-            enable_prefix_caching=True, enforce_eager=actors.enforce_eager,
+            model=model,
+            dtype=actors.dtype,
+            max_model_len=actors.max_model_len,
+            tensor_parallel_size=actors.tensor_parallel_size,
+            seed=sampling.seed + seed_offset,
+            enable_prefix_caching=True,
+            enforce_eager=actors.enforce_eager,
             logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes
         )
         if weights is not None:  # the class vLLM's workers load to apply a version in place
@@ -75,8 +87,11 @@ class RolloutEngine:
         # Scoring generates one token: prompts as long as `prorank eval` builds them fit.
         self.score_builder = PromptBuilder.from_config(tokenizer, prompt, actors.max_model_len - 1)
         self.params = SamplingParams(
-            n=sampling.group_size, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens, logprobs=0,
+            n=sampling.group_size,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            logprobs=0,
         )
         self.name = name
         self.seed, self.per_request_seed = sampling.seed, sampling.per_request_seed
@@ -91,8 +106,12 @@ class RolloutEngine:
     def info(self) -> dict[str, object]:
         import ray
 
-        return {"name": self.name, "version": self.version, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     def generate(self, requests: list[RolloutRequest]) -> list[GroupResult]:
         from vllm.inputs import TokensPrompt
@@ -104,8 +123,9 @@ class RolloutEngine:
             params = [self.params.clone() for _ in requests]
             for p, r in zip(params, requests):
                 p.seed = request_seed(self.seed, r.request_id)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
-                                    lora_request=self.lora_request)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.lora_request
+        )
         seconds = time.perf_counter() - start
         self.busy_seconds += seconds
         results = []
@@ -120,8 +140,11 @@ class RolloutEngine:
                 )
                 for c in out.outputs
             ]
-            results.append(GroupResult(req.request_id, req.query_id, req.doc_id, prompt_ids, completions,
-                                       self.version, self.name, seconds))
+            results.append(
+                GroupResult(
+                    req.request_id, req.query_id, req.doc_id, prompt_ids, completions, self.version, self.name, seconds
+                )
+            )
         return results
 
     def score(self, pairs: list[tuple[str, str]]) -> dict:
@@ -136,8 +159,9 @@ class RolloutEngine:
         zero, one = self.score_builder.answer_ids
         prompts = self.score_builder.encode_batch(pairs)
         params = SamplingParams(n=1, temperature=1.0, max_tokens=1, logprob_token_ids=[zero, one])
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
-                                    lora_request=self.lora_request)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.lora_request
+        )
         scores = []
         for out in outputs:
             first = out.outputs[0].logprobs[0]  # token id -> Logprob, for the answer tokens
@@ -146,8 +170,9 @@ class RolloutEngine:
         self.busy_seconds += seconds
         return {"scores": scores, "version": self.version, "seconds": seconds, "actor": self.name}
 
-    def sync_weights(self, address: str, upstream: str | None = None, version: int | None = None,
-                     wait_seconds: float | None = None) -> dict:
+    def sync_weights(
+        self, address: str, upstream: str | None = None, version: int | None = None, wait_seconds: float | None = None
+    ) -> dict:
         """Pull the newest version above the one served from the sender at `address` (or from `upstream`,
         the previous actor's relay, falling back to `address`), verify it and apply it in place. A bad
         transfer is refused and reported; the engine keeps its last good version. `version`: the version

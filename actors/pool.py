@@ -55,8 +55,14 @@ class ActorPool:
     """`receivers`: makes each actor's end of the weight transport from its name (the driver's choice of
     transport, prorank/weight_transport.py); None: the actors serve their start weights only."""
 
-    def __init__(self, model: str, actors: ActorConfig, sampling: SamplingConfig, prompt: PromptConfig,
-                 receivers: ReceiverFactory | None = None):
+    def __init__(
+        self,
+        model: str,
+        actors: ActorConfig,
+        sampling: SamplingConfig,
+        prompt: PromptConfig,
+        receivers: ReceiverFactory | None = None,
+    ):
         self.model, self.cfg, self.sampling, self.prompt = model, actors, sampling, prompt
         self.receivers = receivers
         self.relays = False  # whether the actors' receivers hand each version on (known once one is made)
@@ -73,11 +79,17 @@ class ActorPool:
         self._upstream: dict[str, str | None] = {}  # each actor's relay source in the last sync
         self._weight_server = ""  # the sender's address, once a version was published
         self._failures = 0  # consecutive actor deaths; reset by any success
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(actors.kv_cache_gib),
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(actors.kv_cache_gib),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         self._actor_cls = ray.remote(RolloutEngine).options(
-            num_cpus=actors.num_cpus, num_gpus=actors.num_gpus, resources=actors.resources or None,
-            max_restarts=0, runtime_env={"env_vars": env},
+            num_cpus=actors.num_cpus,
+            num_gpus=actors.num_gpus,
+            resources=actors.resources or None,
+            max_restarts=0,
+            runtime_env={"env_vars": env},
         )
 
     # ------------------------------------------------------------ membership
@@ -207,8 +219,9 @@ class ActorPool:
         by_id = {r.request_id: r for r in self.stream(requests)}
         return [by_id[r.request_id] for r in requests]
 
-    def sync_weights(self, address: str, version: int | None = None, wait: bool = True,
-                     wait_seconds: float | None = None) -> dict[str, dict]:
+    def sync_weights(
+        self, address: str, version: int | None = None, wait: bool = True, wait_seconds: float | None = None
+    ) -> dict[str, dict]:
         """Every actor pulls the newest version and applies it; actors started later do the same before
         any work. With `weights.relay`, the actors form a pipeline: the first pulls from the learner's
         server at `address`, each next one from the relay of the one before, while it still receives.
@@ -252,8 +265,9 @@ class ActorPool:
         self.received_bytes += answer.get("bytes", 0)
         if answer["error"]:
             self.refused += 1
-            log.warning("actor %s refused a weights version and serves %d: %s", name, answer["version"],
-                        answer["error"][:300])
+            log.warning(
+                "actor %s refused a weights version and serves %d: %s", name, answer["version"], answer["error"][:300]
+            )
 
     def score(self, pairs: list[tuple[str, str]], exclude: Container[str] = ()) -> tuple[object, str]:
         """Score (query, document text) pairs on the least loaded actor (not one in `exclude`), after the
@@ -300,8 +314,11 @@ class ActorPool:
 
     def _dispatch(self) -> None:
         while self._queue:
-            free = [s for s in self.slots.values()
-                    if not s.draining and s.ready_ref is None and len(s.inflight) < self.cfg.max_chunks_in_flight]
+            free = [
+                s
+                for s in self.slots.values()
+                if not s.draining and s.ready_ref is None and len(s.inflight) < self.cfg.max_chunks_in_flight
+            ]
             if not free:
                 return
             slot = min(free, key=lambda s: s.load)

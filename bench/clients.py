@@ -37,8 +37,15 @@ def run_client(python: Path, runner: str, payload: dict, *args: str) -> str:
     if not python.is_file():
         raise ClientError(f"{python} is missing: run `bash scripts/install-clients.sh` (scripts/test.sh does)")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([str(python), str(RUNNERS / runner), *args], input=json.dumps(payload), text=True,
-                          capture_output=True, timeout=900, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [str(python), str(RUNNERS / runner), *args],
+        input=json.dumps(payload),
+        text=True,
+        capture_output=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         raise ClientError(f"{runner} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout
@@ -46,16 +53,19 @@ def run_client(python: Path, runner: str, payload: dict, *args: str) -> str:
 
 def mxbai(folder: Path, pairs: list[tuple[str, str]], runs: list[dict]) -> dict:
     """`MxbaiRerankV2` on `pairs`, once per run ({"max_length", "instruction", "scores"}): ids and scores."""
-    return json.loads(run_client(CLIENTS_PYTHON, "mxbai_scores.py",
-                                 {"model": str(folder), "pairs": pairs, "runs": runs}))
+    return json.loads(
+        run_client(CLIENTS_PYTHON, "mxbai_scores.py", {"model": str(folder), "pairs": pairs, "runs": runs})
+    )
 
 
 def vllm(folder: Path, candidates: dict[str, list[tuple[str, str]]]) -> dict:
     """vLLM's score API per query: {"scores": sigmoid outputs, "logits": without the activation}."""
-    payload = {"model": str(folder), "queries": [{"query": pairs[0][0], "documents": [d for _, d in pairs]}
-                                                 for pairs in candidates.values()]}
+    payload = {
+        "model": str(folder),
+        "queries": [{"query": pairs[0][0], "documents": [d for _, d in pairs]} for pairs in candidates.values()],
+    }
     out = run_client(Path(sys.executable), "vllm_scores.py", payload)
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
 
 
 def cross_encoder(folder: Path, pairs: list[tuple[str, str]]) -> list[float]:
@@ -107,8 +117,12 @@ def agreement(got: dict[str, list[float]], ours: dict[str, list[float]]) -> dict
 
     a = [s for q in ours for s in got[q]]
     b = [s for q in ours for s in ours[q]]
-    return {"max_abs_diff": max(abs(x - y) for x, y in zip(a, b)), "spearman": float(spearmanr(a, b).statistic),
-            "queries_same_order": sum(order(got[q]) == order(ours[q]) for q in ours), "queries": len(ours)}
+    return {
+        "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
+        "spearman": float(spearmanr(a, b).statistic),
+        "queries_same_order": sum(order(got[q]) == order(ours[q]) for q in ours),
+        "queries": len(ours),
+    }
 
 
 def main() -> None:
@@ -125,27 +139,46 @@ def main() -> None:
 
     candidates = scifact_candidates(Path(args.data), args.queries, args.depth)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_model(args.model, Path(tmp) / "exported",
-                              prompt={"layout": "mxbai-v2", "max_length": args.trained_length})
+        folder = export_model(
+            args.model, Path(tmp) / "exported", prompt={"layout": "mxbai-v2", "max_length": args.trained_length}
+        )
         ours = our_scores(folder, candidates, FULL)
         ours_trained = our_scores(folder, candidates, args.trained_length)
-        answer = mxbai(folder, flat(candidates), [{"max_length": 8192, "instruction": None, "scores": True},
-                                                  {"max_length": args.trained_length, "instruction": None, "scores": True}])
+        answer = mxbai(
+            folder,
+            flat(candidates),
+            [
+                {"max_length": 8192, "instruction": None, "scores": True},
+                {"max_length": args.trained_length, "instruction": None, "scores": True},
+            ],
+        )
         served = vllm(folder, candidates)
         results = {
             "mxbai-rerank, full length": agreement(per_query(candidates, answer["runs"][0]["scores"]), ours),
             f"mxbai-rerank, max_length {args.trained_length}": agreement(
-                per_query(candidates, answer["runs"][1]["scores"]), ours_trained),
-            "sentence-transformers CrossEncoder": agreement(per_query(candidates, cross_encoder(folder, flat(candidates))), ours),
+                per_query(candidates, answer["runs"][1]["scores"]), ours_trained
+            ),
+            "sentence-transformers CrossEncoder": agreement(
+                per_query(candidates, cross_encoder(folder, flat(candidates))), ours
+            ),
             "vLLM score API, use_activation=False": agreement(dict(zip(candidates, served["logits"])), ours),
             "vLLM score API, logit of its sigmoid": agreement(
-                {q: [math.log(p / (1 - p)) for p in ps] for q, ps in zip(candidates, served["scores"])}, ours),
+                {q: [math.log(p / (1 - p)) for p in ps] for q, ps in zip(candidates, served["scores"])}, ours
+            ),
         }
-    report = {"model": args.model, "pairs": len(flat(candidates)), "queries": len(candidates), "dtype": "float32",
-              "transformers_in_mxbai_venv": answer["transformers"], "clients": results}
+    report = {
+        "model": args.model,
+        "pairs": len(flat(candidates)),
+        "queries": len(candidates),
+        "dtype": "float32",
+        "transformers_in_mxbai_venv": answer["transformers"],
+        "clients": results,
+    }
     for name, r in results.items():
-        print(f"{name:45s} max |diff| {r['max_abs_diff']:.2e}  Spearman {r['spearman']:.6f}  "
-              f"same order {r['queries_same_order']}/{r['queries']}")
+        print(
+            f"{name:45s} max |diff| {r['max_abs_diff']:.2e}  Spearman {r['spearman']:.6f}  "
+            f"same order {r['queries_same_order']}/{r['queries']}"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 

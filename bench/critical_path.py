@@ -39,21 +39,32 @@ def job_config(out: Path, model: str, data: str, steps: int) -> Path:
     cfg = recipe("quickstart", data, model)
     cfg["sampling"].update(group_size=8, max_tokens=4)
     cfg["learner"]["beta"] = 0.0
-    cfg["train"].update(steps=steps, mode="async", dev_every=5, checkpoint_every=0, output_dir=str(out),
-                        job_name=f"critpath{os.getpid()}")
+    cfg["train"].update(
+        steps=steps,
+        mode="async",
+        dev_every=5,
+        checkpoint_every=0,
+        output_dir=str(out),
+        job_name=f"critpath{os.getpid()}",
+    )
     return write_config(cfg, out)
 
 
 @contextlib.contextmanager
 def worktree(ref: str, where: Path) -> Iterator[Path]:
     """The code at git `ref`, checked out at `where` for the duration (the A side of an A/B)."""
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), ref],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), ref],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield where
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)],
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], capture_output=True, timeout=120
+        )
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -70,8 +81,14 @@ def run(code: Path, config: Path, timeout: float) -> float:
         module = "prorank.driver.cli"
     else:
         module = "driver.cli" if (code / "driver" / "cli.py").is_file() else "prorank.cli"
-    out = subprocess.run([sys.executable, "-m", module, "train", "--config", str(config)],
-                         cwd=code, env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "train", "--config", str(config)],
+        cwd=code,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode:
         raise RuntimeError(f"{code}: prorank train failed:\n{(out.stdout + out.stderr)[-3000:]}")
     return time.monotonic() - start
@@ -84,13 +101,19 @@ def figures(metrics: Path) -> dict[str, float]:
     wall = (steps[window[-1]]["time/wall_hours"] - steps[window[0] - 1]["time/wall_hours"]) * 3600
     train = sum(steps[s]["train/step_seconds"] for s in window)
     # The learner's own share of a sync: A gathers on the ranks (gather_seconds), B packs on rank 0.
-    learner_sync = sum(steps[s].get("weights/publish_seconds", steps[s].get("weights/gather_seconds", 0.0))
-                       for s in window)
-    out = {"steps": len(window), "wall_seconds": wall, "train_seconds": train,
-           "learner_busy": (train + learner_sync) / wall, "train_busy": train / wall,
-           "sync_seconds_mean": statistics.fmean(steps[s]["weights/sync_seconds"] for s in window),
-           "dev_lines": sum("dev/ndcg@10" in m for m in lines),
-           "dev_ndcg": [m["dev/ndcg@10"] for m in lines if "dev/ndcg@10" in m]}
+    learner_sync = sum(
+        steps[s].get("weights/publish_seconds", steps[s].get("weights/gather_seconds", 0.0)) for s in window
+    )
+    out = {
+        "steps": len(window),
+        "wall_seconds": wall,
+        "train_seconds": train,
+        "learner_busy": (train + learner_sync) / wall,
+        "train_busy": train / wall,
+        "sync_seconds_mean": statistics.fmean(steps[s]["weights/sync_seconds"] for s in window),
+        "dev_lines": sum("dev/ndcg@10" in m for m in lines),
+        "dev_ndcg": [m["dev/ndcg@10"] for m in lines if "dev/ndcg@10" in m],
+    }
     dev_seconds = [m["dev/seconds"] for m in lines if "dev/seconds" in m]
     out["dev_seconds_mean"] = statistics.fmean(dev_seconds) if dev_seconds else 0.0
     if all("time/learner_busy_fraction" in steps[s] for s in window):
@@ -112,7 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--steps: at least 6, so that the dev evaluation at step 5 falls inside the measured steps")
     if not Path(args.model, "config.json").is_file():
         parser.error(f"--model {args.model}: no model folder there (make it with `prorank convert-gguf`)")
-    with tempfile.TemporaryDirectory(prefix="critpath-") as tmp, worktree(args.before, Path(tmp) / "before-code") as before:
+    with (
+        tempfile.TemporaryDirectory(prefix="critpath-") as tmp,
+        worktree(args.before, Path(tmp) / "before-code") as before,
+    ):
         results = {}
         for side, code in (("A", before), ("B", ROOT)):
             out = Path(tmp) / f"run-{side}"
@@ -120,14 +146,23 @@ def main(argv: list[str] | None = None) -> dict:
             results[side] = {**figures(out / "metrics.jsonl"), "job_seconds": seconds}
             print(side, json.dumps(results[side]), flush=True)
     a, b = results["A"], results["B"]
-    report = {"before": args.before, "steps": args.steps, "A": a, "B": b,
-              "sync_ratio_B_over_A": b["sync_seconds_mean"] / a["sync_seconds_mean"],
-              "job_seconds_ratio_B_over_A": b["job_seconds"] / a["job_seconds"]}
+    report = {
+        "before": args.before,
+        "steps": args.steps,
+        "A": a,
+        "B": b,
+        "sync_ratio_B_over_A": b["sync_seconds_mean"] / a["sync_seconds_mean"],
+        "job_seconds_ratio_B_over_A": b["job_seconds"] / a["job_seconds"],
+    }
     nan = float("nan")
-    print(f"learner busy: A {a['learner_busy']:.3f}  B {b['learner_busy']:.3f}  (B logged "
-          f"{b.get('logged_learner_busy_mean', nan):.3f}, actors {b.get('logged_actor_busy_mean', nan):.3f})")
-    print(f"sync seconds per step: A {a['sync_seconds_mean']:.2f}  B {b['sync_seconds_mean']:.2f}  "
-          f"ratio B/A {report['sync_ratio_B_over_A']:.3f}")
+    print(
+        f"learner busy: A {a['learner_busy']:.3f}  B {b['learner_busy']:.3f}  (B logged "
+        f"{b.get('logged_learner_busy_mean', nan):.3f}, actors {b.get('logged_actor_busy_mean', nan):.3f})"
+    )
+    print(
+        f"sync seconds per step: A {a['sync_seconds_mean']:.2f}  B {b['sync_seconds_mean']:.2f}  "
+        f"ratio B/A {report['sync_ratio_B_over_A']:.3f}"
+    )
     print(f"whole job: B/A {report['job_seconds_ratio_B_over_A']:.3f}")
     if args.json:
         write_report(args.json, report)

@@ -36,8 +36,11 @@ def main() -> None:
     qids = dataset.query_ids[: args.queries]
     ranking = bm25_search(dataset, qids, BM25Config(top_k=100))
     pairs = sum(min(args.depth, len(h)) for h in ranking.values())
-    print(f"{len(qids)} queries x top {args.depth} = {pairs} pairs, query + document up to {args.max_length} tokens (+ the layout), "
-          f"torch threads {torch.get_num_threads()}, native bf16: {native_bf16('cpu')}")
+    print(
+        f"{len(qids)} queries x top {args.depth} = {pairs} pairs, "
+        f"query + document up to {args.max_length} tokens (+ the layout), "
+        f"torch threads {torch.get_num_threads()}, native bf16: {native_bf16('cpu')}"
+    )
 
     results = {}
     for dtype in ("float32", "bfloat16"):
@@ -49,17 +52,24 @@ def main() -> None:
         seconds = time.perf_counter() - start
         # The score difference itself on a sample (a second pass over every pair would double the bench).
         sample = [(dataset.queries[q], dataset.corpus[d]) for q in qids[:5] for d, _ in ranking[q][: args.depth]]
-        scores = score_pairs(model, builder, [(q, document_text(d.title, d.text)) for q, d in sample],
-                             batch_size=args.batch_size, progress=False)
+        scores = score_pairs(
+            model,
+            builder,
+            [(q, document_text(d.title, d.text)) for q, d in sample],
+            batch_size=args.batch_size,
+            progress=False,
+        )
         results[dtype] = (pairs / seconds, evaluate(dataset.qrels, ranked_to_run(ranked)), scores)
         del model
 
     base_rate, base_metrics, base_scores = results["float32"]
     for dtype, (rate, metrics, scores) in results.items():
         drift = max(abs(a - b) for a, b in zip(scores, base_scores))
-        print(f"{dtype:9s} {rate:6.2f} pairs/s  ratio {rate / base_rate:.2f}x  nDCG@10 {metrics['nDCG@10']:.4f} "
-              f"(diff {metrics['nDCG@10'] - base_metrics['nDCG@10']:+.4f})  RR@10 {metrics['RR@10']:.4f}  "
-              f"max score diff {drift:.3f}")
+        print(
+            f"{dtype:9s} {rate:6.2f} pairs/s  ratio {rate / base_rate:.2f}x  nDCG@10 {metrics['nDCG@10']:.4f} "
+            f"(diff {metrics['nDCG@10'] - base_metrics['nDCG@10']:+.4f})  RR@10 {metrics['RR@10']:.4f}  "
+            f"max score diff {drift:.3f}"
+        )
 
 
 if __name__ == "__main__":

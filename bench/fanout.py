@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 
-from deploy.sim.cluster import ROOT, SimCluster, can_create_namespaces
+from deploy.sim.cluster import ROOT, SimCluster
+from deploy.sim.netns import can_create_namespaces
 from deploy.sim.weight_peer import answer, order
 
 
@@ -32,15 +33,26 @@ def rate_bits(rate: str) -> float:
 
 def sync_seconds(cluster: SimCluster, learner: str, actors: int, relay: bool) -> tuple[float, list[str]]:
     """Seconds from go until `actors` receivers (nodes 1..actors) hold the version; their sources."""
-    common = [sys.executable, "-m", "deploy.sim.weight_peer", "pull", "--token-file", str(cluster.token_file),
-              "--tls-cert", str(cluster.cert), "--tls-key", str(cluster.key), "--tls-ca", str(cluster.cert)]
+    common = [
+        sys.executable,
+        "-m",
+        "deploy.sim.weight_peer",
+        "pull",
+        "--token-file",
+        str(cluster.token_file),
+        "--tls-cert",
+        str(cluster.cert),
+        "--tls-key",
+        str(cluster.key),
+        "--tls-ca",
+        str(cluster.cert),
+    ]
     peers = []
     try:
         for i in range(1, actors + 1):
             node = cluster.nodes[i]
             argv = [*common, "--name", f"actor{i}", *(["--relay-host", node.ip] if relay else [])]
-            peers.append(cluster.popen(node, argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       text=True))
+            peers.append(cluster.popen(node, argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         relays = [answer(p)["relay"] for p in peers]
         go = time.time()
         for i, peer in enumerate(peers):
@@ -70,15 +82,29 @@ def main() -> None:
     cluster.up(ray=False)
     server = None
     try:
-        argv = [sys.executable, "-m", "deploy.sim.weight_peer", "serve", "--host", cluster.head.ip,
-                "--token-file", str(cluster.token_file), "--tls-cert", str(cluster.cert), "--tls-key", str(cluster.key)]
+        argv = [
+            sys.executable,
+            "-m",
+            "deploy.sim.weight_peer",
+            "serve",
+            "--host",
+            cluster.head.ip,
+            "--token-file",
+            str(cluster.token_file),
+            "--tls-cert",
+            str(cluster.cert),
+            "--tls-key",
+            str(cluster.key),
+        ]
         argv += ["--model", args.model] if args.model else ["--size-mb", str(args.size_mb)]
         server = cluster.popen(0, argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         published = answer(server)
         nbytes = published["bytes"]
         bound = nbytes * 8 / rate_bits(args.rate)
-        print(f"{nbytes / 1e6:.1f} MB of weights, links {args.rate} each way (tc tbf), TLS + token; "
-              f"lower bound (bytes / link rate) {bound:.2f} s")
+        print(
+            f"{nbytes / 1e6:.1f} MB of weights, links {args.rate} each way (tc tbf), TLS + token; "
+            f"lower bound (bytes / link rate) {bound:.2f} s"
+        )
         print("| actors | star s | star / bound | relay s | relay / bound | relay / relay(1) |")
         print("|---|---|---|---|---|---|")
         first_relay = None
@@ -88,8 +114,11 @@ def main() -> None:
             first_relay = first_relay or relay
             if sources[1:] and published["address"] in sources[1:]:  # a relay hop fell back: not a relay figure
                 raise RuntimeError(f"relay run fell back to the learner: {sources}")
-            print(f"| {n} | {star:.2f} | {star / bound:.2f}x | {relay:.2f} | {relay / bound:.2f}x | "
-                  f"{relay / first_relay:.2f}x |", flush=True)
+            print(
+                f"| {n} | {star:.2f} | {star / bound:.2f}x | {relay:.2f} | {relay / bound:.2f}x | "
+                f"{relay / first_relay:.2f}x |",
+                flush=True,
+            )
     finally:
         if server:
             server.stdin.close()

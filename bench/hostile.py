@@ -25,8 +25,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,59 +33,26 @@ from pathlib import Path
 import grpc
 
 from bench.critical_path import worktree
-from bench.hostile_peers import Attack, PeakRss, hold_idle, oversized_headers, rapid_reset
+from bench.hostile_peers import Attack, hold_idle, oversized_headers, rapid_reset
+from bench.peak_rss import PeakRss
+from bench.served import TOKEN, Served
 from prorank.protocol import reward_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "bench-token"
-SCORE, REPORT, FETCH = "/prorank.reward.v1.Reward/Score", "/prorank.weights.v1.Weights/Report", \
-    "/prorank.weights.v1.Weights/Fetch"
-# Runs in the server's process, from either tree: only what both versions of the API have.
-SERVE = """
-import sys, torch
-from prorank.config import RewardConfig
-if sys.argv[1] == "reward":
-    from prorank.reward.server import RewardServer
-    qrels = {f"q{i}": {f"d{i}": 1} for i in range(1000)}
-    server = RewardServer(qrels, RewardConfig(port=0), "%s").start()
-else:
-    from prorank.weights.server import WeightServer
-    if sys.argv[1].endswith("-gate"):  # behind the accept layer (this tree only: A has none)
-        from prorank.guarded_server import ServerLimits
-        server = WeightServer("%s", limits=ServerLimits(max_connections_per_peer=16)).start()
-    else:
-        server = WeightServer("%s").start()
-    size = 2**26 if sys.argv[1].startswith("weights-256mib") else 2**20
-    server.publisher.publish(1, {f"w{i}": torch.rand(size // 16) for i in range(16)})
-print(server.address, flush=True)
-sys.stdin.read()
-""" % (TOKEN, TOKEN, TOKEN)
-
-
-class Served:
-    """One server in a process of its own, from the code at `tree`."""
-
-    def __init__(self, tree: Path, kind: str, open_files: int | None = None):
-        import resource
-
-        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))) if open_files else None
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, kind], cwd=tree, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=limit)
-        self.address = self.proc.stdout.readline().strip()
-        if not self.address:
-            raise RuntimeError(f"the {kind} server from {tree} did not start")
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.kill()
-        self.proc.wait(timeout=30)
+SCORE, REPORT, FETCH = (
+    "/prorank.reward.v1.Reward/Score",
+    "/prorank.weights.v1.Weights/Report",
+    "/prorank.weights.v1.Weights/Fetch",
+)
 
 
 def small_groups(n: int = 1):
-    return [reward_pb2.Group(request_id=f"r{i}", query_id=f"q{i % 1000}", doc_id=f"d{i % 1000}",
-                             completions=["1", "0", "1", "x"] * 2) for i in range(n)]
+    return [
+        reward_pb2.Group(
+            request_id=f"r{i}", query_id=f"q{i % 1000}", doc_id=f"d{i % 1000}", completions=["1", "0", "1", "x"] * 2
+        )
+        for i in range(n)
+    ]
 
 
 def legit_score(address: str):
@@ -127,8 +92,10 @@ def legit_transfer(address: str):
 
 def attacks(tree: Path, calls: int) -> list[dict]:
     rows = []
-    for kind, legit, paths in (("reward", legit_score, {"silent": SCORE, "slow": SCORE, "unread": SCORE}),
-                               ("weights", legit_transfer, {"silent": REPORT, "slow": REPORT, "unread": FETCH})):
+    for kind, legit, paths in (
+        ("reward", legit_score, {"silent": SCORE, "slow": SCORE, "unread": SCORE}),
+        ("weights", legit_transfer, {"silent": REPORT, "slow": REPORT, "unread": FETCH}),
+    ):
         server = Served(tree, kind)
         call, close = legit(server.address)
         try:
@@ -138,10 +105,22 @@ def attacks(tree: Path, calls: int) -> list[dict]:
                     with Attack(server.address, path, n, mode, seconds=12):  # a stall lasts as long as this
                         got = [call() for _ in range(calls)]
                     worst = max(t for t, _ in got)
-                    rows.append({"server": kind, "attack": mode, "n": n, "idle_s": idle, "worst_s": worst,
-                                 "ratio": worst / idle, "failed": sum(not ok for _, ok in got)})
-                    print(f"  {kind:7s} {mode:6s} N={n:4d}: worst {worst:7.3f} s  idle {idle:.4f} s  "
-                          f"{worst / idle:8.1f}x  failed {rows[-1]['failed']}/{calls}", flush=True)
+                    rows.append(
+                        {
+                            "server": kind,
+                            "attack": mode,
+                            "n": n,
+                            "idle_s": idle,
+                            "worst_s": worst,
+                            "ratio": worst / idle,
+                            "failed": sum(not ok for _, ok in got),
+                        }
+                    )
+                    print(
+                        f"  {kind:7s} {mode:6s} N={n:4d}: worst {worst:7.3f} s  idle {idle:.4f} s  "
+                        f"{worst / idle:8.1f}x  failed {rows[-1]['failed']}/{calls}",
+                        flush=True,
+                    )
         finally:
             close()
             server.close()
@@ -164,8 +143,13 @@ def memory(tree: Path) -> dict:
                 while attack.tally.answered < 100 and attack.running():
                     time.sleep(0.02)
         time.sleep(2.0)
-        return {"start_mb": start, "peak_mb": rss.peak, "after_mb": rss.rss(),
-                "sent_mb": attack.tally.sent_bytes / 2**20, "refused": attack.tally.answered}
+        return {
+            "start_mb": start,
+            "peak_mb": rss.peak,
+            "after_mb": rss.rss(),
+            "sent_mb": attack.tally.sent_bytes / 2**20,
+            "refused": attack.tally.answered,
+        }
     finally:
         server.close()
 
@@ -175,16 +159,21 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
     a connection of their own (another client), or on the big calls' one."""
     server = Served(tree, "reward")
     limit = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
-    big = reward_pb2.ScoreRequest(groups=[reward_pb2.Group(request_id=f"r{i}", query_id=f"q{i % 1000}",
-                                                           doc_id="d", completions=["1" * 200] * 64)
-                                          for i in range(4096)]).SerializeToString()
+    big = reward_pb2.ScoreRequest(
+        groups=[
+            reward_pb2.Group(request_id=f"r{i}", query_id=f"q{i % 1000}", doc_id="d", completions=["1" * 200] * 64)
+            for i in range(4096)
+        ]
+    ).SerializeToString()
     small = reward_pb2.ScoreRequest(groups=small_groups()).SerializeToString()
     metadata = (("authorization", f"Bearer {TOKEN}"),)
 
     async def run() -> dict:
         own = limit + [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
-        async with grpc.aio.insecure_channel(server.address, options=limit) as channel, \
-                grpc.aio.insecure_channel(server.address, options=own) as other:
+        async with (
+            grpc.aio.insecure_channel(server.address, options=limit) as channel,
+            grpc.aio.insecure_channel(server.address, options=own) as other,
+        ):
             score = channel.unary_unary(SCORE)
             small_score = (other if own_connection else channel).unary_unary(SCORE)
             await small_score(small, metadata=metadata, timeout=60)
@@ -205,10 +194,16 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
                 during.append(time.perf_counter() - start)
                 await asyncio.sleep(0.1)
             await asyncio.gather(*bigs)
-            return {"small_on_own_connection": own_connection, "big_call_mb": len(big) / 2**20,
-                    "big_response_mb": len(one_big) / 2**20, "one_big_s": big_s,
-                    "small_alone_s": statistics.median(alone), "small_during_worst_s": max(during),
-                    "small_during_median_s": statistics.median(during), "small_calls_during": len(during)}
+            return {
+                "small_on_own_connection": own_connection,
+                "big_call_mb": len(big) / 2**20,
+                "big_response_mb": len(one_big) / 2**20,
+                "one_big_s": big_s,
+                "small_alone_s": statistics.median(alone),
+                "small_during_worst_s": max(during),
+                "small_during_median_s": statistics.median(during),
+                "small_calls_during": len(during),
+            }
 
     try:
         return asyncio.run(run())
@@ -264,9 +259,11 @@ def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # this process holds 2,000
-    shapes = {"rapid reset, 64 connections": lambda a: rapid_reset(a, SCORE, 64, seconds),
-              "oversized headers, 64 connections": lambda a: oversized_headers(a, SCORE, 64, seconds),
-              "2,000 idle connections": lambda a: hold_idle(a, 2000, seconds)}
+    shapes = {
+        "rapid reset, 64 connections": lambda a: rapid_reset(a, SCORE, 64, seconds),
+        "oversized headers, 64 connections": lambda a: oversized_headers(a, SCORE, 64, seconds),
+        "2,000 idle connections": lambda a: hold_idle(a, 2000, seconds),
+    }
     rows = []
     for shape, attack in shapes.items():
         server = Served(tree, "reward", open_files=1024)
@@ -291,11 +288,23 @@ def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
                 attacker.join(timeout=60)
                 time.sleep(5.0)
                 after = rss.rss()
-            rows.append({"shape": shape, "answered": len(times), "failed": len(failed), "failures": failed,
-                         "worst_s": max(times, default=float("nan")), "rss_start_mb": start,
-                         "rss_peak_mb": rss.peak, "rss_after_mb": after})
-            print(f"  {shape}: answered {len(times)}, failed {len(failed)} {sorted(set(failed))}, worst "
-                  f"{rows[-1]['worst_s']:.2f} s; RSS {start:.0f} -> {rss.peak:.0f} -> {after:.0f} MB", flush=True)
+            rows.append(
+                {
+                    "shape": shape,
+                    "answered": len(times),
+                    "failed": len(failed),
+                    "failures": failed,
+                    "worst_s": max(times, default=float("nan")),
+                    "rss_start_mb": start,
+                    "rss_peak_mb": rss.peak,
+                    "rss_after_mb": after,
+                }
+            )
+            print(
+                f"  {shape}: answered {len(times)}, failed {len(failed)} {sorted(set(failed))}, worst "
+                f"{rows[-1]['worst_s']:.2f} s; RSS {start:.0f} -> {rss.peak:.0f} -> {after:.0f} MB",
+                flush=True,
+            )
         finally:
             client.close()
             server.close()
@@ -306,8 +315,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", default="e1e9231", help="git ref of A (the thread-pool servers)")
     ap.add_argument("--calls", type=int, default=3, help="legitimate calls per attack")
-    ap.add_argument("--only", choices=["floods", "transfer"],
-                    help="just issue 34's shapes (with --before 52ab31d), or just the weight transfer")
+    ap.add_argument(
+        "--only",
+        choices=["floods", "transfer"],
+        help="just issue 34's shapes (with --before 52ab31d), or just the weight transfer",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict = {"before": args.before, "cpu_count": os.cpu_count()}

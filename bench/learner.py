@@ -65,15 +65,21 @@ def main() -> None:
     from prorank.learner.torch_loop import TorchLearner
 
     groups, pad_id = make_groups(args.data, args.model, args.groups, args.group_size, args.prompt_len)
-    print(f"{len(groups)} groups of G={args.group_size}, prompts of {len(groups[0].prompt_ids)} tokens, "
-          f"{os.cpu_count()} cores", flush=True)
+    print(
+        f"{len(groups)} groups of G={args.group_size}, prompts of {len(groups[0].prompt_ids)} tokens, "
+        f"{os.cpu_count()} cores",
+        flush=True,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     naive = time_forward(model, groups[0], pad_id, shared=False, repeats=1)
     shared = time_forward(model, groups[0], pad_id, shared=True, repeats=1)
     p, g = len(groups[0].prompt_ids), args.group_size
-    print(f"one group, forward+backward: naive {naive:.2f}s, shared prefix {shared:.2f}s: {naive / shared:.2f}x faster; "
-          f"prompt tokens {g * p} vs {p} ({g}x fewer)", flush=True)
+    print(
+        f"one group, forward+backward: naive {naive:.2f}s, shared prefix {shared:.2f}s: {naive / shared:.2f}x faster; "
+        f"prompt tokens {g * p} vs {p} ({g}x fewer)",
+        flush=True,
+    )
 
     def rate(step) -> float:
         step(groups)  # warm-up
@@ -88,8 +94,9 @@ def main() -> None:
     del model, ref
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     for stage in (2, 3):
-        ds_cfg = cfg.model_copy(update={"num_ranks": 2, "zero_stage": stage,
-                                        "num_cpus": max(1, (os.cpu_count() or 2) // 2)})
+        ds_cfg = cfg.model_copy(
+            update={"num_ranks": 2, "zero_stage": stage, "num_cpus": max(1, (os.cpu_count() or 2) // 2)}
+        )
         learner = LearnerGroup(args.model, ds_cfg, GrpoObjective(ds_cfg))
         rates[f"DeepSpeed ZeRO-{stage}, 2 ranks"] = rate(learner.step)
         learner.shutdown()

@@ -49,8 +49,16 @@ def learner_and_sync(model: str, data: str, lora: dict | None, steps: int, versi
     cores = os.cpu_count() or 1
     groups, _ = make_groups(data, model, steps + 1, 15, 192)
     settings = LoraSettings(**lora) if lora else None
-    cfg = LearnerConfig(num_ranks=1, threads=cores, num_cpus=1, lr=1e-5, groups_per_step=1, micro_batch_groups=1,
-                        beta=0.0, lora=settings)
+    cfg = LearnerConfig(
+        num_ranks=1,
+        threads=cores,
+        num_cpus=1,
+        lr=1e-5,
+        groups_per_step=1,
+        micro_batch_groups=1,
+        beta=0.0,
+        lora=settings,
+    )
     mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
     sender = GrpcTransport(TOKEN, WeightSyncConfig()).sender()
     learner = LearnerGroup(model, cfg, RankingObjective(mix, 1, 1), sender=sender)
@@ -65,19 +73,32 @@ def learner_and_sync(model: str, data: str, lora: dict | None, steps: int, versi
         learned = {"step_seconds": statistics.median(seconds), **learner.memory()[0]}
         address = learner.serve_weights()
         version = 0
-        for serve in (["merged", "adapter"] if settings else ["full"]):
+        for serve in ["merged", "adapter"] if settings else ["full"]:
             served = settings.model_copy(update={"actors_serve": serve}) if settings else None
             receivers = GrpcTransport(TOKEN, WeightSyncConfig(relay=False), served).receiver
-            figures[serve] = {**learned, **actor_sync(learner, address, receivers, model, data, groups, version,
-                                                      versions, 16 if serve == "adapter" else 64)}
+            figures[serve] = {
+                **learned,
+                **actor_sync(
+                    learner,
+                    address,
+                    receivers,
+                    model,
+                    data,
+                    groups,
+                    version,
+                    versions,
+                    16 if serve == "adapter" else 64,
+                ),
+            }
             version += versions
     finally:
         learner.shutdown()
     return figures
 
 
-def actor_sync(learner, address: str, receivers, model: str, data: str, groups, version: int, versions: int,
-               pairs: int) -> dict:
+def actor_sync(
+    learner, address: str, receivers, model: str, data: str, groups, version: int, versions: int, pairs: int
+) -> dict:
     """Versions after `version` from `learner` into one new vLLM actor, then its scoring rate on `pairs`."""
     import ray
 
@@ -86,8 +107,13 @@ def actor_sync(learner, address: str, receivers, model: str, data: str, groups, 
     from prorank.data import load_dataset
     from prorank.prompt import document_text
 
-    pool = ActorPool(model, ActorConfig(num_actors=1, num_cpus=1, max_model_len=512, kv_cache_gib=1),
-                     SamplingConfig(group_size=1, max_tokens=1), PromptConfig(max_length=192), receivers).start()
+    pool = ActorPool(
+        model,
+        ActorConfig(num_actors=1, num_cpus=1, max_model_len=512, kv_cache_gib=1),
+        SamplingConfig(group_size=1, max_tokens=1),
+        PromptConfig(max_length=192),
+        receivers,
+    ).start()
     try:
         sync = []
         for v in range(version + 1, version + versions + 1):
@@ -96,8 +122,9 @@ def actor_sync(learner, address: str, receivers, model: str, data: str, groups, 
             (answer,) = pool.sync_weights(address, v).values()
             if not answer["applied"]:
                 raise RuntimeError(f"version {v} was not applied: {answer['error']}")
-            sync.append({"bytes": answer["bytes"], "publish_seconds": published["seconds"],
-                         "actor_seconds": answer["seconds"]})
+            sync.append(
+                {"bytes": answer["bytes"], "publish_seconds": published["seconds"], "actor_seconds": answer["seconds"]}
+            )
         ds = load_dataset(DataConfig(path=data, split="train"))
         qid = ds.query_ids[0]
         texts = [(ds.queries[qid], document_text(d.title, d.text)) for d in list(ds.corpus.values())[:pairs]]
@@ -107,35 +134,61 @@ def actor_sync(learner, address: str, receivers, model: str, data: str, groups, 
     finally:
         pool.shutdown()
     later = sync[1:] or sync  # the first version pays one-off costs (connections, reading the base to merge into)
-    return {"sync_bytes": statistics.fmean(s["bytes"] for s in later),
-            "publish_seconds": statistics.fmean(s["publish_seconds"] for s in later),
-            "actor_sync_seconds": statistics.fmean(s["actor_seconds"] for s in later),
-            "actor_pairs_per_second": rate, "versions": sync}
+    return {
+        "sync_bytes": statistics.fmean(s["bytes"] for s in later),
+        "publish_seconds": statistics.fmean(s["publish_seconds"] for s in later),
+        "actor_sync_seconds": statistics.fmean(s["actor_seconds"] for s in later),
+        "actor_pairs_per_second": rate,
+        "versions": sync,
+    }
 
 
 def quality_job(model: str, data: str, lora: dict | None, minutes: float, out: Path) -> dict:
     """Section 3 for one mode: a score-stage job stopped after `minutes` of job clock; its dev figures."""
     cfg = recipe("scifact-cpu", data, model)
-    cfg["train"].update(stages=["score"], max_hours=minutes / 60, dev_queries=30, dev_depth=10, output_dir=str(out),
-                        job_name=f"benchlora{os.getpid()}")
-    cfg["score"].update(steps=1000, warmup_steps=3, dev_every=0, checkpoint_every=0, sync_every=1000,
-                        wait_for_actors=True, lr=3e-4 if lora else 3e-5)
+    cfg["train"].update(
+        stages=["score"],
+        max_hours=minutes / 60,
+        dev_queries=30,
+        dev_depth=10,
+        output_dir=str(out),
+        job_name=f"benchlora{os.getpid()}",
+    )
+    cfg["score"].update(
+        steps=1000,
+        warmup_steps=3,
+        dev_every=0,
+        checkpoint_every=0,
+        sync_every=1000,
+        wait_for_actors=True,
+        lr=3e-4 if lora else 3e-5,
+    )
     cfg["learner"]["trainable_layers"] = None  # every layer, as LoRA adapts every layer's linear maps
     if lora:
         cfg["learner"]["lora"] = lora
     path = write_config(cfg, out)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=minutes * 60 + 1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=minutes * 60 + 1800,
+    )
     if done.returncode:
         kind = "LoRA" if lora else "full"
         raise RuntimeError(f"the {kind} job failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dev = [m for m in lines if "dev/ndcg@10" in m]
     steps = max(m["step"] for m in lines)
-    return {"dev_ndcg10_before": dev[0]["dev/ndcg@10"], "dev_ndcg10_after": dev[-1]["dev/ndcg@10"],
-            "dev_bm25_ndcg10": json.loads((out / "summary.json").read_text())["dev_bm25"],
-            "steps": steps, "wall_hours": max(m.get("time/wall_hours", 0.0) for m in lines)}
+    return {
+        "dev_ndcg10_before": dev[0]["dev/ndcg@10"],
+        "dev_ndcg10_after": dev[-1]["dev/ndcg@10"],
+        "dev_bm25_ndcg10": json.loads((out / "summary.json").read_text())["dev_bm25"],
+        "steps": steps,
+        "wall_hours": max(m.get("time/wall_hours", 0.0) for m in lines),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -149,27 +202,43 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        modes = {**learner_and_sync(args.model, args.data, None, args.steps, args.versions),
-                 **learner_and_sync(args.model, args.data, LORA, args.steps, args.versions)}
+        modes = {
+            **learner_and_sync(args.model, args.data, None, args.steps, args.versions),
+            **learner_and_sync(args.model, args.data, LORA, args.steps, args.versions),
+        }
     finally:
         ray.shutdown()
     report = {"model": args.model, "lora": LORA, "cores": os.cpu_count(), "modes": modes, "ratios": {}}
-    print(f"{'':28s} {'full':>11s} {'LoRA merged':>12s} {'LoRA adapter':>12s} {'merged/full':>11s} "
-          f"{'adapter/full':>12s}")
-    for key in ("step_seconds", "peak_rss_bytes", "optimizer_state_bytes", "trainable_parameters", "sync_bytes",
-                "publish_seconds", "actor_sync_seconds", "actor_pairs_per_second"):
+    print(
+        f"{'':28s} {'full':>11s} {'LoRA merged':>12s} {'LoRA adapter':>12s} {'merged/full':>11s} {'adapter/full':>12s}"
+    )
+    for key in (
+        "step_seconds",
+        "peak_rss_bytes",
+        "optimizer_state_bytes",
+        "trainable_parameters",
+        "sync_bytes",
+        "publish_seconds",
+        "actor_sync_seconds",
+        "actor_pairs_per_second",
+    ):
         full, merged, adapter = (modes[m][key] for m in ("full", "merged", "adapter"))
         report["ratios"][key] = {"merged": merged / full, "adapter": adapter / full}
-        print(f"{key:28s} {full:11.4g} {merged:12.4g} {adapter:12.4g} {merged / full:11.3f} {adapter / full:12.3f}",
-              flush=True)
+        print(
+            f"{key:28s} {full:11.4g} {merged:12.4g} {adapter:12.4g} {merged / full:11.3f} {adapter / full:12.3f}",
+            flush=True,
+        )
     if args.quality_minutes:
         with tempfile.TemporaryDirectory() as tmp:
-            report["quality"] = {name: quality_job(args.model, args.data, lora, args.quality_minutes,
-                                                   Path(tmp) / name)
-                                 for name, lora in (("full", None), ("lora", LORA))}
+            report["quality"] = {
+                name: quality_job(args.model, args.data, lora, args.quality_minutes, Path(tmp) / name)
+                for name, lora in (("full", None), ("lora", LORA))
+            }
         for name, q in report["quality"].items():
-            print(f"{name}: {q['steps']} steps in {q['wall_hours'] * 60:.1f} min of job clock, dev nDCG@10 "
-                  f"{q['dev_ndcg10_before']:.4f} -> {q['dev_ndcg10_after']:.4f} (BM25 {q['dev_bm25_ndcg10']:.4f})")
+            print(
+                f"{name}: {q['steps']} steps in {q['wall_hours'] * 60:.1f} min of job clock, dev nDCG@10 "
+                f"{q['dev_ndcg10_before']:.4f} -> {q['dev_ndcg10_after']:.4f} (BM25 {q['dev_bm25_ndcg10']:.4f})"
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -42,10 +42,16 @@ def job_config(code: Path, out: Path, model: str, data: str) -> Path:
 
 def curves(metrics: Path, config: Path) -> dict:
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    steps = [{"step": m["step"], **{k.split("/")[-1]: m[k] for k in STEP_KEYS if k in m}}
-             for m in lines if "train/reward/total_mean" in m]
-    dev = [{"step": m["step"], "ndcg@10": m["dev/ndcg@10"], "bm25_ndcg@10": m["dev/bm25_ndcg@10"]}
-           for m in lines if "dev/ndcg@10" in m]
+    steps = [
+        {"step": m["step"], **{k.split("/")[-1]: m[k] for k in STEP_KEYS if k in m}}
+        for m in lines
+        if "train/reward/total_mean" in m
+    ]
+    dev = [
+        {"step": m["step"], "ndcg@10": m["dev/ndcg@10"], "bm25_ndcg@10": m["dev/bm25_ndcg@10"]}
+        for m in lines
+        if "dev/ndcg@10" in m
+    ]
     return {"prompt": yaml.safe_load(config.read_text()).get("prompt", {}), "steps": steps, "dev": dev}
 
 
@@ -60,7 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not Path(args.model, "config.json").is_file():
         parser.error(f"--model {args.model}: no model folder there (make it with `prorank convert-gguf`)")
     report = {"before": args.before}
-    with tempfile.TemporaryDirectory(prefix="layout-") as tmp, worktree(args.before, Path(tmp) / "before-code") as before:
+    with (
+        tempfile.TemporaryDirectory(prefix="layout-") as tmp,
+        worktree(args.before, Path(tmp) / "before-code") as before,
+    ):
         for side, code in (("A", before), ("B", ROOT)):
             out = Path(tmp) / f"run-{side}"
             config = job_config(code, out, args.model, args.data)
@@ -71,8 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
         rewards = " ".join(f"{s['total_mean']:.3f}" for s in r["steps"])
         formats = " ".join(f"{s['format_mean']:.3f}" for s in r["steps"])
         dev = " -> ".join(f"{d['ndcg@10']:.3f}" for d in r["dev"])
-        print(f"{side} {r['prompt']}: reward by step {rewards}; format {formats}; dev nDCG@10 {dev} "
-              f"(BM25 {r['dev'][0]['bm25_ndcg@10']:.3f}); job {r['job_seconds']:.0f} s")
+        print(
+            f"{side} {r['prompt']}: reward by step {rewards}; format {formats}; dev nDCG@10 {dev} "
+            f"(BM25 {r['dev'][0]['bm25_ndcg@10']:.3f}); job {r['job_seconds']:.0f} s"
+        )
     if args.json:
         write_report(args.json, report)
     return report

@@ -26,8 +26,14 @@ def make_groups(qrels, n_groups: int, g: int, rng: random.Random) -> list[reward
     for i in range(n_groups):
         qid = rng.choice(qids)
         doc = rng.choice(list(qrels[qid])) if rng.random() < 0.5 else "not-judged"
-        groups.append(reward_pb2.Group(request_id=f"r{i}", query_id=qid, doc_id=doc,
-                                       completions=[rng.choice(["0", "1", "1 ", "x"]) for _ in range(g)]))
+        groups.append(
+            reward_pb2.Group(
+                request_id=f"r{i}",
+                query_id=qid,
+                doc_id=doc,
+                completions=[rng.choice(["0", "1", "1 ", "x"]) for _ in range(g)],
+            )
+        )
     return groups
 
 
@@ -70,8 +76,10 @@ def main() -> None:
 
             local = batch * args.calls / timed(in_process, args.repeats)
             remote = batch * args.calls / timed(over_grpc, args.repeats)
-            print(f"batch {batch:5d}: in-process {local:11,.0f}/s   gRPC loopback {remote:11,.0f}/s   "
-                  f"ratio gRPC / in-process {remote / local:.2f}x")
+            print(
+                f"batch {batch:5d}: in-process {local:11,.0f}/s   gRPC loopback {remote:11,.0f}/s   "
+                f"ratio gRPC / in-process {remote / local:.2f}x"
+            )
     finally:
         client.close()
         server.stop(0)

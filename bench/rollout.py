@@ -43,9 +43,18 @@ def transformers_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: 
     def run(batch):
         with torch.inference_mode():
             for ids in batch:
-                model.generate(torch.tensor([ids]), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                               num_return_sequences=group, max_new_tokens=max_tokens,
-                               pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
+                model.generate(
+                    torch.tensor([ids]),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    top_k=0,
+                    num_return_sequences=group,
+                    max_new_tokens=max_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
 
     run(prompts[:2])  # warm-up
     start = time.perf_counter()
@@ -57,11 +66,17 @@ def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, act
     from prorank.actors.pool import ActorPool
     from prorank.config import ActorConfig, SamplingConfig
 
-    pool = ActorPool(model_dir, ActorConfig(num_actors=actors, num_cpus=cpus, max_model_len=1024, chunk_size=4),
-                     SamplingConfig(group_size=group, max_tokens=max_tokens), prompt_cfg).start()
+    pool = ActorPool(
+        model_dir,
+        ActorConfig(num_actors=actors, num_cpus=cpus, max_model_len=1024, chunk_size=4),
+        SamplingConfig(group_size=group, max_tokens=max_tokens),
+        prompt_cfg,
+    ).start()
     try:
-        warm = [r.__class__(f"w{i}", r.query_id, r.doc_id, r.query, r.document + " warm-up")
-                for i, r in enumerate(reqs[: 2 * actors])]
+        warm = [
+            r.__class__(f"w{i}", r.query_id, r.doc_id, r.query, r.document + " warm-up")
+            for i, r in enumerate(reqs[: 2 * actors])
+        ]
         pool.generate(warm)  # also compiles the logprobs helper once per machine
         start = time.perf_counter()
         results = pool.generate(reqs)
@@ -77,8 +92,9 @@ def seed_ab(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, round
     from prorank.actors.engine import RolloutEngine
     from prorank.config import ActorConfig, SamplingConfig
 
-    engine = RolloutEngine(model_dir, ActorConfig(max_model_len=1024), SamplingConfig(group_size=group,
-                           max_tokens=max_tokens), prompt_cfg)
+    engine = RolloutEngine(
+        model_dir, ActorConfig(max_model_len=1024), SamplingConfig(group_size=group, max_tokens=max_tokens), prompt_cfg
+    )
     engine.generate(reqs[:2])  # warm-up
     best = {True: 0.0, False: 0.0}
     for _ in range(rounds):
@@ -103,10 +119,17 @@ def main() -> None:
     if args.seed_ab:
         from prorank.config import PromptConfig
 
-        seeded, plain = seed_ab(args.model, scifact_requests(args.data, args.prompts),
-                                PromptConfig(max_length=args.max_length), args.group_size, args.max_tokens)
-        print(f"one engine, per-request seeds: {seeded:8.2f} judgments/s; one stream per engine: {plain:8.2f}; "
-              f"ratio {seeded / plain:.2f}x")
+        seeded, plain = seed_ab(
+            args.model,
+            scifact_requests(args.data, args.prompts),
+            PromptConfig(max_length=args.max_length),
+            args.group_size,
+            args.max_tokens,
+        )
+        print(
+            f"one engine, per-request seeds: {seeded:8.2f} judgments/s; one stream per engine: {plain:8.2f}; "
+            f"ratio {seeded / plain:.2f}x"
+        )
         return
 
     import ray

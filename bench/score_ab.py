@@ -36,9 +36,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def job_config(base: Path, out: Path, init: str, hours: float, overrides: list[str]) -> Path:
     """The base config as a score-only job from `init`, stopped at `hours`, writing only under `out`."""
     raw = yaml.safe_load(base.read_text())
-    fixed = ["train.stages=[score]", f"score.init_from={init}", f"train.max_hours={hours}",
-             f"train.output_dir={out}", f"train.job_name=scoreab{os.getpid()}{out.name}", "eval.output=null",
-             "eval.tensorboard_dir=null"]
+    fixed = [
+        "train.stages=[score]",
+        f"score.init_from={init}",
+        f"train.max_hours={hours}",
+        f"train.output_dir={out}",
+        f"train.job_name=scoreab{os.getpid()}{out.name}",
+        "eval.output=null",
+        "eval.tensorboard_dir=null",
+    ]
     raw = apply_overrides(raw, fixed + overrides)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(raw))
@@ -48,11 +54,18 @@ def job_config(base: Path, out: Path, init: str, hours: float, overrides: list[s
 
 def curve(metrics: Path) -> dict:
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    dev = [{"step": m["step"], "hours": m["time/wall_hours"], "ndcg@10": m["dev/ndcg@10"]}
-           for m in lines if "dev/ndcg@10" in m]
+    dev = [
+        {"step": m["step"], "hours": m["time/wall_hours"], "ndcg@10": m["dev/ndcg@10"]}
+        for m in lines
+        if "dev/ndcg@10" in m
+    ]
     steps = [m["step"] for m in lines if "score/loss" in m]
-    return {"dev": dev, "score_steps": len(steps), "hours": lines[-1]["time/wall_hours"] if lines else 0.0,
-            "dev_bm25": next((m["dev/bm25_ndcg@10"] for m in lines if "dev/bm25_ndcg@10" in m), None)}
+    return {
+        "dev": dev,
+        "score_steps": len(steps),
+        "hours": lines[-1]["time/wall_hours"] if lines else 0.0,
+        "dev_bm25": next((m["dev/bm25_ndcg@10"] for m in lines if "dev/bm25_ndcg@10" in m), None),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,15 +80,20 @@ def main(argv: list[str] | None = None) -> dict:
     timeout = args.timeout or args.hours * 7200 + 1800
     report = {"init": args.init, "hours": args.hours, "config": str(args.config), "variants": {}}
     with tempfile.TemporaryDirectory(prefix="score-ab-") as tmp:
-        configs = {name: (job_config(args.config, Path(tmp) / f"v{i}", args.init, args.hours, overrides), overrides)
-                   for i, (name, overrides) in enumerate(args.variant)}
+        configs = {
+            name: (job_config(args.config, Path(tmp) / f"v{i}", args.init, args.hours, overrides), overrides)
+            for i, (name, overrides) in enumerate(args.variant)
+        }
         for name, (config, overrides) in configs.items():
             seconds = run(ROOT, config, timeout)
             result = {"overrides": overrides, "job_seconds": seconds, **curve(config.with_suffix("") / "metrics.jsonl")}
             report["variants"][name] = result
             dev = ", ".join(f"{d['ndcg@10']:.3f}@{d['hours']:.2f}h" for d in result["dev"])
-            print(f"{name}: {result['score_steps']} steps in {result['hours']:.2f} h; dev nDCG@10 {dev} "
-                  f"(BM25 {result['dev_bm25']:.3f})", flush=True)
+            print(
+                f"{name}: {result['score_steps']} steps in {result['hours']:.2f} h; dev nDCG@10 {dev} "
+                f"(BM25 {result['dev_bm25']:.3f})",
+                flush=True,
+            )
     if args.json:
         write_report(args.json, report)
     return report

@@ -58,8 +58,10 @@ def step_flops(model, groups, trainable: int | None) -> float:
     layers = model.get_decoder().layers
     per_layer = sum(p.numel() for p in layers[0].parameters() if p.dim() == 2)
     trained = len(layers) if trainable is None else trainable
-    tokens = sum(common_prefix_length(g.prompt_ids) + sum(len(p) - common_prefix_length(g.prompt_ids)
-                                                          for p in g.prompt_ids) for g in groups)
+    tokens = sum(
+        common_prefix_length(g.prompt_ids) + sum(len(p) - common_prefix_length(g.prompt_ids) for p in g.prompt_ids)
+        for g in groups
+    )
     return tokens * per_layer * (2 * len(layers) + 4 * trained)
 
 
@@ -80,8 +82,9 @@ def make_groups(data: str, model: str, queries: int, negatives: int, max_length:
     return sampler.batch(0, queries), builder
 
 
-def torch_loop_rate(model_dir: str, groups, builder, mixed: str, trainable: int | None, steps: int,
-                    shared_prefix: bool = True):
+def torch_loop_rate(
+    model_dir: str, groups, builder, mixed: str, trainable: int | None, steps: int, shared_prefix: bool = True
+):
     """(pairs/s, seconds per query) of `steps` AdamW steps, one query each, in this process."""
     from transformers import AutoModelForCausalLM
 
@@ -120,8 +123,17 @@ def learner_rate(model_dir: str, groups, ranks: int, threads: int, mixed: str, t
     from prorank.learner.group import LearnerGroup
     from prorank.learner.objectives import RankingObjective
 
-    cfg = LearnerConfig(num_ranks=ranks, threads=threads, num_cpus=1, mixed_precision=mixed, lr=1e-5,
-                        groups_per_step=ranks, micro_batch_groups=1, beta=0.0, trainable_layers=trainable)
+    cfg = LearnerConfig(
+        num_ranks=ranks,
+        threads=threads,
+        num_cpus=1,
+        mixed_precision=mixed,
+        lr=1e-5,
+        groups_per_step=ranks,
+        micro_batch_groups=1,
+        beta=0.0,
+        trainable_layers=trainable,
+    )
     mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
     learner = LearnerGroup(model_dir, cfg, RankingObjective(mix, ranks, 1))
     try:
@@ -152,10 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     groups, builder = make_groups(args.data, args.model, args.queries, args.negatives, args.max_length)
     peak = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
     cpu = cpu_kind()
-    print(f"{cpu}, {cores} cores; GEMM [4096x576]@[576x1536]: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s ({peak['bfloat16'] / peak['float32']:.2f}x)")
-    print(f"{len(groups)} queries x {len(groups[0].prompt_ids)} candidates, "
-          f"{sum(len(p) for p in groups[0].prompt_ids) / len(groups[0].prompt_ids):.0f} tokens a prompt", flush=True)
+    print(
+        f"{cpu}, {cores} cores; GEMM [4096x576]@[576x1536]: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s ({peak['bfloat16'] / peak['float32']:.2f}x)"
+    )
+    print(
+        f"{len(groups)} queries x {len(groups[0].prompt_ids)} candidates, "
+        f"{sum(len(p) for p in groups[0].prompt_ids) / len(groups[0].prompt_ids):.0f} tokens a prompt",
+        flush=True,
+    )
 
     top = args.trainable_layers
     rows: dict[str, tuple[float, float, int | None]] = {}
@@ -183,10 +200,18 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"cpu": cpu, "cores": cores, "gemm_flops": peak, "candidates": len(groups[0].prompt_ids), "rows": {}}
     for name, (rate, sec, trained) in rows.items():
         flops = step_flops(model, groups, trained) / len(groups) / sec
-        report["rows"][name] = {"pairs_per_second": rate, "seconds_per_query": sec, "ratio": rate / base,
-                                "flops": flops, "fraction_of_bf16_gemm": flops / peak["bfloat16"]}
-        print(f"{name:62s} {rate:6.2f} pairs/s  {sec:5.2f} s/query  {rate / base:5.2f}x  "
-              f"{flops / 1e9:5.0f} GFLOP/s = {flops / peak['bfloat16']:.0%} of bf16 GEMM", flush=True)
+        report["rows"][name] = {
+            "pairs_per_second": rate,
+            "seconds_per_query": sec,
+            "ratio": rate / base,
+            "flops": flops,
+            "fraction_of_bf16_gemm": flops / peak["bfloat16"],
+        }
+        print(
+            f"{name:62s} {rate:6.2f} pairs/s  {sec:5.2f} s/query  {rate / base:5.2f}x  "
+            f"{flops / 1e9:5.0f} GFLOP/s = {flops / peak['bfloat16']:.0%} of bf16 GEMM",
+            flush=True,
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return report

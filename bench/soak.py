@@ -47,10 +47,23 @@ def job_config(out: Path, model: str, data: str, steps: int) -> Path:
         "sampling": {"group_size": 4, "max_tokens": 1, "temperature": 1.0, "per_request_seed": True},
         "actors": {"num_actors": 2, "max_model_len": 256, "chunk_size": 2, "kv_cache_gib": 1, "max_restarts": 20},
         "reward": {"port": 0, "replicas": 2, "max_restarts": 10, "timeout_seconds": 5},
-        "learner": {"num_ranks": 2, "zero_stage": 2, "groups_per_step": 16, "micro_batch_groups": 4,
-                    "lr": 3e-3, "beta": 0.01},
-        "train": {"steps": steps, "mode": "sync", "max_train_queries": 80, "dev_queries": 0,
-                  "checkpoint_every": 5, "output_dir": str(out), "job_name": f"soak{os.getpid()}"},
+        "learner": {
+            "num_ranks": 2,
+            "zero_stage": 2,
+            "groups_per_step": 16,
+            "micro_batch_groups": 4,
+            "lr": 3e-3,
+            "beta": 0.01,
+        },
+        "train": {
+            "steps": steps,
+            "mode": "sync",
+            "max_train_queries": 80,
+            "dev_queries": 0,
+            "checkpoint_every": 5,
+            "output_dir": str(out),
+            "job_name": f"soak{os.getpid()}",
+        },
     }
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
@@ -69,14 +82,39 @@ class Cluster:
         self.address = f"127.0.0.1:{port}"
         token = Path(self.temp) / "ray-token"
         token.write_text(secrets.token_hex(32))
-        self.env = {**os.environ, "PRORANK_SOAK_TAG": self.tag, "TOKENIZERS_PARALLELISM": "false",
-                    "RAY_USAGE_STATS_ENABLED": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        self.env = {
+            **os.environ,
+            "PRORANK_SOAK_TAG": self.tag,
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+        }
         ray = str(Path(sys.executable).parent / "ray")
-        subprocess.run([ray, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                        "--num-cpus", "8", "--include-dashboard=false", "--disable-usage-stats", "--temp-dir",
-                        self.temp, "--object-store-memory", str(300 * 2**20)], env=self.env, check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                "--port",
+                str(port),
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                "8",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                "--temp-dir",
+                self.temp,
+                "--object-store-memory",
+                str(300 * 2**20),
+            ],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -100,9 +138,23 @@ class Cluster:
 
     def train(self, config: Path, log: Path, *extra: str) -> subprocess.Popen:
         with log.open("w") as out:  # a file, not a pipe: nobody reads while the job runs
-            return subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config),
-                                     "--address", self.address, *extra], cwd=ROOT, env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "prorank.driver.cli",
+                    "train",
+                    "--config",
+                    str(config),
+                    "--address",
+                    self.address,
+                    *extra,
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
 
 def _lines(metrics: Path) -> list[dict]:
@@ -133,8 +185,16 @@ def _signal(pid: int, sig: int) -> bool:
         return False
 
 
-def faulted_run(cluster: Cluster, config: Path, metrics: Path, actor_kills: int, replica_kills: int, cuts: int,
-                crash_at: int, freeze_delay: float) -> dict:
+def faulted_run(
+    cluster: Cluster,
+    config: Path,
+    metrics: Path,
+    actor_kills: int,
+    replica_kills: int,
+    cuts: int,
+    crash_at: int,
+    freeze_delay: float,
+) -> dict:
     """Run the job under the fault schedule (one fault a step at most), crash it, resume it; returns
     what was injected and the job's own counts just before the crash."""
     kill_steps = [2 + 2 * i for i in range(actor_kills)]  # different steps, spread over the run
@@ -161,10 +221,14 @@ def faulted_run(cluster: Cluster, config: Path, metrics: Path, actor_kills: int,
             # Right as step + 1 starts: its requests are with the actors now.
             if kill_steps and step >= kill_steps[0]:
                 kill_steps.pop(0)
-                injected["actor kills"] += any(_signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RolloutEngine")[:1])
+                injected["actor kills"] += any(
+                    _signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RolloutEngine")[:1]
+                )
             elif replica_steps and step >= replica_steps[0]:
                 replica_steps.pop(0)
-                injected["reward replica kills"] += any(_signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RewardReplica")[:1])
+                injected["reward replica kills"] += any(
+                    _signal(p, signal.SIGKILL) for p in _actor_pids(cluster, "RewardReplica")[:1]
+                )
             elif not frozen and lines[-1]["weights/relay_fallbacks"] < cuts and step - froze_at >= 3:
                 # Freeze the oldest actor (the head of the relay pipeline) while the learner steps, so that
                 # the weight sync finds it frozen: the next actor's pull from it breaks off and falls back to
@@ -178,7 +242,9 @@ def faulted_run(cluster: Cluster, config: Path, metrics: Path, actor_kills: int,
             _signal(pid, signal.SIGCONT)
         proc.wait(60)
         if not injected["driver SIGKILL"]:
-            raise RuntimeError(f"the job ended before the crash step:\n{config.with_suffix('.log').read_text()[-4000:]}")
+            raise RuntimeError(
+                f"the job ended before the crash step:\n{config.with_suffix('.log').read_text()[-4000:]}"
+            )
         _wait_gone(cluster)
         before = _lines(metrics)[-1]
         resumed = cluster.train(config, config.with_suffix(".resumed.log"), "--resume")
@@ -200,8 +266,9 @@ def _wait_gone(cluster: Cluster, timeout: float = 120) -> None:
     raise TimeoutError(f"the crashed job's actors still run {timeout:.0f} s after its driver died")
 
 
-def soak(data: str, model: str, work: Path, steps: int = 40, actor_kills: int = 10, replica_kills: int = 3,
-         cuts: int = 2) -> dict:
+def soak(
+    data: str, model: str, work: Path, steps: int = 40, actor_kills: int = 10, replica_kills: int = 3, cuts: int = 2
+) -> dict:
     crash_at = steps - 3  # after the checkpoint at a multiple of 5: the last steps are redone on resume
     cluster = Cluster()
     try:
@@ -212,8 +279,16 @@ def soak(data: str, model: str, work: Path, steps: int = 40, actor_kills: int = 
         ref = _lines(work / "reference" / "metrics.jsonl")
         median = lambda key: sorted(m[key] for m in ref)[len(ref) // 2]  # noqa: E731
         freeze_delay = median("time/wait_rollouts_seconds") + 0.5 * median("train/step_seconds")
-        faults = faulted_run(cluster, config, work / "faulted" / "metrics.jsonl", actor_kills, replica_kills,
-                             cuts, crash_at, freeze_delay)
+        faults = faulted_run(
+            cluster,
+            config,
+            work / "faulted" / "metrics.jsonl",
+            actor_kills,
+            replica_kills,
+            cuts,
+            crash_at,
+            freeze_delay,
+        )
     finally:
         cluster.stop()
     ref, got = _lines(work / "reference" / "metrics.jsonl"), _lines(work / "faulted" / "metrics.jsonl")
@@ -224,11 +299,15 @@ def soak(data: str, model: str, work: Path, steps: int = 40, actor_kills: int = 
         "groups_per_step": sorted({m["rollout/groups"] for m in got}),
         "versions": sorted(set(summary["versions"].values())),
         "loss_max_abs_diff": max(abs(a["train/loss"] - b["train/loss"]) for a, b in zip(got, ref)),
-        "reward_equal_steps": sum(a["train/reward/total_mean"] == b["train/reward/total_mean"] for a, b in zip(got, ref)),
-        "faults": {**faults["injected"],
-                   "actors lost (seen by the job, before the crash)": last["actors/lost"],
-                   "requests re-dispatched (before the crash)": last["rollout/requeued"],
-                   "relay fallbacks (before the crash)": last["weights/relay_fallbacks"]},
+        "reward_equal_steps": sum(
+            a["train/reward/total_mean"] == b["train/reward/total_mean"] for a, b in zip(got, ref)
+        ),
+        "faults": {
+            **faults["injected"],
+            "actors lost (seen by the job, before the crash)": last["actors/lost"],
+            "requests re-dispatched (before the crash)": last["rollout/requeued"],
+            "relay fallbacks (before the crash)": last["weights/relay_fallbacks"],
+        },
         "resumed_from_step": max(m["step"] for m in got if m["step"] % 5 == 0 and m["step"] < crash_at + 1),
     }
     return report

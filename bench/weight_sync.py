@@ -79,8 +79,9 @@ def fan_out_seconds(address: str, receivers: int, pipeline: bool) -> float:
     go, out = ctx.Event(), ctx.Queue()
     upstreams = [ctx.Queue() for _ in range(receivers)]
     addresses = [ctx.Queue() for _ in range(receivers)]
-    procs = [ctx.Process(target=_receiver, args=(upstreams[i], pipeline, addresses[i], go, out))
-             for i in range(receivers)]
+    procs = [
+        ctx.Process(target=_receiver, args=(upstreams[i], pipeline, addresses[i], go, out)) for i in range(receivers)
+    ]
     for p in procs:
         p.start()
     relays = [q.get() for q in addresses]
@@ -128,8 +129,11 @@ def actors_seconds(model: str, state, counts: list[int]) -> None:
                     seconds.append(time.perf_counter() - start)
                     assert all(a["applied"] for a in answers.values()), answers
                 pool.shutdown()
-                print(f"(d) {n} vLLM actor(s) serve the new version, {'pipeline' if relay else 'star'}: "
-                      f"{min(seconds):.2f}s (publish + transfer + load)", flush=True)
+                print(
+                    f"(d) {n} vLLM actor(s) serve the new version, {'pipeline' if relay else 'star'}: "
+                    f"{min(seconds):.2f}s (publish + transfer + load)",
+                    flush=True,
+                )
     finally:
         server.stop(0)
         ray.shutdown()
@@ -165,17 +169,24 @@ def main() -> None:
             grpc_s = min(grpc_s, time.perf_counter() - start)
         print(f"{gb:.3f} GB of fp32 weights, {len(manifest.tensors)} tensors, {args.chunk_mb:g} MiB chunks")
         print(f"(a) raw loopback TCP:  {gb / raw:6.2f} GB/s")
-        print(f"(b) gRPC weight fetch: {gb / grpc_s:6.2f} GB/s (received, reassembled, verified)  "
-              f"ratio (b)/(a) {raw / grpc_s:.2f}x")
-        print(f"    the same into a new buffer (an actor's first sync): {gb / first_s:6.2f} GB/s  "
-              f"ratio {raw / first_s:.2f}x of (a)")
+        print(
+            f"(b) gRPC weight fetch: {gb / grpc_s:6.2f} GB/s (received, reassembled, verified)  "
+            f"ratio (b)/(a) {raw / grpc_s:.2f}x"
+        )
+        print(
+            f"    the same into a new buffer (an actor's first sync): {gb / first_s:6.2f} GB/s  "
+            f"ratio {raw / first_s:.2f}x of (a)"
+        )
         print(f"    gRPC stream, messages dropped unread: {gb / ceiling:6.2f} GB/s  ratio {raw / ceiling:.2f}x of (a)")
         for pipeline in (False, True):
             times = {}
             for n in (1, 2, 4):
                 times[n] = fan_out_seconds(server.address, n, pipeline)
-                print(f"(c) {n} receiver(s), {'pipeline' if pipeline else 'star'}: all hold the version after "
-                      f"{times[n]:.2f}s  ratio vs 1 receiver {times[n] / times[1]:.2f}x", flush=True)
+                print(
+                    f"(c) {n} receiver(s), {'pipeline' if pipeline else 'star'}: all hold the version after "
+                    f"{times[n]:.2f}s  ratio vs 1 receiver {times[n] / times[1]:.2f}x",
+                    flush=True,
+                )
     finally:
         server.stop(0)
     if args.actors:

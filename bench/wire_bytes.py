@@ -6,8 +6,9 @@ Only changed tensors: a version in which only the top `--trainable-layers` decod
 norm changed (what `learner.trainable_layers` trains), fetched over gRPC on loopback by a receiver that
 holds the previous version, against the same version fetched whole: bytes and seconds, as ratios.
 
-bfloat16 (`weights.wire_dtype: bfloat16`): a float32 model's weights are published as bfloat16 and cast back to float32 by the receivers, so the
-actors run the bf16-rounded weights while the learner keeps float32. Printed, in one run:
+bfloat16 (`weights.wire_dtype: bfloat16`): a float32 model's weights are published as bfloat16 and cast back to
+float32 by the receivers, so the actors run the bf16-rounded weights while the learner keeps float32.
+Printed, in one run:
 - bytes on the wire and the time to pack a version, bf16 over float32 (ratios);
 - at the answer position of real SciFact prompts: |difference| of logprob("0"), logprob("1") and of the
   score logit("1") - logit("0"), and the KL(learner || actor) of the next-token distributions, the
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
             dscore.append(abs((p[one] - p[zero]) - (q[one] - q[zero])).item())
             kl.append(torch.sum(p.exp() * (p - q)).item())
     report = {
-        "model": args.model, "pairs": len(pairs), "changed_tensors": delta,
+        "model": args.model,
+        "pairs": len(pairs),
+        "changed_tensors": delta,
         "bytes_ratio_bf16_over_fp32": timings["bfloat16"][1] / timings["float32"][1],
         "pack_seconds_ratio_bf16_over_fp32": timings["bfloat16"][0] / timings["float32"][0],
         "abs_dlogprob_0": {"mean": statistics.fmean(d0), "max": max(d0)},
@@ -94,10 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
         "abs_dscore": {"mean": statistics.fmean(dscore), "max": max(dscore)},
         "kl_learner_actor": {"mean": statistics.fmean(kl), "max": max(kl)},
     }
-    print(f"only changed tensors (top {args.trainable_layers} layers + norm): bytes {delta['bytes_ratio']:.3f}x, "
-          f"fetch seconds {delta['seconds_ratio']:.3f}x of the whole version")
-    print(f"bytes on the wire, bf16/fp32: {report['bytes_ratio_bf16_over_fp32']:.3f}  "
-          f"pack time, bf16/fp32: {report['pack_seconds_ratio_bf16_over_fp32']:.2f}x")
+    print(
+        f"only changed tensors (top {args.trainable_layers} layers + norm): bytes {delta['bytes_ratio']:.3f}x, "
+        f"fetch seconds {delta['seconds_ratio']:.3f}x of the whole version"
+    )
+    print(
+        f"bytes on the wire, bf16/fp32: {report['bytes_ratio_bf16_over_fp32']:.3f}  "
+        f"pack time, bf16/fp32: {report['pack_seconds_ratio_bf16_over_fp32']:.2f}x"
+    )
     for key in ("abs_dlogprob_0", "abs_dlogprob_1", "abs_dscore", "kl_learner_actor"):
         print(f"{key}: mean {report[key]['mean']:.2e}  max {report[key]['max']:.2e}  ({len(pairs)} prompts)")
     if args.json:
@@ -130,12 +137,16 @@ def changed_tensors(state: dict, trainable_layers: int) -> dict[str, float]:
             fetch_version(server.address, "bench", version - 1, "whole", timeout=600, buffer=blob)
             full_s = min(full_s, time.perf_counter() - start)
             start = time.perf_counter()
-            manifest, held = fetch_version(server.address, "bench", version - 1, "r", timeout=600, buffer=held,
-                                           base_version=version - 1)
+            manifest, held = fetch_version(
+                server.address, "bench", version - 1, "r", timeout=600, buffer=held, base_version=version - 1
+            )
             delta_s = min(delta_s, time.perf_counter() - start)
             state = changed
-        return {"bytes_ratio": sent_bytes(manifest) / manifest.total_bytes, "seconds_ratio": delta_s / full_s,
-                "tensors": sum(s.changed_at > manifest.base_version for s in manifest.tensors)}
+        return {
+            "bytes_ratio": sent_bytes(manifest) / manifest.total_bytes,
+            "seconds_ratio": delta_s / full_s,
+            "tensors": sum(s.changed_at > manifest.base_version for s in manifest.tensors),
+        }
     finally:
         server.stop(0)
 

@@ -34,9 +34,11 @@ def save_checkpoint(job: Job, stage: Stage, root: Path) -> bool:
         need, free = int(checkpoints.size(previous) * HEADROOM), shutil.disk_usage(root).free
         if free < need:
             action = "stopping the job" if tc.when_disk_full == "stop" else "training on without it"
-            message = (f"{NO_ROOM} of {stage.name} step {learner.steps} under {root}: the last one "
-                       f"({previous.name}) took {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free; "
-                       f"{previous.name} is kept; {action} (train.when_disk_full: {tc.when_disk_full})")
+            message = (
+                f"{NO_ROOM} of {stage.name} step {learner.steps} under {root}: the last one "
+                f"({previous.name}) took {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free; "
+                f"{previous.name} is kept; {action} (train.when_disk_full: {tc.when_disk_full})"
+            )
             print(message, file=sys.stderr, flush=True)
             if tc.when_disk_full == "stop":
                 job.stop(message)
@@ -46,8 +48,10 @@ def save_checkpoint(job: Job, stage: Stage, root: Path) -> bool:
     except (LearnerError, OSError) as err:
         shutil.rmtree(Path(root) / f".tmp-step-{learner.steps}", ignore_errors=True)
         free = shutil.disk_usage(root).free
-        raise checkpoints.CheckpointError(f"checkpoint of {stage.name} step {learner.steps} under {root} not "
-                                          f"written ({free / 1e6:,.1f} MB free there): {err}") from err
+        raise checkpoints.CheckpointError(
+            f"checkpoint of {stage.name} step {learner.steps} under {root} not "
+            f"written ({free / 1e6:,.1f} MB free there): {err}"
+        ) from err
     gone = checkpoints.prune(root, tc.keep_checkpoints, best_checkpoint(job, stage, root))
     if gone:
         log.info("pruned %s", ", ".join(p.name for p in gone))
@@ -57,6 +61,9 @@ def save_checkpoint(job: Job, stage: Stage, root: Path) -> bool:
 def best_checkpoint(job: Job, stage: Stage, root: Path) -> Path | None:
     """The kept step folder whose step has the highest dev nDCG@10 so far (None before any)."""
     dev = {row["step"]: row["ndcg@10"] for row in job.run.dev_history()}
-    scored = [(dev[stage.offset + checkpoints.step_of(p)], p) for p in checkpoints.steps_on_disk(root)
-              if stage.offset + checkpoints.step_of(p) in dev]
+    scored = [
+        (dev[stage.offset + checkpoints.step_of(p)], p)
+        for p in checkpoints.steps_on_disk(root)
+        if stage.offset + checkpoints.step_of(p) in dev
+    ]
     return max(scored, key=lambda pair: pair[0])[1] if scored else None

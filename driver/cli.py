@@ -10,31 +10,55 @@ from typing import Annotated, Optional
 import typer
 
 from prorank.config_file import ConfigError, load_config
-from prorank.driver.cli_options import (ConfigOpt, DataOpt, Overrides, SplitOpt, StrictOpt, fail, fail_on_full_disk,
-                                         given, source_values)
+from prorank.driver.cli_options import (
+    ConfigOpt,
+    DataOpt,
+    Overrides,
+    SplitOpt,
+    StrictOpt,
+    fail,
+    fail_on_full_disk,
+    given,
+    source_values,
+)
 from prorank.driver.eval_commands import compare_command, eval_command, export_command, plot_command
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="ProRank RL: train small-LM rerankers with reinforcement learning.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="ProRank RL: train small-LM rerankers with reinforcement learning.",
+)
 
-for _name, _command in (("eval", eval_command), ("compare", compare_command), ("plot", plot_command),
-                       ("export", export_command)):
+for _name, _command in (
+    ("eval", eval_command),
+    ("compare", compare_command),
+    ("plot", plot_command),
+    ("export", export_command),
+):
     app.command(_name)(_command)
 
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 @app.command("train")
 def train_command(
     config: ConfigOpt = None,
-    address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (auto or host:port); "
-                                                   "default: start an embedded local Ray.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue each stage from its latest checkpoint in "
-                                                 "train.output_dir; finished stages are skipped.")] = False,
+    address: Annotated[
+        Optional[str],
+        typer.Option(help="Join this Ray cluster (auto or host:port); default: start an embedded local Ray."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue each stage from its latest checkpoint in train.output_dir; finished stages are skipped."
+        ),
+    ] = False,
     stages: Annotated[Optional[str], typer.Option(help="warmup, score, or warmup,score (train.stages).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Warmup learner steps (train.steps).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="sync or async (train.mode).")] = None,
@@ -60,8 +84,14 @@ def train_command(
     from prorank.security import SecurityError
 
     try:
-        values = {"train.ray_address": address, "train.steps": steps, "train.mode": mode, "train.stages": stages,
-                  "train.output_dir": str(output_dir) if output_dir else None, "data.strict": strict}
+        values = {
+            "train.ray_address": address,
+            "train.steps": steps,
+            "train.mode": mode,
+            "train.stages": stages,
+            "train.output_dir": str(output_dir) if output_dir else None,
+            "data.strict": strict,
+        }
         cfg = load_config(config, overrides or [], given(values))
     except ConfigError as err:
         fail(err)
@@ -78,19 +108,33 @@ def train_command(
 
     try:
         summary = train(cfg, resume=resume, progress=True, on_start=started, signals=signals)
-    except (DataError, ModelError, PromptError, SecurityError, FileNotFoundError, LearnerError, CheckpointError,
-            FolderInUse) as err:
+    except (
+        DataError,
+        ModelError,
+        PromptError,
+        SecurityError,
+        FileNotFoundError,
+        LearnerError,
+        CheckpointError,
+        FolderInUse,
+    ) as err:
         fail(err)
     except KeyboardInterrupt as err:  # a second signal, or the step outlasted train.stop_grace_seconds
-        typer.echo(f"stopped at once ({err or signals.name or 'SIGINT'}): every actor and server was stopped; "
-                   f"the last checkpoint stands; continue with: {again}", err=True)
+        typer.echo(
+            f"stopped at once ({err or signals.name or 'SIGINT'}): every actor and server was stopped; "
+            f"the last checkpoint stands; continue with: {again}",
+            err=True,
+        )
         raise typer.Exit(signals.exit_code) from None
     except OSError as err:
         fail_on_full_disk(err, cfg.train.output_dir)
     if signals.received or summary["preempted"]:
         by = signals.name if signals.received else "`prorank stop --preempt`"
-        typer.echo(f"stopped by {by} after step {summary['steps']}: checkpoint of it written under "
-                   f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}", err=True)
+        typer.echo(
+            f"stopped by {by} after step {summary['steps']}: checkpoint of it written under "
+            f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}",
+            err=True,
+        )
         raise typer.Exit(signals.exit_code if signals.received else 143)
     if summary["stopped"].startswith(NO_ROOM):
         fail(f"stopped after step {summary['steps']}: {summary['stopped']}; free some space, then: {again}")
@@ -101,8 +145,10 @@ def train_command(
     if dev:
         before = f"{dev[0]['ndcg@10']:.4f} (step {dev[0]['step']}) -> " if len(dev) > 1 else ""
         figures.append(f"dev nDCG@10 {before}{dev[-1]['ndcg@10']:.4f} (BM25 {summary['dev_bm25'] or 0:.4f})")
-    typer.echo(f"done: {summary['steps']} steps; {', '.join(figures) or 'no figures'}; model in {summary['model']}; "
-               f"summary in {Path(cfg.train.output_dir) / 'summary.json'}")
+    typer.echo(
+        f"done: {summary['steps']} steps; {', '.join(figures) or 'no figures'}; model in {summary['model']}; "
+        f"summary in {Path(cfg.train.output_dir) / 'summary.json'}"
+    )
 
 
 @app.command("convert-gguf")
@@ -156,8 +202,10 @@ def scale_actors_command(
     try:
         control = find_control(job)
         status = ray.get(control.set_actors.remote(count), timeout=30)
-        typer.echo(f"job {job}: {status.get('actors', '?')} actors at step {status.get('step', '?')} "
-                   f"({status.get('stage', '?')}); asked for {count}")
+        typer.echo(
+            f"job {job}: {status.get('actors', '?')} actors at step {status.get('step', '?')} "
+            f"({status.get('stage', '?')}); asked for {count}"
+        )
         deadline = time.monotonic() + wait
         while wait and time.monotonic() < deadline:
             status = ray.get(control.get_status.remote(), timeout=30)
@@ -178,10 +226,17 @@ def scale_actors_command(
 def stop_command(
     address: Annotated[str, typer.Option(help="The job's Ray cluster (auto or host:port).")] = "auto",
     job: Annotated[str, typer.Option(help="The job's train.job_name.")] = "prorank",
-    wait: Annotated[float, typer.Option(help="Then wait up to this many seconds for the job to end (a "
-                                              "Kubernetes preStop hook: the pod stays up until then).")] = 0,
-    preempt: Annotated[bool, typer.Option(help="Exit 143 once stopped, as on SIGTERM, so that a scheduler "
-                                               "retries the job (with --resume).")] = False,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="Then wait up to this many seconds for the job to end (a "
+            "Kubernetes preStop hook: the pod stays up until then)."
+        ),
+    ] = 0,
+    preempt: Annotated[
+        bool,
+        typer.Option(help="Exit 143 once stopped, as on SIGTERM, so that a scheduler retries the job (with --resume)."),
+    ] = False,
 ) -> None:
     """End a running `prorank train` job after its current step: it saves a checkpoint and its model and
     writes its summary, as at its last step (`--resume` continues it later)."""
@@ -238,10 +293,17 @@ def reward_serve_command(
     from prorank.security import SecurityError
 
     try:
-        values = {**source_values("data", data, hub_default_owner="BeIR"), "data.split": split,
-                  "reward.host": host, "reward.port": port,
-                  **{f"reward.{k}": str(v) for k, v in
-                     {"token_file": token_file, "tls_cert": tls_cert, "tls_key": tls_key}.items() if v}}
+        values = {
+            **source_values("data", data, hub_default_owner="BeIR"),
+            "data.split": split,
+            "reward.host": host,
+            "reward.port": port,
+            **{
+                f"reward.{k}": str(v)
+                for k, v in {"token_file": token_file, "tls_cert": tls_cert, "tls_key": tls_key}.items()
+                if v
+            },
+        }
         cfg = load_config(config, overrides or [], given(values))
         dataset = load_dataset(cfg.data)
         fold_grpc_core_lines(cfg.reward.log_refusals_every_seconds)
@@ -253,8 +315,10 @@ def reward_serve_command(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    typer.echo(f"reward service for {dataset.name}/{cfg.data.split} ({len(dataset.qrels)} queries) "
-               f"on {server.address}", err=True)
+    typer.echo(
+        f"reward service for {dataset.name}/{cfg.data.split} ({len(dataset.qrels)} queries) on {server.address}",
+        err=True,
+    )
     stop.wait()
     typer.echo("shutting down", err=True)
     server.stop()

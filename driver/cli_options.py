@@ -14,9 +14,15 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. bm25.k1=1.2")]
 DataOpt = Annotated[Optional[str], typer.Option(help="BEIR folder, or hub id (BeIR/scifact, scifact).")]
 SplitOpt = Annotated[Optional[str], typer.Option(help="qrels split, e.g. test or train")]
-StrictOpt = Annotated[Optional[bool], typer.Option("--strict", help="Refuse empty documents and qrels naming "
-                                                   "unknown documents or queries (data.strict); default: "
-                                                   "keep them as the IR tools do, with one warning.")]
+StrictOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--strict",
+        help="Refuse empty documents and qrels naming "
+        "unknown documents or queries (data.strict); default: "
+        "keep them as the IR tools do, with one warning.",
+    ),
+]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

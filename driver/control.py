@@ -63,14 +63,18 @@ def start_control(job_name: str):
     except ValueError:
         pass
     else:
-        raise RuntimeError(f"a job named {job_name!r} already runs on this Ray cluster (actor {name}); "
-                           "set train.job_name")
+        raise RuntimeError(
+            f"a job named {job_name!r} already runs on this Ray cluster (actor {name}); set train.job_name"
+        )
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: it lives and dies with the job, not with an actor node cut off the network.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(JobControl).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
-                                          scheduling_strategy=here).remote()
+    return (
+        ray.remote(JobControl)
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0, scheduling_strategy=here)
+        .remote()
+    )
 
 
 def find_control(job_name: str):

@@ -65,8 +65,9 @@ class DevEval:
             try:
                 value = self.pool.scored(ray.get(self.pending))
             except RayActorError as err:
-                log.warning("dev evaluation lost actor %s (%s); scoring again on another", self.actor,
-                            type(err).__name__)
+                log.warning(
+                    "dev evaluation lost actor %s (%s); scoring again on another", self.actor, type(err).__name__
+                )
                 self.lost.add(self.actor)
                 self._send()
                 continue
@@ -82,5 +83,10 @@ class DevEval:
         for qid, pairs in self.pairs.items():
             scores[qid], at = value["scores"][at : at + len(pairs)], at + len(pairs)
         values = evaluate(self.dataset.eval_qrels, ranked_to_run(rerank_by_scores(self.ranking, self.depth, scores)))
-        return {"dev/ndcg@10": values["nDCG@10"], "dev/mrr@10": values["RR@10"], "dev/bm25_ndcg@10": self.bm25,
-                "dev/seconds": value["seconds"], "dev/skipped": float(self.skipped)}
+        return {
+            "dev/ndcg@10": values["nDCG@10"],
+            "dev/mrr@10": values["RR@10"],
+            "dev/bm25_ndcg@10": self.bm25,
+            "dev/seconds": value["seconds"],
+            "dev/skipped": float(self.skipped),
+        }

@@ -10,8 +10,17 @@ from typing import Annotated, Optional
 import typer
 
 from prorank.config_file import ConfigError, load_config
-from prorank.driver.cli_options import (ConfigOpt, DataOpt, Overrides, SplitOpt, StrictOpt, fail, fail_on_full_disk,
-                                         given, source_values)
+from prorank.driver.cli_options import (
+    ConfigOpt,
+    DataOpt,
+    Overrides,
+    SplitOpt,
+    StrictOpt,
+    fail,
+    fail_on_full_disk,
+    given,
+    source_values,
+)
 
 
 def eval_command(
@@ -23,22 +32,41 @@ def eval_command(
     rerank_depth: Annotated[Optional[int], typer.Option(help="How many of them the model reranks.")] = None,
     max_queries: Annotated[Optional[int], typer.Option(help="Evaluate the first N queries.")] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
-    dtype: Annotated[Optional[str], typer.Option(
-        help="float32 (exact), bfloat16, or auto: bfloat16 where the CPU/GPU has native bf16 (model.dtype).")] = None,
-    max_length: Annotated[Optional[int], typer.Option(
-        help="Query + document tokens per prompt (prompt.max_length); above the model's context it "
-             "shrinks to fit, as in mxbai-rerank: 100000 scores whole documents.")] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            help="float32 (exact), bfloat16, or auto: bfloat16 where the CPU/GPU has native bf16 (model.dtype)."
+        ),
+    ] = None,
+    max_length: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Query + document tokens per prompt (prompt.max_length); above the model's context it "
+            "shrinks to fit, as in mxbai-rerank: 100000 scores whole documents."
+        ),
+    ] = None,
     instruction: Annotated[Optional[str], typer.Option(help="prompt.instruction, before the query.")] = None,
-    output: Annotated[Optional[Path], typer.Option(
-        help="Write the report (metrics, per-query nDCG@10) as JSON here.")] = None,
-    candidates: Annotated[Optional[Path], typer.Option(
-        help="A TREC run (qid Q0 docid rank score tag) whose candidates are reranked instead of BM25's.")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Write the report (metrics, per-query nDCG@10) as JSON here.")
+    ] = None,
+    candidates: Annotated[
+        Optional[Path],
+        typer.Option(help="A TREC run (qid Q0 docid rank score tag) whose candidates are reranked instead of BM25's."),
+    ] = None,
     run_out: Annotated[Optional[Path], typer.Option(help="Write the final ranking as a TREC run here.")] = None,
-    all_runs: Annotated[Optional[bool], typer.Option(
-        "--all-runs", help="With --run-out: every system's run beside it (<stem>.bm25<suffix>, .model, ...).")] = None,
-    fusion: Annotated[Optional[str], typer.Option(
-        help="auto (the model's own), none, wsum or rrf: fuse with the first stage, tuned on held-out "
-             "training queries (eval.fusion).")] = None,
+    all_runs: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--all-runs", help="With --run-out: every system's run beside it (<stem>.bm25<suffix>, .model, ...)."
+        ),
+    ] = None,
+    fusion: Annotated[
+        Optional[str],
+        typer.Option(
+            help="auto (the model's own), none, wsum or rrf: fuse with the first stage, tuned on held-out "
+            "training queries (eval.fusion)."
+        ),
+    ] = None,
     strict: StrictOpt = None,
     overrides: Overrides = None,
 ) -> None:
@@ -55,13 +83,22 @@ def eval_command(
 
     try:
         values = {
-            **source_values("data", data, hub_default_owner="BeIR"), **source_values("model", model),
-            "data.split": split, "bm25.top_k": top_k, "eval.rerank_depth": rerank_depth,
-            "eval.max_queries": max_queries, "eval.batch_size": batch_size, "model.dtype": dtype,
-            "eval.output": str(output) if output else None, "data.strict": strict,
+            **source_values("data", data, hub_default_owner="BeIR"),
+            **source_values("model", model),
+            "data.split": split,
+            "bm25.top_k": top_k,
+            "eval.rerank_depth": rerank_depth,
+            "eval.max_queries": max_queries,
+            "eval.batch_size": batch_size,
+            "model.dtype": dtype,
+            "eval.output": str(output) if output else None,
+            "data.strict": strict,
             "eval.candidates": str(candidates) if candidates else None,
-            "eval.run_out": str(run_out) if run_out else None, "eval.all_runs": all_runs, "eval.fusion": fusion,
-            "prompt.max_length": max_length, "prompt.instruction": instruction,
+            "eval.run_out": str(run_out) if run_out else None,
+            "eval.all_runs": all_runs,
+            "eval.fusion": fusion,
+            "prompt.max_length": max_length,
+            "prompt.instruction": instruction,
         }
         cfg = load_config(config, overrides or [], given(values))
         report = run_eval(cfg, progress=sys.stderr.isatty())
@@ -81,8 +118,10 @@ def eval_command(
     console.print(table)
     if "fusion" in s:
         tuned = s["fusion"]["tuned_on"]
-        console.print(f"fused: {FusionSettings(**s['fusion']).describe()} (tuned on {tuned.get('queries', '?')} "
-                      f"held-out {tuned.get('split', '')} queries)")
+        console.print(
+            f"fused: {FusionSettings(**s['fusion']).describe()} (tuned on {tuned.get('queries', '?')} "
+            f"held-out {tuned.get('split', '')} queries)"
+        )
     if "model" in report.metrics:
         bounded = s["queries"] < s["queries_in_split"] or s["rerank_depth"] < s["bm25_top_k"]
         console.print(
@@ -128,10 +167,17 @@ def compare_command(
         shown = f"{p:>9.4g}" if p == p else "        -"  # ranx gives no p-value where both runs score alike
         typer.echo(f"{a:<24} {b:<24} {measure:<8} {shown}{'  significant' if significant else ''}")
     if output:
-        result = {"qrels": str(qrels), "runs": [str(r) for r in runs], "test": test, "max_p": max_p,
-                  "means": report.results,
-                  "p_values": [{"run": a, "against": b, "measure": m, "p_value": None if p != p else p,
-                                "significant": sig} for a, b, m, p, sig in rows]}
+        result = {
+            "qrels": str(qrels),
+            "runs": [str(r) for r in runs],
+            "test": test,
+            "max_p": max_p,
+            "means": report.results,
+            "p_values": [
+                {"run": a, "against": b, "measure": m, "p_value": None if p != p else p, "significant": sig}
+                for a, b, m, p, sig in rows
+            ],
+        }
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"comparison written to {output}")
@@ -155,18 +201,28 @@ def plot_command(
 
 
 def export_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint step, a checkpoints folder (its LATEST), "
-                                                    "or a run's output dir (its final model).")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint step, a checkpoints folder (its LATEST), or a run's output dir (its final model)."
+        ),
+    ],
     output: Annotated[Path, typer.Option(help="Folder for the Hugging Face model.")],
-    eval_report: Annotated[Optional[list[Path]], typer.Option(
-        "--eval", help="`prorank eval` JSON report(s) for the model card's table.")] = None,
+    eval_report: Annotated[
+        Optional[list[Path]], typer.Option("--eval", help="`prorank eval` JSON report(s) for the model card's table.")
+    ] = None,
     config: ConfigOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the card; default: the folder name.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(
-        help="Also write the LoRA adapter (runs with learner.lora) as a peft folder here.")] = None,
-    fusion: Annotated[Optional[str], typer.Option(
-        help="wsum or rrf: tune the fusion with the first stage on the held-out training queries of --config "
-             "(its train section) and store it; default: the fusion of an --eval report of this model.")] = None,
+    adapter: Annotated[
+        Optional[Path], typer.Option(help="Also write the LoRA adapter (runs with learner.lora) as a peft folder here.")
+    ] = None,
+    fusion: Annotated[
+        Optional[str],
+        typer.Option(
+            help="wsum or rrf: tune the fusion with the first stage on the held-out training queries of --config "
+            "(its train section) and store it; default: the fusion of an --eval report of this model."
+        ),
+    ] = None,
 ) -> None:
     """Write a trained model as a Hugging Face model folder: safetensors, tokenizer, model card (with
     learner.lora: the merged model; `--adapter` adds the adapter alone; `--fusion` the fusion with BM25)."""
@@ -196,20 +252,23 @@ def export_command(
             from prorank.export import adapter_of, export_adapter
 
             adapter_of(checkpoint)
-        fused = next((FusionSettings(**r["settings"]["fusion"]) for r in reports if "fusion" in r.get("settings", {})),
-                     None)
+        fused = next(
+            (FusionSettings(**r["settings"]["fusion"]) for r in reports if "fusion" in r.get("settings", {})), None
+        )
         if fusion not in (None, "none", "wsum", "rrf"):
             raise ConfigError(f"--fusion {fusion!r}: wsum, rrf or none")
         if fusion in ("wsum", "rrf"):
             if not config:
-                raise ConfigError("--fusion is tuned on the held-out training queries of a training config: "
-                                  "give --config")
+                raise ConfigError(
+                    "--fusion is tuned on the held-out training queries of a training config: give --config"
+                )
             from prorank.config import ModelConfig
             from prorank.eval.fusion import tune_on_held_out
             from prorank.models import load_causal_lm
 
-            model, tokenizer = load_causal_lm(ModelConfig(path=checkpoint_model_dir(str(checkpoint)),
-                                                          dtype=cfg.model.dtype))
+            model, tokenizer = load_causal_lm(
+                ModelConfig(path=checkpoint_model_dir(str(checkpoint)), dtype=cfg.model.dtype)
+            )
             fused = tune_on_held_out(cfg, model, tokenizer, fusion, progress=sys.stderr.isatty())
             typer.echo(f"fusion tuned on {fused.tuned_on['queries']} held-out queries: {fused.describe()}")
         out = export_model(checkpoint, output, reports, prompt, name, None if fusion == "none" else fused)

@@ -31,6 +31,7 @@ from prorank.run_lock import lock_output
 
 log = logging.getLogger(__name__)
 
+
 def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signals: StopSignals | None = None) -> dict:
     """Run the job described by `cfg` (a validated ProRankConfig); returns the summary it writes.
     `on_start()` is called once the data and models are checked, before anything is started or written.
@@ -122,13 +123,23 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
         if not (signals and signals.received):  # a scheduler's stop: no time to wait for the actors
             job.pool.wait_synced()
         job.placement["actors"] = sorted(set(job.pool.nodes().values()))
-        summary = {"steps": job.run.last_step, "stages": tc.stages, "versions": job.pool.versions(),
-                   "placement": job.placement, "final": job.run.latest, "dev_bm25": job.dev.bm25,
-                   "output_dir": str(out), "model": checkpoints.final_model(checkpoints.stage_root(out, tc.stages[-1])),
-                   "prompt": cfg.prompt.model_dump(), "addresses": [job.sync.address, *addresses],
-                   "dev": job.run.dev_history(), "dev_query_ids": job.prompts.dev_query_ids,
-                   "job_hours": job.run.wall_hours(), "stopped": job.stop_reason,
-                   "preempted": job.preempted}
+        summary = {
+            "steps": job.run.last_step,
+            "stages": tc.stages,
+            "versions": job.pool.versions(),
+            "placement": job.placement,
+            "final": job.run.latest,
+            "dev_bm25": job.dev.bm25,
+            "output_dir": str(out),
+            "model": checkpoints.final_model(checkpoints.stage_root(out, tc.stages[-1])),
+            "prompt": cfg.prompt.model_dump(),
+            "addresses": [job.sync.address, *addresses],
+            "dev": job.run.dev_history(),
+            "dev_query_ids": job.prompts.dev_query_ids,
+            "job_hours": job.run.wall_hours(),
+            "stopped": job.stop_reason,
+            "preempted": job.preempted,
+        }
         (out / "summary.json").write_text(_json(summary))
         return summary
 
@@ -151,8 +162,11 @@ def _start_ray(cfg, stack: ExitStack) -> None:
         ray.init(address=cfg.train.ray_address, log_to_driver=False)
     else:
         # Enough logical CPUs for every actor the job starts, even on a 2-core machine.
-        need = (cfg.actors.num_actors * cfg.actors.num_cpus + cfg.learner.num_ranks * cfg.learner.num_cpus
-                + cfg.reward.replicas * cfg.reward.num_cpus)
+        need = (
+            cfg.actors.num_actors * cfg.actors.num_cpus
+            + cfg.learner.num_ranks * cfg.learner.num_cpus
+            + cfg.reward.replicas * cfg.reward.num_cpus
+        )
         cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     stack.callback(ray.shutdown)

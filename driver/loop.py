@@ -168,17 +168,22 @@ class Job:
         if self.replicas and not self.cfg.reward.addresses and (moved := self.replicas.refresh()):
             log.info("step %d: reward replicas now at %s", step, moved)  # one was restarted
             self.rewards.set_addresses(moved)
-        self.control.report.remote({"stage": stage, "step": step, "actors": self.pool.size,
-                                    "versions": self.pool.versions()})
+        self.control.report.remote(
+            {"stage": stage, "step": step, "actors": self.pool.size, "versions": self.pool.versions()}
+        )
         if asked := ray.get(self.control.stop_requested.remote(), timeout=10):
             self.preempted = asked == "preempt"
             self.stop(f"`prorank stop{' --preempt' if self.preempted else ''}` at step {step}")
         budget = self.cfg.train.max_hours
         if budget and self.run.wall_hours() >= budget:
             self.stop(f"the job clock reached train.max_hours ({budget:.2f} h) at step {step}")
-        return {"actors/count": float(self.pool.size), "actors/ready": float(self.pool.ready),
-                "actors/lost": float(self.pool.replaced), "rollout/requeued": float(self.pool.requeued),
-                "weights/relay_fallbacks": float(self.pool.relay_fallbacks)}
+        return {
+            "actors/count": float(self.pool.size),
+            "actors/ready": float(self.pool.ready),
+            "actors/lost": float(self.pool.replaced),
+            "rollout/requeued": float(self.pool.requeued),
+            "weights/relay_fallbacks": float(self.pool.relay_fallbacks),
+        }
 
     def log_dev(self, wait: bool = False) -> None:
         """Log the dev figures at the step whose weights they measured, once they are in."""
@@ -188,8 +193,7 @@ class Job:
     def progress_bar(self, stage: str, start: int, total: int):
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
-                   desc=stage)
+        bar = tqdm(total=total, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True, desc=stage)
         self.stack.callback(bar.close)
         return bar
 
@@ -212,6 +216,9 @@ class BusyClock:
         wall, actor_seconds = now - self.mark, busy - self.actor_seconds
         self.mark, self.actor_seconds = now, busy
         # A chunk counts when it is collected, which may be in the step after the one it ran in: capped at 1.
-        return {"time/step_seconds": wall, "time/learner_seconds": learner_seconds,
-                "time/learner_busy_fraction": min(1.0, learner_seconds / wall),
-                "time/actor_busy_fraction": min(1.0, actor_seconds / (wall * max(1, self.pool.size)))}
+        return {
+            "time/step_seconds": wall,
+            "time/learner_seconds": learner_seconds,
+            "time/learner_busy_fraction": min(1.0, learner_seconds / wall),
+            "time/actor_busy_fraction": min(1.0, actor_seconds / (wall * max(1, self.pool.size))),
+        }

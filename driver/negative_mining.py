@@ -66,15 +66,21 @@ class NegativeMiner:
         for qid, docs in layout:
             scores = dict(zip(docs, value["scores"][at : at + len(docs)]))
             at += len(docs)
-            mined, guarded = policy_negatives(scores, self.sampler.positives[qid], self.cfg.negatives,
-                                              self.cfg.mine_guard)
+            mined, guarded = policy_negatives(
+                scores, self.sampler.positives[qid], self.cfg.negatives, self.cfg.mine_guard
+            )
             skipped += guarded
             bm25 = [d for d in docs if d in self.sampler.negatives[qid]][: len(mined)]
             changed += len(set(mined) - set(bm25))
             if mined:
                 self.sampler.mined[qid] = mined
         kept = sum(len(self.sampler.mined.get(q, [])) for q, _ in layout)
-        return {"mine/queries": float(len(layout)), "mine/pairs": float(at), "mine/seconds": value["seconds"],
-                "mine/version": float(value["version"]), "mine/guard_skipped": float(skipped),
-                # how far the policy's hardest negatives are from BM25's top ones (0: the same documents)
-                "mine/not_bm25_top_fraction": changed / kept if kept else 0.0}
+        return {
+            "mine/queries": float(len(layout)),
+            "mine/pairs": float(at),
+            "mine/seconds": value["seconds"],
+            "mine/version": float(value["version"]),
+            "mine/guard_skipped": float(skipped),
+            # how far the policy's hardest negatives are from BM25's top ones (0: the same documents)
+            "mine/not_bm25_top_fraction": changed / kept if kept else 0.0,
+        }

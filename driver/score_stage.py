@@ -40,12 +40,14 @@ class ScoreStage:
         adapter = None  # with LoRA after the warmup: its adapter, trained on (the actors serve it already)
         if cfg.learner.lora is not None and "warmup" in cfg.train.stages:
             adapter = checkpoints.final_adapter(checkpoints.stage_root(job.out, "warmup"))
-        self.learner = LearnerGroup(init_model, cfg.score_learner(), RankingObjective.of(sc), sender=job.sync.sender(),
-                                    adapter=adapter)
+        self.learner = LearnerGroup(
+            init_model, cfg.score_learner(), RankingObjective.of(sc), sender=job.sync.sender(), adapter=adapter
+        )
         job.stack.callback(self.learner.shutdown)
         builder = PromptBuilder.from_config(load_tokenizer(init_model), cfg.prompt)
-        self.sampler = RankingSampler(job.prompts, job.ranking, sc, builder, cfg.train.seed,
-                                      cfg.reward.relevance_threshold)
+        self.sampler = RankingSampler(
+            job.prompts, job.ranking, sc, builder, cfg.train.seed, cfg.reward.relevance_threshold
+        )
         self.miner = NegativeMiner(self.sampler, job.dataset, job.ranking, job.pool, sc)
         self.mine_due = False
 

@@ -54,8 +54,12 @@ class StopSignals:
             self.received = self.received or signum
             raise StopNow(f"{signal.Signals(signum).name}: stopping at once")
         self.received = signum
-        print(f"{self.name}: stopping after this step with a checkpoint (at most {self.grace:g} s; "
-              "a second signal stops at once)", file=sys.stderr, flush=True)
+        print(
+            f"{self.name}: stopping after this step with a checkpoint (at most {self.grace:g} s; "
+            "a second signal stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
         signal.setitimer(signal.ITIMER_REAL, self.grace)
         self._on_stop()
 

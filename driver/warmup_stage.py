@@ -116,8 +116,9 @@ def _score(rewards, results: list) -> tuple[list, dict[str, float]]:
     answers = rewards.score(groups_from_results(results))
     failed = [a for a in answers if a.error]
     if failed:
-        raise RuntimeError(f"reward service refused {len(failed)} group(s); first: {failed[0].request_id}: "
-                           f"{failed[0].error}")
+        raise RuntimeError(
+            f"reward service refused {len(failed)} group(s); first: {failed[0].request_id}: {failed[0].error}"
+        )
     scored = [ScoredGroup.from_result(r, [c.total for c in a.rewards]) for r, a in zip(results, answers)]
     flat = [c for a in answers for c in a.rewards]
     metrics = {}
@@ -140,10 +141,12 @@ def _rollout_metrics(results: list, waited: float, step: int, regenerated: int) 
     # async mode generation overlaps the learner step, so the driver's waiting time says nothing of it).
     chunks = {(r.actor, r.seconds) for r in results}
     busy = sum(seconds for _, seconds in chunks) / max(1, len({actor for actor, _ in chunks}))
-    return {"rollout/groups": float(len(results)), "rollout/judgments_per_second": judgments / max(busy, 1e-9),
-            "rollout/tokens_per_second": tokens / max(busy, 1e-9),
-            "time/wait_rollouts_seconds": waited,
-            "rollout/staleness_mean": statistics.fmean(staleness), "rollout/staleness_max": float(max(staleness)),
-            "rollout/regenerated": float(regenerated)}
-
-
+    return {
+        "rollout/groups": float(len(results)),
+        "rollout/judgments_per_second": judgments / max(busy, 1e-9),
+        "rollout/tokens_per_second": tokens / max(busy, 1e-9),
+        "time/wait_rollouts_seconds": waited,
+        "rollout/staleness_mean": statistics.fmean(staleness),
+        "rollout/staleness_max": float(max(staleness)),
+        "rollout/regenerated": float(regenerated),
+    }

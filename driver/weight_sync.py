@@ -39,7 +39,13 @@ class WeightSync:
         published = self.learner.publish(version, self.pool.receiver_names())
         self.version = version
         self.pool.sync_weights(self.address, version, wait=False)
-        return {"weights/sync_seconds": time.perf_counter() - start, "weights/publish_seconds": published["seconds"],
-                "weights/bytes": published["bytes"], "weights/changed_bytes": published["changed_bytes"],
-                "weights/changed_tensors": published["changed_tensors"], "weights/version": float(version),
-                "weights/received_bytes": self.pool.received_bytes, "weights/refused": float(self.pool.refused)}
+        return {
+            "weights/sync_seconds": time.perf_counter() - start,
+            "weights/publish_seconds": published["seconds"],
+            "weights/bytes": published["bytes"],
+            "weights/changed_bytes": published["changed_bytes"],
+            "weights/changed_tensors": published["changed_tensors"],
+            "weights/version": float(version),
+            "weights/received_bytes": self.pool.received_bytes,
+            "weights/refused": float(self.pool.refused),
+        }

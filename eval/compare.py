@@ -25,8 +25,9 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
         if not cols or (lineno == 1 and cols[0].lower() in ("query-id", "query_id", "qid")):
             continue
         if len(cols) not in (3, 4):
-            raise DataError(f"{path}:{lineno}: expected `qid 0 docid grade` or `query-id corpus-id score`, "
-                            f"got {len(cols)} columns")
+            raise DataError(
+                f"{path}:{lineno}: expected `qid 0 docid grade` or `query-id corpus-id score`, got {len(cols)} columns"
+            )
         qid, doc, grade = (cols[0], cols[2], cols[3]) if len(cols) == 4 else cols
         try:
             qrels.setdefault(qid, {})[doc] = int(grade)
@@ -37,8 +38,13 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def compare_runs(qrels_path: str | Path, run_paths: list[str | Path], test: Test = "student",
-                 max_p: float = 0.05, names: list[str] | None = None):
+def compare_runs(
+    qrels_path: str | Path,
+    run_paths: list[str | Path],
+    test: Test = "student",
+    max_p: float = 0.05,
+    names: list[str] | None = None,
+):
     """ranx's Report of the runs (named by `names`, else by file stem) on the queries of the qrels: a run's
     query with no line scores 0 there. Run files are checked line by line first (document ids against the
     qrels are not: a run retrieves documents nobody judged)."""
@@ -58,17 +64,27 @@ def compare_runs(qrels_path: str | Path, run_paths: list[str | Path], test: Test
             raise RunFileError(f"{path}: none of its queries is in {qrels_path}")
         run = {q: dict(hits) for q, hits in ranking.items() if q in qrels}
         runs.append(Run.from_dict({q: run.get(q, {}) for q in qrels}, name=name))
-    return compare(Qrels.from_dict(qrels), runs, metrics=list(METRICS), stat_test=test, max_p=max_p,
-                   make_comparable=True, rounding_digits=4)
+    return compare(
+        Qrels.from_dict(qrels),
+        runs,
+        metrics=list(METRICS),
+        stat_test=test,
+        max_p=max_p,
+        make_comparable=True,
+        rounding_digits=4,
+    )
 
 
 def p_values(report) -> list[tuple[str, str, str, float, bool]]:
     """(run, other run, measure, p-value, significant at the report's max_p) for each pair of runs of a ranx
     Report, in the order the runs were given (the test is two-sided: the pair's order does not matter)."""
     names = report.model_names
-    return [(a, b, METRICS.get(m, m), float(result["p_value"]), bool(result["significant"]))
-            for i, a in enumerate(names) for b in names[i + 1:]
-            for m, result in report.comparisons[(a, b)].items()]
+    return [
+        (a, b, METRICS.get(m, m), float(result["p_value"]), bool(result["significant"]))
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        for m, result in report.comparisons[(a, b)].items()
+    ]
 
 
 class _Everything:

@@ -35,6 +35,10 @@ def scored_to_run(ranking: dict[str, list[tuple[str, float]]]) -> Run:
 def per_query(qrels: dict[str, dict[str, int]], run: Run, measure: str = "nDCG@10") -> dict[str, float]:
     """`measure` for each query of `run` that has qrels (a query with no candidates scores 0), in run order."""
     judged = [qid for qid in run if qid in qrels]
-    values = {m.query_id: float(m.value) for m in ir_measures.iter_calc(
-        [MEASURES[measure]], {q: qrels[q] for q in judged}, {q: run[q] for q in judged if run[q]})}
+    values = {
+        m.query_id: float(m.value)
+        for m in ir_measures.iter_calc(
+            [MEASURES[measure]], {q: qrels[q] for q in judged}, {q: run[q] for q in judged if run[q]}
+        )
+    }
     return {qid: values.get(qid, 0.0) for qid in judged}

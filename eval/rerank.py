@@ -4,9 +4,9 @@ ranking they make, with the rest of the first-stage list below."""
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 import logging
+
+from tqdm.auto import tqdm
 
 from prorank.bm25 import Ranking, bm25_name, bm25_search
 from prorank.config import ProRankConfig
@@ -23,8 +23,9 @@ def rerank_depth(cfg: ProRankConfig) -> int:
     return min(cfg.eval.rerank_depth or cfg.bm25.top_k, cfg.bm25.top_k)
 
 
-def first_stage(cfg: ProRankConfig, dataset: BeirDataset, query_ids: list[str],
-                run_file: str | None) -> tuple[str, Ranking, str]:
+def first_stage(
+    cfg: ProRankConfig, dataset: BeirDataset, query_ids: list[str], run_file: str | None
+) -> tuple[str, Ranking, str]:
     """(system name, each query's candidates best first, description): BM25 (bm25s), or the TREC run in
     `run_file` (its queries outside `query_ids` left out; a query it lacks has no candidates)."""
     if not run_file:
@@ -32,8 +33,13 @@ def first_stage(cfg: ProRankConfig, dataset: BeirDataset, query_ids: list[str],
     run = read_run(run_file, dataset.queries, dataset.corpus, cfg.bm25.top_k)
     missing = [q for q in query_ids if q not in run]
     if missing:  # as trec_eval counts them: no candidates, every measure 0
-        log.warning("%s: no candidates for %d of the %d queries (first: %s); they score 0",
-                    run_file, len(missing), len(query_ids), missing[0])
+        log.warning(
+            "%s: no candidates for %d of the %d queries (first: %s); they score 0",
+            run_file,
+            len(missing),
+            len(query_ids),
+            missing[0],
+        )
     return "first_stage", {q: run.get(q, []) for q in query_ids}, f"run file {run_file}"
 
 
@@ -45,13 +51,21 @@ def top_runs(ranking: Ranking, depth: int, scores: dict[str, list[float]]) -> tu
     return first, model
 
 
-def model_scores(model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
-                 batch_size: int = 16, progress: bool = True) -> dict[str, list[float]]:
+def model_scores(
+    model,
+    builder: PromptBuilder,
+    dataset: BeirDataset,
+    ranking: Ranking,
+    depth: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, list[float]]:
     """The model's score of each query's top `depth` candidates, in first-stage order. A query's candidates
     are scored together, with the prompt tokens they share encoded once."""
     scores = {}
-    bar = tqdm(total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair", disable=not progress
+    )
     for qid, pairs in candidate_pairs(dataset, ranking, depth).items():
         documents = [d for _, d in pairs]
         scores[qid] = score_query(model, builder, dataset.queries[qid], documents, batch_size) if pairs else []
@@ -61,8 +75,13 @@ def model_scores(model, builder: PromptBuilder, dataset: BeirDataset, ranking: R
 
 
 def rerank(
-    model, builder: PromptBuilder, dataset: BeirDataset, ranking: Ranking, depth: int,
-    batch_size: int = 16, progress: bool = True,
+    model,
+    builder: PromptBuilder,
+    dataset: BeirDataset,
+    ranking: Ranking,
+    depth: int,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> dict[str, list[str]]:
     """Each query's first-stage list with its top `depth` reordered by the model's score (ties keep the
     first-stage order)."""
@@ -71,8 +90,13 @@ def rerank(
 
 def candidate_pairs(dataset: BeirDataset, ranking: Ranking, depth: int) -> dict[str, list[tuple[str, str]]]:
     """Each query's top `depth` candidates as (query, document text) pairs, in first-stage order."""
-    return {qid: [(dataset.queries[qid], document_text(dataset.corpus[d].title, dataset.corpus[d].text))
-                  for d, _ in hits[:depth]] for qid, hits in ranking.items()}
+    return {
+        qid: [
+            (dataset.queries[qid], document_text(dataset.corpus[d].title, dataset.corpus[d].text))
+            for d, _ in hits[:depth]
+        ]
+        for qid, hits in ranking.items()
+    }
 
 
 def scored_ranking(ranking: Ranking, depth: int, scores: dict[str, list[float]]) -> Ranking:

@@ -20,8 +20,8 @@ from prorank.bm25 import Ranking
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
 from prorank.data import load_dataset
-from prorank.eval.metrics import evaluate, per_query, scored_to_run
 from prorank.eval.fusion import choose_fusion
+from prorank.eval.metrics import evaluate, per_query, scored_to_run
 from prorank.eval.rerank import first_stage, model_scores, rerank_depth, scored_ranking, top_runs
 from prorank.eval.runs import monotone, write_run
 from prorank.fusion import fuse
@@ -38,8 +38,12 @@ class EvalReport:
     runs: dict[str, Ranking] = field(default_factory=dict)  # system -> its ranking, as written to run files
 
     def to_json(self) -> dict[str, object]:
-        return {**self.metrics, "settings": self.settings, "seconds": self.seconds,
-                "per_query": {"nDCG@10": self.per_query}}
+        return {
+            **self.metrics,
+            "settings": self.settings,
+            "seconds": self.seconds,
+            "per_query": {"nDCG@10": self.per_query},
+        }
 
 
 def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = True) -> EvalReport:
@@ -63,9 +67,13 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
     systems: dict[str, Ranking] = {name: {q: monotone(hits) for q, hits in ranking.items()}}
     depth = rerank_depth(cfg)
     settings: dict[str, object] = {
-        "dataset": dataset.name, "source": dataset.source, "split": cfg.data.split,
-        "queries": len(query_ids), "queries_in_split": len(dataset.query_ids),
-        "first_stage": described, "bm25_top_k": cfg.bm25.top_k,
+        "dataset": dataset.name,
+        "source": dataset.source,
+        "split": cfg.data.split,
+        "queries": len(query_ids),
+        "queries_in_split": len(dataset.query_ids),
+        "first_stage": described,
+        "bm25_top_k": cfg.bm25.top_k,
     }
     if source is not None:
         from prorank.models import load_causal_lm
@@ -79,17 +87,27 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
         scores = model_scores(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
         seconds["model"] = time.perf_counter() - clock
         systems["model"] = scored_ranking(ranking, depth, scores)
-        settings.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."), rerank_depth=depth,
-                        prompt=builder.settings(), max_length=builder.max_length,
-                        pairs=sum(min(depth, len(hits)) for hits in ranking.values()))
+        settings.update(
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            rerank_depth=depth,
+            prompt=builder.settings(),
+            max_length=builder.max_length,
+            pairs=sum(min(depth, len(hits)) for hits in ranking.values()),
+        )
         if fusion is not None:
             fused = fuse(*top_runs(ranking, depth, scores), fusion)
-            systems["fused"] = scored_ranking(ranking, depth, {q: [fused[q][d] for d, _ in hits[:depth]]
-                                                               for q, hits in ranking.items()})
+            systems["fused"] = scored_ranking(
+                ranking, depth, {q: [fused[q][d] for d, _ in hits[:depth]] for q, hits in ranking.items()}
+            )
             settings["fusion"] = fusion.model_dump()
     runs = {system: scored_to_run(r) for system, r in systems.items()}
-    report = EvalReport({s: evaluate(dataset.eval_qrels, run) for s, run in runs.items()}, settings, seconds,
-                        {s: per_query(dataset.eval_qrels, run) for s, run in runs.items()}, systems)
+    report = EvalReport(
+        {s: evaluate(dataset.eval_qrels, run) for s, run in runs.items()},
+        settings,
+        seconds,
+        {s: per_query(dataset.eval_qrels, run) for s, run in runs.items()},
+        systems,
+    )
     write_tensorboard(report, cfg.eval.tensorboard_dir or default_tensorboard_dir(dataset.name, cfg.data.split))
     write_outputs(cfg, report)
     return report

@@ -24,8 +24,7 @@ class RunFileError(DataError):
     """A run file that cannot be used; the message names the file and line."""
 
 
-def read_run(path: str | Path, queries: Container[str], corpus: Container[str],
-             top_k: int | None = None) -> Ranking:
+def read_run(path: str | Path, queries: Container[str], corpus: Container[str], top_k: int | None = None) -> Ranking:
     """Each query's candidates in `path`, best first (by score, then by the file's rank), the first `top_k`.
 
     Every line is checked first: six columns, an integer rank, a finite score, a query id in `queries`

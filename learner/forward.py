@@ -30,16 +30,16 @@ def pad_completions(completions: Sequence[Sequence[int]], pad_id: int, device) -
     return ids, mask.float()
 
 
-def _token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                 temperature: float) -> GroupLogprobs:
+def _token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float) -> GroupLogprobs:
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [G, T, V]
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
     entropy = -(logp.exp() * logp).sum(-1).detach() * mask
     return GroupLogprobs(token_logp, entropy, mask)
 
 
-def naive_group_logprobs(model, prompt: Sequence[int], completions: Sequence[Sequence[int]],
-                         pad_id: int, temperature: float = 1.0) -> GroupLogprobs:
+def naive_group_logprobs(
+    model, prompt: Sequence[int], completions: Sequence[Sequence[int]], pad_id: int, temperature: float = 1.0
+) -> GroupLogprobs:
     """G full forward passes of prompt + completion (the baseline, and the reference in tests)."""
     device = next(model.parameters()).device
     comp, mask = pad_completions(completions, pad_id, device)
@@ -52,8 +52,9 @@ def naive_group_logprobs(model, prompt: Sequence[int], completions: Sequence[Seq
     return _token_stats(logits[:, :-1], comp, mask, temperature)
 
 
-def shared_prefix_group_logprobs(model, prompt: Sequence[int], completions: Sequence[Sequence[int]],
-                                 pad_id: int, temperature: float = 1.0) -> GroupLogprobs:
+def shared_prefix_group_logprobs(
+    model, prompt: Sequence[int], completions: Sequence[Sequence[int]], pad_id: int, temperature: float = 1.0
+) -> GroupLogprobs:
     """The same numbers as `naive_group_logprobs`, encoding the prompt once for the whole group."""
     device = next(model.parameters()).device
     comp, mask = pad_completions(completions, pad_id, device)
@@ -66,7 +67,8 @@ def shared_prefix_group_logprobs(model, prompt: Sequence[int], completions: Sequ
         # Completion token i sits at position p + i; the last token predicts nothing we score.
         positions = torch.arange(p, p + t - 1, device=device).expand(g, t - 1)
         attn = torch.cat([torch.ones(g, p, device=device), mask[:, :-1]], dim=1).long()
-        rest = model(input_ids=comp[:, :-1], attention_mask=attn, position_ids=positions,
-                     past_key_values=cache, use_cache=True).logits
+        rest = model(
+            input_ids=comp[:, :-1], attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
+        ).logits
         logits = torch.cat([first, rest], dim=1)
     return _token_stats(logits, comp, mask, temperature)

@@ -38,19 +38,32 @@ def rank_failure(where: str, method: str, err: Exception) -> LearnerError:
 
 
 class LearnerGroup:
-    def __init__(self, model_path: str, cfg: LearnerConfig, objective: Objective, sender: WeightSender | None = None,
-                 adapter: str | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        cfg: LearnerConfig,
+        objective: Objective,
+        sender: WeightSender | None = None,
+        adapter: str | None = None,
+    ):
         """`adapter`: with `cfg.lora`, the peft folder of the adapter to go on training (else a fresh one)."""
         if objective.batch_size % (cfg.num_ranks * objective.micro_batch):
-            raise ValueError(f"a step of {objective.batch_size} is not a multiple of num_ranks * micro-batch "
-                             f"({cfg.num_ranks} * {objective.micro_batch})")
+            raise ValueError(
+                f"a step of {objective.batch_size} is not a multiple of num_ranks * micro-batch "
+                f"({cfg.num_ranks} * {objective.micro_batch})"
+            )
         self.cfg, self.model_path, self.objective = cfg, model_path, objective
         remote = ray.remote(LearnerRank).options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None, max_restarts=0,
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            resources=cfg.resources or None,
+            max_restarts=0,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
-        self.ranks = [remote.remote(r, cfg.num_ranks, model_path, cfg, objective, sender if r == 0 else None, adapter)
-                      for r in range(cfg.num_ranks)]
+        self.ranks = [
+            remote.remote(r, cfg.num_ranks, model_path, cfg, objective, sender if r == 0 else None, adapter)
+            for r in range(cfg.num_ranks)
+        ]
         address, port = ray.get(self.ranks[0].master_address.remote())
         self.where = [f"rank {r}" for r in range(cfg.num_ranks)]  # how errors name a rank, until its node is known
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
@@ -94,8 +107,12 @@ class LearnerGroup:
         seconds = time.perf_counter() - start
         summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in ("grad_norm", "lr", "seconds")}
         # The optimizer's figures are the same on every rank (one global step): rank 0's.
-        return {**self.objective.metrics(batch, summed, seconds), "grad_norm": parts[0]["grad_norm"],
-                "lr": parts[0]["lr"], "step_seconds": seconds}
+        return {
+            **self.objective.metrics(batch, summed, seconds),
+            "grad_norm": parts[0]["grad_norm"],
+            "lr": parts[0]["lr"],
+            "step_seconds": seconds,
+        }
 
     def nodes(self) -> list[str]:
         """The Ray node id each rank runs on."""

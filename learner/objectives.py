@@ -105,8 +105,9 @@ class RankingObjective:
         return float(len(batch))  # every query's row counts once in the step's mean
 
     def loss(self, model, batch: Sequence[RankingGroup], normalizer: float):
-        return score_micro_batch_loss(model, batch, normalizer, self.ranking_loss, self.answer_ids, self.pad_id,
-                                      self.shared_prefix)
+        return score_micro_batch_loss(
+            model, batch, normalizer, self.ranking_loss, self.answer_ids, self.pad_id, self.shared_prefix
+        )
 
     def metrics(self, batch: Sequence[RankingGroup], summed: dict[str, float], seconds: float):
         return {**summed, "prompt_tokens_per_second": summed["prompt_tokens"] / seconds}

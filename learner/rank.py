@@ -39,7 +39,7 @@ def freeze_below(model, trainable_layers: int, frozen_dtype: torch.dtype | None 
     if trainable_layers > len(layers):
         raise ValueError(f"learner.trainable_layers {trainable_layers}: the model has {len(layers)} layers")
     model.requires_grad_(False)
-    for layer in layers[len(layers) - trainable_layers:]:
+    for layer in layers[len(layers) - trainable_layers :]:
         layer.requires_grad_(True)
     decoder.norm.requires_grad_(True)
     if frozen_dtype is not None:
@@ -53,8 +53,16 @@ class LearnerRank:
     model is wrapped by peft and only its adapter trains, from `adapter` (a peft folder) or fresh; a weight
     version is then the adapter alone, and checkpoints hold it beside the merged model (prorank/lora.py)."""
 
-    def __init__(self, rank: int, world: int, model_path: str, cfg: LearnerConfig, objective: Objective,
-                 sender: WeightSender | None = None, adapter: str | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        model_path: str,
+        cfg: LearnerConfig,
+        objective: Objective,
+        sender: WeightSender | None = None,
+        adapter: str | None = None,
+    ):
         self.rank, self.world, self.model_path, self.cfg, self.adapter = rank, world, model_path, cfg, adapter
         self.objective = objective
         self.sender = sender  # the weight transport's learner end: rank 0 serves and publishes the versions
@@ -76,8 +84,13 @@ class LearnerRank:
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world),
+            LOCAL_RANK="0",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
         from transformers import AutoModelForCausalLM
@@ -114,13 +127,17 @@ class LearnerRank:
             "gradient_clipping": cfg.grad_clip,
             "zero_optimization": {"stage": cfg.zero_stage},
             # torch's AdamW: the same update as the single-process loop, no fused-kernel build on CPU.
-            "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                                                      "torch_adam": True}},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
+            },
             "bf16": {"enabled": cfg.dtype == "bfloat16"},
             "steps_per_print": 2**31 - 1,
         }
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)),
         )
 
@@ -200,11 +217,15 @@ class LearnerRank:
         import resource
 
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps torch's AdamW
-        state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
-                    if torch.is_tensor(t))
+        state = sum(
+            t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t)
+        )
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
-        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
-                "optimizer_state_bytes": float(state), "trainable_parameters": float(trainable)}
+        return {
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+            "optimizer_state_bytes": float(state),
+            "trainable_parameters": float(trainable),
+        }
 
     def serve_weights(self) -> str:
         """Start rank 0's end of the weight transport (the actors pull every version from it); its address."""
@@ -243,9 +264,13 @@ class LearnerRank:
         torch.distributed.barrier()
 
     def load(self, folder: str) -> None:
-        path, _ = self.engine.load_checkpoint(folder, tag="state", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True,
-                                              load_module_strict=self.cfg.lora is None)
+        path, _ = self.engine.load_checkpoint(
+            folder,
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=self.cfg.lora is None,
+        )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
         rng = torch.load(Path(folder) / f"rng-rank{self.rank}.pt", weights_only=False)

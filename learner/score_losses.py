@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from prorank.config import RankingLoss
 
 
-def listwise_contrastive(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+def listwise_contrastive(
+    scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """InfoNCE of each positive against the row's negatives, averaged over the row's positives.
 
     For positive p: -log(exp(s_p/t) / (exp(s_p/t) + sum_n exp(s_n/t))). The other positives are not in
@@ -84,12 +85,15 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 def check_losses(loss: RankingLoss) -> None:
     """Raise ValueError unless `loss` weighs exactly the losses defined here."""
     if set(loss.weights) != set(LOSSES):
-        raise ValueError(f"ranking loss weights {sorted(loss.weights)}: every loss of {sorted(LOSSES)} needs a "
-                         f"weight, and no other name has one")
+        raise ValueError(
+            f"ranking loss weights {sorted(loss.weights)}: every loss of {sorted(LOSSES)} needs a "
+            f"weight, and no other name has one"
+        )
 
 
-def ranking_losses(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                   loss: RankingLoss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ranking_losses(
+    scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, loss: RankingLoss
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted mix of the losses, per row: ([B] total, {name: [B]}). Zero weights are not computed.
     scores: [B, N] float; labels: [B, N] graded; mask: [B, N] bool."""
     check_losses(loss)

@@ -27,12 +27,17 @@ def padded_rows(groups: Sequence[RankingGroup], scores: Sequence[torch.Tensor]):
     return out, labels, mask
 
 
-def score_micro_batch_loss(model, groups: Sequence[RankingGroup], normalizer: float, loss_mix: RankingLoss,
-                           answer_ids: tuple[int, int], pad_id: int,
-                           shared_prefix: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def score_micro_batch_loss(
+    model,
+    groups: Sequence[RankingGroup],
+    normalizer: float,
+    loss_mix: RankingLoss,
+    answer_ids: tuple[int, int],
+    pad_id: int,
+    shared_prefix: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed ranking loss of `groups` over `normalizer` (rows in the whole step), and statistic sums."""
-    scores = [relevance_score(answer_logits(model, g.prompt_ids, answer_ids, pad_id, shared_prefix))
-              for g in groups]
+    scores = [relevance_score(answer_logits(model, g.prompt_ids, answer_ids, pad_id, shared_prefix)) for g in groups]
     s, labels, mask = padded_rows(groups, scores)
     total, parts = ranking_losses(s, labels, mask, loss_mix)
     loss = total.sum() / normalizer

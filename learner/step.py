@@ -49,8 +49,15 @@ def _pad(rows: Sequence[Sequence[float]], like: torch.Tensor) -> torch.Tensor:
     return pad_rows(rows, 0.0, like.dtype, like.device, width=like.shape[1])[0]
 
 
-def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer: float, cfg: LearnerConfig,
-                     pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(
+    model,
+    ref_model,
+    groups: Sequence[ScoredGroup],
+    normalizer: float,
+    cfg: LearnerConfig,
+    pad_id: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed GRPO loss of `groups` over `normalizer`, and sums of statistics for the step's metrics.
     `ref_model`: the frozen reference; with `cfg.lora` and none given, the policy with its adapter off is
     the reference (the start model itself, at no memory cost)."""
@@ -60,8 +67,9 @@ def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer
     for g in groups:
         out = forward(model, g.prompt_ids, g.completions, pad_id, temperature)
         behaviour = _pad(g.behaviour_logprobs, out.logprobs.detach())
-        advantages = group_advantages(torch.tensor([g.rewards], dtype=torch.float32),
-                                      cfg.scale_advantages_by_std)[0].to(out.logprobs.device)
+        advantages = group_advantages(torch.tensor([g.rewards], dtype=torch.float32), cfg.scale_advantages_by_std)[
+            0
+        ].to(out.logprobs.device)
         ref = None
         if cfg.beta > 0 and ref_model is not None:
             with torch.no_grad():
@@ -69,8 +77,18 @@ def micro_batch_loss(model, ref_model, groups: Sequence[ScoredGroup], normalizer
         elif cfg.beta > 0 and cfg.lora is not None:
             with torch.no_grad(), model.disable_adapter():
                 ref = forward(model, g.prompt_ids, g.completions, pad_id, temperature).logprobs
-        loss, sums = grpo_loss(out.logprobs, behaviour, advantages, out.mask, normalizer, cfg.clip_eps,
-                               ref, cfg.beta, cfg.aggregation, cfg.tis_cap)
+        loss, sums = grpo_loss(
+            out.logprobs,
+            behaviour,
+            advantages,
+            out.mask,
+            normalizer,
+            cfg.clip_eps,
+            ref,
+            cfg.beta,
+            cfg.aggregation,
+            cfg.tis_cap,
+        )
         total = total + loss
         weights = token_weights(out.mask, cfg.aggregation)
         stats["loss"] += loss.item()

@@ -26,8 +26,15 @@ class TorchLearner:
         normalizer = step_normalizer(groups, cfg)
         totals: dict[str, float] = {}
         for i in range(0, len(groups), cfg.micro_batch_groups):
-            loss, stats = micro_batch_loss(self.model, self.ref, groups[i : i + cfg.micro_batch_groups],
-                                           normalizer, cfg, self.pad_id, self.temperature)
+            loss, stats = micro_batch_loss(
+                self.model,
+                self.ref,
+                groups[i : i + cfg.micro_batch_groups],
+                normalizer,
+                cfg,
+                self.pad_id,
+                self.temperature,
+            )
             loss.backward()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value

@@ -38,8 +38,7 @@ def held_out_split(dataset: BeirDataset, cfg: TrainConfig, relevance_threshold: 
     """(dev query ids, training query ids) of the training split: `cfg.dev_queries` of the queries with a
     relevant document, drawn by `cfg.seed`, are held out from both stages. The one definition of that set:
     dev nDCG@10 is measured on it, and fusion weights are tuned on it (prorank/fusion.py)."""
-    usable = [q for q in dataset.query_ids
-              if any(s >= relevance_threshold for s in dataset.qrels[q].values())]
+    usable = [q for q in dataset.query_ids if any(s >= relevance_threshold for s in dataset.qrels[q].values())]
     if cfg.max_train_queries:
         usable = usable[: cfg.max_train_queries + cfg.dev_queries]
     shuffled = random.Random(cfg.seed).sample(usable, len(usable))
@@ -52,10 +51,14 @@ def held_out_split(dataset: BeirDataset, cfg: TrainConfig, relevance_threshold: 
 class PromptSampler:
     def __init__(self, dataset: BeirDataset, ranking: Ranking, cfg: TrainConfig, relevance_threshold: int = 1):
         self.dataset, self.cfg = dataset, cfg
-        self.positives = {qid: sorted(d for d, s in dataset.qrels[qid].items() if s >= relevance_threshold)
-                          for qid in dataset.query_ids}
-        self.negatives = {qid: hard_negatives(ranking, dataset.qrels, qid, cfg.hard_negative_depth, relevance_threshold)
-                          for qid in dataset.query_ids}
+        self.positives = {
+            qid: sorted(d for d, s in dataset.qrels[qid].items() if s >= relevance_threshold)
+            for qid in dataset.query_ids
+        }
+        self.negatives = {
+            qid: hard_negatives(ranking, dataset.qrels, qid, cfg.hard_negative_depth, relevance_threshold)
+            for qid in dataset.query_ids
+        }
         self.dev_query_ids, self.train_query_ids = held_out_split(dataset, cfg, relevance_threshold)
 
     def batch(self, step: int, size: int) -> list[RolloutRequest]:
@@ -70,8 +73,15 @@ class PromptSampler:
                 negatives = rng.sample(self.negatives[qid], min(want, len(self.negatives[qid])))
                 for doc_id in positives + negatives:
                     doc = self.dataset.corpus[doc_id]
-                    out.append(RolloutRequest(f"s{step}-{len(out)}", qid, doc_id, self.dataset.queries[qid],
-                                              document_text(doc.title, doc.text)))
+                    out.append(
+                        RolloutRequest(
+                            f"s{step}-{len(out)}",
+                            qid,
+                            doc_id,
+                            self.dataset.queries[qid],
+                            document_text(doc.title, doc.text),
+                        )
+                    )
                 if len(out) >= size:
                     break
         return out[:size]
@@ -93,12 +103,21 @@ class RankingSampler:
     drawn from BM25's top `hard_negative_depth` minus every judged-relevant document, as token ids; or,
     for a query in `mined`, the negatives the policy ranked highest when it was last mined."""
 
-    def __init__(self, prompts: PromptSampler, ranking: Ranking, cfg: ScoreConfig, builder: PromptBuilder,
-                 seed: int = 0, relevance_threshold: int = 1):
+    def __init__(
+        self,
+        prompts: PromptSampler,
+        ranking: Ranking,
+        cfg: ScoreConfig,
+        builder: PromptBuilder,
+        seed: int = 0,
+        relevance_threshold: int = 1,
+    ):
         self.dataset, self.cfg, self.builder, self.seed = prompts.dataset, cfg, builder, seed
         qrels = self.dataset.qrels
-        negatives = {q: hard_negatives(ranking, qrels, q, cfg.hard_negative_depth, relevance_threshold)
-                     for q in prompts.train_query_ids}
+        negatives = {
+            q: hard_negatives(ranking, qrels, q, cfg.hard_negative_depth, relevance_threshold)
+            for q in prompts.train_query_ids
+        }
         self.query_ids = [q for q in prompts.train_query_ids if negatives[q]]
         if not self.query_ids:
             raise ValueError(f"no training query has a hard negative in its BM25 top {cfg.hard_negative_depth}")

@@ -178,11 +178,15 @@ class LearnerConfig(Section):
     def _batch_divides(self) -> LearnerConfig:
         per_step = self.num_ranks * self.micro_batch_groups
         if self.groups_per_step % per_step:
-            raise ValueError(f"learner.groups_per_step ({self.groups_per_step}) must be a multiple of "
-                             f"num_ranks * micro_batch_groups ({per_step})")
+            raise ValueError(
+                f"learner.groups_per_step ({self.groups_per_step}) must be a multiple of "
+                f"num_ranks * micro_batch_groups ({per_step})"
+            )
         if self.lora is not None and self.trainable_layers is not None:
-            raise ValueError("learner.lora and learner.trainable_layers cannot be used together: LoRA already "
-                             "freezes the whole base model (use lora.target_modules to adapt fewer layers)")
+            raise ValueError(
+                "learner.lora and learner.trainable_layers cannot be used together: LoRA already "
+                "freezes the whole base model (use lora.target_modules to adapt fewer layers)"
+            )
         return self
 
 
@@ -302,8 +306,14 @@ class ScoreConfig(Section):
     wait_for_actors: bool = False
 
     def ranking_loss(self) -> RankingLoss:
-        return RankingLoss(weights={"contrastive": self.contrastive_weight, "pairwise": self.pairwise_weight,
-                                    "pointwise": self.pointwise_weight}, temperature=self.temperature)
+        return RankingLoss(
+            weights={
+                "contrastive": self.contrastive_weight,
+                "pairwise": self.pairwise_weight,
+                "pointwise": self.pointwise_weight,
+            },
+            temperature=self.temperature,
+        )
 
     @model_validator(mode="after")
     def _some_loss(self) -> ScoreConfig:
@@ -334,13 +344,17 @@ class ProRankConfig(Section):
     @model_validator(mode="after")
     def _score_batch_divides(self) -> ProRankConfig:
         if self.score.init_from and "warmup" in self.train.stages:
-            raise ValueError("score.init_from is for a job that starts at the score stage; with the warmup "
-                             "stage in train.stages, the score stage starts from the warmup's final model")
+            raise ValueError(
+                "score.init_from is for a job that starts at the score stage; with the warmup "
+                "stage in train.stages, the score stage starts from the warmup's final model"
+            )
         if "score" in self.train.stages:
             per_step = self.learner.num_ranks * self.score.micro_batch_queries
             if self.score.queries_per_step % per_step:
-                raise ValueError(f"score.queries_per_step ({self.score.queries_per_step}) must be a multiple of "
-                                 f"learner.num_ranks * score.micro_batch_queries ({per_step})")
+                raise ValueError(
+                    f"score.queries_per_step ({self.score.queries_per_step}) must be a multiple of "
+                    f"learner.num_ranks * score.micro_batch_queries ({per_step})"
+                )
         return self
 
     def score_learner(self) -> LearnerConfig:

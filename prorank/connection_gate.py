@@ -88,11 +88,13 @@ class ConnectionGate:
     `max_total` in all, and relays the kept ones to the Unix socket `backend` (see `backend_address`).
     `refused(peer, kind, detail)` hears of each refused connection (our RefusalLog)."""
 
-    def __init__(self, host: str, port: int, max_per_host: int, max_total: int,
-                 refused: Callable[[str, str, str], None]):
+    def __init__(
+        self, host: str, port: int, max_per_host: int, max_total: int, refused: Callable[[str, str, str], None]
+    ):
         self.max_per_host, self.max_total, self._refused = max_per_host, max_total, refused
-        family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)[0]
+        family, _, _, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         self._listener = socket.create_server(address[:2], family=family, backlog=1024)  # a port in use: here
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
@@ -159,10 +161,13 @@ class ConnectionGate:
     def _admit(self, outer: socket.socket, peer: str) -> None:
         host = peer_host(peer)
         held = self._per_host.get(host, 0)
-        problem = (f"{held} connections from {host}; at most {self.max_per_host} (max_connections_per_peer)"
-                   if held >= self.max_per_host else
-                   f"{self.connections} connections; at most {self.max_total} (max_connections)"
-                   if self.connections >= self.max_total else None)
+        problem = (
+            f"{held} connections from {host}; at most {self.max_per_host} (max_connections_per_peer)"
+            if held >= self.max_per_host
+            else f"{self.connections} connections; at most {self.max_total} (max_connections)"
+            if self.connections >= self.max_total
+            else None
+        )
         inner = None
         if problem is None:
             name = next(self._names)

@@ -114,8 +114,12 @@ def parse_corpus(records: Iterable[Record], label: str, strict: bool = False) ->
     if not corpus:
         raise DataError(f"{label}: corpus is empty")
     if empty:
-        log.warning("%s: %d document(s) with an empty title and text kept (first at %s); "
-                    "data.strict=true refuses them", label, len(empty), empty[0])
+        log.warning(
+            "%s: %d document(s) with an empty title and text kept (first at %s); data.strict=true refuses them",
+            label,
+            len(empty),
+            empty[0],
+        )
     return corpus
 
 
@@ -134,8 +138,9 @@ def parse_queries(records: Iterable[Record], label: str) -> dict[str, str]:
     return queries
 
 
-def parse_qrels(records: Iterable[Record], corpus: dict[str, Document], queries: dict[str, str], label: str,
-                strict: bool = False) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+def parse_qrels(
+    records: Iterable[Record], corpus: dict[str, Document], queries: dict[str, str], label: str, strict: bool = False
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
     """(qrels of documents in the corpus, qrels of documents missing from it). A qrel naming an unknown
     query is dropped (nothing can be ranked for it); both cases are counted in one warning, or, with
     `strict`, the first is an error naming file and line."""
@@ -166,9 +171,15 @@ def parse_qrels(records: Iterable[Record], corpus: dict[str, Document], queries:
         raise DataError(f"{label}: no qrels")
     if first:
         n_missing = sum(map(len, missing.values()))
-        log.warning("%s: %d qrel(s) name documents not in the corpus (kept for evaluation as relevant documents "
-                    "never retrieved, not used for training), %d name unknown queries (dropped); first: %s; "
-                    "data.strict=true refuses them", label, n_missing, unknown_queries, first)
+        log.warning(
+            "%s: %d qrel(s) name documents not in the corpus (kept for evaluation as relevant documents "
+            "never retrieved, not used for training), %d name unknown queries (dropped); first: %s; "
+            "data.strict=true refuses them",
+            label,
+            n_missing,
+            unknown_queries,
+            first,
+        )
     return qrels, missing
 
 
@@ -182,8 +193,9 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-                                ) from None
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                ) from None
 
 
 def _jsonl_records(path: Path) -> Iterator[Record]:
@@ -262,8 +274,9 @@ def load_hub(hub_id: str, split: str, strict: bool = False) -> BeirDataset:
     corpus = parse_corpus(_hub_records(corpus_rows, labels[0]), labels[0], strict)
     queries = parse_queries(_hub_records(query_rows, labels[1]), labels[1])
     qrels, missing = parse_qrels(_hub_records(qrels_rows, labels[2]), corpus, queries, labels[2], strict)
-    return BeirDataset(hub_id.rsplit("/", 1)[-1], split, corpus, queries, qrels, source=f"hub:{hub_id}",
-                       missing_docs=missing)
+    return BeirDataset(
+        hub_id.rsplit("/", 1)[-1], split, corpus, queries, qrels, source=f"hub:{hub_id}", missing_docs=missing
+    )
 
 
 def load_dataset(cfg: DataConfig) -> BeirDataset:

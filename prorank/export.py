@@ -23,8 +23,18 @@ from prorank.fusion import FusionSettings
 from prorank.model_card import model_card
 from prorank.models import ModelError, check_model_folder, checkpoint_model_dir
 from prorank.prompt import (
-    ANSWERS, CHAT_PREFIX, CHAT_SUFFIX, DOCUMENT_TEMPLATE, INSTRUCTION_TEMPLATE, LAYOUT, QUERY_TEMPLATE, SEP,
-    TASK_PROMPT, answer_token_ids, check_layout, model_prompt_settings,
+    ANSWERS,
+    CHAT_PREFIX,
+    CHAT_SUFFIX,
+    DOCUMENT_TEMPLATE,
+    INSTRUCTION_TEMPLATE,
+    LAYOUT,
+    QUERY_TEMPLATE,
+    SEP,
+    TASK_PROMPT,
+    answer_token_ids,
+    check_layout,
+    model_prompt_settings,
 )
 
 # Transformers 5 names a plain fast tokenizer `TokenizersBackend`; transformers 4 knows it by this name.
@@ -35,14 +45,15 @@ def pair_chat_template(instruction: str | None = None) -> str:
     """Jinja: a `query` and a `document` message -> the released layout, ending with the assistant's
     opening (its final newline comes from an expression: Jinja drops a template's trailing literal one);
     any other messages -> ChatML."""
-    query = (INSTRUCTION_TEMPLATE.format(instruction=instruction) + SEP if instruction else "") + \
-        QUERY_TEMPLATE.format(query="")
+    query = (INSTRUCTION_TEMPLATE.format(instruction=instruction) + SEP if instruction else "") + QUERY_TEMPLATE.format(
+        query=""
+    )
     document = SEP + DOCUMENT_TEMPLATE.format(document="")
     tail = SEP + TASK_PROMPT + CHAT_SUFFIX
     return (
         '{%- set query = messages | selectattr("role", "equalto", "query") | map(attribute="content") | first -%}\n'
         '{%- set document = messages | selectattr("role", "equalto", "document") | map(attribute="content") '
-        '| first -%}\n'
+        "| first -%}\n"
         "{%- if query is defined and document is defined -%}\n"
         f"{{{{- {CHAT_PREFIX + query!r} + query + {document!r} + document + {tail!r} -}}}}\n"
         "{%- else -%}\n"
@@ -57,12 +68,21 @@ def pair_chat_template(instruction: str | None = None) -> str:
 def vllm_overrides(config: dict) -> dict:
     """vLLM's `hf_overrides` that serve the causal LM as a 1-label classifier: sigmoid(logit("1") - logit("0"))."""
     arch = (config.get("architectures") or ["ForCausalLM"])[0]
-    return {"architectures": [arch.replace("ForCausalLM", "ForSequenceClassification")],
-            "classifier_from_token": list(ANSWERS), "method": "from_2_way_softmax"}
+    return {
+        "architectures": [arch.replace("ForCausalLM", "ForSequenceClassification")],
+        "classifier_from_token": list(ANSWERS),
+        "method": "from_2_way_softmax",
+    }
 
 
-def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict] | None = None,
-                 prompt: dict | None = None, name: str | None = None, fusion: FusionSettings | None = None) -> Path:
+def export_model(
+    checkpoint: str | Path,
+    output: str | Path,
+    reports: list[dict] | None = None,
+    prompt: dict | None = None,
+    name: str | None = None,
+    fusion: FusionSettings | None = None,
+) -> Path:
     """Copy the model behind `checkpoint` (a checkpoint step, checkpoints root or model folder) to
     `output`, with the files above. `prompt`: the settings it was trained with (a `PromptConfig` dump);
     default: those its run recorded in summary.json. `fusion`: how to fuse its score with the first
@@ -76,8 +96,10 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
         raise ModelError(f"--output {out} is the checkpoint's own model folder")
     summary = _find_summary(source)
     # Only models of the released layout load unchanged in the clients: a run recorded before it is refused.
-    prompt = check_layout(prompt or (summary or {}).get("prompt") or model_prompt_settings(str(source))
-                          or PromptConfig().model_dump(), str(checkpoint))
+    prompt = check_layout(
+        prompt or (summary or {}).get("prompt") or model_prompt_settings(str(source)) or PromptConfig().model_dump(),
+        str(checkpoint),
+    )
     config = json.loads((source / "config.json").read_text())
     overrides = vllm_overrides(config)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,13 +114,19 @@ def export_model(checkpoint: str | Path, output: str | Path, reports: list[dict]
     (out / "chat_template.jinja").write_text(pair_chat_template(prompt.get("instruction")))
     false_id, true_id = _answer_ids(out)
     _write_sentence_transformers_files(out, true_id, false_id)
-    _write_json(out / "prorank.json", {
-        "layout": LAYOUT, "max_length": prompt["max_length"], "instruction": prompt.get("instruction"),
-        "answers": list(ANSWERS), "answer_token_ids": [false_id, true_id],
-        "score": 'logit("1") - logit("0") at the last prompt position',
-        "vllm_hf_overrides": overrides,
-        **({"fusion": fusion.model_dump()} if fusion else {}),
-    })
+    _write_json(
+        out / "prorank.json",
+        {
+            "layout": LAYOUT,
+            "max_length": prompt["max_length"],
+            "instruction": prompt.get("instruction"),
+            "answers": list(ANSWERS),
+            "answer_token_ids": [false_id, true_id],
+            "score": 'logit("1") - logit("0") at the last prompt position',
+            "vllm_hf_overrides": overrides,
+            **({"fusion": fusion.model_dump()} if fusion else {}),
+        },
+    )
     (out / "README.md").write_text(model_card(name or out.name, reports or [], summary, prompt, overrides, fusion))
     return out
 
@@ -123,8 +151,10 @@ def adapter_of(checkpoint: str | Path) -> Path:
 
     source = Path(checkpoint_model_dir(str(checkpoint))).parent / checkpoints.ADAPTER
     if not (source / ADAPTER_CONFIG).is_file():
-        raise ModelError(f"{checkpoint}: no LoRA adapter (missing {source / ADAPTER_CONFIG}); --adapter is for "
-                         "runs trained with learner.lora")
+        raise ModelError(
+            f"{checkpoint}: no LoRA adapter (missing {source / ADAPTER_CONFIG}); --adapter is for "
+            "runs trained with learner.lora"
+        )
     return source
 
 
@@ -176,22 +206,43 @@ def _answer_ids(folder: Path) -> tuple[int, int]:
 def _write_sentence_transformers_files(out: Path, true_id: int, false_id: int) -> None:
     """A CrossEncoder of the causal LM (logits at the last token, left-padded) and LogitScore, identity
     activation: `CrossEncoder(folder).predict(pairs)` returns our scores."""
-    _write_json(out / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_LogitScore",
-         "type": "sentence_transformers.cross_encoder.modules.logit_score.LogitScore"},
-    ])
-    _write_json(out / "config_sentence_transformers.json", {
-        "model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.linear.Identity",
-        "prompts": {}, "default_prompt_name": None})
-    _write_json(out / "sentence_bert_config.json", {
-        "transformer_task": "text-generation",
-        "modality_config": {"text": {"method": "forward", "method_output_name": "logits"},
-                            "message": {"method": "forward", "method_output_name": "logits", "format": "flat"}},
-        "module_output_name": "causal_logits"})
+    _write_json(
+        out / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_LogitScore",
+                "type": "sentence_transformers.cross_encoder.modules.logit_score.LogitScore",
+            },
+        ],
+    )
+    _write_json(
+        out / "config_sentence_transformers.json",
+        {
+            "model_type": "CrossEncoder",
+            "activation_fn": "torch.nn.modules.linear.Identity",
+            "prompts": {},
+            "default_prompt_name": None,
+        },
+    )
+    _write_json(
+        out / "sentence_bert_config.json",
+        {
+            "transformer_task": "text-generation",
+            "modality_config": {
+                "text": {"method": "forward", "method_output_name": "logits"},
+                "message": {"method": "forward", "method_output_name": "logits", "format": "flat"},
+            },
+            "module_output_name": "causal_logits",
+        },
+    )
     (out / "1_LogitScore").mkdir(exist_ok=True)
-    _write_json(out / "1_LogitScore" / "config.json", {
-        "true_token_id": true_id, "false_token_id": false_id, "module_input_name": "causal_logits"})
+    _write_json(
+        out / "1_LogitScore" / "config.json",
+        {"true_token_id": true_id, "false_token_id": false_id, "module_input_name": "causal_logits"},
+    )
 
 
 def _find_summary(model_dir: Path) -> dict | None:

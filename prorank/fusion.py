@@ -39,8 +39,9 @@ class FusionSettings(BaseModel):
 def _ranx_runs(*runs: Run) -> list:
     from ranx import Run as RanxRun
 
-    return [RanxRun.from_dict({q: dict(docs) for q, docs in run.items()}, name=f"run_{i}")
-            for i, run in enumerate(runs)]
+    return [
+        RanxRun.from_dict({q: dict(docs) for q, docs in run.items()}, name=f"run_{i}") for i, run in enumerate(runs)
+    ]
 
 
 def fuse(first_stage: Run, model: Run, settings: FusionSettings) -> Run:
@@ -49,8 +50,9 @@ def fuse(first_stage: Run, model: Run, settings: FusionSettings) -> Run:
 
     if first_stage.keys() != model.keys():
         raise ValueError("fusion needs the same queries in the first-stage and model runs")
-    fused = ranx_fuse(_ranx_runs(first_stage, model), norm=settings.norm, method=settings.method,
-                      params=dict(settings.params))
+    fused = ranx_fuse(
+        _ranx_runs(first_stage, model), norm=settings.norm, method=settings.method, params=dict(settings.params)
+    )
     return {q: {d: float(s) for d, s in docs.items()} for q, docs in fused.to_dict().items()}
 
 
@@ -61,13 +63,15 @@ def fuse_lists(first_stage: Sequence[float], model: Sequence[float], settings: F
     if not model:
         return []
     docs = [str(i) for i in range(len(model))]
-    fused = fuse({"q": dict(zip(docs, map(float, first_stage)))}, {"q": dict(zip(docs, map(float, model)))},
-                 settings)["q"]
+    fused = fuse({"q": dict(zip(docs, map(float, first_stage)))}, {"q": dict(zip(docs, map(float, model)))}, settings)[
+        "q"
+    ]
     return [fused[d] for d in docs]
 
 
-def tune(qrels: dict[str, dict[str, int]], first_stage: Run, model: Run, method: Method,
-         weight_step: float = 0.05) -> FusionSettings:
+def tune(
+    qrels: dict[str, dict[str, int]], first_stage: Run, model: Run, method: Method, weight_step: float = 0.05
+) -> FusionSettings:
     """The parameters of `method` that maximise nDCG@10 over `qrels`' queries (ranx's grid search: weights
     in steps of `weight_step` summing to 1, or k from 10 to 100), with the figures it saw."""
     from ranx import Qrels, evaluate, optimize_fusion
@@ -78,12 +82,15 @@ def tune(qrels: dict[str, dict[str, int]], first_stage: Run, model: Run, method:
     qrels_x = Qrels.from_dict({q: dict(qrels[q]) for q in queries})
     runs = _ranx_runs({q: first_stage[q] for q in queries}, {q: model[q] for q in queries})
     kwargs = {"step": weight_step} if method == "wsum" else {}
-    params = optimize_fusion(qrels_x, runs, norm=NORM[method], method=method, metric=METRIC,
-                             show_progress=False, **kwargs)
+    params = optimize_fusion(
+        qrels_x, runs, norm=NORM[method], method=method, metric=METRIC, show_progress=False, **kwargs
+    )
     if method == "wsum":
         params = {"weights": [round(float(w), 6) for w in params["weights"]]}
     settings = FusionSettings(method=method, params=params, norm=NORM[method])
     fused = fuse({q: first_stage[q] for q in queries}, {q: model[q] for q in queries}, settings)
-    figures = {name: float(evaluate(qrels_x, run, METRIC, save_results_in_run=False))
-               for name, run in zip(("first_stage", "model", "fused"), [*runs, *_ranx_runs(fused)])}
+    figures = {
+        name: float(evaluate(qrels_x, run, METRIC, save_results_in_run=False))
+        for name, run in zip(("first_stage", "model", "fused"), [*runs, *_ranx_runs(fused)])
+    }
     return settings.model_copy(update={"tuned_on": {"queries": len(queries), "ndcg@10": figures}})

@@ -64,8 +64,13 @@ def fold_grpc_core_lines(every: float) -> subprocess.Popen | None:
     sys.stderr.flush()
     original = os.dup(2)
     try:  # a session of its own: a signal to our process group (Ctrl-C, a scheduler's stop) leaves it be
-        child = subprocess.Popen([sys.executable, "-c", _FOLD, str(every)], stdin=subprocess.PIPE,
-                                 stdout=original, stderr=subprocess.DEVNULL, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _FOLD, str(every)],
+            stdin=subprocess.PIPE,
+            stdout=original,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     finally:
         os.close(original)
     os.dup2(child.stdin.fileno(), 2)

@@ -53,9 +53,17 @@ class ServerLimits:
     @classmethod
     def of(cls, cfg) -> ServerLimits:
         """From a service's config section (prorank.service_config.ServiceLimits: reward.*, weights.*)."""
-        return cls(cfg.max_calls, cfg.max_calls_per_peer, cfg.max_streams_per_connection, cfg.stream_window_kb,
-                   cfg.log_refusals_every_seconds, cfg.handshake_timeout_seconds, cfg.idle_connection_seconds,
-                   cfg.max_connections_per_peer, cfg.max_connections)
+        return cls(
+            cfg.max_calls,
+            cfg.max_calls_per_peer,
+            cfg.max_streams_per_connection,
+            cfg.stream_window_kb,
+            cfg.log_refusals_every_seconds,
+            cfg.handshake_timeout_seconds,
+            cfg.idle_connection_seconds,
+            cfg.max_connections_per_peer,
+            cfg.max_connections,
+        )
 
 
 def raise_open_file_limit() -> int:
@@ -101,8 +109,14 @@ class RefusalLog:
             while len(self._seen) > self.max_peers:
                 self._seen.popitem(last=False)
             self.logged += 1
-        log.warning("refused %s from %s, %s: %s (%d such refusal(s) from this host since its last line)",
-                    "a connection" if kind == "CONNECTION" else "a call", key[0], kind, detail, count)
+        log.warning(
+            "refused %s from %s, %s: %s (%d such refusal(s) from this host since its last line)",
+            "a connection" if kind == "CONNECTION" else "a call",
+            key[0],
+            kind,
+            detail,
+            count,
+        )
 
     async def refuse(self, context, code: grpc.StatusCode, message: str) -> None:
         """Log (rate-limited) and end the call with `code`; raises, as `context.abort` does."""
@@ -135,8 +149,9 @@ async def parse_request(message_type, raw: bytes, context, refusals: RefusalLog)
 class CallGuard(grpc.aio.ServerInterceptor):
     """The token, from the headers; then the per-peer and total caps on authenticated calls in flight."""
 
-    def __init__(self, token: str, limits: ServerLimits, refusals: RefusalLog,
-                 open_methods: frozenset[str] = frozenset()):
+    def __init__(
+        self, token: str, limits: ServerLimits, refusals: RefusalLog, open_methods: frozenset[str] = frozenset()
+    ):
         self._expected = f"Bearer {token}".encode()
         self.limits, self.refusals, self._open = limits, refusals, open_methods
         self.in_flight: dict[str, int] = {}  # peer host -> authenticated calls running (on the loop thread only)
@@ -158,8 +173,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if self.total >= self.limits.max_calls:
             return f"{self.total} calls in flight; at most {self.limits.max_calls} (max_calls)"
         if self.in_flight.get(host, 0) >= self.limits.max_calls_per_peer:
-            return f"{self.in_flight[host]} calls in flight from {host}; at most " \
-                   f"{self.limits.max_calls_per_peer} (max_calls_per_peer)"
+            return (
+                f"{self.in_flight[host]} calls in flight from {host}; at most "
+                f"{self.limits.max_calls_per_peer} (max_calls_per_peer)"
+            )
         self.in_flight[host] = self.in_flight.get(host, 0) + 1
         self.total += 1
         return None
@@ -237,15 +254,29 @@ class GuardedServer:
     loop (aio servicers belong to it) and registers the handlers; `call_soon(fn)` runs `fn` there from any
     thread."""
 
-    def __init__(self, add_services: Callable[[grpc.aio.Server, RefusalLog], None], token: str, host: str, port: int,
-                 tls_cert: str | None = None, tls_key: str | None = None, limits: ServerLimits = ServerLimits(),
-                 options: Iterable[tuple[str, object]] = (), open_methods: frozenset[str] = frozenset(),
-                 name: str = "grpc"):
+    def __init__(
+        self,
+        add_services: Callable[[grpc.aio.Server, RefusalLog], None],
+        token: str,
+        host: str,
+        port: int,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        limits: ServerLimits = ServerLimits(),
+        options: Iterable[tuple[str, object]] = (),
+        open_methods: frozenset[str] = frozenset(),
+        name: str = "grpc",
+    ):
         self.gate = None
         if limits.max_connections_per_peer:
             try:
-                self.gate = ConnectionGate(host, port, limits.max_connections_per_peer, limits.max_connections,
-                                           lambda *refusal: self.refusals.refused(*refusal))
+                self.gate = ConnectionGate(
+                    host,
+                    port,
+                    limits.max_connections_per_peer,
+                    limits.max_connections,
+                    lambda *refusal: self.refusals.refused(*refusal),
+                )
             except OSError as err:  # as gRPC's own bind failure reads
                 raise RuntimeError(f"cannot listen on {host}:{port}: {err}") from None
         self.refusals = RefusalLog(limits.log_every_seconds, real_peer=self.gate.real_peer if self.gate else str)
@@ -262,7 +293,8 @@ class GuardedServer:
             "grpc.http2.lookahead_bytes": limits.stream_window_kb * 1024,
             # Connections that never start a call: closed at the handshake's end or after an idle spell.
             "grpc.server_handshake_timeout_ms": int(limits.handshake_timeout_seconds * 1000),
-            "grpc.max_connection_idle_ms": int(limits.idle_connection_seconds * 1000)}
+            "grpc.max_connection_idle_ms": int(limits.idle_connection_seconds * 1000),
+        }
 
         async def build() -> tuple[grpc.aio.Server, int]:
             server = grpc.aio.server(interceptors=[self.guard], options=list(options.items()))

@@ -28,8 +28,14 @@ def peft_config(lora: LoraSettings, base_model: str | None = None):
     from peft import LoraConfig
 
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
 
 
 def add_adapter(model, lora: LoraSettings, adapter_dir: str | None = None):
@@ -68,8 +74,11 @@ def merged_state(model) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    deltas = {name: module.get_delta_weight(module.active_adapters[0]).detach()
-              for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    deltas = {
+        name: module.get_delta_weight(module.active_adapters[0]).detach()
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer)
+    }
     state = {}
     for key, tensor in base.state_dict().items():
         if ".lora_" in key:
@@ -82,8 +91,13 @@ def merged_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_adapter(folder: str | Path, lora: LoraSettings, base_model: str | None,
-                  state: Mapping[str, torch.Tensor] | None = None, blob: bytes | bytearray | None = None) -> Path:
+def write_adapter(
+    folder: str | Path,
+    lora: LoraSettings,
+    base_model: str | None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    blob: bytes | bytearray | None = None,
+) -> Path:
     """A peft adapter folder (adapter_config.json, adapter_model.safetensors) that peft and vLLM load: from
     named tensors, or from a safetensors `blob` as a weight version arrives."""
     import safetensors.torch
@@ -111,8 +125,9 @@ def adapter_specs_model(model_path: str, lora: LoraSettings, dtype: str):
         return adapter_state(get_peft_model(skeleton, peft_config(lora)))
 
 
-def merge_into(base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor],
-               lora: LoraSettings) -> dict[str, torch.Tensor]:
+def merge_into(
+    base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor], lora: LoraSettings
+) -> dict[str, torch.Tensor]:
     """{weight name: W + (alpha / r) B A} for every module the adapter (peft's names, as a version carries
     them) adapts, from the base weights `base` (the model folder's names); the others are not returned."""
     scale = lora.alpha / lora.r

@@ -46,8 +46,10 @@ def check_model_folder(folder: str) -> str:
     says what is missing, before anything is loaded or started."""
     config = Path(folder) / "config.json"
     if not config.is_file():
-        raise ModelError(f"model.path {folder}: not a model folder (no config.json); give a folder written by "
-                         "save_pretrained, `prorank export`, `prorank convert-gguf` or `prorank tiny-model`")
+        raise ModelError(
+            f"model.path {folder}: not a model folder (no config.json); give a folder written by "
+            "save_pretrained, `prorank export`, `prorank convert-gguf` or `prorank tiny-model`"
+        )
     try:
         fields = json.loads(config.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -87,8 +89,10 @@ def check_weights(folder: str | Path) -> None:
         except (ValueError, KeyError, TypeError, IndexError) as err:
             raise ModelError(f"{path}: damaged safetensors file ({err})") from None
         if size != 8 + length + end:
-            raise ModelError(f"{path}: damaged safetensors file: {size:,} bytes, its header describes "
-                             f"{8 + length + end:,} (truncated or cut short while written)")
+            raise ModelError(
+                f"{path}: damaged safetensors file: {size:,} bytes, its header describes "
+                f"{8 + length + end:,} (truncated or cut short while written)"
+            )
 
 
 def pick_device(device: str) -> str:
@@ -273,8 +277,7 @@ def save_model_dir(state: dict, source: str, output_dir: str | Path) -> Path:
 
     config = AutoConfig.from_pretrained(source)
     tied = getattr(config, "tie_word_embeddings", False)
-    tensors = {name: t.detach().contiguous() for name, t in state.items()
-               if not (tied and name == "lm_head.weight")}
+    tensors = {name: t.detach().contiguous() for name, t in state.items() if not (tied and name == "lm_head.weight")}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -323,8 +326,12 @@ def build_answering_model(output_dir: str | Path, data_path: str | Path, rate: f
     data = load_local(data_path, "train")
     pairs = [(data.queries[q], data.corpus[d].text) for q in data.query_ids[:8] for d in list(data.qrels[q])[:1]]
     with torch.no_grad():
-        hidden = torch.stack([model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
-                              for ids in builder.encode_batch(pairs)])
+        hidden = torch.stack(
+            [
+                model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+                for ids in builder.encode_batch(pairs)
+            ]
+        )
         direction = hidden.mean(0)
         answers = list(answer_token_ids(tokenizer))
         emb = model.get_input_embeddings().weight
@@ -360,7 +367,10 @@ def safetensors_views(blob) -> dict:
             dtype = dtypes[spec["dtype"]]
             start, end = spec["data_offsets"]
             count = (end - start) // torch.empty((), dtype=dtype).element_size()
-            flat = (torch.frombuffer(view, dtype=dtype, count=count, offset=base + start) if count
-                    else torch.empty(0, dtype=dtype))
+            flat = (
+                torch.frombuffer(view, dtype=dtype, count=count, offset=base + start)
+                if count
+                else torch.empty(0, dtype=dtype)
+            )
             out[name] = flat.reshape(spec["shape"])
     return out

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 
 
-def pad_rows(rows: Sequence, value, dtype: torch.dtype, device, left: bool = False,
-             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(
+    rows: Sequence, value, dtype: torch.dtype, device, left: bool = False, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, T] tensor of `rows` padded with `value` to `width` (default: the longest row), and the [N, T]
     bool mask of real entries. `left`: every row ends in the last column (a causal LM's next-token
     position is then the same for all rows). A row may be a list or a tensor; a tensor row keeps its

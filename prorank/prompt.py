@@ -61,8 +61,15 @@ def query_piece(query: str, instruction: str | None = None) -> str:
 
 def prompt_text(query: str, document: str, instruction: str | None = None) -> str:
     """The whole prompt as text, untruncated (what the exported chat template renders)."""
-    return (CHAT_PREFIX + query_piece(query, instruction) + SEP + DOCUMENT_TEMPLATE.format(document=document)
-            + SEP + TASK_PROMPT + CHAT_SUFFIX)
+    return (
+        CHAT_PREFIX
+        + query_piece(query, instruction)
+        + SEP
+        + DOCUMENT_TEMPLATE.format(document=document)
+        + SEP
+        + TASK_PROMPT
+        + CHAT_SUFFIX
+    )
 
 
 def answer_token_ids(tokenizer) -> tuple[int, int]:
@@ -100,8 +107,7 @@ class PromptBuilder:
       `MxbaiRerankV2` does with the model's `max_position_embeddings`, max_length shrinks to fit it.
     """
 
-    def __init__(self, tokenizer, max_length: int = 512, instruction: str | None = None,
-                 limit: int | None = None):
+    def __init__(self, tokenizer, max_length: int = 512, instruction: str | None = None, limit: int | None = None):
         self.tokenizer = tokenizer
         self.instruction = instruction or None
         self.answer_ids = answer_token_ids(tokenizer)
@@ -145,8 +151,12 @@ class PromptBuilder:
 
     def settings(self) -> dict[str, object]:
         """What prorank.json and reports record of the prompt."""
-        return {"layout": LAYOUT, "max_length": self.max_length, "instruction": self.instruction,
-                "overhead_tokens": self.overhead}
+        return {
+            "layout": LAYOUT,
+            "max_length": self.max_length,
+            "instruction": self.instruction,
+            "overhead_tokens": self.overhead,
+        }
 
 
 def model_prompt_settings(model: str) -> dict:

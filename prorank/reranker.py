@@ -31,8 +31,15 @@ class Reranker:
     """`max_length` (query + document tokens) and `instruction` default to the settings the model was
     trained with (the prorank.json that `prorank export` writes), else 512 and none."""
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "float32", max_length: int | None = None,
-                 instruction: str | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        dtype: str = "float32",
+        max_length: int | None = None,
+        instruction: str | None = None,
+        batch_size: int = 16,
+    ):
         from prorank.config import ModelConfig
         from prorank.models import checkpoint_model_dir, load_causal_lm, model_context
         from prorank.prompt import PromptBuilder, check_model_layout
@@ -55,8 +62,13 @@ class Reranker:
             return []
         return score_query(self.model, self.builder, query, list(documents), self.batch_size)
 
-    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None,
-             first_stage_scores: Sequence[float] | None = None) -> list[RankedDocument]:
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        first_stage_scores: Sequence[float] | None = None,
+    ) -> list[RankedDocument]:
         """The documents, best first (ties keep their given order); the first `top_k` when given. With
         `first_stage_scores` (the retriever's score of each document, e.g. BM25's), ranked by the model's
         fusion with them (`self.fusion`: a ValueError when the model was exported without one)."""
@@ -64,11 +76,15 @@ class Reranker:
         if first_stage_scores is None:
             fused = None
         elif self.fusion is None:
-            raise ValueError("first_stage_scores given, but this model has no fusion in its prorank.json "
-                             "(prorank export --fusion wsum|rrf stores one)")
+            raise ValueError(
+                "first_stage_scores given, but this model has no fusion in its prorank.json "
+                "(prorank export --fusion wsum|rrf stores one)"
+            )
         else:
             fused = fuse_lists(first_stage_scores, scores, self.fusion)
         ranked_by = fused if fused is not None else scores
         order = sorted(range(len(documents)), key=lambda i: -ranked_by[i])
-        return [RankedDocument(i, ranked_by[i], documents[i], scores[i] if fused is not None else None)
-                for i in order[:top_k]]
+        return [
+            RankedDocument(i, ranked_by[i], documents[i], scores[i] if fused is not None else None)
+            for i in order[:top_k]
+        ]

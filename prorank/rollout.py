@@ -55,5 +55,10 @@ class ScoredGroup:
 
     @classmethod
     def from_result(cls, result: GroupResult, rewards: list[float]) -> ScoredGroup:
-        return cls(result.prompt_ids, [c.token_ids for c in result.completions],
-                   [c.logprobs for c in result.completions], list(rewards), result.version)
+        return cls(
+            result.prompt_ids,
+            [c.token_ids for c in result.completions],
+            [c.logprobs for c in result.completions],
+            list(rewards),
+            result.version,
+        )

@@ -31,8 +31,10 @@ def lock_output(folder: str | Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise FolderInUse(f"{folder} is in use by a running job ({holder}); wait for it to end, stop it "
-                          "(`prorank stop`), or set another train.output_dir") from None
+        raise FolderInUse(
+            f"{folder} is in use by a running job ({holder}); wait for it to end, stop it "
+            "(`prorank stop`), or set another train.output_dir"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

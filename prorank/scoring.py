@@ -70,8 +70,9 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def answer_logits(model, prompts: Sequence[Sequence[int]], answer_ids: tuple[int, int], pad_id: int,
-                  shared_prefix: bool = True) -> torch.Tensor:
+def answer_logits(
+    model, prompts: Sequence[Sequence[int]], answer_ids: tuple[int, int], pad_id: int, shared_prefix: bool = True
+) -> torch.Tensor:
     """Logits of "0" and "1" at the end of each prompt (any lengths): [N, 2] float32, columns "0", "1".
 
     Left padding puts every prompt's answer position in the last column, so the vocabulary head runs on
@@ -87,26 +88,38 @@ def answer_logits(model, prompts: Sequence[Sequence[int]], answer_ids: tuple[int
     n = len(prompts)
     if p == 0:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
-                       use_cache=False).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False
+        ).logits
     else:
         _, cache = encode_prefix(model, prompts[0][:p], n, device)
         attn = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=device), mask], dim=1)
         positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                       logits_to_keep=1, use_cache=True).logits
+        logits = model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=positions,
+            past_key_values=cache,
+            logits_to_keep=1,
+            use_cache=True,
+        ).logits
     return logits[:, -1, list(answer_ids)].float()
 
 
 @torch.inference_mode()
-def score_query(model, builder: PromptBuilder, query: str, documents: Sequence[str], batch_size: int = 16,
-                shared_prefix: bool = True) -> list[float]:
+def score_query(
+    model,
+    builder: PromptBuilder,
+    query: str,
+    documents: Sequence[str],
+    batch_size: int = 16,
+    shared_prefix: bool = True,
+) -> list[float]:
     """Relevance scores of one query's documents, in their order, `batch_size` candidates per forward."""
     ids = builder.encode_batch([(query, d) for d in documents])
     pad_id = builder.tokenizer.pad_token_id
     scores: list[float] = []
     for start in range(0, len(ids), batch_size):
-        logits = answer_logits(model, ids[start : start + batch_size], builder.answer_ids, pad_id,
-                                         shared_prefix)
+        logits = answer_logits(model, ids[start : start + batch_size], builder.answer_ids, pad_id, shared_prefix)
         scores += relevance_score(logits).tolist()
     return scores

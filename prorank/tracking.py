@@ -8,10 +8,17 @@ import time
 from pathlib import Path
 
 # The console line: the key figures, in this order, with their short names.
-CONSOLE = [("train/reward/total_mean", "reward"), ("train/reward/format_mean", "format"),
-           ("train/judgment_accuracy", "acc"), ("train/kl", "kl"), ("rollout/judgments_per_second", "j/s"),
-           ("score/loss", "score loss"), ("score/margin", "margin"), ("weights/sync_seconds", "sync s"),
-           ("dev/ndcg@10", "dev nDCG@10")]
+CONSOLE = [
+    ("train/reward/total_mean", "reward"),
+    ("train/reward/format_mean", "format"),
+    ("train/judgment_accuracy", "acc"),
+    ("train/kl", "kl"),
+    ("rollout/judgments_per_second", "j/s"),
+    ("score/loss", "score loss"),
+    ("score/margin", "margin"),
+    ("weights/sync_seconds", "sync s"),
+    ("dev/ndcg@10", "dev nDCG@10"),
+]
 
 
 class RunLog:
@@ -57,8 +64,11 @@ class RunLog:
     def dev_history(self) -> list[dict[str, float]]:
         """Every dev evaluation of the run so far (a resumed run's earlier ones too), in logged order."""
         self._jsonl.flush()
-        return [{"step": r["step"], "ndcg@10": r["dev/ndcg@10"], "wall_hours": r["time/wall_hours"]}
-                for r in map(json.loads, (self.dir / "metrics.jsonl").read_text().splitlines()) if "dev/ndcg@10" in r]
+        return [
+            {"step": r["step"], "ndcg@10": r["dev/ndcg@10"], "wall_hours": r["time/wall_hours"]}
+            for r in map(json.loads, (self.dir / "metrics.jsonl").read_text().splitlines())
+            if "dev/ndcg@10" in r
+        ]
 
     def console_line(self) -> str:
         return "  ".join(f"{short} {self.latest[key]:.3g}" for key, short in CONSOLE if key in self.latest)

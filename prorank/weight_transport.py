@@ -28,8 +28,9 @@ class WeightSender(Protocol):
     def start(self) -> str:
         """Start serving; returns the address receivers pull from."""
 
-    def publish(self, version: int, state: Mapping[str, torch.Tensor],
-                receivers: Sequence[str] | None = None) -> dict[str, float]:
+    def publish(
+        self, version: int, state: Mapping[str, torch.Tensor], receivers: Sequence[str] | None = None
+    ) -> dict[str, float]:
         """Make `state` (read where it lies) the newest version. `receivers`: the names allowed to report.
         Returns {"seconds", "bytes", "changed_bytes", "changed_tensors", "tensors"}."""
 
@@ -50,8 +51,7 @@ class WeightReceiver(Protocol):
     def relay_address(self) -> str:
         """Start this actor's relay (if not yet) and return where the next actor pulls from."""
 
-    def sync(self, address: str, apply: Apply, upstream: str | None = None,
-             wait_seconds: float | None = None) -> dict:
+    def sync(self, address: str, apply: Apply, upstream: str | None = None, wait_seconds: float | None = None) -> dict:
         """Pull the newest version above `version` (from `upstream`, else the sender at `address`), verify it
         and `apply` it. Returns {"version", "applied", "error", "source", "bytes", "seconds"}; a bad transfer
         is refused (applied False, error set) and the served version stays."""

@@ -28,8 +28,14 @@ def generate(out_dir: Path) -> None:
         (out / PACKAGE).mkdir(parents=True)
         for name in PROTOS:
             shutil.copy(HERE / name, src / PACKAGE / name)
-        args = ["protoc", f"-I{src}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
-                *(str(PACKAGE / name) for name in PROTOS)]
+        args = [
+            "protoc",
+            f"-I{src}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *(str(PACKAGE / name) for name in PROTOS),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {PROTOS}")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,14 @@ from prorank.security import auth_metadata, channel_credentials
 
 # CANCELLED too: a replica that stops mid-call cancels the calls in flight (this client never cancels one).
 # RESOURCE_EXHAUSTED: the replica has its reward.max_calls (or per-peer) calls in flight already.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 REST_SECONDS = 2.0
 
 
@@ -48,30 +54,53 @@ class _Replica:
 
 def client_options(cfg: RewardConfig) -> dict:
     """Keyword arguments of RewardClient / SyncRewardClient from the reward config."""
-    return {"tls_ca": cfg.tls_ca, "tls": bool(cfg.tls_ca or cfg.tls_cert), "timeout": cfg.timeout_seconds,
-            "retries": cfg.retries, "backoff": cfg.backoff_seconds, "max_backoff": cfg.max_backoff_seconds,
-            "max_message_mb": cfg.max_message_mb}
+    return {
+        "tls_ca": cfg.tls_ca,
+        "tls": bool(cfg.tls_ca or cfg.tls_cert),
+        "timeout": cfg.timeout_seconds,
+        "retries": cfg.retries,
+        "backoff": cfg.backoff_seconds,
+        "max_backoff": cfg.max_backoff_seconds,
+        "max_message_mb": cfg.max_message_mb,
+    }
 
 
 def groups_from_results(results: Sequence[GroupResult]) -> list[reward_pb2.Group]:
-    return [reward_pb2.Group(request_id=r.request_id, query_id=r.query_id, doc_id=r.doc_id,
-                             completions=[c.text for c in r.completions]) for r in results]
+    return [
+        reward_pb2.Group(
+            request_id=r.request_id, query_id=r.query_id, doc_id=r.doc_id, completions=[c.text for c in r.completions]
+        )
+        for r in results
+    ]
 
 
 class RewardClient:
     """Create it inside the event loop that will use it (gRPC aio channels belong to one loop)."""
 
-    def __init__(self, addresses: Sequence[str], token: str, tls_ca: str | None = None, tls: bool = False,
-                 timeout: float = 10.0, retries: int = 8, backoff: float = 0.2, max_backoff: float = 2.0,
-                 max_message_mb: int = 64):
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        token: str,
+        tls_ca: str | None = None,
+        tls: bool = False,
+        timeout: float = 10.0,
+        retries: int = 8,
+        backoff: float = 0.2,
+        max_backoff: float = 2.0,
+        max_message_mb: int = 64,
+    ):
         if not addresses:
             raise ValueError("no reward service addresses")
         limit = max_message_mb * 2**20
         # Reconnect within a second of a replica coming back (gRPC's default backoff grows to minutes,
         # and calls fail at once while it waits: a restarted replica would stay unused).
-        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         self._creds = channel_credentials(tls_ca) if (tls or tls_ca) else None
         self._options = options
         self.replicas = [self._connect(a) for a in addresses]
@@ -80,8 +109,11 @@ class RewardClient:
         self._turn = itertools.count()
 
     def _connect(self, address: str) -> _Replica:
-        channel = (grpc.aio.secure_channel(address, self._creds, options=self._options) if self._creds
-                   else grpc.aio.insecure_channel(address, options=self._options))
+        channel = (
+            grpc.aio.secure_channel(address, self._creds, options=self._options)
+            if self._creds
+            else grpc.aio.insecure_channel(address, options=self._options)
+        )
         return _Replica(address, reward_pb2_grpc.RewardStub(channel), channel)
 
     async def set_addresses(self, addresses: Sequence[str]) -> None:

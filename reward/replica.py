@@ -32,8 +32,9 @@ class RewardReplica:
 def start_replicas(data: DataConfig, cfg: RewardConfig, token: str) -> tuple[list, list[str]]:
     """`cfg.replicas` reward actors; returns their handles and addresses once all are serving. Ray
     restarts one that dies up to `cfg.max_restarts` times (on a new port: see ReplicaSet)."""
-    cls = ray.remote(RewardReplica).options(num_cpus=cfg.num_cpus, resources=cfg.resources or None,
-                                            max_restarts=cfg.max_restarts)
+    cls = ray.remote(RewardReplica).options(
+        num_cpus=cfg.num_cpus, resources=cfg.resources or None, max_restarts=cfg.max_restarts
+    )
     handles = [cls.remote(data, cfg, token) for _ in range(cfg.replicas)]
     return handles, ray.get([h.address.remote() for h in handles])
 

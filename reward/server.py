@@ -50,21 +50,30 @@ class RewardServicer:
         request = parse_or_problem(reward_pb2.ScoreRequest, raw)
         if isinstance(request, str):
             return request
-        return validate(request, self.cfg) or reward_pb2.ScoreResponse(groups=[self.score_group(g) for g in
-                                                                               request.groups])
+        return validate(request, self.cfg) or reward_pb2.ScoreResponse(
+            groups=[self.score_group(g) for g in request.groups]
+        )
 
     def score_group(self, group: reward_pb2.Group) -> reward_pb2.GroupReward:
         judged = self.qrels.get(group.query_id)
         if judged is None:
-            return reward_pb2.GroupReward(request_id=group.request_id, status=reward_pb2.UNKNOWN_QUERY,
-                                          error=f"unknown query id {clip(group.query_id)!r}")
+            return reward_pb2.GroupReward(
+                request_id=group.request_id,
+                status=reward_pb2.UNKNOWN_QUERY,
+                error=f"unknown query id {clip(group.query_id)!r}",
+            )
         label = label_of(judged, group.doc_id, self.cfg.relevance_threshold)
         scores = score_completions(group.completions, label, self.cfg)
         mean, std = group_stats(scores)
         return reward_pb2.GroupReward(
-            request_id=group.request_id, label=label, mean=mean, std=std,
-            rewards=[reward_pb2.CompletionReward(format=s.format, relevance=s.relevance, total=s.total,
-                                                 judgment=s.judgment) for s in scores],
+            request_id=group.request_id,
+            label=label,
+            mean=mean,
+            std=std,
+            rewards=[
+                reward_pb2.CompletionReward(format=s.format, relevance=s.relevance, total=s.total, judgment=s.judgment)
+                for s in scores
+            ],
         )
 
 
@@ -79,8 +88,9 @@ def validate(request: reward_pb2.ScoreRequest, cfg: RewardConfig) -> str | None:
         where = f"group {i} ({clip(g.request_id) or 'no request_id'})"
         for field in ("request_id", "query_id", "doc_id"):
             if len(value := getattr(g, field)) > cfg.max_id_chars:
-                return (f"{where}: a {field} of {len(value)} characters; at most {cfg.max_id_chars} "
-                        "(reward.max_id_chars)")
+                return (
+                    f"{where}: a {field} of {len(value)} characters; at most {cfg.max_id_chars} (reward.max_id_chars)"
+                )
         if g.request_id in seen:  # its answer could not be told from the other's
             return f"{where}: request_id {clip(g.request_id)!r} is used twice in one request"
         seen.add(g.request_id)
@@ -94,8 +104,10 @@ def validate(request: reward_pb2.ScoreRequest, cfg: RewardConfig) -> str | None:
             return f"{where}: {len(g.completions)} completions; at most {cfg.max_completions} (reward.max_completions)"
         longest = max(map(len, g.completions))
         if longest > cfg.max_completion_chars:
-            return (f"{where}: a completion of {longest} characters; at most {cfg.max_completion_chars} "
-                    "(reward.max_completion_chars)")
+            return (
+                f"{where}: a completion of {longest} characters; at most {cfg.max_completion_chars} "
+                "(reward.max_completion_chars)"
+            )
     return None
 
 
@@ -109,16 +121,33 @@ class RewardServer:
 
         def add_services(server: grpc.aio.Server, refusals: RefusalLog) -> None:
             self.servicer = servicer = RewardServicer(qrels, cfg, refusals)
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-                "Score": grpc.unary_unary_rpc_method_handler(
-                    servicer.Score, response_serializer=reward_pb2.ScoreResponse.SerializeToString)}),))
+            server.add_generic_rpc_handlers(
+                (
+                    grpc.method_handlers_generic_handler(
+                        SERVICE,
+                        {
+                            "Score": grpc.unary_unary_rpc_method_handler(
+                                servicer.Score, response_serializer=reward_pb2.ScoreResponse.SerializeToString
+                            )
+                        },
+                    ),
+                )
+            )
             self.health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
 
         self.server = GuardedServer(
-            add_services, token, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key, ServerLimits.of(cfg),
+            add_services,
+            token,
+            cfg.host,
+            cfg.port,
+            cfg.tls_cert,
+            cfg.tls_key,
+            ServerLimits.of(cfg),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-            open_methods=HEALTH_METHODS if cfg.open_health_check else frozenset(), name="reward")
+            open_methods=HEALTH_METHODS if cfg.open_health_check else frozenset(),
+            name="reward",
+        )
         self.port = self.server.port
         self.address = f"{cfg.host}:{self.port}"
 

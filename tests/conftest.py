@@ -73,8 +73,12 @@ def ray_local():
     """One local Ray for the session; 4 logical CPUs so that 3 one-CPU actors fit on 2 cores."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
     yield ray
     ray.shutdown()
 
@@ -93,17 +97,37 @@ def answering_model(tmp_path_factory, scifact_dir):
 # simulated cluster of network namespaces, the real clients, or a browser. Marked here, in one place, by
 # the fixtures and modules that do so; CI runs every tier.
 SLOW_FIXTURES = {"ray_local", "smollm2_dir", "answering_model"}
-SLOW_MODULES = {"test_train_job", "test_simcluster", "test_deploy", "test_soak", "test_clients", "test_control",
-                "test_hostile_callers"}
+SLOW_MODULES = {
+    "test_train_job",
+    "test_simcluster",
+    "test_deploy",
+    "test_soak",
+    "test_clients",
+    "test_control",
+    "test_hostile_callers",
+}
 # scripts/test.sh runs the suite as two pytest workers (most tests wait on start-ups, polls and sockets far
 # more than they compute), then these modules alone: they hold a server under attack and judge it by its
 # legitimate calls' deadlines or its RSS, or (the simulated cluster) run Ray's health checks at 1 s, which a
 # second busy process on 2 cores would decide instead (beside one, a cut-off node's actor was not back in 300 s).
-SERIAL_MODULES = {"test_hostile_callers", "test_reward_hardening", "test_weight_service_hardening", "test_simcluster"}
+SERIAL_MODULES = {
+    "test_hostile_callers",
+    "test_http2_floods",
+    "test_reward_hardening",
+    "test_weight_service_hardening",
+    "test_simcluster",
+}
 # The longest modules first (by --durations on 2 AVX2 cores): the two workers then finish together,
 # rather than one running the longest module alone at the end.
-LONGEST_FIRST = ["test_clients", "test_train_job", "test_soak", "test_actors", "test_lora",
-                 "test_learner", "test_score_learning"]
+LONGEST_FIRST = [
+    "test_clients",
+    "test_train_job",
+    "test_soak",
+    "test_actors",
+    "test_lora",
+    "test_learner",
+    "test_score_learning",
+]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,8 +18,15 @@ STEPS = 10
 SCORE_STEPS = 4
 
 
-def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = STEPS, stages: str = "warmup",
-               updates: dict[str, dict] | None = None) -> Path:
+def job_config(
+    tmp: Path,
+    model: Path,
+    scifact: Path,
+    mode: str,
+    steps: int = STEPS,
+    stages: str = "warmup",
+    updates: dict[str, dict] | None = None,
+) -> Path:
     """The e2e job's config file; `updates` are merged into its sections."""
     cfg = {
         "data": {"path": str(scifact)},
@@ -28,16 +35,43 @@ def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = ST
         "sampling": {"group_size": 4, "max_tokens": 1, "temperature": 1.0},
         "actors": {"num_actors": 2, "max_model_len": 256, "chunk_size": 2, "kv_cache_gib": 1},
         "reward": {"port": 0},
-        "learner": {"num_ranks": 2, "zero_stage": 2, "groups_per_step": 8, "micro_batch_groups": 2,
-                    "lr": 3e-3, "beta": 0.01},
+        "learner": {
+            "num_ranks": 2,
+            "zero_stage": 2,
+            "groups_per_step": 8,
+            "micro_batch_groups": 2,
+            "lr": 3e-3,
+            "beta": 0.01,
+        },
         "eval": {"batch_size": 8},
-        "train": {"steps": steps, "mode": mode, "max_train_queries": 40, "dev_queries": 6, "dev_every": 5,
-                  "dev_depth": 5, "checkpoint_every": 5, "output_dir": str(tmp / f"run-{mode}"),
-                  "ray_num_cpus": 6, "stages": stages},
-        "score": {"steps": SCORE_STEPS, "queries_per_step": 4, "micro_batch_queries": 1, "negatives": 3,
-                  "lr": 1e-3, "contrastive_weight": 1.0, "pairwise_weight": 0.5, "pointwise_weight": 0.5,
-                  "dev_every": 2, "checkpoint_every": 2, "sync_every": 3, "negatives_from": "policy", "wait_for_actors": True,
-                  "mine_every": 2},
+        "train": {
+            "steps": steps,
+            "mode": mode,
+            "max_train_queries": 40,
+            "dev_queries": 6,
+            "dev_every": 5,
+            "dev_depth": 5,
+            "checkpoint_every": 5,
+            "output_dir": str(tmp / f"run-{mode}"),
+            "ray_num_cpus": 6,
+            "stages": stages,
+        },
+        "score": {
+            "steps": SCORE_STEPS,
+            "queries_per_step": 4,
+            "micro_batch_queries": 1,
+            "negatives": 3,
+            "lr": 1e-3,
+            "contrastive_weight": 1.0,
+            "pairwise_weight": 0.5,
+            "pointwise_weight": 0.5,
+            "dev_every": 2,
+            "checkpoint_every": 2,
+            "sync_every": 3,
+            "negatives_from": "policy",
+            "wait_for_actors": True,
+            "mine_every": 2,
+        },
     }
     for section, values in (updates or {}).items():
         cfg.setdefault(section, {}).update(values)
@@ -49,9 +83,15 @@ def job_config(tmp: Path, model: Path, scifact: Path, mode: str, steps: int = ST
 def start_job(config: Path, tag: str, *extra: str) -> subprocess.Popen:
     """The CLI in its own process group, as a scheduler (SLURM, Kubernetes, a launcher) starts it."""
     env = {**os.environ, "PRORANK_E2E_TAG": tag, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def leftovers(tag: str) -> list[str]:

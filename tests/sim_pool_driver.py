@@ -19,8 +19,10 @@ def main(address: str, model: str, scifact: str, n: int) -> None:
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     data = load_local(scifact, "test")
     pairs = [(q, d) for q in data.query_ids for d in data.qrels[q]]
-    requests = [RolloutRequest(f"r{i}", q, d, data.queries[q], data.corpus[d].text[:300])
-                for i, (q, d) in enumerate(pairs[i % len(pairs)] for i in range(n))]
+    requests = [
+        RolloutRequest(f"r{i}", q, d, data.queries[q], data.corpus[d].text[:300])
+        for i, (q, d) in enumerate(pairs[i % len(pairs)] for i in range(n))
+    ]
     actors = ActorConfig(num_actors=2, resources={"actor_node": 1}, max_model_len=256, chunk_size=8, kv_cache_gib=1)
     pool = ActorPool(model, actors, SamplingConfig(group_size=4, max_tokens=1), PromptConfig(max_length=96))
     pool.start()
@@ -30,8 +32,17 @@ def main(address: str, model: str, scifact: str, n: int) -> None:
         answered.append(result.request_id)
         if len(answered) == 1:
             print(json.dumps({"first": result.actor}), flush=True)
-    print(json.dumps({"answered": answered, "requeued": pool.requeued, "lost": pool.replaced,
-                      "actors": sorted({r for r in pool.slots})}), flush=True)
+    print(
+        json.dumps(
+            {
+                "answered": answered,
+                "requeued": pool.requeued,
+                "lost": pool.replaced,
+                "actors": sorted({r for r in pool.slots}),
+            }
+        ),
+        flush=True,
+    )
     pool.shutdown()
 
 

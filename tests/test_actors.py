@@ -66,6 +66,7 @@ def hf_logprobs(model, prompt_ids, token_ids):
         logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
     return torch.log_softmax(logits.float(), -1)[torch.arange(len(token_ids)), token_ids]
 
+
 def _updated(model, state):
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +80,6 @@ def _check_logprobs(pool, model, scifact_test, version, tag):
         assert res.version == version
         for c in res.completions:
             assert torch.allclose(torch.tensor(c.logprobs), hf_logprobs(model, res.prompt_ids, c.token_ids), atol=1e-4)
-
 
 
 def _perturbed(model, seed: int) -> dict:
@@ -213,7 +213,7 @@ def test_scale_up_and_down_while_streaming(pool, server, tiny_model, scifact_tes
             pool.scale(1)
             assert pool.size == 1
     assert sorted(r.request_id for r in seen) == sorted(r.request_id for r in first + second)  # once each
-    assert {r.actor for r in seen[len(first):]} >= {"rollout-2"}  # the added actor took work
+    assert {r.actor for r in seen[len(first) :]} >= {"rollout-2"}  # the added actor took work
     assert {r.version for r in seen[: len(first)]} == {version}
     assert {r.version for r in seen[len(first) :]} == {version + 1}  # each actor served the latest
     assert pool.size == 1 and len(pool.slots) == 1  # the removed ones were stopped once drained

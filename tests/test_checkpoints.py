@@ -85,9 +85,16 @@ def test_a_second_holder_of_an_output_folder_is_refused_and_a_dead_one_leaves_no
 
     from prorank.run_lock import FolderInUse, lock_output
 
-    held = subprocess.Popen([sys.executable, "-c", "import sys, time; from prorank.run_lock import lock_output; "
-                             f"h = lock_output({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
-                            stdout=subprocess.PIPE, text=True)
+    held = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from prorank.run_lock import lock_output; "
+            f"h = lock_output({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert held.stdout.readline().strip() == "held"
         with pytest.raises(FolderInUse, match=rf"{tmp_path} is in use by a running job \(pid {held.pid} on "):
@@ -101,13 +108,16 @@ def test_a_second_holder_of_an_output_folder_is_refused_and_a_dead_one_leaves_no
 def test_a_ranks_error_reaches_the_console_with_its_cause():
     from prorank.learner.group import rank_failure
 
-    traceback = ("ray::LearnerRank.save() (pid=4242, ip=10.0.0.2, actor_id=ab)\n"
-                 "  File \"learner/rank.py\", line 238\n"
-                 "    self.engine.save_checkpoint(folder)\n"
-                 "OSError: [Errno 28] No space left on device: "
-                 "'/runs/x/checkpoints/.tmp-step-40/state/mp_rank_00.pt'\n")
+    traceback = (
+        "ray::LearnerRank.save() (pid=4242, ip=10.0.0.2, actor_id=ab)\n"
+        '  File "learner/rank.py", line 238\n'
+        "    self.engine.save_checkpoint(folder)\n"
+        "OSError: [Errno 28] No space left on device: "
+        "'/runs/x/checkpoints/.tmp-step-40/state/mp_rank_00.pt'\n"
+    )
     err = rank_failure("rank 0 on node 10.0.0.2 (abcd1234)", "save", RuntimeError(traceback))
     message = str(err)
     assert message.startswith("learner rank 0 on node 10.0.0.2 (abcd1234) failed in save: RuntimeError: ray::")
-    assert message.endswith("OSError: [Errno 28] No space left on device: "
-                            "'/runs/x/checkpoints/.tmp-step-40/state/mp_rank_00.pt'")
+    assert message.endswith(
+        "OSError: [Errno 28] No space left on device: '/runs/x/checkpoints/.tmp-step-40/state/mp_rank_00.pt'"
+    )

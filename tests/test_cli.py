@@ -18,7 +18,9 @@ def _run(*args):
 
 def test_bm25_only_eval_writes_json_and_tensorboard(scifact_dir, tmp_path):
     out = tmp_path / "r.json"
-    res = _run("eval", "--data", scifact_dir, "--max-queries", 30, "--output", out, f"eval.tensorboard_dir={tmp_path}/tb")
+    res = _run(
+        "eval", "--data", scifact_dir, "--max-queries", 30, "--output", out, f"eval.tensorboard_dir={tmp_path}/tb"
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert set(report["bm25"]) == {"nDCG@10", "RR@10", "R@100"} and "model" not in report
@@ -88,8 +90,10 @@ def test_export_and_scale_refuse_bad_input(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["export", str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "holds no model" in result.output
-    result = runner.invoke(app, ["export", str(tiny_model_dir), "--output", str(tmp_path / "plain"),
-                                 "--adapter", str(tmp_path / "adapter")])  # not trained with learner.lora
+    result = runner.invoke(
+        app,
+        ["export", str(tiny_model_dir), "--output", str(tmp_path / "plain"), "--adapter", str(tmp_path / "adapter")],
+    )  # not trained with learner.lora
     assert result.exit_code == 2 and "no LoRA adapter" in result.output
     assert not (tmp_path / "plain").exists() and not (tmp_path / "adapter").exists()  # nothing written
     result = runner.invoke(app, ["export", str(tiny_model_dir), "--output", str(tmp_path / "out")])
@@ -143,7 +147,9 @@ def test_models_of_another_prompt_layout_are_refused_before_any_work(scifact_dir
 
     legacy = tmp_path / "legacy"
     shutil.copytree(tiny_model_dir, legacy)
-    (legacy / "prorank.json").write_text(json.dumps({"system_prompt": "...", "max_length": 256, "max_query_tokens": 64}))
+    (legacy / "prorank.json").write_text(
+        json.dumps({"system_prompt": "...", "max_length": 256, "max_query_tokens": 64})
+    )
     res = _run("eval", "--data", scifact_dir, "--model", legacy, "--output", tmp_path / "r.json")
     assert res.exit_code == 2 and "'chat-template'" in res.output and "'mxbai-v2'" in res.output
     assert not (tmp_path / "r.json").exists()
@@ -152,8 +158,14 @@ def test_models_of_another_prompt_layout_are_refused_before_any_work(scifact_dir
     run = tmp_path / "old-run"  # a run whose summary recorded the old prompt settings
     (run / "checkpoints" / "step-1").mkdir(parents=True)
     shutil.copytree(tiny_model_dir, run / "checkpoints" / "step-1" / "model")
-    (run / "summary.json").write_text(json.dumps({"model": str(run / "checkpoints" / "step-1" / "model"),
-                                                  "prompt": {"max_length": 256, "max_query_tokens": 64}}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "model": str(run / "checkpoints" / "step-1" / "model"),
+                "prompt": {"max_length": 256, "max_query_tokens": 64},
+            }
+        )
+    )
     res = _run("export", run, "--output", tmp_path / "out")
     assert res.exit_code == 2 and "'chat-template'" in res.output and not (tmp_path / "out").exists()
     res = _run("eval", "--data", scifact_dir, "prompt.max_query_tokens=64")
@@ -194,9 +206,21 @@ def test_train_names_a_data_error_before_its_tensorboard_line(scifact_dir, tiny_
     data = tmp_path / "data"
     shutil.copytree(scifact_dir, data)
     (data / "queries.jsonl").write_bytes(b'{"_id": "1", "text": "ok"}\n{"_id": "2", "text": "\xc3("}\n')
-    res = subprocess.run([sys.executable, "-m", "prorank.driver.cli", "train", f"data.path={data}", f"model.path={tiny_model_dir}",
-                          f"train.output_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prorank.driver.cli",
+            "train",
+            f"data.path={data}",
+            f"model.path={tiny_model_dir}",
+            f"train.output_dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert res.returncode == 2, res.stderr
     assert f"{data / 'queries.jsonl'}:2: not UTF-8" in res.stderr and "TensorBoard" not in res.stderr
     assert not (tmp_path / "run").exists()

@@ -17,8 +17,17 @@ import pytest
 from jobs import ROOT, gone, job_config, start_job
 
 from bench.clients import (
-    CLIENTS_PYTHON, FULL, ClientError, cross_encoder, flat, mxbai, our_scores, per_query, run_client,
-    scifact_candidates, vllm,
+    CLIENTS_PYTHON,
+    FULL,
+    ClientError,
+    cross_encoder,
+    flat,
+    mxbai,
+    our_scores,
+    per_query,
+    run_client,
+    scifact_candidates,
+    vllm,
 )
 
 TRAINED_LENGTH = 192
@@ -81,8 +90,14 @@ def test_token_ids_equal_mxbai_rerank_prepare_inputs(model, exported, tiny_model
 def test_mxbai_rerank_scores_like_prorank_eval(exported, candidates, ours):
     """`MxbaiRerankV2(folder)` under transformers 4 (the folder loads there: RoPE base 100,000 read, not
     4's silent default of 10,000), at the training length and at its default full length."""
-    answer = mxbai(exported, flat(candidates), [{"max_length": TRAINED_LENGTH, "instruction": None, "scores": True},
-                                                {"max_length": 8192, "instruction": None, "scores": True}])
+    answer = mxbai(
+        exported,
+        flat(candidates),
+        [
+            {"max_length": TRAINED_LENGTH, "instruction": None, "scores": True},
+            {"max_length": 8192, "instruction": None, "scores": True},
+        ],
+    )
     assert answer["transformers"].startswith("4.") and answer["rope_theta"] == 100000.0
     for run, length in zip(answer["runs"], (TRAINED_LENGTH, FULL)):
         got = per_query(candidates, run["scores"])
@@ -144,19 +159,47 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
     assert not (released / "prorank.json").exists()
 
     cli = [sys.executable, "-m", "prorank.driver.cli"]
-    zero_shot = subprocess.run(cli + ["eval", "--data", str(scifact_dir), "--model", str(released),
-                                      "--max-queries", "4", "--rerank-depth", "5", "--max-length", "96",
-                                      "--output", str(tmp_path / "zs.json"),
-                                      "eval.tensorboard_dir=" + str(tmp_path / "tb")],
-                               cwd=ROOT, capture_output=True, text=True, timeout=600)
+    zero_shot = subprocess.run(
+        cli
+        + [
+            "eval",
+            "--data",
+            str(scifact_dir),
+            "--model",
+            str(released),
+            "--max-queries",
+            "4",
+            "--rerank-depth",
+            "5",
+            "--max-length",
+            "96",
+            "--output",
+            str(tmp_path / "zs.json"),
+            "eval.tensorboard_dir=" + str(tmp_path / "tb"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert zero_shot.returncode == 0, zero_shot.stderr[-3000:]
     assert json.loads((tmp_path / "zs.json").read_text())["settings"]["prompt"]["layout"] == "mxbai-v2"
 
     tag = uuid.uuid4().hex
     lora = {"r": 8, "alpha": 16}  # the actors (CPU) serve each version merged into their base weights
-    config = job_config(tmp_path, released, scifact_dir, "sync", steps=2, stages="warmup,score",
-                        updates={"score": {"steps": 2, "dev_every": 0, "checkpoint_every": 2, "sync_every": 2},
-                                 "train": {"dev_every": 0, "checkpoint_every": 2}, "learner": {"lora": lora}})
+    config = job_config(
+        tmp_path,
+        released,
+        scifact_dir,
+        "sync",
+        steps=2,
+        stages="warmup,score",
+        updates={
+            "score": {"steps": 2, "dev_every": 0, "checkpoint_every": 2, "sync_every": 2},
+            "train": {"dev_every": 0, "checkpoint_every": 2},
+            "learner": {"lora": lora},
+        },
+    )
     proc = start_job(config, tag)
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-4000:]
@@ -169,8 +212,13 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
     assert [m["step"] for m in synced] == [1, 2, 4] and all(m["weights/bytes"] < 0.25 * model_bytes for m in synced)
     assert all(m["weights/refused"] == 0 for m in synced), "an actor could not apply a version"
     out, adapter = tmp_path / "exported", tmp_path / "adapter"
-    exported = subprocess.run(cli + ["export", str(run), "--output", str(out), "--adapter", str(adapter)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+    exported = subprocess.run(
+        cli + ["export", str(run), "--output", str(out), "--adapter", str(adapter)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert json.loads((out / "prorank.json").read_text())["max_length"] == 96
     _adapter_gives_the_merged_model(released, adapter, out)
@@ -180,7 +228,13 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
     ids = list(data.corpus)[:5] + list(data.qrels[qid])
     docs = [document_text(data.corpus[d].title, data.corpus[d].text) for d in ids]
     candidates = {qid: [(data.queries[qid], d) for d in docs]}
-    answer = mxbai(out, flat(candidates), [{"max_length": 96, "instruction": None, "scores": True},
-                                           {"max_length": 8192, "instruction": None, "scores": True}])
+    answer = mxbai(
+        out,
+        flat(candidates),
+        [
+            {"max_length": 96, "instruction": None, "scores": True},
+            {"max_length": 8192, "instruction": None, "scores": True},
+        ],
+    )
     for run, length in zip(answer["runs"], (96, FULL)):
         assert_same(run["scores"], our_scores(out, candidates, length)[qid])

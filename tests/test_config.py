@@ -60,18 +60,28 @@ def test_shipped_configs_load():
 
 
 def test_stages_and_score_section():
-    cfg = load_config(None, ["train.stages=warmup,score", "score.queries_per_step=4", "score.micro_batch_queries=2",
-                             "learner.num_ranks=2"])
+    cfg = load_config(
+        None,
+        ["train.stages=warmup,score", "score.queries_per_step=4", "score.micro_batch_queries=2", "learner.num_ranks=2"],
+    )
     assert cfg.train.stages == ["warmup", "score"]
     lc = cfg.score_learner()
-    assert (lc.lr, lc.warmup_steps, lc.total_steps, lc.num_ranks) == (cfg.score.lr, cfg.score.warmup_steps,
-                                                                      cfg.score.steps, 2)
+    assert (lc.lr, lc.warmup_steps, lc.total_steps, lc.num_ranks) == (
+        cfg.score.lr,
+        cfg.score.warmup_steps,
+        cfg.score.steps,
+        2,
+    )
     mix = cfg.score.ranking_loss()  # passed whole to the learner: every loss named
     assert mix.weights == {"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0} and mix.temperature == 1.0
-    for bad, key in [(["train.stages=score,warmup"], "train"), (["train.stages=warmup,warmup"], "train"),
-                     (["train.stages=score", "score.queries_per_step=3"], "queries_per_step"),
-                     (["score.init_from=x"], "init_from"), (["score.contrastive_weight=0"], "score"),
-                     (["train.job_name=a b"], "train.job_name")]:
+    for bad, key in [
+        (["train.stages=score,warmup"], "train"),
+        (["train.stages=warmup,warmup"], "train"),
+        (["train.stages=score", "score.queries_per_step=3"], "queries_per_step"),
+        (["score.init_from=x"], "init_from"),
+        (["score.contrastive_weight=0"], "score"),
+        (["train.job_name=a b"], "train.job_name"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, bad)
 
@@ -84,7 +94,9 @@ def test_score_ab_variants_become_checked_score_only_configs(tmp_path):
     from bench.score_ab import ROOT, job_config, parse_variant
 
     assert parse_variant("policy: score.negatives_from=policy score.mine_every=50") == (
-        "policy", ["score.negatives_from=policy", "score.mine_every=50"])
+        "policy",
+        ["score.negatives_from=policy", "score.mine_every=50"],
+    )
     assert parse_variant("bm25:") == ("bm25", [])
     with pytest.raises(argparse.ArgumentTypeError, match="NAME: key=value"):
         parse_variant("no colon")

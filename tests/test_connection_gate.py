@@ -52,8 +52,9 @@ def score(address: str) -> int:
 
 @pytest.fixture
 def server():
-    srv = RewardServer({"q1": {"d1": 1}}, RewardConfig(port=0, max_connections_per_peer=3, max_connections=5),
-                       TOKEN).start()
+    srv = RewardServer(
+        {"q1": {"d1": 1}}, RewardConfig(port=0, max_connections_per_peer=3, max_connections=5), TOKEN
+    ).start()
     yield srv
     srv.stop(0)
 
@@ -65,8 +66,10 @@ def test_a_host_past_its_cap_is_reset_and_logged_while_others_are_served(server,
     assert connect(server.address) is None
     assert score(server.address) == 1  # from 127.0.0.1: another host, its own allowance
     [line] = [r.getMessage() for r in caplog.records if "CONNECTION" in r.getMessage()]
-    assert line.startswith(f"refused a connection from ipv4:{ATTACKER}, CONNECTION: 3 connections from "
-                           f"ipv4:{ATTACKER}; at most 3 (max_connections_per_peer)"), line
+    assert line.startswith(
+        f"refused a connection from ipv4:{ATTACKER}, CONNECTION: 3 connections from "
+        f"ipv4:{ATTACKER}; at most 3 (max_connections_per_peer)"
+    ), line
     held.pop().close()  # a connection ends: the host may open another (once the gate has seen it end)
     deadline, again = time.monotonic() + 10, None
     while again is None and time.monotonic() < deadline:
@@ -78,8 +81,9 @@ def test_a_host_past_its_cap_is_reset_and_logged_while_others_are_served(server,
 
 
 def test_connections_in_all_are_capped(server):
-    held = [connect(server.address, source) for source in ("127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4",
-                                                           "127.0.0.5")]
+    held = [
+        connect(server.address, source) for source in ("127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4", "127.0.0.5")
+    ]
     assert None not in held
     assert connect(server.address, "127.0.0.6") is None
     for s in held:

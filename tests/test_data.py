@@ -31,8 +31,18 @@ def test_small_folder_roundtrip(tmp_path):
         (DOCS + ['{"_id": "d3", "text": '], QUERIES, None, r"corpus.jsonl:3: malformed JSON"),
         (DOCS + ['["a list"]'], QUERIES, None, r"corpus.jsonl:3: expected a JSON object"),
         (DOCS + [{"title": "x", "text": "y"}], QUERIES, None, r"corpus.jsonl:3: missing '_id'"),
-        (DOCS + [{"_id": "d1", "text": "again"}], QUERIES, None, r"corpus.jsonl:3: duplicate document id 'd1' \(first at .*corpus.jsonl:1\)"),
-        (DOCS + [{"_id": "d3", "title": " ", "text": ""}], QUERIES, None, r"corpus.jsonl:3: document 'd3' has an empty title and text"),
+        (
+            DOCS + [{"_id": "d1", "text": "again"}],
+            QUERIES,
+            None,
+            r"corpus.jsonl:3: duplicate document id 'd1' \(first at .*corpus.jsonl:1\)",
+        ),
+        (
+            DOCS + [{"_id": "d3", "title": " ", "text": ""}],
+            QUERIES,
+            None,
+            r"corpus.jsonl:3: document 'd3' has an empty title and text",
+        ),
         (DOCS + [{"_id": "d3", "text": 5}], QUERIES, None, r"corpus.jsonl:3: field 'text' must be a string"),
         (DOCS, QUERIES + [{"_id": "q3", "text": "  "}], None, r"queries.jsonl:3: query 'q3' has an empty text"),
         (DOCS, QUERIES + [{"_id": "q1", "text": "dup"}], None, r"queries.jsonl:3: duplicate query id 'q1'"),
@@ -69,7 +79,9 @@ def test_data_as_published_is_kept_and_counted(tmp_path, caplog):
     assert ds.missing_docs == {"q1": {"d9": 1}} and ds.eval_qrels == {"q1": {"d1": 1, "d9": 1}, "q2": {"d2": 1}}
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2
-    assert "1 document(s) with an empty title and text kept (first at " in warnings[0] and "corpus.jsonl:3" in warnings[0]
+    assert (
+        "1 document(s) with an empty title and text kept (first at " in warnings[0] and "corpus.jsonl:3" in warnings[0]
+    )
     assert "1 qrel(s) name documents not in the corpus" in warnings[1] and "1 name unknown queries" in warnings[1]
     perfect = {"q1": {"d1": 2.0, "d3": 1.0}, "q2": {"d2": 2.0}}
     assert evaluate(ds.qrels, perfect)["R@100"] == 1.0

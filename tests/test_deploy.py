@@ -21,7 +21,7 @@ import pytest
 import yaml
 from jobs import ROOT, job_config, step_lines
 
-from deploy.sim.cluster import can_create_namespaces
+from deploy.sim.netns import can_create_namespaces
 
 DEPLOY = ROOT / "deploy"
 CLUSTER_CONFIG = ROOT / "configs" / "cluster-qwen2.5-0.5b.yaml"
@@ -72,18 +72,24 @@ def test_kuberay_manifests_validate():
 
 
 def test_shell_scripts_pass_shellcheck():
-    scripts = [DEPLOY / "slurm" / "prorank.sbatch", DEPLOY / "sim" / "simcluster.sh", *sorted((ROOT / "scripts").glob("*.sh")),
-               ROOT / ".ci" / "run"]
-    out = subprocess.run([str(Path(sys.executable).parent / "shellcheck"), *map(str, scripts)],
-                         capture_output=True, text=True)
+    scripts = [
+        DEPLOY / "slurm" / "prorank.sbatch",
+        DEPLOY / "sim" / "simcluster.sh",
+        *sorted((ROOT / "scripts").glob("*.sh")),
+        ROOT / ".ci" / "run",
+    ]
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "shellcheck"), *map(str, scripts)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_dockerfiles_pass_hadolint():
     files = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
     assert {f.name for f in files} == {"Dockerfile.cpu", "Dockerfile.cuda"}
-    out = subprocess.run([str(Path(sys.executable).parent / "hadolint"), *map(str, files)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "hadolint"), *map(str, files)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -103,21 +109,55 @@ def two_node_cluster(tmp_path):
     tag = uuid.uuid4().hex
     token = tmp_path / "ray-token"
     token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "PRORANK_E2E_TAG": tag, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "PRORANK_E2E_TAG": tag,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     ray = str(Path(sys.executable).parent / "ray")
     address = f"127.0.0.1:{_free_port()}"
     # Its own temp dir (short: it holds Unix sockets), so that its address file does not make later
     # `ray.init()` calls on this machine join it.
     temp = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
-    common = ["--num-cpus", "4", "--object-store-memory", str(300 * 2**20), "--disable-usage-stats",
-              "--node-ip-address", "127.0.0.1"]
+    common = [
+        "--num-cpus",
+        "4",
+        "--object-store-memory",
+        str(300 * 2**20),
+        "--disable-usage-stats",
+        "--node-ip-address",
+        "127.0.0.1",
+    ]
     try:
-        subprocess.run([ray, "start", "--head", "--port", address.split(":")[1], "--include-dashboard=false",
-                        "--temp-dir", temp, "--resources", json.dumps({"learner_node": 4}), *common], env=env,
-                       check=True, capture_output=True, timeout=120)
-        subprocess.run([ray, "start", "--address", address, "--resources", json.dumps({"actor_node": 4}), *common],
-                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                "--port",
+                address.split(":")[1],
+                "--include-dashboard=false",
+                "--temp-dir",
+                temp,
+                "--resources",
+                json.dumps({"learner_node": 4}),
+                *common,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [ray, "start", "--address", address, "--resources", json.dumps({"actor_node": 4}), *common],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         yield address, env, tag
     finally:
         for sig in ("TERM", "KILL"):
@@ -140,34 +180,59 @@ def _tagged(tag: str) -> list[str]:
 
 def _nodes(address: str, env: dict) -> dict[str, set[str]]:
     """Node id -> the custom resources it offers, asked from a separate process."""
-    code = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
-            "print(json.dumps({n['NodeID']: [k for k in n['Resources'] if k.endswith('_node')] "
-            "for n in ray.nodes() if n['Alive']}))" % address)
+    code = (
+        "import json, ray; ray.init(address=%r, log_to_driver=False); "
+        "print(json.dumps({n['NodeID']: [k for k in n['Resources'] if k.endswith('_node')] "
+        "for n in ray.nodes() if n['Alive']}))" % address
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return {k: set(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
 def _cli(address: str, env: dict, job: str, *args: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "prorank.driver.cli", *args, "--address", address, "--job", job],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [sys.executable, "-m", "prorank.driver.cli", *args, "--address", address, "--job", job],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
-@pytest.mark.skipif(not can_create_namespaces(), reason="tests/test_simcluster.py runs this job (and more) across "
-                    "namespaced nodes here; this plain 2-node version is for machines without namespaces")
-def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_cluster, tmp_path, answering_model,
-                                                                   scifact_dir):
+@pytest.mark.skipif(
+    not can_create_namespaces(),
+    reason="tests/test_simcluster.py runs this job (and more) across "
+    "namespaced nodes here; this plain 2-node version is for machines without namespaces",
+)
+def test_two_nodes_actors_apart_from_learner_scaled_while_training(
+    two_node_cluster, tmp_path, answering_model, scifact_dir
+):
     address, env, tag = two_node_cluster
     job = f"e2e-{tag[:8]}"
-    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=5000, updates={
-        "actors": {"num_actors": 1, "resources": {"actor_node": 1}},
-        "learner": {"resources": {"learner_node": 1}},
-        "reward": {"resources": {"learner_node": 1}},
-        "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
-    })
-    proc = subprocess.Popen([sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), "--address",
-                             address], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config = job_config(
+        tmp_path,
+        answering_model,
+        scifact_dir,
+        "sync",
+        steps=5000,
+        updates={
+            "actors": {"num_actors": 1, "resources": {"actor_node": 1}},
+            "learner": {"resources": {"learner_node": 1}},
+            "reward": {"resources": {"learner_node": 1}},
+            "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
+        },
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), "--address", address],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
 
     def wait(cond) -> None:
@@ -209,7 +274,8 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(two_node_clus
 def test_simulated_cluster_refuses_bad_settings(tmp_path):
     """deploy/sim's settings are checked before anything is made (no root needed for these)."""
     from bench.fanout import rate_bits
-    from deploy.sim.cluster import SimCluster, SimError
+    from deploy.sim.cluster import SimCluster
+    from deploy.sim.netns import SimError
 
     with pytest.raises(SimError, match=r"node roles must be among .*'gpu'"):
         SimCluster("prkx", ["learner", "gpu"])
@@ -220,6 +286,11 @@ def test_simulated_cluster_refuses_bad_settings(tmp_path):
     assert rate_bits("800mbit") == 800e6 and rate_bits("1gbit") == 1e9
     with pytest.raises(ValueError, match=r"rate '800MBps': use bit, kbit, mbit or gbit"):
         rate_bits("800MBps")
-    out = subprocess.run([sys.executable, "-m", "deploy.sim", "link", "1", "sideways", "--state", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "deploy.sim", "link", "1", "sideways", "--state", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "link setting must be up or down, not 'sideways'" in out.stderr

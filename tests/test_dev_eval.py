@@ -30,8 +30,9 @@ class _Pool:
             return actor.ping.remote(), "rollout-0"
         if "rollout-1" in exclude:
             raise PoolError("no rollout actor is ready to score the dev pairs")
-        return ray.put({"scores": self.scores[: len(pairs)], "version": 7, "seconds": 0.5, "actor": "rollout-1"}), \
-            "rollout-1"
+        return ray.put(
+            {"scores": self.scores[: len(pairs)], "version": 7, "seconds": 0.5, "actor": "rollout-1"}
+        ), "rollout-1"
 
     def scored(self, value):
         self.busy += value["seconds"]

@@ -24,11 +24,13 @@ def test_each_role_is_a_relative_link_inside_the_package(role):
 
 
 def test_the_module_is_the_file_and_nothing_else_is_a_subpackage():
-    code = ("import importlib, prorank.learner.group as g\n"
-            "print(g.__file__)\n"
-            "for name in ['prorank.prorank', 'prorank.bench', 'prorank.tests', 'prorank.deploy']:\n"
-            "    try:\n        importlib.import_module(name); print('imported', name)\n"
-            "    except ModuleNotFoundError:\n        pass\n")
+    code = (
+        "import importlib, prorank.learner.group as g\n"
+        "print(g.__file__)\n"
+        "for name in ['prorank.prorank', 'prorank.bench', 'prorank.tests', 'prorank.deploy']:\n"
+        "    try:\n        importlib.import_module(name); print('imported', name)\n"
+        "    except ModuleNotFoundError:\n        pass\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(ROOT / "prorank" / "learner" / "group.py")], out.stdout
@@ -37,17 +39,45 @@ def test_the_module_is_the_file_and_nothing_else_is_a_subpackage():
 def test_the_type_checker_resolves_a_role_import_to_its_file(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from prorank.learner.group import LearnerGroup\n\nreveal_type(LearnerGroup.__init__)\n")
-    out = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                          "--cache-dir", str(tmp_path / "cache"), str(probe)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(probe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert "import-not-found" not in out.stdout and "Cannot find" not in out.stdout, out.stdout
     assert 'Revealed type is "def (self: prorank.learner.group.LearnerGroup' in out.stdout, out.stdout
 
 
 @pytest.mark.slow
 def test_the_wheel_holds_each_module_once(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("prorank_rl-*.whl")
     names = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith((".py", ".proto", ".pyi"))]

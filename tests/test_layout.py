@@ -88,16 +88,22 @@ def test_nothing_uses_another_modules_private_names():
             for node in _imports(path):
                 if isinstance(node, ast.ImportFrom):
                     ours = node.module and node.module.split(".")[0] in {"prorank", "tests", "bench", "deploy"}
-                    private = [a.name for a in node.names if ours and a.name.startswith("_")
-                               and not a.name.startswith("__")]
+                    private = [
+                        a.name for a in node.names if ours and a.name.startswith("_") and not a.name.startswith("__")
+                    ]
                     if private:
                         found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {private} from {node.module}")
                     modules |= {a.asname or a.name for a in node.names}
                 else:
                     modules |= {(a.asname or a.name).split(".")[0] for a in node.names}
             for node in ast.walk(tree):
-                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
-                        and node.attr.startswith("_") and not node.attr.startswith("__")):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id in modules
+                    and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                ):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not found, "\n".join(found)
 
@@ -105,22 +111,35 @@ def test_nothing_uses_another_modules_private_names():
 def test_one_import_package_installs_with_the_command():
     toml = (ROOT / "pyproject.toml").read_text()
     assert 'prorank = "prorank.driver.cli:app"' in toml
-    code = ("from prorank import Reranker; import prorank.driver.cli as c; "
-            "print(Reranker.__name__, type(c.app).__name__)")
+    code = (
+        "from prorank import Reranker; import prorank.driver.cli as c; print(Reranker.__name__, type(c.app).__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0 and out.stdout.startswith("Reranker"), out.stderr
 
 
 def test_user_named_folders_exist():
-    for name in ["learner", "actors", "reward", "protocol", "eval", "deploy", "tests", "pyproject.toml", "README.md",
-                 DRIVER, "weights"]:
+    for name in [
+        "learner",
+        "actors",
+        "reward",
+        "protocol",
+        "eval",
+        "deploy",
+        "tests",
+        "pyproject.toml",
+        "README.md",
+        DRIVER,
+        "weights",
+    ]:
         assert (ROOT / name).exists(), name
 
 
 def test_no_file_over_400_lines():
     for path in ROOT.glob("**/*.py"):
-        if any(part.startswith(".") for part in path.relative_to(ROOT).parts) or path.name.endswith(("_pb2.py",
-                                                                                                    "_pb2_grpc.py")):
+        if any(part.startswith(".") for part in path.relative_to(ROOT).parts) or path.name.endswith(
+            ("_pb2.py", "_pb2_grpc.py")
+        ):
             continue
         if path.relative_to(ROOT).parts[0] in {"models", "runs", "build"}:
             continue

@@ -49,8 +49,14 @@ def scifact_groups(dataset, tok, model, n: int) -> list[ScoredGroup]:
         with torch.no_grad():
             behaviour = naive_group_logprobs(model, prompt, completions, tok.pad_token_id)
         rewards = [1.0 + float((c[0] == one) == relevant) for c in completions]
-        groups.append(ScoredGroup(prompt, completions, [row[: len(c)].tolist() for row, c in
-                                                         zip(behaviour.logprobs, completions)], rewards))
+        groups.append(
+            ScoredGroup(
+                prompt,
+                completions,
+                [row[: len(c)].tolist() for row, c in zip(behaviour.logprobs, completions)],
+                rewards,
+            )
+        )
     return groups
 
 
@@ -66,8 +72,18 @@ def rewarded_logprob(model, groups, tok) -> float:
 
 
 def _cfg(stage: int) -> LearnerConfig:
-    return LearnerConfig(num_ranks=2, zero_stage=stage, groups_per_step=4, micro_batch_groups=1, lr=2e-3,
-                         warmup_steps=1, lr_schedule="linear", total_steps=10, beta=0.05, grad_clip=1.0)
+    return LearnerConfig(
+        num_ranks=2,
+        zero_stage=stage,
+        groups_per_step=4,
+        micro_batch_groups=1,
+        lr=2e-3,
+        warmup_steps=1,
+        lr_schedule="linear",
+        total_steps=10,
+        beta=0.05,
+        grad_clip=1.0,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -52,21 +52,33 @@ class FakeStage:
 def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int = 10, between: bool = True):
     """`published`: the last weight version this process sent (10: the warmup's last, in the same process)."""
     logged = {}
-    train = SimpleNamespace(stages=["warmup", "score"], dev_between_stages=between, keep_checkpoints=2,
-                            when_disk_full="stop")
-    job = SimpleNamespace(out=tmp_path, placement={}, stopping=False, logged=logged, cfg=SimpleNamespace(train=train),
-                          signals=None, stop_reason="")
+    train = SimpleNamespace(
+        stages=["warmup", "score"], dev_between_stages=between, keep_checkpoints=2, when_disk_full="stop"
+    )
+    job = SimpleNamespace(
+        out=tmp_path,
+        placement={},
+        stopping=False,
+        logged=logged,
+        cfg=SimpleNamespace(train=train),
+        signals=None,
+        stop_reason="",
+    )
     job.stop = lambda reason: events.append(("stop", reason)) or setattr(job, "stopping", True)
     job.sync = lambda version: events.append(("sync", version)) or {"weights/sync_seconds": 0.5}
     job.sync.attach = lambda learner, pool: events.append(("attach",))
     job.sync.version = published
     job.pool = object()
-    job.run = SimpleNamespace(log=lambda step, metrics: logged.setdefault(step, {}).update(metrics),
-                              console_line=lambda: "", dev_history=lambda: [])
+    job.run = SimpleNamespace(
+        log=lambda step, metrics: logged.setdefault(step, {}).update(metrics),
+        console_line=lambda: "",
+        dev_history=lambda: [],
+    )
     job.dev = SimpleNamespace(start=lambda: events.append(("dev",)))
     job.log_dev = lambda wait=False: None
-    job.progress_bar = lambda name, start, total: SimpleNamespace(update=lambda n: None, close=lambda: None,
-                                                                  set_postfix_str=lambda *a, **k: None)
+    job.progress_bar = lambda name, start, total: SimpleNamespace(
+        update=lambda n: None, close=lambda: None, set_postfix_str=lambda *a, **k: None
+    )
     job.clock = lambda learner_seconds: {"time/learner_seconds": learner_seconds}
     job.clock.restart = lambda: None
 
@@ -84,13 +96,23 @@ def test_the_cadence_of_a_stage(tmp_path):
     job = fake_job(tmp_path, events)
     run_stage(job, FakeStage(events), resume=False)
     assert events == [
-        ("attach",), ("begin", 0),
+        ("attach",),
+        ("begin", 0),
         ("train", 0),
-        ("train", 1), ("sync", 12), ("dev",),  # dev every 2 steps, after the weights went to the actors
-        ("train", 2), ("save", "score-checkpoints"),  # checkpoint every 3
-        ("train", 3), ("sync", 14), ("dev",),  # step 4: due by the stage (every 4) and by the dev cadence
-        ("train", 4), ("sync", 15),  # the last step: always synced by this stage; no dev or save inside the loop
-        ("end", 5), ("save", "score-checkpoints"), ("dev",), ("shutdown",),  # the final checkpoint and figures
+        ("train", 1),
+        ("sync", 12),
+        ("dev",),  # dev every 2 steps, after the weights went to the actors
+        ("train", 2),
+        ("save", "score-checkpoints"),  # checkpoint every 3
+        ("train", 3),
+        ("sync", 14),
+        ("dev",),  # step 4: due by the stage (every 4) and by the dev cadence
+        ("train", 4),
+        ("sync", 15),  # the last step: always synced by this stage; no dev or save inside the loop
+        ("end", 5),
+        ("save", "score-checkpoints"),
+        ("dev",),
+        ("shutdown",),  # the final checkpoint and figures
     ]
     assert sorted(job.logged) == [11, 12, 13, 14, 15]  # global steps: offset + 1 ...
     assert job.logged[12]["time/learner_seconds"] == 1.5  # the step plus the publish the driver waited for
@@ -108,7 +130,7 @@ def test_the_warmup_ends_without_a_dev_evaluation_when_asked(tmp_path):
         warmup.name, warmup.offset, warmup.dev_every = "warmup", 0, 0
         run_stage(fake_job(tmp_path, events, published=0, between=between), warmup, resume=False)
         tail = [("end", 2), ("save", "checkpoints"), *[("dev",)] * expected, ("shutdown",)]
-        assert events[-len(tail):] == tail and events.count(("dev",)) == expected
+        assert events[-len(tail) :] == tail and events.count(("dev",)) == expected
         events.clear()
         run_stage(fake_job(tmp_path, events, between=between), FakeStage(events, steps=2), resume=False)
         assert events[-2:] == [("dev",), ("shutdown",)]
@@ -126,9 +148,17 @@ def test_a_resumed_stage_sends_its_weights_first_and_a_stopped_one_still_saves(t
     events = []
     job = fake_job(tmp_path, events, stop_at=13)
     run_stage(job, FakeStage(events, resumed_at=2), resume=True)
-    assert events == [("attach",), ("load", "score-checkpoints"), ("sync", 12), ("begin", 2),
-                      ("train", 2), ("save", "score-checkpoints"),  # step 3: a checkpoint is due
-                      ("end", 3), ("dev",), ("shutdown",)]  # stopped right after it: not saved twice
+    assert events == [
+        ("attach",),
+        ("load", "score-checkpoints"),
+        ("sync", 12),
+        ("begin", 2),
+        ("train", 2),
+        ("save", "score-checkpoints"),  # step 3: a checkpoint is due
+        ("end", 3),
+        ("dev",),
+        ("shutdown",),
+    ]  # stopped right after it: not saved twice
     assert sorted(job.logged) == [12, 13]
 
 

@@ -51,8 +51,9 @@ def test_a_saved_adapter_of_other_settings_is_refused_naming_file_and_key(tiny_m
     from prorank.lora import adapter_state, add_adapter, write_adapter
 
     other = LoraSettings(r=4, alpha=8)
-    folder = write_adapter(tmp_path / "adapter", other, str(tiny_model_dir),
-                           adapter_state(_peft_model(tiny_model_dir, other)))
+    folder = write_adapter(
+        tmp_path / "adapter", other, str(tiny_model_dir), adapter_state(_peft_model(tiny_model_dir, other))
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match=r"adapter_config.json: r is 4, learner.lora says 8"):
         add_adapter(base, LORA, str(folder))
@@ -68,7 +69,13 @@ def test_merged_state_is_peft_merge_and_the_model_is_left_as_it_was(tiny_model_d
     from transformers import AutoModelForCausalLM
 
     from prorank.lora import (
-        adapter_specs_model, adapter_state, base_weights, merge_into, merged_state, vllm_rank, write_adapter,
+        adapter_specs_model,
+        adapter_state,
+        base_weights,
+        merge_into,
+        merged_state,
+        vllm_rank,
+        write_adapter,
     )
 
     model = _moved(_peft_model(tiny_model_dir))
@@ -131,8 +138,9 @@ def _compare_merged(got: dict, expected: dict, base: dict) -> None:
 
 
 @pytest.mark.slow
-def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(ray_local, tiny_model_dir, tiny_model, scifact_test,
-                                                                  tmp_path):
+def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(
+    ray_local, tiny_model_dir, tiny_model, scifact_test, tmp_path
+):
     """GRPO with LoRA on 2 ZeRO-3 ranks: the losses of a plain peft torch loop (the KL reference is the
     base), only the adapted weights move, and a resumed checkpoint goes on with the same losses."""
     from prorank.learner.group import LearnerGroup
@@ -141,8 +149,18 @@ def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(ray_local, tiny
     from prorank.models import load_tokenizer
 
     groups = scifact_groups(scifact_test, tiny_model[1], tiny_model[0], 4)
-    cfg = LearnerConfig(num_ranks=2, zero_stage=3, groups_per_step=4, micro_batch_groups=1, lr=2e-3, warmup_steps=1,
-                        lr_schedule="linear", total_steps=10, beta=0.05, lora=LORA)
+    cfg = LearnerConfig(
+        num_ranks=2,
+        zero_stage=3,
+        groups_per_step=4,
+        micro_batch_groups=1,
+        lr=2e-3,
+        warmup_steps=1,
+        lr_schedule="linear",
+        total_steps=10,
+        beta=0.05,
+        lora=LORA,
+    )
     learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         metrics = [learner.step(groups)]
@@ -154,8 +172,9 @@ def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(ray_local, tiny
     resumed = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         assert resumed.load(tmp_path)["steps"] == 1
-        assert [resumed.step(groups)["loss"] for _ in range(2)] == pytest.approx([m["loss"] for m in metrics[1:]],
-                                                                                abs=1e-6)
+        assert [resumed.step(groups)["loss"] for _ in range(2)] == pytest.approx(
+            [m["loss"] for m in metrics[1:]], abs=1e-6
+        )
     finally:
         resumed.shutdown()
     model = _peft_model(tiny_model_dir, seed=cfg.seed)
@@ -169,8 +188,9 @@ def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(ray_local, tiny
 
 
 @pytest.mark.slow
-def test_adapter_versions_reach_live_vllm_actors_and_checkpoints_resume(ray_local, tiny_model_dir, tiny_model,
-                                                                         scifact_dir, scifact_test, tmp_path):
+def test_adapter_versions_reach_live_vllm_actors_and_checkpoints_resume(
+    ray_local, tiny_model_dir, tiny_model, scifact_dir, scifact_test, tmp_path
+):
     """Score learning with LoRA on 2 ZeRO-2 ranks, equal to the peft torch loop. Each version is the adapter
     alone (a few % of the model's bytes), relayed from actor to actor, and served as vLLM's LoRA
     (`actors_serve: adapter`); the actors' logprobs then equal the learner's merged model's, as after a
@@ -190,15 +210,23 @@ def test_adapter_versions_reach_live_vllm_actors_and_checkpoints_resume(ray_loca
 
     groups, builder = _ranking_groups(scifact_dir, load_tokenizer(str(tiny_model_dir)))
     lora = LORA.model_copy(update={"actors_serve": "adapter"})
-    cfg = ProRankConfig.model_validate({
-        "learner": {"num_ranks": 2, "zero_stage": 2, "lora": lora.model_dump()}, "train": {"stages": ["score"]},
-        "score": {"queries_per_step": 4, "micro_batch_queries": 1, "lr": 2e-3, "steps": 10, "pairwise_weight": 0.5}})
+    cfg = ProRankConfig.model_validate(
+        {
+            "learner": {"num_ranks": 2, "zero_stage": 2, "lora": lora.model_dump()},
+            "train": {"stages": ["score"]},
+            "score": {"queries_per_step": 4, "micro_batch_queries": 1, "lr": 2e-3, "steps": 10, "pairwise_weight": 0.5},
+        }
+    )
     lc, objective = cfg.score_learner(), RankingObjective.of(cfg.score)
     transport = GrpcTransport(TOKEN, WeightSyncConfig(wait_seconds=30, relay_wait_seconds=10), lora)
     learner = LearnerGroup(str(tiny_model_dir), lc, objective, sender=transport.sender())
-    pool = ActorPool(str(tiny_model_dir), ActorConfig(num_actors=2, num_cpus=1, max_model_len=384, chunk_size=2),
-                     SamplingConfig(group_size=2, max_tokens=3, seed=1), PromptConfig(max_length=176),
-                     transport.receiver).start()
+    pool = ActorPool(
+        str(tiny_model_dir),
+        ActorConfig(num_actors=2, num_cpus=1, max_model_len=384, chunk_size=2),
+        SamplingConfig(group_size=2, max_tokens=3, seed=1),
+        PromptConfig(max_length=176),
+        transport.receiver,
+    ).start()
     try:
         address = learner.serve_weights()
         metrics = [learner.step(groups)]
@@ -222,8 +250,9 @@ def test_adapter_versions_reach_live_vllm_actors_and_checkpoints_resume(ray_loca
         try:
             wrong.publisher.publish(3, adapter_state(_peft_model(tiny_model_dir, LoraSettings(r=4, alpha=8))))
             answers = pool.sync_weights(wrong.address, 3, wait_seconds=5)
-            assert all(not a["applied"] and "lora_A" in a["error"] and "expected" in a["error"]
-                       for a in answers.values()), answers
+            assert all(
+                not a["applied"] and "lora_A" in a["error"] and "expected" in a["error"] for a in answers.values()
+            ), answers
         finally:
             wrong.stop(0)
         assert set(pool.versions().values()) == {2}
@@ -267,5 +296,6 @@ def _check_actor_logprobs(pool, base, merged: dict, dataset, version: int) -> No
         for c in res.completions:
             assert torch.allclose(torch.tensor(c.logprobs), hf_logprobs(model, res.prompt_ids, c.token_ids), atol=1e-4)
     first = results[0].completions[0]
-    assert not torch.allclose(torch.tensor(first.logprobs), hf_logprobs(base, results[0].prompt_ids, first.token_ids),
-                              atol=1e-4)
+    assert not torch.allclose(
+        torch.tensor(first.logprobs), hf_logprobs(base, results[0].prompt_ids, first.token_ids), atol=1e-4
+    )

@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from prorank.prompt import (
-    CHAT_PREFIX, CHAT_SUFFIX, INVALID, TASK_PROMPT, PromptBuilder, PromptError, answer_token_ids, check_model_layout,
-    parse_judgment, prompt_text, relevance_score,
+    CHAT_PREFIX,
+    CHAT_SUFFIX,
+    INVALID,
+    TASK_PROMPT,
+    PromptBuilder,
+    PromptError,
+    answer_token_ids,
+    check_model_layout,
+    parse_judgment,
+    prompt_text,
+    relevance_score,
 )
 from prorank.scoring import answer_logits
 
@@ -27,8 +36,15 @@ def test_layout_is_the_released_pieces_joined_as_ids(builder):
     tok = builder.tokenizer
     query, doc = "does the protein bind?", "Title. The protein binds the receptor."
     ids = builder.encode(query, doc)
-    expected = (_ids(tok, CHAT_PREFIX) + _ids(tok, f"query: {query}") + _ids(tok, "\n") + _ids(tok, f"document: {doc}")
-                + _ids(tok, "\n") + _ids(tok, TASK_PROMPT) + _ids(tok, CHAT_SUFFIX))
+    expected = (
+        _ids(tok, CHAT_PREFIX)
+        + _ids(tok, f"query: {query}")
+        + _ids(tok, "\n")
+        + _ids(tok, f"document: {doc}")
+        + _ids(tok, "\n")
+        + _ids(tok, TASK_PROMPT)
+        + _ids(tok, CHAT_SUFFIX)
+    )
     assert ids == expected
     assert tok.decode(ids) == prompt_text(query, doc)
     assert prompt_text(query, doc) == (
@@ -37,7 +53,8 @@ def test_layout_is_the_released_pieces_joined_as_ids(builder):
         "You are a search relevance expert who evaluates how well documents match search queries. For each "
         "query-document pair, carefully analyze the semantic relationship between them, then provide your "
         "binary relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:<|im_end|>\n"
-        "<|im_start|>assistant\n")  # the answer position is the last prompt token
+        "<|im_start|>assistant\n"
+    )  # the answer position is the last prompt token
     assert builder.overhead == len(expected) - len(_ids(tok, f"query: {query}") + _ids(tok, f"\ndocument: {doc}"))
 
 
@@ -58,8 +75,12 @@ def test_instruction_goes_before_the_query(tiny_model):
     builder = PromptBuilder(tok, 120, instruction="find the study")
     text = tok.decode(builder.encode("q", "d"))
     assert "<|im_start|>user\ninstruction: find the study\nquery: q\ndocument: d\nYou are" in text
-    assert builder.settings() == {"layout": "mxbai-v2", "max_length": 120, "instruction": "find the study",
-                                  "overhead_tokens": builder.overhead}
+    assert builder.settings() == {
+        "layout": "mxbai-v2",
+        "max_length": 120,
+        "instruction": "find the study",
+        "overhead_tokens": builder.overhead,
+    }
 
 
 def test_budget_shrinks_to_the_model_context(tiny_model):
@@ -135,10 +156,22 @@ def test_bad_inputs(tiny_model, builder):
 
 @pytest.mark.parametrize(
     "text, strict, expected",
-    [("1", True, 1), ("0", True, 0), (" 1\n", True, 1), ("1.", True, INVALID), ("10", True, INVALID),
-     ("01", True, INVALID), ("", True, INVALID), ("yes", True, INVALID), ("1 relevant", True, INVALID),
-     ("1 relevant", False, 1), ("0.", False, 0), ("10", False, INVALID), ("1a", False, INVALID),
-     ("", False, INVALID)],
+    [
+        ("1", True, 1),
+        ("0", True, 0),
+        (" 1\n", True, 1),
+        ("1.", True, INVALID),
+        ("10", True, INVALID),
+        ("01", True, INVALID),
+        ("", True, INVALID),
+        ("yes", True, INVALID),
+        ("1 relevant", True, INVALID),
+        ("1 relevant", False, 1),
+        ("0.", False, 0),
+        ("10", False, INVALID),
+        ("1a", False, INVALID),
+        ("", False, INVALID),
+    ],
 )
 def test_parse_judgment(text, strict, expected):
     assert parse_judgment(text, strict=strict) == expected

@@ -10,6 +10,7 @@ def test_committed_stubs_match_the_proto_files(tmp_path):
     for rel in generated:
         committed = HERE / rel
         assert committed.is_file(), f"{rel} is not committed: run python -m prorank.protocol.generate"
-        assert committed.read_text() == (tmp_path / rel).read_text(), \
+        assert committed.read_text() == (tmp_path / rel).read_text(), (
             f"{rel} drifted: run python -m prorank.protocol.generate"
+        )
     assert {Path(p).stem for p in PROTOS} == {"reward", "weights"}

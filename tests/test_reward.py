@@ -49,17 +49,19 @@ def G(request_id, query_id, doc_id, *completions):
 
 def test_rewards_on_scifact_train_by_hand(server):
     client = client_for(server)
-    a, b, c = client.score([
-        G("a", "0", "31715818", "1", "0", " 1\n", "yes"),  # train qrel 0 -> 31715818 (score 1): label 1
-        G("b", "0", "4983", "0", "0"),  # not in the qrels for query 0: label 0
-        G("c", "no-such-query", "4983", "1"),
-    ])
+    a, b, c = client.score(
+        [
+            G("a", "0", "31715818", "1", "0", " 1\n", "yes"),  # train qrel 0 -> 31715818 (score 1): label 1
+            G("b", "0", "4983", "0", "0"),  # not in the qrels for query 0: label 0
+            G("c", "no-such-query", "4983", "1"),
+        ]
+    )
     assert a.status == reward_pb2.OK and a.label == 1
     assert [r.format for r in a.rewards] == [1, 1, 1, 0]
     assert [r.relevance for r in a.rewards] == [1, 0, 1, 0]
     assert [r.total for r in a.rewards] == [2, 1, 2, 0]
     assert [r.judgment for r in a.rewards] == [1, 0, 1, -1]
-    assert a.mean == pytest.approx(1.25) and a.std == pytest.approx(0.6875 ** 0.5)
+    assert a.mean == pytest.approx(1.25) and a.std == pytest.approx(0.6875**0.5)
     assert (b.label, b.mean, b.std, [r.total for r in b.rewards]) == (0, 2, 0, [2, 2])
     assert c.status == reward_pb2.UNKNOWN_QUERY and "no-such-query" in c.error and not c.rewards
     client.close()
@@ -85,7 +87,9 @@ def test_scoring_weights_strictness_threshold():
 )
 def test_malformed_request_is_invalid_argument(server, groups, message):
     client = client_for(server)
-    with pytest.raises(RewardError, match=r"INVALID_ARGUMENT: " + message.replace("(", r"\(").replace(")", r"\)")) as err:
+    with pytest.raises(
+        RewardError, match=r"INVALID_ARGUMENT: " + message.replace("(", r"\(").replace(")", r"\)")
+    ) as err:
         client.score(groups)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     client.close()
@@ -103,8 +107,9 @@ def test_refuses_calls_without_the_token(server):
         with pytest.raises(grpc.RpcError) as err:
             stub.Check(health_pb2.HealthCheckRequest(service=""))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        ok = stub.Check(health_pb2.HealthCheckRequest(service="prorank.reward.v1.Reward"),
-                        metadata=auth_metadata(TOKEN))
+        ok = stub.Check(
+            health_pb2.HealthCheckRequest(service="prorank.reward.v1.Reward"), metadata=auth_metadata(TOKEN)
+        )
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -136,18 +141,25 @@ def self_signed(tmp_path: Path) -> tuple[str, str]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_path), str(key_path)
 
 
@@ -197,8 +209,9 @@ def test_replicas_as_ray_actors(ray_local, scifact_dir):
     from prorank.config import DataConfig
     from prorank.reward.replica import start_replicas
 
-    handles, addresses = start_replicas(DataConfig(path=str(scifact_dir), split="train"),
-                                        RewardConfig(replicas=2, num_cpus=0.5), TOKEN)
+    handles, addresses = start_replicas(
+        DataConfig(path=str(scifact_dir), split="train"), RewardConfig(replicas=2, num_cpus=0.5), TOKEN
+    )
     try:
         assert len(set(addresses)) == 2 and all(a.startswith("127.0.0.1:") for a in addresses)
         client = SyncRewardClient(addresses, TOKEN)
@@ -215,9 +228,24 @@ def test_cli_serve_and_sigterm(scifact_dir, tmp_path):
     token_file.write_text(TOKEN + "\n")
     exe = Path(sys.executable).with_name("prorank")
     env = {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
-    proc = subprocess.Popen([str(exe), "reward", "serve", "--data", str(scifact_dir), "--split", "train",
-                             "--port", "0", "--token-file", str(token_file)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "reward",
+            "serve",
+            "--data",
+            str(scifact_dir),
+            "--split",
+            "train",
+            "--port",
+            "0",
+            "--token-file",
+            str(token_file),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = ""
         deadline = time.monotonic() + 60
@@ -231,6 +259,10 @@ def test_cli_serve_and_sigterm(scifact_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    bad = subprocess.run([str(exe), "reward", "serve", "--data", str(scifact_dir), "--port", "0"],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [str(exe), "reward", "serve", "--data", str(scifact_dir), "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 2 and "no token" in bad.stderr

@@ -37,10 +37,13 @@ def G(request_id="r", query_id="q1", doc_id="d1", completions=("1",)):
 
 
 def _score(server, groups, token=TOKEN):
-    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 * 2**20),
-                                                       ("grpc.max_receive_message_length", 64 * 2**20)]) as channel:
-        call = channel.unary_unary(f"/{SERVICE}/Score", request_serializer=None,
-                                   response_deserializer=reward_pb2.ScoreResponse.FromString)
+    with grpc.insecure_channel(
+        server.address,
+        options=[("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)],
+    ) as channel:
+        call = channel.unary_unary(
+            f"/{SERVICE}/Score", request_serializer=None, response_deserializer=reward_pb2.ScoreResponse.FromString
+        )
         payload = groups if isinstance(groups, bytes) else reward_pb2.ScoreRequest(groups=groups).SerializeToString()
         return call(payload, timeout=30, metadata=auth_metadata(token))
 
@@ -63,14 +66,17 @@ def test_errors_quote_client_input_cut_short(server):
     assert answer.status == reward_pb2.UNKNOWN_QUERY and len(answer.error) < 160
 
 
-@pytest.mark.parametrize("groups, message", [
-    ([G(completions=["1"] * 65)], "65 completions; at most 64 (reward.max_completions)"),
-    ([G(completions=["1" * 5000])], "a completion of 5000 characters; at most 4096"),
-    ([G(request_id=f"r{i}") for i in range(4097)], "4097 groups in one request; at most 4096"),
-    ([G(request_id="x" * (10 * 2**20))], "a request_id of 10485760 characters; at most 256 (reward.max_id_chars)"),
-    ([G(doc_id="d" * 257)], "a doc_id of 257 characters; at most 256"),
-    ([G(request_id="a"), G(request_id="b"), G(request_id="a")], "group 2 (a): request_id 'a' is used twice"),
-])
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ([G(completions=["1"] * 65)], "65 completions; at most 64 (reward.max_completions)"),
+        ([G(completions=["1" * 5000])], "a completion of 5000 characters; at most 4096"),
+        ([G(request_id=f"r{i}") for i in range(4097)], "4097 groups in one request; at most 4096"),
+        ([G(request_id="x" * (10 * 2**20))], "a request_id of 10485760 characters; at most 256 (reward.max_id_chars)"),
+        ([G(doc_id="d" * 257)], "a doc_id of 257 characters; at most 256"),
+        ([G(request_id="a"), G(request_id="b"), G(request_id="a")], "group 2 (a): request_id 'a' is used twice"),
+    ],
+)
 def test_limits_per_call(server, groups, message):
     with pytest.raises(grpc.RpcError) as err:
         _score(server, groups)

@@ -24,15 +24,18 @@ def test_read_run_orders_by_score_then_rank_and_cuts_at_top_k(tmp_path):
     assert read_run(path, QUERIES, CORPUS, top_k=2)["q1"] == [("b", 3.0), ("a", 1.5)]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("q1 Q0 a 1 2.0", "run.trec:2: expected 6 columns `qid Q0 docid rank score tag`, got 5"),
-    ("q1 Q0 a one 2.0 x", "run.trec:2: rank 'one' is not an integer"),
-    ("q1 Q0 a 1 high x", "run.trec:2: score 'high' is not a number"),
-    ("q1 Q0 a 1 nan x", "run.trec:2: score 'nan' is not finite"),
-    ("q9 Q0 a 1 2.0 x", "run.trec:2: unknown query id 'q9'"),
-    ("q1 Q0 zz 1 2.0 x", "run.trec:2: unknown document id 'zz'"),
-    ("q1 Q0 b 2 2.0 x", "run.trec:2: document 'b' appears twice for query 'q1'"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("q1 Q0 a 1 2.0", "run.trec:2: expected 6 columns `qid Q0 docid rank score tag`, got 5"),
+        ("q1 Q0 a one 2.0 x", "run.trec:2: rank 'one' is not an integer"),
+        ("q1 Q0 a 1 high x", "run.trec:2: score 'high' is not a number"),
+        ("q1 Q0 a 1 nan x", "run.trec:2: score 'nan' is not finite"),
+        ("q9 Q0 a 1 2.0 x", "run.trec:2: unknown query id 'q9'"),
+        ("q1 Q0 zz 1 2.0 x", "run.trec:2: unknown document id 'zz'"),
+        ("q1 Q0 b 2 2.0 x", "run.trec:2: document 'b' appears twice for query 'q1'"),
+    ],
+)
 def test_a_bad_run_line_is_named_by_file_and_line(tmp_path, line, message):
     path = _run_file(tmp_path, f"q1 Q0 b 1 3.0 x\n{line}\n")
     with pytest.raises(RunFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -66,8 +69,7 @@ def test_wsum_and_rrf_fusion_match_hand_computed_values():
     assert fuse_lists([10, 5, 0], [-1, 3, 1], wsum) == pytest.approx([0.25, 0.875, 0.375])
     rrf = FusionSettings(method="rrf", params={"k": 10})
     # ranks: first stage 1, 2, 3; model 3, 1, 2
-    assert fuse_lists([10, 5, 0], [-1, 3, 1], rrf) == pytest.approx(
-        [1 / 11 + 1 / 13, 1 / 12 + 1 / 11, 1 / 13 + 1 / 12])
+    assert fuse_lists([10, 5, 0], [-1, 3, 1], rrf) == pytest.approx([1 / 11 + 1 / 13, 1 / 12 + 1 / 11, 1 / 13 + 1 / 12])
     assert fuse_lists([], [], wsum) == []
     with pytest.raises(ValueError, match="2 first-stage scores for 3 documents"):
         fuse_lists([1, 2], [1, 2, 3], wsum)
@@ -98,9 +100,12 @@ def test_compare_reads_beir_and_trec_qrels_and_tests_significance(scifact_dir, s
     bm25 = bm25_search(scifact_test, qids, BM25Config(top_k=20))
     write_run(tmp_path / "bm25.trec", {q: monotone(h) for q, h in bm25.items()}, "bm25")
     # A run that puts each query's judged documents first: far better, significantly so on 60 queries.
-    oracle = {q: monotone([(d, 1.0) for d in scifact_test.qrels[q]] + [(d, 0.0) for d, _ in h
-                                                                       if d not in scifact_test.qrels[q]])
-              for q, h in bm25.items()}
+    oracle = {
+        q: monotone(
+            [(d, 1.0) for d in scifact_test.qrels[q]] + [(d, 0.0) for d, _ in h if d not in scifact_test.qrels[q]]
+        )
+        for q, h in bm25.items()
+    }
     write_run(tmp_path / "oracle.trec", oracle, "oracle")
     trec_qrels = tmp_path / "qrels.txt"
     trec_qrels.write_text("".join(f"{q} 0 {d} {g}\n" for q in qids for d, g in scifact_test.eval_qrels[q].items()))
@@ -112,8 +117,9 @@ def test_compare_reads_beir_and_trec_qrels_and_tests_significance(scifact_dir, s
     rows = {(a, b, m): (p, sig) for a, b, m, p, sig in p_values(report)}
     p, significant = rows[("bm25", "oracle", "nDCG@10")]
     assert p < 0.05 and significant
-    beir = compare_runs(scifact_dir / "qrels" / "test.tsv", [tmp_path / "bm25.trec", tmp_path / "oracle.trec"],
-                        "fisher", 0.05)
+    beir = compare_runs(
+        scifact_dir / "qrels" / "test.tsv", [tmp_path / "bm25.trec", tmp_path / "oracle.trec"], "fisher", 0.05
+    )
     assert beir.results["bm25"]["ndcg@10"] < report.results["bm25"]["ndcg@10"]  # 300 queries, 240 with no line
     (tmp_path / "bad.trec").write_text("1 Q0 4983 1 2.0\n")
     with pytest.raises(RunFileError, match="bad.trec:1: expected 6 columns"):

@@ -10,7 +10,12 @@ import torch
 
 from prorank.config import RankingLoss
 from prorank.learner.score_losses import (
-    listwise_contrastive, pairs_ordered, pairwise_preference, pointwise_bce, ranking_losses, score_margin,
+    listwise_contrastive,
+    pairs_ordered,
+    pairwise_preference,
+    pointwise_bce,
+    ranking_losses,
+    score_margin,
 )
 
 T = torch.tensor
@@ -172,15 +177,17 @@ def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     margins, losses = [], []
     for _ in range(8):
-        loss, stats = score_micro_batch_loss(model, groups, len(groups), mix, builder.answer_ids,
-                                             tokenizer.pad_token_id)
+        loss, stats = score_micro_batch_loss(
+            model, groups, len(groups), mix, builder.answer_ids, tokenizer.pad_token_id
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
         margins.append(stats["margin"])
         losses.append(stats["loss"])
         assert stats["loss"] == pytest.approx(
-            stats["loss_contrastive"] + 0.5 * stats["loss_pairwise"] + 0.5 * stats["loss_pointwise"], rel=1e-4)
+            stats["loss_contrastive"] + 0.5 * stats["loss_pairwise"] + 0.5 * stats["loss_pointwise"], rel=1e-4
+        )
     assert losses[-1] < losses[0]
     assert margins[-1] > margins[0] + 0.5
 
@@ -215,8 +222,9 @@ def _torch_steps(model, groups, builder, mix: RankingLoss, lc, steps: int = 3) -
     for _ in range(steps):
         total = 0.0
         for g in groups:
-            loss, stats = score_micro_batch_loss(model, [g], len(groups), mix, builder.answer_ids,
-                                                 builder.tokenizer.pad_token_id)
+            loss, stats = score_micro_batch_loss(
+                model, [g], len(groups), mix, builder.answer_ids, builder.tokenizer.pad_token_id
+            )
             loss.backward()
             total += stats["loss"]
         torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
@@ -228,8 +236,7 @@ def _torch_steps(model, groups, builder, mix: RankingLoss, lc, steps: int = 3) -
 
 
 @pytest.mark.parametrize("stage,trainable", [(2, None), (3, None), (2, 1)])
-def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, scifact_dir, tmp_path, stage,
-                                                    trainable):
+def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, scifact_dir, tmp_path, stage, trainable):
     """The stage-2 step on 2 DeepSpeed ranks gives the losses of the same step in one torch process, and
     its checkpoint carries a model folder with the trained weights. With `learner.trainable_layers`, only
     the top layers (and the final norm) move, on both sides."""
@@ -243,11 +250,21 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     groups, builder = _ranking_groups(scifact_dir, tokenizer)
-    cfg = ProRankConfig.model_validate({
-        "learner": {"num_ranks": 2, "zero_stage": stage},
-        "train": {"stages": ["score"]},
-        "score": {"queries_per_step": 4, "micro_batch_queries": 1, "lr": 2e-3, "warmup_steps": 1, "steps": 10,
-                  "pairwise_weight": 0.5, "pointwise_weight": 0.5}})
+    cfg = ProRankConfig.model_validate(
+        {
+            "learner": {"num_ranks": 2, "zero_stage": stage},
+            "train": {"stages": ["score"]},
+            "score": {
+                "queries_per_step": 4,
+                "micro_batch_queries": 1,
+                "lr": 2e-3,
+                "warmup_steps": 1,
+                "steps": 10,
+                "pairwise_weight": 0.5,
+                "pointwise_weight": 0.5,
+            },
+        }
+    )
     lc = cfg.score_learner().model_copy(update={"lr_schedule": "linear", "trainable_layers": trainable})
     objective = RankingObjective.of(cfg.score)
     learner = LearnerGroup(str(tiny_model_dir), lc, objective)
@@ -327,5 +344,6 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
     assert weights["model.norm.weight"].dtype == torch.float32
     assert weights["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16  # frozen: bf16
     saved = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
-    assert torch.equal(saved.state_dict()["model.layers.1.mlp.up_proj.weight"],
-                       weights["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(
+        saved.state_dict()["model.layers.1.mlp.up_proj.weight"], weights["model.layers.1.mlp.up_proj.weight"]
+    )

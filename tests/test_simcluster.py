@@ -15,7 +15,8 @@ import time
 import pytest
 from jobs import ROOT, job_config, step_lines
 
-from deploy.sim.cluster import SimCluster, can_create_namespaces
+from deploy.sim.cluster import SimCluster
+from deploy.sim.netns import can_create_namespaces
 from deploy.sim.weight_peer import answer, order
 
 WHY_NOT = can_create_namespaces()
@@ -34,8 +35,11 @@ def cluster():
     finally:
         left = sim.down()
         assert not left, left
-        assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-                    if ns.startswith(name)], "namespaces left behind"
+        assert not [
+            ns
+            for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            if ns.startswith(name)
+        ], "namespaces left behind"
 
 
 def _wait(cond, what: str, proc, timeout: float = 300):
@@ -52,18 +56,42 @@ def _wait(cond, what: str, proc, timeout: float = 300):
 def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tmp_path, answering_model, scifact_dir):
     cluster.wait_nodes(len(ROLES))
     job = f"sim{os.getpid()}"
-    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=5000, updates={
-        "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
-    })
-    argv = [sys.executable, "-m", "prorank.driver.cli", "train", "--config", str(config), "--address", cluster.address,
-            *cluster.train_overrides(), "actors.num_actors=1", "reward.timeout_seconds=3",
-            "weights.wait_seconds=60"]
+    config = job_config(
+        tmp_path,
+        answering_model,
+        scifact_dir,
+        "sync",
+        steps=5000,
+        updates={
+            "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
+        },
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "prorank.driver.cli",
+        "train",
+        "--config",
+        str(config),
+        "--address",
+        cluster.address,
+        *cluster.train_overrides(),
+        "actors.num_actors=1",
+        "reward.timeout_seconds=3",
+        "weights.wait_seconds=60",
+    ]
     proc = cluster.popen(0, argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run-sync" / "metrics.jsonl"
 
     def cli(*args: str) -> None:
-        out = cluster.run(0, [sys.executable, "-m", "prorank.driver.cli", *args, "--address", cluster.address, "--job", job],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+        out = cluster.run(
+            0,
+            [sys.executable, "-m", "prorank.driver.cli", *args, "--address", cluster.address, "--job", job],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
     def steps_after(at: int, n: int, what: str, timeout: float = 300) -> list[dict]:
@@ -78,8 +106,11 @@ def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tm
         # A reward node cut off: calls to it time out (3 s) and go to the other replica; no step fails.
         cluster.link(REWARD2, up=False)
         at = len(step_lines(metrics))
-        _wait(lambda: any(m["time/wait_rewards_seconds"] > 2.5 for m in step_lines(metrics)[at:]),
-              "a reward call that failed over", proc)
+        _wait(
+            lambda: any(m["time/wait_rewards_seconds"] > 2.5 for m in step_lines(metrics)[at:]),
+            "a reward call that failed over",
+            proc,
+        )
         rewarded = steps_after(at, 3, "3 steps with a reward node cut off")
         cluster.link(REWARD2, up=True)
 
@@ -134,9 +165,21 @@ def test_actor_node_cut_off_mid_stream_its_work_is_redone_once(cluster, tmp_path
     request exactly once."""
     cluster.wait_nodes(len(ROLES))
     n = 1200
-    driver = cluster.popen(0, [sys.executable, str(ROOT / "tests" / "sim_pool_driver.py"), cluster.address,
-                               str(answering_model), str(scifact_dir), str(n)],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=(tmp_path / "driver.log").open("w"), text=True)
+    driver = cluster.popen(
+        0,
+        [
+            sys.executable,
+            str(ROOT / "tests" / "sim_pool_driver.py"),
+            cluster.address,
+            str(answering_model),
+            str(scifact_dir),
+            str(n),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "driver.log").open("w"),
+        text=True,
+    )
     try:
         started = answer(driver, timeout=300)
         assert started["ready"] == 2 and len(started["nodes"]) == 2, started
@@ -167,11 +210,25 @@ def test_relay_hop_cut_off_mid_transfer_falls_back_to_the_learner(cluster):
         server = cluster.popen(0, [*peer, "serve", "--host", cluster.head.ip, "--size-mb", "160", *secrets], **popen)
         procs.append(server)
         learner = answer(server)["address"]
-        relay = cluster.popen(relay_node, [*peer, "pull", "--name", "relay", "--relay-host",
-                                           cluster.nodes[relay_node].ip, "--tls-ca", str(cluster.cert), *secrets], **popen)
+        relay = cluster.popen(
+            relay_node,
+            [
+                *peer,
+                "pull",
+                "--name",
+                "relay",
+                "--relay-host",
+                cluster.nodes[relay_node].ip,
+                "--tls-ca",
+                str(cluster.cert),
+                *secrets,
+            ],
+            **popen,
+        )
         procs.append(relay)
-        downstream = cluster.popen(next_node, [*peer, "pull", "--name", "next", "--tls-ca", str(cluster.cert), *secrets],
-                                   **popen)
+        downstream = cluster.popen(
+            next_node, [*peer, "pull", "--name", "next", "--tls-ca", str(cluster.cert), *secrets], **popen
+        )
         procs.append(downstream)
         relay_address = answer(relay)["relay"]
         answer(downstream)

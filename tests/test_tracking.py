@@ -68,11 +68,14 @@ def test_reward_curve_and_the_quickstart_picture(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"step": 0, "time/wall_hours": 0.1}\n{not json\n', r"metrics.jsonl:2: not JSON"),
-    ('{"step": 0, "dev/ndcg@10": 0.4}\n', r"metrics.jsonl:1: no time/wall_hours"),
-    ('{"step": 0, "time/wall_hours": 0.1}\n', r"no dev/ndcg@10 figures"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"step": 0, "time/wall_hours": 0.1}\n{not json\n', r"metrics.jsonl:2: not JSON"),
+        ('{"step": 0, "dev/ndcg@10": 0.4}\n', r"metrics.jsonl:1: no time/wall_hours"),
+        ('{"step": 0, "time/wall_hours": 0.1}\n', r"no dev/ndcg@10 figures"),
+    ],
+)
 def test_dev_curve_refuses_what_it_cannot_plot(tmp_path, content, message):
     (tmp_path / "metrics.jsonl").write_text(content)
     with pytest.raises(PlotError, match=message):
@@ -80,8 +83,20 @@ def test_dev_curve_refuses_what_it_cannot_plot(tmp_path, content, message):
 
 
 def test_plot_command_names_a_missing_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "prorank.driver.cli", "plot", str(tmp_path / "nope"), "--output",
-                          str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prorank.driver.cli",
+            "plot",
+            str(tmp_path / "nope"),
+            "--output",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "nope: no such file" in out.stderr
 

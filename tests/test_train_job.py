@@ -74,8 +74,9 @@ def test_score_stage_follows_the_warmup(finished_runs):
     assert [m["step"] for m in synced] == [STEPS + 2, STEPS + 3, STEPS + 4]
     assert all(m["weights/version"] == float(m["step"]) for m in synced)
     for m in steps:
-        assert m["score/loss"] == pytest.approx(m["score/loss_contrastive"] + 0.5 * m["score/loss_pairwise"]
-                                                + 0.5 * m["score/loss_pointwise"], rel=1e-3)
+        assert m["score/loss"] == pytest.approx(
+            m["score/loss_contrastive"] + 0.5 * m["score/loss_pairwise"] + 0.5 * m["score/loss_pointwise"], rel=1e-3
+        )
         assert "score/margin" in m and "score/pairs_ordered" in m
     # The actors mined the coming steps' negatives at the start (step 0) and at step 2, each under the
     # weights of its step: the first figures arrive at the next steps' lines.
@@ -112,7 +113,7 @@ def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp
     result = CliRunner().invoke(app, ["export", str(finished_runs["sync"]), "--output", str(out)])
     assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
-    assert "mxbai-v2" in card and "logit(\"1\") - logit(\"0\")" in card and "length budget of 96 tokens" in card
+    assert "mxbai-v2" in card and 'logit("1") - logit("0")' in card and "length budget of 96 tokens" in card
     settings = json.loads((out / "prorank.json").read_text())
     assert settings["layout"] == "mxbai-v2" and settings["max_length"] == 96
 
@@ -137,8 +138,9 @@ def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp
 
     model, tokenizer = load_causal_lm(ModelConfig(path=str(out)))
     builder = PromptBuilder(tokenizer, 96)
-    assert score_pairs(model, builder, [(data.queries[qid], d) for d in docs], progress=False) == \
-        pytest.approx(expected, abs=1e-4)
+    assert score_pairs(model, builder, [(data.queries[qid], d) for d in docs], progress=False) == pytest.approx(
+        expected, abs=1e-4
+    )
     ranked = Reranker(str(out)).rank(data.queries[qid], docs, top_k=3)  # its length from prorank.json
     order = sorted(range(len(docs)), key=lambda i: -expected[i])
     assert [r.index for r in ranked] == order[:3]
@@ -157,17 +159,26 @@ def test_tensorboard_shows_the_reward_curve(finished_runs, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     logdir = finished_runs["sync"] / "tensorboard"
-    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-                              "--host", "127.0.0.1", "--port", str(port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    board = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         # TensorBoard answers before its first pass over the logs has ended; a page opened then shows no
         # runs. Wait until its data API lists the tag (under CI load that first pass takes seconds).
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "train/reward/total_mean" not in _scalar_tags(port):
             time.sleep(0.5)
-        common = [browser, "--headless", "--no-sandbox", "--enable-unsafe-swiftshader", "--hide-scrollbars",
-                  "--window-size=1400,900", "--virtual-time-budget=30000"]
+        common = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--enable-unsafe-swiftshader",
+            "--hide-scrollbars",
+            "--window-size=1400,900",
+            "--virtual-time-budget=30000",
+        ]
         # The time-series view names every chart card in its DOM; the scalars view draws the curves as SVG.
         cards = f"http://127.0.0.1:{port}/?tagFilter=reward%2Ftotal#timeseries"
         for _ in range(5):  # a headless render under load can stop before the cards are drawn (seen 3 times in a row)
@@ -215,8 +226,14 @@ def _wait_for_step(proc, metrics: Path, step: int, timeout: float = 600) -> None
 def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, answering_model, scifact_dir):
     # Steps of the tiny model take about 0.3 s: 400 of them, so that the signals land mid-run, never after the
     # end. A checkpoint every 5 steps, 2 kept (no dev: no best to keep beside them).
-    config = job_config(tmp_path, answering_model, scifact_dir, "sync", steps=400,
-                        updates={"train": {"dev_every": 0, "keep_checkpoints": 2, "stop_grace_seconds": 60}})
+    config = job_config(
+        tmp_path,
+        answering_model,
+        scifact_dir,
+        "sync",
+        steps=400,
+        updates={"train": {"dev_every": 0, "keep_checkpoints": 2, "stop_grace_seconds": 60}},
+    )
     run = tmp_path / "run-sync"
     metrics, root = run / "metrics.jsonl", run / "checkpoints"
     tag = uuid.uuid4().hex
@@ -265,7 +282,6 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
     assert (root / f"damaged-step-{last}").is_dir() and (root / "LATEST").read_text() != f"step-{last}"
 
 
-
 def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp_path, answering_model, scifact_dir):
     """The output folder on a small tmpfs, filled once the first checkpoint is in, so that the next does not
     fit: the job says so, keeps the first intact and stops cleanly (train.when_disk_full: stop)."""
@@ -276,8 +292,14 @@ def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
-        config = job_config(disk, answering_model, scifact_dir, "sync", steps=400,
-                            updates={"train": {"dev_every": 0, "checkpoint_every": 10}})
+        config = job_config(
+            disk,
+            answering_model,
+            scifact_dir,
+            "sync",
+            steps=400,
+            updates={"train": {"dev_every": 0, "checkpoint_every": 10}},
+        )
         root = disk / "run-sync" / "checkpoints"
         tag = uuid.uuid4().hex
         proc = start_job(config, tag)

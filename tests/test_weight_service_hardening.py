@@ -34,10 +34,16 @@ def server():
 
 
 def _raw_fetch(channel, wait_ms: int, timeout: float | None):
-    fetch = channel.unary_stream(f"/{SERVICE}/Fetch", request_serializer=weights_pb2.FetchRequest.SerializeToString,
-                                 response_deserializer=weights_pb2.WeightMessage.FromString)
-    return fetch(weights_pb2.FetchRequest(min_version=0, receiver="raw", wait_ms=wait_ms), timeout=timeout,
-                 metadata=auth_metadata(TOKEN))
+    fetch = channel.unary_stream(
+        f"/{SERVICE}/Fetch",
+        request_serializer=weights_pb2.FetchRequest.SerializeToString,
+        response_deserializer=weights_pb2.WeightMessage.FromString,
+    )
+    return fetch(
+        weights_pb2.FetchRequest(min_version=0, receiver="raw", wait_ms=wait_ms),
+        timeout=timeout,
+        metadata=auth_metadata(TOKEN),
+    )
 
 
 def test_no_version_yet_is_never_an_error_under_load(server):

@@ -12,7 +12,13 @@ import torch
 from prorank.protocol import weights_pb2, weights_pb2_grpc
 from prorank.security import auth_metadata
 from prorank.weights.codec import (
-    WeightError, check_manifest, decode_chunk, expected_specs, pack, stream_messages, verify,
+    WeightError,
+    check_manifest,
+    decode_chunk,
+    expected_specs,
+    pack,
+    stream_messages,
+    verify,
 )
 from prorank.weights.receiver import fetch_version
 from prorank.weights.server import WeightPublisher, WeightServer
@@ -22,8 +28,11 @@ TOKEN = "weights-token"
 
 def state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"a.weight": torch.randn(300, 200, generator=g), "b.bias": torch.randn(7, generator=g),
-            "c.half": torch.randn(33, 5, generator=g).to(torch.bfloat16)}
+    return {
+        "a.weight": torch.randn(300, 200, generator=g),
+        "b.bias": torch.randn(7, generator=g),
+        "c.half": torch.randn(33, 5, generator=g).to(torch.bfloat16),
+    }
 
 
 @pytest.fixture
@@ -63,8 +72,12 @@ def test_manifest_checks():
     with pytest.raises(WeightError, match=r"tensor b.bias: got FLOAT32\[7\], expected FLOAT16\[7\]"):
         check_manifest(manifest, expected_specs(wrong_dtype))
     with pytest.raises(WeightError, match=r"unknown tensors \['a.weight'\], missing \['z'\]"):
-        check_manifest(manifest, expected_specs({"z": torch.zeros(1), "b.bias": torch.zeros(7),
-                                                 "c.half": torch.zeros(33, 5, dtype=torch.bfloat16)}))
+        check_manifest(
+            manifest,
+            expected_specs(
+                {"z": torch.zeros(1), "b.bias": torch.zeros(7), "c.half": torch.zeros(33, 5, dtype=torch.bfloat16)}
+            ),
+        )
     buffer[5] ^= 0xFF
     with pytest.raises(WeightError, match=r"version 3: tensor a.weight: checksum"):
         verify(manifest, memoryview(buffer))
@@ -155,12 +168,15 @@ def test_a_receiver_that_dies_mid_stream_does_not_stall_others(server):
     server.publisher.publish(1, state())
     channel = grpc.insecure_channel(server.address)
     stream = weights_pb2_grpc.WeightsStub(channel).Fetch(
-        weights_pb2.FetchRequest(min_version=0, receiver="dying"), metadata=auth_metadata(TOKEN), timeout=30)
+        weights_pb2.FetchRequest(min_version=0, receiver="dying"), metadata=auth_metadata(TOKEN), timeout=30
+    )
     assert next(stream).WhichOneof("kind") == "manifest"
     assert next(stream).WhichOneof("kind") == "chunk"
     results = []
-    others = [threading.Thread(target=lambda: results.append(fetch_version(server.address, TOKEN, 0, "ok", timeout=10)))
-              for _ in range(3)]
+    others = [
+        threading.Thread(target=lambda: results.append(fetch_version(server.address, TOKEN, 0, "ok", timeout=10)))
+        for _ in range(3)
+    ]
     for t in others:
         t.start()
     stream.cancel()
@@ -283,8 +299,9 @@ def test_only_changed_tensors_are_sent_and_the_receiver_keeps_the_rest(server):
     assert [s.changed_at for s in packed.manifest.tensors] == [1, 2, 1]
     assert packed.chunks["a.weight"] is server.publisher._current.packed.chunks["a.weight"]  # not copied again
 
-    m2, kept = fetch_version(server.address, TOKEN, 1, "r", expected_specs(first), timeout=10, buffer=blob,
-                             base_version=1)
+    m2, kept = fetch_version(
+        server.address, TOKEN, 1, "r", expected_specs(first), timeout=10, buffer=blob, base_version=1
+    )
     assert kept is blob and m2.base_version == 1
     assert [s.nbytes for s in m2.tensors if s.changed_at > m2.base_version] == [7 * 4]
     got = safetensors.torch.load(bytes(kept))
@@ -314,14 +331,14 @@ def test_a_relay_holding_a_delta_sends_a_receiver_that_holds_less_to_the_learner
     server.publisher.publish(2, {**state(), "b.bias": torch.zeros(7)})
     relay = WeightServer(TOKEN).start()
     try:
-        fetch_version(server.address, TOKEN, 1, "relay", timeout=10, relay=relay.publisher, buffer=relay_blob,
-                      base_version=1)
+        fetch_version(
+            server.address, TOKEN, 1, "relay", timeout=10, relay=relay.publisher, buffer=relay_blob, base_version=1
+        )
         with pytest.raises(WeightError, match=r"FAILED_PRECONDITION.*only the tensors changed after version 1"):
             fetch_version(relay.address, TOKEN, 0, "late", timeout=10)  # holds nothing
         _, blob = fetch_version(server.address, TOKEN, 0, "peer", timeout=5)
         server.publisher.publish(3, {**state(), "b.bias": torch.ones(7)})  # the relay has version 2 only
-        manifest, _ = fetch_version(relay.address, TOKEN, 0, "peer2", timeout=5, buffer=bytearray(blob),
-                                    base_version=1)
+        manifest, _ = fetch_version(relay.address, TOKEN, 0, "peer2", timeout=5, buffer=bytearray(blob), base_version=1)
         assert manifest.version == 2
     finally:
         relay.stop(0)
@@ -336,7 +353,9 @@ def test_bfloat16_on_the_wire_for_a_float32_model():
         assert packed.manifest.total_bytes < 0.55 * full.manifest.total_bytes
         manifest, blob = fetch_version(srv.address, TOKEN, 0, "r", expected_specs(state()), timeout=10)
         got = safetensors.torch.load(bytes(blob))
-        assert all(got[name].dtype == torch.bfloat16 and torch.equal(got[name], t.to(torch.bfloat16))
-                   for name, t in state().items())
+        assert all(
+            got[name].dtype == torch.bfloat16 and torch.equal(got[name], t.to(torch.bfloat16))
+            for name, t in state().items()
+        )
     finally:
         srv.stop(0)

@@ -24,8 +24,7 @@ from google.protobuf.message import DecodeError
 
 from prorank.protocol import weights_pb2
 
-DTYPES = {torch.float32: weights_pb2.FLOAT32, torch.bfloat16: weights_pb2.BFLOAT16,
-          torch.float16: weights_pb2.FLOAT16}
+DTYPES = {torch.float32: weights_pb2.FLOAT32, torch.bfloat16: weights_pb2.BFLOAT16, torch.float16: weights_pb2.FLOAT16}
 SAFETENSORS_DTYPE = {weights_pb2.FLOAT32: "F32", weights_pb2.BFLOAT16: "BF16", weights_pb2.FLOAT16: "F16"}
 Spec = tuple[int, tuple[int, ...]]  # (proto dtype, shape)
 
@@ -33,14 +32,20 @@ Spec = tuple[int, tuple[int, ...]]  # (proto dtype, shape)
 # Measured on loopback (BENCHMARKS.md): 1 MiB messages with 16 MiB HTTP/2 frames were the fastest
 # Python gRPC settings; larger messages were slower.
 CHUNK_BYTES = 2**20
-CHANNEL_OPTIONS = [("grpc.http2.max_frame_size", 2**24 - 1), ("grpc.http2.bdp_probe", 1),
-                   ("grpc.http2.lookahead_bytes", 64 * 2**20),
-                   ("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20),
-                   # A peer cut off the network mid-transfer sends no RST: without pings a stream would
-                   # wait out its whole deadline. Both ends ping every 5 s and drop the link after 5 s
-                   # unanswered (the server accepts pings that often).
-                   ("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
-                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0)]
+CHANNEL_OPTIONS = [
+    ("grpc.http2.max_frame_size", 2**24 - 1),
+    ("grpc.http2.bdp_probe", 1),
+    ("grpc.http2.lookahead_bytes", 64 * 2**20),
+    ("grpc.max_send_message_length", 64 * 2**20),
+    ("grpc.max_receive_message_length", 64 * 2**20),
+    # A peer cut off the network mid-transfer sends no RST: without pings a stream would
+    # wait out its whole deadline. Both ends ping every 5 s and drop the link after 5 s
+    # unanswered (the server accepts pings that often).
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 class WeightError(ValueError):
@@ -75,8 +80,13 @@ def wire_tensor(t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> torch
     return t.contiguous()
 
 
-def pack(version: int, state: Mapping[str, torch.Tensor], chunk_bytes: int, previous: Packed | None = None,
-         wire_dtype: torch.dtype | None = None) -> Packed:
+def pack(
+    version: int,
+    state: Mapping[str, torch.Tensor],
+    chunk_bytes: int,
+    previous: Packed | None = None,
+    wire_dtype: torch.dtype | None = None,
+) -> Packed:
     """Every tensor's spec and chunk messages. Unchanged tensors (same name, layout and checksum as in
     `previous`) reuse its messages; the others are copied once, from their own memory, into new ones."""
     old = {s.name: s for s in previous.manifest.tensors} if previous else {}
@@ -87,17 +97,30 @@ def pack(version: int, state: Mapping[str, torch.Tensor], chunk_bytes: int, prev
         t = wire_tensor(t, wire_dtype)
         n = t.numel() * t.element_size()
         raw = t.reshape(-1).view(torch.uint8).numpy() if n else b""
-        spec = weights_pb2.TensorSpec(name=name, dtype=DTYPES[t.dtype], shape=list(t.shape), offset=offset, nbytes=n,
-                                      checksum=checksum(raw), changed_at=version)
+        spec = weights_pb2.TensorSpec(
+            name=name,
+            dtype=DTYPES[t.dtype],
+            shape=list(t.shape),
+            offset=offset,
+            nbytes=n,
+            checksum=checksum(raw),
+            changed_at=version,
+        )
         before = old.get(name)
         if before is not None and (before.dtype, before.shape, before.offset, before.nbytes, before.checksum) == (
-                spec.dtype, spec.shape, spec.offset, spec.nbytes, spec.checksum):
+            spec.dtype,
+            spec.shape,
+            spec.offset,
+            spec.nbytes,
+            spec.checksum,
+        ):
             spec.changed_at = before.changed_at
             chunks[name] = previous.chunks[name]
         else:
             view = memoryview(raw)
-            chunks[name] = [_chunk_message(version, offset + i, view[i : i + chunk_bytes])
-                            for i in range(0, n, chunk_bytes)]
+            chunks[name] = [
+                _chunk_message(version, offset + i, view[i : i + chunk_bytes]) for i in range(0, n, chunk_bytes)
+            ]
         specs.append(spec)
         offset += n
     manifest = weights_pb2.Manifest(version=version, tensors=specs, total_bytes=offset, chunk_bytes=chunk_bytes)
@@ -130,8 +153,9 @@ def sent_bytes(manifest: weights_pb2.Manifest) -> int:
 def _chunk_message(version: int, offset: int, payload) -> bytes:
     """A serialized WeightMessage{chunk: Chunk{version, offset, data}}, built around the payload with one
     copy (protobuf's encoder would copy a 1 MiB payload twice more)."""
-    head = b"".join((b"\x08", _VarintBytes(version), b"\x10", _VarintBytes(offset),
-                     b"\x1a", _VarintBytes(len(payload))))
+    head = b"".join(
+        (b"\x08", _VarintBytes(version), b"\x10", _VarintBytes(offset), b"\x1a", _VarintBytes(len(payload)))
+    )
     return b"".join((bytes([_CHUNK_FIELD]), _VarintBytes(len(head) + len(payload)), head, payload))
 
 
@@ -188,12 +212,15 @@ def check_manifest(manifest: weights_pb2.Manifest, expected: Mapping[str, Spec] 
         for d in spec.shape:
             numel *= d
         if spec.offset != offset or spec.nbytes != numel * itemsize:
-            raise WeightError(f"version {manifest.version}: tensor {spec.name}: bytes at {spec.offset}+{spec.nbytes} "
-                              f"do not fit its shape {list(spec.shape)} or the layout")
+            raise WeightError(
+                f"version {manifest.version}: tensor {spec.name}: bytes at {spec.offset}+{spec.nbytes} "
+                f"do not fit its shape {list(spec.shape)} or the layout"
+            )
         offset += spec.nbytes
     if offset != manifest.total_bytes:
-        raise WeightError(f"version {manifest.version}: tensors add up to {offset} bytes, manifest says "
-                          f"{manifest.total_bytes}")
+        raise WeightError(
+            f"version {manifest.version}: tensors add up to {offset} bytes, manifest says {manifest.total_bytes}"
+        )
     if expected is None:
         return
     names = {s.name for s in manifest.tensors}
@@ -204,15 +231,23 @@ def check_manifest(manifest: weights_pb2.Manifest, expected: Mapping[str, Spec] 
         dtype, shape = expected[spec.name]
         cast = spec.dtype == weights_pb2.BFLOAT16 and dtype in (weights_pb2.FLOAT32, weights_pb2.FLOAT16)
         if (spec.dtype, tuple(spec.shape)) != (dtype, shape) and not (cast and tuple(spec.shape) == shape):
-            raise WeightError(f"version {manifest.version}: tensor {spec.name}: got "
-                              f"{weights_pb2.DType.Name(spec.dtype)}{list(spec.shape)}, expected "
-                              f"{weights_pb2.DType.Name(dtype)}{list(shape)}")
+            raise WeightError(
+                f"version {manifest.version}: tensor {spec.name}: got "
+                f"{weights_pb2.DType.Name(spec.dtype)}{list(spec.shape)}, expected "
+                f"{weights_pb2.DType.Name(dtype)}{list(shape)}"
+            )
 
 
 def safetensors_header(manifest: weights_pb2.Manifest) -> bytes:
     """The 8-byte length and JSON header of a safetensors blob whose data section is the buffer."""
-    header = {s.name: {"dtype": SAFETENSORS_DTYPE[s.dtype], "shape": list(s.shape),
-                       "data_offsets": [s.offset, s.offset + s.nbytes]} for s in manifest.tensors}
+    header = {
+        s.name: {
+            "dtype": SAFETENSORS_DTYPE[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [s.offset, s.offset + s.nbytes],
+        }
+        for s in manifest.tensors
+    }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
     return len(raw).to_bytes(8, "little") + raw

@@ -38,8 +38,9 @@ class _Version:
     """One version: published (`packed`: streams built per receiver), or relayed (`messages`: one
     serialized stream, growing while it arrives from upstream)."""
 
-    def __init__(self, manifest: weights_pb2.Manifest, messages: list[bytes], complete: bool,
-                 packed: Packed | None = None):
+    def __init__(
+        self, manifest: weights_pb2.Manifest, messages: list[bytes], complete: bool, packed: Packed | None = None
+    ):
         self.manifest, self.messages, self.complete, self.packed = manifest, messages, complete, packed
         self.error = ""  # set when a relayed transfer failed upstream
 
@@ -94,8 +95,9 @@ class WeightPublisher:
         current = self._current
         return current.manifest.version if current else 0
 
-    def publish(self, version: int, state: Mapping[str, torch.Tensor],
-                receivers: Container[str] | None = None) -> Packed:
+    def publish(
+        self, version: int, state: Mapping[str, torch.Tensor], receivers: Container[str] | None = None
+    ) -> Packed:
         """Make `state` the newest version; versions only go up. Tensors equal to the last published
         version's are not copied again, and are sent only to receivers that hold none of the versions
         since they last changed. `receivers`: from now on Report accepts only these names (the job's actors)."""
@@ -144,9 +146,12 @@ class WeightPublisher:
             return
         base = current.manifest.base_version
         if base and request.base_version < base:
-            await self.refusals.refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"relay of version {current.manifest.version} has only the tensors changed "
-                                       f"after version {base}; the receiver holds {request.base_version}")
+            await self.refusals.refuse(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"relay of version {current.manifest.version} has only the tensors changed "
+                f"after version {base}; the receiver holds {request.base_version}",
+            )
         sent = 0
         while True:
             changed = self.changes.event()
@@ -197,9 +202,11 @@ class WeightPublisher:
         if self.known is not None and name not in self.known:
             await self.refusals.refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"unknown receiver {name!r}")
         if request.version > self.version:  # nobody can serve a version that was never published
-            await self.refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"receiver {name!r} reports version {request.version}; "
-                                       f"the newest is {self.version}")
+            await self.refusals.refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"receiver {name!r} reports version {request.version}; the newest is {self.version}",
+            )
         error = request.error[:1000]
         with self._lock:
             self.receivers.pop(name, None)
@@ -227,11 +234,15 @@ def _none_yet(version: int) -> bytes:
 def _handlers(publisher: WeightPublisher) -> grpc.GenericRpcHandler:
     # Raw bytes both ways: requests are parsed by the servicer (malformed -> INVALID_ARGUMENT, not a
     # traceback), and Fetch sends the already-serialized WeightMessage bytes. The messages are the .proto's.
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        "Fetch": grpc.unary_stream_rpc_method_handler(publisher.Fetch),
-        "Report": grpc.unary_unary_rpc_method_handler(
-            publisher.Report, response_serializer=weights_pb2.ReportReply.SerializeToString),
-    })
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Fetch": grpc.unary_stream_rpc_method_handler(publisher.Fetch),
+            "Report": grpc.unary_unary_rpc_method_handler(
+                publisher.Report, response_serializer=weights_pb2.ReportReply.SerializeToString
+            ),
+        },
+    )
 
 
 NO_GATE = ServerLimits(max_connections_per_peer=0)  # as weights.max_connections_per_peer's default (why: there)
@@ -242,15 +253,33 @@ class WeightServer:
     `limits` caps the calls in flight (see prorank/guarded_server.py); at most half of them wait for a
     version, so reports and transfers always find room."""
 
-    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, tls_cert: str | None = None,
-                 tls_key: str | None = None, chunk_bytes: int = CHUNK_BYTES, limits: ServerLimits = NO_GATE,
-                 publisher: WeightPublisher | None = None, wire_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        limits: ServerLimits = NO_GATE,
+        publisher: WeightPublisher | None = None,
+        wire_dtype: torch.dtype | None = None,
+    ):
         waiters = max(1, min(limits.max_calls, limits.max_calls_per_peer) // 2)
         self.publisher = publisher or WeightPublisher(chunk_bytes, waiters, wire_dtype)
         # The server receives only small requests: a large message is refused by its length, unread.
         options = dict(CHANNEL_OPTIONS) | {"grpc.max_receive_message_length": MAX_REQUEST_BYTES}
-        self.server = GuardedServer(lambda server, _: server.add_generic_rpc_handlers((_handlers(self.publisher),)),
-                                    token, host, port, tls_cert, tls_key, limits, options.items(), name="weights")
+        self.server = GuardedServer(
+            lambda server, _: server.add_generic_rpc_handlers((_handlers(self.publisher),)),
+            token,
+            host,
+            port,
+            tls_cert,
+            tls_key,
+            limits,
+            options.items(),
+            name="weights",
+        )
         self.publisher.refusals = self.server.refusals
         self.publisher.changes.wake_from_any_thread = lambda: self.server.call_soon(self.publisher.changes.fire)
         self.port = self.server.port

@@ -45,19 +45,31 @@ class GrpcWeightSender:
 
         cfg = self.cfg
         wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
-        self.server = WeightServer(self.token, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key,
-                                   chunk_bytes=int(cfg.chunk_mb * 2**20), limits=ServerLimits.of(cfg),
-                                   wire_dtype=wire).start()
+        self.server = WeightServer(
+            self.token,
+            cfg.host,
+            cfg.port,
+            cfg.tls_cert,
+            cfg.tls_key,
+            chunk_bytes=int(cfg.chunk_mb * 2**20),
+            limits=ServerLimits.of(cfg),
+            wire_dtype=wire,
+        ).start()
         return self.server.address  # the node's IP for a wildcard bind
 
-    def publish(self, version: int, state: Mapping[str, torch.Tensor],
-                receivers: Sequence[str] | None = None) -> dict[str, float]:
+    def publish(
+        self, version: int, state: Mapping[str, torch.Tensor], receivers: Sequence[str] | None = None
+    ) -> dict[str, float]:
         start = time.perf_counter()
         packed = self.server.publisher.publish(version, state, receivers)
         changed = packed.changed()
-        return {"seconds": time.perf_counter() - start, "bytes": float(packed.manifest.total_bytes),
-                "changed_bytes": float(sum(s.nbytes for s in changed)), "changed_tensors": float(len(changed)),
-                "tensors": float(len(packed.manifest.tensors))}
+        return {
+            "seconds": time.perf_counter() - start,
+            "bytes": float(packed.manifest.total_bytes),
+            "changed_bytes": float(sum(s.nbytes for s in changed)),
+            "changed_tensors": float(len(changed)),
+            "tensors": float(len(packed.manifest.tensors)),
+        }
 
     def stop(self) -> None:
         if self.server is not None:
@@ -85,12 +97,12 @@ class GrpcWeightReceiver:
             from prorank.weights.server import WeightServer
 
             cfg = self.cfg
-            self._relay = WeightServer(self.token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                                       limits=ServerLimits.of(cfg)).start()
+            self._relay = WeightServer(
+                self.token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, limits=ServerLimits.of(cfg)
+            ).start()
         return self._relay.address  # the node's IP for a wildcard bind
 
-    def sync(self, address: str, apply: Apply, upstream: str | None = None,
-             wait_seconds: float | None = None) -> dict:
+    def sync(self, address: str, apply: Apply, upstream: str | None = None, wait_seconds: float | None = None) -> dict:
         from prorank.protocol import weights_pb2
         from prorank.weights.codec import WeightError, sent_bytes
         from prorank.weights.receiver import pull_newest, report
@@ -108,17 +120,36 @@ class GrpcWeightReceiver:
 
         def tell(applied: bool, error: str = "") -> dict:
             try:  # the sender's table is informative: failing to update it must not fail the actor
-                report(address, self.token, weights_pb2.Ack(version=self.version, applied=applied, error=error,
-                                                            receiver=self.name), cfg.tls_ca)
+                report(
+                    address,
+                    self.token,
+                    weights_pb2.Ack(version=self.version, applied=applied, error=error, receiver=self.name),
+                    cfg.tls_ca,
+                )
             except Exception as err:  # noqa: BLE001 - grpc raises several types
                 log.warning("%s: could not report version %d to %s: %s", self.name, self.version, address, err)
-            return {"version": self.version, "applied": applied, "error": error, "source": source,
-                    "bytes": received, "seconds": time.perf_counter() - start}
+            return {
+                "version": self.version,
+                "applied": applied,
+                "error": error,
+                "source": source,
+                "bytes": received,
+                "seconds": time.perf_counter() - start,
+            }
 
         sources = [(upstream, cfg.relay_wait_seconds if self.relays else wait)] if upstream else []
         try:
-            got, source = pull_newest(sources + [(address, wait)], self.token, self.version, self.name,
-                                      self._expected, cfg.tls_ca, publisher, self._buffer, base_version=self._held)
+            got, source = pull_newest(
+                sources + [(address, wait)],
+                self.token,
+                self.version,
+                self.name,
+                self._expected,
+                cfg.tls_ca,
+                publisher,
+                self._buffer,
+                base_version=self._held,
+            )
         except WeightError as err:
             self._held, source = 0, address  # the blob may be half written
             return tell(False, str(err))
@@ -130,8 +161,9 @@ class GrpcWeightReceiver:
             apply(manifest.version, self._buffer)
         except Exception as err:  # noqa: BLE001 - the engine's own errors: reported, the actor lives on
             log.error("%s: the engine could not apply version %d: %s", self.name, manifest.version, err)
-            return tell(False, f"version {manifest.version}: the engine could not apply it: {type(err).__name__}: "
-                               f"{err}")
+            return tell(
+                False, f"version {manifest.version}: the engine could not apply it: {type(err).__name__}: {err}"
+            )
         self.version = manifest.version
         return tell(True)
 

@@ -1,7 +1,8 @@
 """Runs inside vLLM's worker (named by `LLM(worker_extension_cls=...)`): swaps weights in place.
 
 Arguments reach the worker through vLLM's RPC, which carries bytes but not tensors, so a weight set
-arrives as one safetensors blob; its tensors are read as views into it (the reload copies them anyway). `model_runner.reload_weights` (not `model.load_weights`) is used because
+arrives as one safetensors blob; its tensors are read as views into it (the reload copies them anyway).
+`model_runner.reload_weights` (not `model.load_weights`) is used because
 the CPU backend repacks linear weights for its kernels after start-up; reload repacks them again.
 """
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from deploy.sim.cluster import ROOT, SimCluster, SimError, can_create_namespaces
+from deploy.sim.cluster import ROOT, SimCluster
+from deploy.sim.netns import SimError, can_create_namespaces
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="A multi-node Ray cluster on this machine: network namespaces on shaped links.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="A multi-node Ray cluster on this machine: network namespaces on shaped links.",
+)
 StateOpt = Annotated[str, typer.Option("--state", help="The cluster's state folder.")]
 DEFAULT_STATE = "/tmp/prksim"
 
@@ -27,8 +31,9 @@ def _terminate(*_):  # SIGTERM during `up` tears down like Ctrl-C
 
 @app.command()
 def up(
-    nodes: Annotated[str, typer.Option(help="Roles of nodes 0, 1, ...: learner, reward or actor; "
-                                            "node 0 is the Ray head.")] = "learner,reward,actor,actor",
+    nodes: Annotated[
+        str, typer.Option(help="Roles of nodes 0, 1, ...: learner, reward or actor; node 0 is the Ray head.")
+    ] = "learner,reward,actor,actor",
     rate: Annotated[str, typer.Option(help="Each link's rate (tc units: 800mbit, 1gbit).")] = "800mbit",
     delay: Annotated[str, typer.Option(help="Each link's one-way delay (tc units: 0.2ms).")] = "0.2ms",
     cpus: Annotated[int, typer.Option(help="Logical CPUs each Ray node offers (the head twice that).")] = 4,
@@ -72,8 +77,9 @@ def status(state: StateOpt = DEFAULT_STATE) -> None:
 
 
 @app.command()
-def link(node: int, setting: Annotated[str, typer.Argument(help="up or down")],
-         state: StateOpt = DEFAULT_STATE) -> None:
+def link(
+    node: int, setting: Annotated[str, typer.Argument(help="up or down")], state: StateOpt = DEFAULT_STATE
+) -> None:
     """Cut (down) or restore (up) a node's link: a network partition of that node."""
     if setting not in ("up", "down"):
         _fail(ValueError(f"link setting must be up or down, not {setting!r}"))
@@ -84,16 +90,30 @@ def link(node: int, setting: Annotated[str, typer.Argument(help="up or down")],
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(ctx: typer.Context, config: str, state: StateOpt = DEFAULT_STATE,
-          dry_run: Annotated[bool, typer.Option(help="Print the command only.")] = False) -> None:
+def train(
+    ctx: typer.Context,
+    config: str,
+    state: StateOpt = DEFAULT_STATE,
+    dry_run: Annotated[bool, typer.Option(help="Print the command only.")] = False,
+) -> None:
     """`prorank train --config CONFIG` from the head node, joined to the cluster, with every role on its
     node type and the services on the node addresses with token and TLS; extra args go to prorank train."""
     try:
         cluster = SimCluster.load(state)
     except SimError as err:
         _fail(err)
-    argv = [sys.executable, "-m", "prorank.driver.cli", "train", "--config", config, "--address", cluster.address,
-            *ctx.args, *cluster.train_overrides()]
+    argv = [
+        sys.executable,
+        "-m",
+        "prorank.driver.cli",
+        "train",
+        "--config",
+        config,
+        "--address",
+        cluster.address,
+        *ctx.args,
+        *cluster.train_overrides(),
+    ]
     if dry_run:
         typer.echo(" ".join(argv))
         return
@@ -117,8 +137,10 @@ def exec_command(ctx: typer.Context, node: int, state: StateOpt = DEFAULT_STATE)
 
 def _print_status(cluster: SimCluster) -> None:
     delay = f"+ {cluster.delay} delay" if cluster.delay_applied else "(no delay: this kernel has no sch_netem)"
-    typer.echo(f"cluster {cluster.name}: Ray at {cluster.address}, links {cluster.rate} {delay} each way, "
-               f"state in {cluster.state}")
+    typer.echo(
+        f"cluster {cluster.name}: Ray at {cluster.address}, links {cluster.rate} {delay} each way, "
+        f"state in {cluster.state}"
+    )
     for node in cluster.nodes:
         typer.echo(f"  node {node.index}  {node.ns:<14} {node.ip:<14} {node.role}")
     if not cluster.ray:

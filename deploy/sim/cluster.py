@@ -20,7 +20,6 @@ removes every namespace, link and process, also after a failed `up`.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import os
@@ -33,20 +32,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deploy.sim.netns import STEP_TIMEOUT, SimError, has_netem, netns_list, netns_pids, quote, self_signed, sh
+
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("learner", "reward", "actor")
 RAY_PORT = 6379
 # Ray declares a silent node dead after about period x threshold (defaults: about 30 s).
-HEALTH_ENV = {"RAY_health_check_initial_delay_ms": "2000", "RAY_health_check_period_ms": "1000",
-              "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+HEALTH_ENV = {
+    "RAY_health_check_initial_delay_ms": "2000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "5",
+}
 # A worker node's raylet gives up on an unreachable head after this long; its supervisor restarts it.
 WORKER_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
 NODE_RESTARTS = 100  # a supervisor's bound
-STEP_TIMEOUT = 120  # any one command of up/down
-
-
-class SimError(RuntimeError):
-    """A step of bringing the cluster up or down failed; the message names the command."""
 
 
 @dataclass
@@ -87,7 +87,8 @@ class SimCluster:
             raise SimError("at most 250 nodes")
         self.nodes = self.nodes or [
             Node(i, role, f"{self.name}-n{i}", str(net.network_address + i + 1), self.cpus * (2 if i == 0 else 1))
-            for i, role in enumerate(self.roles)]
+            for i, role in enumerate(self.roles)
+        ]
         self.nodes = [n if isinstance(n, Node) else Node(**n) for n in self.nodes]
 
     # ------------------------------------------------------------ paths and state
@@ -126,8 +127,14 @@ class SimCluster:
 
     def env(self) -> dict[str, str]:
         """The environment of every Ray process and client of this cluster."""
-        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
-                "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "PRORANK_SIM": self.name}
+        return {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PRORANK_SIM": self.name,
+        }
 
     # ------------------------------------------------------------ network
 
@@ -140,13 +147,13 @@ class SimCluster:
         if self.state.exists() and (self.state / "cluster.json").exists():
             raise SimError(f"a simulated cluster is already up at {self.state}: run `down` first")
         self.state.mkdir(parents=True, exist_ok=True)
-        self.delay_applied = bool(self.delay) and _has_netem()
+        self.delay_applied = bool(self.delay) and has_netem()
         self.save()
         try:
-            _sh("ip", "netns", "add", self.switch)
-            _sh("ip", "-n", self.switch, "link", "set", "lo", "up")
-            _sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
-            _sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+            sh("ip", "netns", "add", self.switch)
+            sh("ip", "-n", self.switch, "link", "set", "lo", "up")
+            sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.switch, "link", "set", "br0", "up")
             for node in self.nodes:
                 self._add_node(node)
             self._secrets()
@@ -161,15 +168,15 @@ class SimCluster:
 
     def _add_node(self, node: Node) -> None:
         ns, peer = node.ns, self.veth(node)
-        _sh("ip", "netns", "add", ns)
-        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
         inner = f"{self.name}i{node.index}"
-        _sh("ip", "link", "add", inner, "type", "veth", "peer", "name", peer)
-        _sh("ip", "link", "set", inner, "netns", ns, "name", "eth0")
-        _sh("ip", "link", "set", peer, "netns", self.switch)
-        _sh("ip", "-n", self.switch, "link", "set", peer, "master", "br0", "up")
-        _sh("ip", "-n", ns, "addr", "add", f"{node.ip}/24", "dev", "eth0")
-        _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", peer)
+        sh("ip", "link", "set", inner, "netns", ns, "name", "eth0")
+        sh("ip", "link", "set", peer, "netns", self.switch)
+        sh("ip", "-n", self.switch, "link", "set", peer, "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{node.ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
         self._shape(ns, "eth0")  # what the node sends
         self._shape(self.switch, peer)  # what the node receives
 
@@ -178,20 +185,20 @@ class SimCluster:
         tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev]
         bucket = ["tbf", "rate", self.rate, "burst", "256kb", "latency", "100ms"]
         if self.delay_applied:
-            _sh(*tc, "root", "handle", "1:", "netem", "delay", self.delay, "limit", "100000")
-            _sh(*tc, "parent", "1:1", "handle", "10:", *bucket)
+            sh(*tc, "root", "handle", "1:", "netem", "delay", self.delay, "limit", "100000")
+            sh(*tc, "parent", "1:1", "handle", "10:", *bucket)
         else:
-            _sh(*tc, "root", "handle", "10:", *bucket)
+            sh(*tc, "root", "handle", "10:", *bucket)
 
     def link(self, node: Node | int, up: bool) -> None:
         """Cut (or restore) a node's link at its switch port: the node is partitioned from every other."""
         node = self.nodes[node] if isinstance(node, int) else node
-        _sh("ip", "-n", self.switch, "link", "set", self.veth(node), "up" if up else "down")
+        sh("ip", "-n", self.switch, "link", "set", self.veth(node), "up" if up else "down")
 
     def _secrets(self) -> None:
         self.token_file.write_text(secrets.token_urlsafe(32))
         self.ray_token_file.write_text(secrets.token_hex(32))
-        _self_signed(self.cert, self.key, [n.ip for n in self.nodes] + ["127.0.0.1"])
+        self_signed(self.cert, self.key, [n.ip for n in self.nodes] + ["127.0.0.1"])
         for path in (self.token_file, self.ray_token_file, self.key):
             path.chmod(0o600)
 
@@ -210,36 +217,58 @@ class SimCluster:
 
     def _ray_args(self, node: Node) -> list[str]:
         temp = self.state / f"ray{node.index}"  # short: Ray puts Unix sockets under it
-        return ["--node-ip-address", node.ip, "--num-cpus", str(node.cpus), "--resources",
-                json.dumps({node.resource: 4 if node.role == "learner" else 1}), "--temp-dir", str(temp),
-                "--object-store-memory", str(300 * 2**20), "--disable-usage-stats"]
+        return [
+            "--node-ip-address",
+            node.ip,
+            "--num-cpus",
+            str(node.cpus),
+            "--resources",
+            json.dumps({node.resource: 4 if node.role == "learner" else 1}),
+            "--temp-dir",
+            str(temp),
+            "--object-store-memory",
+            str(300 * 2**20),
+            "--disable-usage-stats",
+        ]
 
     def start_ray(self, wait: float = 180) -> None:
         ray = str(Path(sys.executable).parent / "ray")
         head = self.head
-        out = self.run(head, [ray, "start", "--head", "--port", str(RAY_PORT), "--include-dashboard=false",
-                              *self._ray_args(head)], env={**self.env(), **HEALTH_ENV}, capture_output=True, text=True)
+        out = self.run(
+            head,
+            [ray, "start", "--head", "--port", str(RAY_PORT), "--include-dashboard=false", *self._ray_args(head)],
+            env={**self.env(), **HEALTH_ENV},
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             raise SimError(f"ray start --head on {head.ns} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
         for node in self.nodes[1:]:
             # `--block` stays in the foreground while the node lives; the loop starts it again after Ray
             # declared the node dead (it cannot rejoin under its old id), at most NODE_RESTARTS times.
-            start = " ".join([ray, "start", "--block", "--address", self.address, *map(_quote, self._ray_args(node))])
-            loop = (f"for i in $(seq 1 {NODE_RESTARTS}); do {start}; "
-                    "sleep 2; done")
+            start = " ".join([ray, "start", "--block", "--address", self.address, *map(quote, self._ray_args(node))])
+            loop = f"for i in $(seq 1 {NODE_RESTARTS}); do {start}; sleep 2; done"
             log = open(self.state / f"node{node.index}.log", "ab")  # noqa: SIM115 - the child keeps it
-            self.popen(node, ["bash", "-c", loop], env={**self.env(), **WORKER_ENV}, stdout=log,
-                       stderr=subprocess.STDOUT, start_new_session=True)
+            self.popen(
+                node,
+                ["bash", "-c", loop],
+                env={**self.env(), **WORKER_ENV},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             log.close()
         self.wait_nodes(len(self.nodes), wait)
 
     def ray_nodes(self) -> list[dict]:
         """Every node Ray knows (dead ones too): NodeID, NodeManagerAddress (its IP), Alive, and its role
         resources, asked from the head node's namespace."""
-        code = ("import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='ERROR'); "
-                "print(json.dumps([{'NodeID': n['NodeID'], 'NodeManagerAddress': n['NodeManagerAddress'], "
-                "'Alive': n['Alive'], 'roles': [k for k in n['Resources'] if k.endswith('_node')]} "
-                "for n in ray.nodes()]))" % self.address)
+        code = (
+            "import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='ERROR'); "
+            "print(json.dumps([{'NodeID': n['NodeID'], 'NodeManagerAddress': n['NodeManagerAddress'], "
+            "'Alive': n['Alive'], 'roles': [k for k in n['Resources'] if k.endswith('_node')]} "
+            "for n in ray.nodes()]))" % self.address
+        )
         try:
             out = self.run(self.head, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:
@@ -270,16 +299,16 @@ class SimCluster:
         folder, whatever state `up` reached. Returns what it could not remove (empty when all went)."""
         left = []
         namespaces = [n.ns for n in self.nodes] + [self.switch]
-        existing = set(_netns_list())
+        existing = set(netns_list())
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [p for ns in namespaces if ns in existing for p in _netns_pids(ns)]
+            pids = [p for ns in namespaces if ns in existing for p in netns_pids(ns)]
             for pid in pids:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 10
-            while pids and time.monotonic() < deadline and any(_netns_pids(ns) for ns in namespaces if ns in existing):
+            while pids and time.monotonic() < deadline and any(netns_pids(ns) for ns in namespaces if ns in existing):
                 time.sleep(0.5)
         for ns in namespaces:
             if ns in existing and subprocess.run(["ip", "netns", "del", ns], capture_output=True).returncode:
@@ -295,86 +324,21 @@ class SimCluster:
 
     def train_overrides(self) -> list[str]:
         """Dotted overrides that put a job's roles on this cluster's nodes, over its token and TLS."""
-        tls = [f"{s}.{k}={v}" for s in ("reward", "weights")
-               for k, v in (("tls_cert", self.cert), ("tls_key", self.key), ("tls_ca", self.cert))]
-        return [
-            "actors.resources={actor_node: 1}", "learner.resources={learner_node: 1}",
-            "reward.resources={reward_node: 1}", f"reward.replicas={self.roles.count('reward') or 1}",
-            f"actors.num_actors={self.roles.count('actor') or 1}",
-            "reward.host=0.0.0.0", "weights.host=0.0.0.0", "weights.relay_host=0.0.0.0",
-            f"reward.token_file={self.token_file}", f"weights.token_file={self.token_file}", *tls,
+        tls = [
+            f"{s}.{k}={v}"
+            for s in ("reward", "weights")
+            for k, v in (("tls_cert", self.cert), ("tls_key", self.key), ("tls_ca", self.cert))
         ]
-
-
-def _quote(arg: str) -> str:
-    return "'" + arg.replace("'", "'\\''") + "'"
-
-
-def _sh(*argv: str) -> None:
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    if out.returncode:
-        raise SimError(f"`{' '.join(argv)}` failed: {out.stderr.strip()}")
-
-
-def _has_netem() -> bool:
-    """Whether this kernel can delay packets (sch_netem); some container kernels have tbf but not netem."""
-    ns = f"prknetem{os.getpid() % 10000}"
-    subprocess.run(["ip", "netns", "add", ns], capture_output=True, timeout=30)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "add", "a", "type", "veth", "peer", "name", "b"],
-                       capture_output=True, timeout=30)
-        out = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "a", "root", "netem",
-                              "delay", "1ms"], capture_output=True, timeout=30)
-        return out.returncode == 0
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
-def _netns_list() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
-    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-
-
-def _netns_pids(ns: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
-    return [int(p) for p in out.stdout.split() if p.isdigit() and int(p) != os.getpid()]
-
-
-def _self_signed(cert: Path, key: Path, ips: list[str]) -> None:
-    """A self-signed certificate valid for every node address (the cluster's CA is the cert itself)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    private = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "prorank-sim")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    built = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=2))
-             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-                                                        + [x509.DNSName("localhost")]), critical=False)
-             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-             .sign(private, hashes.SHA256()))
-    cert.write_bytes(built.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-
-
-@functools.cache  # a probe namespace made and deleted once a process (two test modules ask at collection)
-def can_create_namespaces() -> str:
-    """'' when this process can make network namespaces and shape links; else why not."""
-    if os.geteuid() != 0:
-        return "not root: network namespaces need CAP_NET_ADMIN"
-    for tool in ("ip", "tc"):
-        if not shutil.which(tool):
-            return f"no `{tool}` command (iproute2)"
-    probe = f"prkprobe{os.getpid() % 10000}"
-    out = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if out.returncode:
-        return f"cannot create a network namespace: {out.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return ""
+        return [
+            "actors.resources={actor_node: 1}",
+            "learner.resources={learner_node: 1}",
+            "reward.resources={reward_node: 1}",
+            f"reward.replicas={self.roles.count('reward') or 1}",
+            f"actors.num_actors={self.roles.count('actor') or 1}",
+            "reward.host=0.0.0.0",
+            "weights.host=0.0.0.0",
+            "weights.relay_host=0.0.0.0",
+            f"reward.token_file={self.token_file}",
+            f"weights.token_file={self.token_file}",
+            *tls,
+        ]

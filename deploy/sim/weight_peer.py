@@ -88,15 +88,28 @@ def pull(args) -> None:
     from prorank.weights.receiver import pull_newest
     from prorank.weights.server import WeightServer
 
-    relay = (WeightServer(args.token, host=args.relay_host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
-             if args.relay_host else None)
+    relay = (
+        WeightServer(args.token, host=args.relay_host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
+        if args.relay_host
+        else None
+    )
     _say(relay=relay.address if relay else "")
     order = json.loads(sys.stdin.readline())
-    got, source = pull_newest([tuple(s) for s in order["sources"]], args.token, 0, args.name, tls_ca=args.tls_ca,
-                              relay=relay.publisher if relay else None)
+    got, source = pull_newest(
+        [tuple(s) for s in order["sources"]],
+        args.token,
+        0,
+        args.name,
+        tls_ca=args.tls_ca,
+        relay=relay.publisher if relay else None,
+    )
     manifest = got[0] if got else None
-    _say(version=manifest.version if manifest else 0, source=source, done=time.time(),
-         bytes=manifest.total_bytes if manifest else 0)
+    _say(
+        version=manifest.version if manifest else 0,
+        source=source,
+        done=time.time(),
+        bytes=manifest.total_bytes if manifest else 0,
+    )
     sys.stdin.read()
     if relay:
         relay.stop(0)

@@ -28,8 +28,19 @@ for run in job["runs"]:
     if run["scores"]:
         # In batches of 8: predict() runs whatever it is given as one batch, and the vocabulary logits of
         # 100 long pairs at once do not fit in memory.
-        out["scores"] = [s for at in range(0, len(queries), 8) for s in model.predict(
-            queries[at : at + 8], documents[at : at + 8], instruction=run["instruction"]).tolist()]
+        out["scores"] = [
+            s
+            for at in range(0, len(queries), 8)
+            for s in model.predict(
+                queries[at : at + 8], documents[at : at + 8], instruction=run["instruction"]
+            ).tolist()
+        ]
     runs.append(out)
-json.dump({"runs": runs, "rope_theta": getattr(model.model.config, "rope_theta", None),
-           "transformers": transformers.__version__}, sys.stdout)
+json.dump(
+    {
+        "runs": runs,
+        "rope_theta": getattr(model.model.config, "rope_theta", None),
+        "transformers": transformers.__version__,
+    },
+    sys.stdout,
+)

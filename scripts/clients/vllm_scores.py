@@ -20,14 +20,25 @@ if __name__ == "__main__":
     job = json.load(sys.stdin)
     folder = Path(job["model"])
     settings = json.loads((folder / "prorank.json").read_text())
-    llm = LLM(model=str(folder), runner="pooling", dtype="float32", max_model_len=2048,
-              hf_overrides=settings["vllm_hf_overrides"], enforce_eager=True)
+    llm = LLM(
+        model=str(folder),
+        runner="pooling",
+        dtype="float32",
+        max_model_len=2048,
+        hf_overrides=settings["vllm_hf_overrides"],
+        enforce_eager=True,
+    )
     template = (folder / "chat_template.jinja").read_text()
     result = {"scores": [], "logits": []}
     for item in job["queries"]:
         outputs = llm.score(item["query"], item["documents"], chat_template=template, use_tqdm=False)
-        raw = llm.score(item["query"], item["documents"], chat_template=template, use_tqdm=False,
-                        pooling_params=PoolingParams(use_activation=False))
+        raw = llm.score(
+            item["query"],
+            item["documents"],
+            chat_template=template,
+            use_tqdm=False,
+            pooling_params=PoolingParams(use_activation=False),
+        )
         result["scores"].append([o.outputs.score for o in outputs])
         result["logits"].append([o.outputs.score for o in raw])
     print("RESULT " + json.dumps(result), flush=True)

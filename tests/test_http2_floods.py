@@ -1,0 +1,91 @@
+"""HTTP/2 floods without the token, from another loopback host, against a reward server process of its own:
+every legitimate call beside the attack is answered, and the server's memory comes back once it ends.
+(The callers that hold calls, send garbage or too many calls: tests/test_hostile_callers.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.hostile_peers import oversized_headers, rapid_reset
+from bench.peak_rss import PeakRss
+from prorank.protocol import reward_pb2
+from prorank.reward.client import RewardError, SyncRewardClient
+
+TOKEN = "flood-token"
+SCORE = "/prorank.reward.v1.Reward/Score"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def group(i: int = 0) -> reward_pb2.Group:
+    return reward_pb2.Group(request_id=f"r{i}", query_id="q1", doc_id="d1", completions=["1", "0"])
+
+
+@pytest.mark.parametrize("shape", ["rapid reset", "oversized headers"])
+def test_http2_floods_across_64_connections(shape):
+    """Without the token, on 64 connections for 10 s from another loopback host, against a reward server
+    process of its own after a 5 s round that warms it up: HTTP/2 rapid reset (HEADERS then RST_STREAM,
+    stream after stream), or calls whose header block (10,000 headers) is past gRPC's metadata limit; a
+    connection the server refuses or closes is opened again at once. Legitimate Score calls (a 5 s
+    deadline, no retry) go on beside it, and RSS is measured once the attack has ended.
+
+    Every legitimate call is answered: the cap on connections per host (16) leaves the attacker 16 of its
+    64 (without it, 1-4 of ~60 oversized-header calls timed out on 2 cores). RSS: rapid reset grows it by a
+    few MB a round (~4.5 MB per 3 M resets, inside gRPC core: noticed, not fixed), bounded here at +25 MB;
+    oversized headers: back within 10 MB of the start, from a peak of ~240 (the server returns freed memory to the
+    system every 2 s; without that it stayed +150 MB). Not 10%: from a 57 MB start CI once ended 6.0 MB up."""
+    flood = rapid_reset if shape == "rapid reset" else oversized_headers
+    code = (
+        "import sys; from prorank.config import RewardConfig; from reward.server import RewardServer; "
+        f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start(); "
+        "print(s.address, flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        address = proc.stdout.readline().strip()
+        asyncio.run(flood(address, SCORE, 64, seconds=5))  # the warm-up round
+        time.sleep(5.0)  # freed memory goes back to the system every 2 s
+        client = SyncRewardClient([address], TOKEN, timeout=5.0, retries=0)
+        with PeakRss(proc.pid) as rss:
+            start, sent, failed = rss.rss(), {}, []
+            attack = lambda: sent.update(n=asyncio.run(flood(address, SCORE, 64, 10)))  # noqa: E731
+            attacker = threading.Thread(target=attack, daemon=True)
+            attacker.start()
+            answered = 0
+            while attacker.is_alive():
+                try:
+                    (res,) = client.score([group(answered)])
+                    assert res.label == 1
+                    answered += 1
+                except RewardError as err:
+                    failed.append(err.code)
+                time.sleep(0.2)
+            attacker.join(timeout=30)
+            time.sleep(5.0)
+            after = rss.rss()
+        (res,) = client.score([group()])  # answered once the attack is over
+        client.close()
+        print(
+            f"{shape}: {sent['n']} sent, legitimate calls {answered} answered, {len(failed)} failed {failed}; "
+            f"RSS {start:.0f} -> peak {rss.peak:.0f} -> {after:.0f} MB"
+        )
+        assert sent["n"] > 1000 and res.label == 1, (sent, answered, failed)
+        assert answered >= 10 and not failed, (answered, failed)
+        assert after <= start + (25 if shape == "rapid reset" else 10), (start, rss.peak, after)
+    finally:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait(timeout=30)
