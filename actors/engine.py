@@ -12,12 +12,18 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prorank.config import ActorConfig, PromptConfig, SamplingConfig
 from prorank.models import load_tokenizer
 from prorank.prompt import PromptBuilder, parse_judgment
 from prorank.rollout import Completion, GroupResult, RolloutRequest
 from prorank.weight_transport import WeightReceiver
+
+if TYPE_CHECKING:
+    import torch
+
+    from prorank.config import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ class RolloutEngine:
             self.serve = self.lora.actors_serve
             if self.serve == "auto":
                 self.serve = "adapter" if actors.num_gpus > 0 else "merged"
-        if self.serve == "adapter":
+        if self.serve == "adapter" and self.lora is not None:
             # One adapter slot: each version replaces the last (its files are written under adapter_root).
             engine_args.update(enable_lora=True, max_lora_rank=vllm_rank(self.lora.r), max_loras=1)
             self.adapter_root = Path(tempfile.mkdtemp(prefix=f"prorank-{name}-adapters-"))
@@ -75,7 +81,9 @@ class RolloutEngine:
         self.model, self.dtype = model, actors.dtype
         # Merged serving: the base weights of the adapted modules, and a full-weight blob (with views into it)
         # that each version is merged into in place; made at the first version.
-        self._base, self._blob, self._views = None, None, None
+        self._base: dict[str, torch.Tensor] | None = None
+        self._blob: bytearray | None = None
+        self._views: dict[str, torch.Tensor] = {}
         if actors.block_size:
             engine_args["block_size"] = actors.block_size
         if actors.num_gpus > 0:
@@ -189,6 +197,8 @@ class RolloutEngine:
 
     def relay_address(self) -> str:
         """Start this actor's relay (if not yet) and return the address the next actor pulls from."""
+        if self.weights is None:
+            raise RuntimeError(f"{self.name} was started without a weight receiver: it relays nothing")
         return self.weights.relay_address()
 
     def _apply(self, version: int, blob: bytearray) -> None:
@@ -201,6 +211,11 @@ class RolloutEngine:
         self.llm.collective_rpc("prorank_load_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached prompt activations belong to the old weights
 
+    def _lora(self) -> LoraSettings:
+        if self.lora is None:  # versions are adapters only with learner.lora: a full-weight version never gets here
+            raise RuntimeError("an adapter version reached an actor started without LoRA")
+        return self.lora
+
     def _merged(self, adapter_blob: bytearray) -> bytearray:
         """The full weights with an adapter version added (W + (alpha/r) B A), as the blob a full-weight
         version would be: the wire carried the adapter alone, the engine serves at the base's speed. The
@@ -210,15 +225,15 @@ class RolloutEngine:
         from prorank.lora import base_weights, merge_into
         from prorank.models import safetensors_views
 
-        adapter = safetensors_views(adapter_blob)
-        if self._blob is None:
+        adapter, lora = safetensors_views(adapter_blob), self._lora()
+        if self._blob is None or self._base is None:
             base = base_weights(self.model, self.dtype)
             self._blob = bytearray(safetensors.torch.save(base))
             self._views = safetensors_views(self._blob)
-            merged = merge_into(base, adapter, self.lora)
+            merged = merge_into(base, adapter, lora)
             self._base = {name: base[name] for name in merged}  # the rest stays as the blob holds it
         else:
-            merged = merge_into(self._base, adapter, self.lora)
+            merged = merge_into(self._base, adapter, lora)
         for name, weight in merged.items():
             self._views[name].copy_(weight)
         return self._blob
@@ -230,7 +245,7 @@ class RolloutEngine:
 
         from prorank.lora import write_adapter
 
-        folder = write_adapter(self.adapter_root / f"v{version}", self.lora, self.model, blob=blob)
+        folder = write_adapter(self.adapter_root / f"v{version}", self._lora(), self.model, blob=blob)
         request = LoRARequest(lora_name=f"v{version}", lora_int_id=version, lora_path=str(folder))
         try:
             if not self.llm.llm_engine.add_lora(request):

@@ -21,6 +21,8 @@ from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import ray
+from ray import ObjectRef
+from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from prorank.actors.engine import RolloutEngine
@@ -38,13 +40,13 @@ class PoolError(RuntimeError):
 @dataclass(eq=False)
 class _Slot:
     name: str
-    handle: object
-    ready_ref: object | None  # pending until the engine is up with the latest weights
+    handle: ActorHandle
+    ready_ref: ObjectRef | None  # pending until the engine is up with the latest weights
     inflight: dict = field(default_factory=dict)  # chunk ObjectRef -> its requests
     version: int = 0
     draining: bool = False
     relay_address: str = ""  # where the next actor pulls weights from this one
-    sync_ref: object | None = None  # a weight pull queued behind the chunks in flight (sync without waiting)
+    sync_ref: ObjectRef | None = None  # a weight pull queued behind the chunks in flight (sync without waiting)
 
     @property
     def load(self) -> int:
@@ -269,7 +271,7 @@ class ActorPool:
                 "actor %s refused a weights version and serves %d: %s", name, answer["version"], answer["error"][:300]
             )
 
-    def score(self, pairs: list[tuple[str, str]], exclude: Container[str] = ()) -> tuple[object, str]:
+    def score(self, pairs: list[tuple[str, str]], exclude: Container[str] = ()) -> tuple[ObjectRef, str]:
         """Score (query, document text) pairs on the least loaded actor (not one in `exclude`), after the
         calls already queued to it (so under the newest version it was sent). Returns the call's ObjectRef
         and the actor's name; the ref's value is {"scores", "version", "seconds", "actor"}: hand it to
@@ -290,7 +292,7 @@ class ActorPool:
             slot.relay_address = ray.get(slot.handle.relay_address.remote())
         return slot.relay_address
 
-    def _on_every_actor(self, method: str, *args, per_actor=lambda slot: {}) -> dict[str, object]:
+    def _on_every_actor(self, method: str, *args, per_actor=lambda slot: {}) -> dict[str, dict]:
         """Call `method` on every serving actor at once and collect the answers by actor name. An actor
         that dies meanwhile is replaced (the replacement gets the weights on start). An actor still
         starting gets the call queued behind its start-up and is not waited for: it may be waiting for
@@ -302,7 +304,7 @@ class ActorPool:
                 pending[ref] = slot
             else:  # actor calls run in order: this one resolving means the start-up has too
                 slot.ready_ref = ref
-        answers: dict[str, object] = {}
+        answers: dict[str, dict] = {}
         for ref, slot in pending.items():
             try:
                 answers[slot.name] = ray.get(ref)

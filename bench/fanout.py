@@ -60,7 +60,8 @@ def sync_seconds(cluster: SimCluster, learner: str, actors: int, relay: bool) ->
         done = [answer(p) for p in peers]
     finally:
         for peer in peers:
-            peer.stdin.close()
+            if peer.stdin:
+                peer.stdin.close()
             peer.wait(60)
     if any(d["version"] != 1 for d in done):
         raise RuntimeError(f"a receiver did not get the version: {done}")
@@ -120,7 +121,7 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        if server:
+        if server and server.stdin:
             server.stdin.close()
             server.wait(60)
         cluster.down()

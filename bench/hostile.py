@@ -187,7 +187,7 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
             big_s = time.perf_counter() - start
             bigs = [asyncio.ensure_future(score(big, metadata=metadata, timeout=300)) for _ in range(8)]
             await asyncio.sleep(0.3)
-            during = []
+            during: list[float] = []
             while not all(b.done() for b in bigs) and len(during) < 20:
                 start = time.perf_counter()
                 await small_score(small, metadata=metadata, timeout=120)
@@ -283,7 +283,7 @@ def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
                         client.score(small_groups())
                         times.append(time.perf_counter() - began)
                     except RewardError as err:
-                        failed.append(err.code.name)
+                        failed.append(err.code.name if err.code else str(err))
                     time.sleep(0.2)
                 attacker.join(timeout=60)
                 time.sleep(5.0)

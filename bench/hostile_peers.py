@@ -344,7 +344,8 @@ class Attack:
         self.stop, self.tally, self.n = threading.Event(), Tally(), args[2]
 
         def run() -> None:
-            asyncio.run(hold_calls(*args, seconds=seconds, stop=self.stop, tally=self.tally, **kwargs))
+            kwargs.update(seconds=seconds, stop=self.stop, tally=self.tally)
+            asyncio.run(hold_calls(*args, **kwargs))
 
         self._thread = threading.Thread(target=run, daemon=True)
 

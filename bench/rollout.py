@@ -21,7 +21,7 @@ def scifact_requests(data: str, n: int):
     from prorank.rollout import RolloutRequest
 
     ds = load_dataset(DataConfig(path=data, split="test"))
-    reqs = []
+    reqs: list = []
     for qid in ds.query_ids:
         for did in ds.qrels[qid]:
             doc = ds.corpus[did]

@@ -20,6 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -197,7 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
             ray.shutdown()
 
     base = next(iter(rows.values()))[0]
-    report = {"cpu": cpu, "cores": cores, "gemm_flops": peak, "candidates": len(groups[0].prompt_ids), "rows": {}}
+    report: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": cores,
+        "gemm_flops": peak,
+        "candidates": len(groups[0].prompt_ids),
+        "rows": {},
+    }
     for name, (rate, sec, trained) in rows.items():
         flops = step_flops(model, groups, trained) / len(groups) / sec
         report["rows"][name] = {

@@ -48,11 +48,13 @@ class Served:
             stdout=subprocess.PIPE,
             preexec_fn=limit,
         )
+        assert self.proc.stdout is not None and self.proc.stdin is not None  # both PIPE above
         self.address = self.proc.stdout.readline().strip()
         if not self.address:
             raise RuntimeError(f"the {kind} server from {tree} did not start")
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        if self.proc.stdin:
+            self.proc.stdin.close()
         self.proc.kill()
         self.proc.wait(timeout=30)

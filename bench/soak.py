@@ -201,7 +201,8 @@ def faulted_run(
     replica_steps = [3 + 4 * i for i in range(replica_kills)]
     injected = {"actor kills": 0, "reward replica kills": 0, "relay freezes": 0, "driver SIGKILL": 0}
     proc = cluster.train(config, config.with_suffix(".log"))
-    seen, froze_at, frozen, thaw_at = 0, -10, [], 0.0
+    seen, froze_at, thaw_at = 0, -10, 0.0
+    frozen: list[int] = []
     deadline = time.monotonic() + 1800
     try:
         while proc.poll() is None and time.monotonic() < deadline:

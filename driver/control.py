@@ -22,7 +22,7 @@ def control_name(job_name: str) -> str:
 class JobControl:
     """The mailbox between `prorank scale` and the job's driver."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.desired: int | None = None
         self.status: dict = {}
         self.stop = ""  # "", "stop" or "preempt"

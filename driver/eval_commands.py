@@ -230,7 +230,7 @@ def export_command(
 
     from prorank.data import DataError
     from prorank.export import export_model
-    from prorank.fusion import FusionSettings
+    from prorank.fusion import FusionSettings, Method
     from prorank.models import ModelError, checkpoint_model_dir
     from prorank.prompt import PromptError
 
@@ -269,7 +269,8 @@ def export_command(
             model, tokenizer = load_causal_lm(
                 ModelConfig(path=checkpoint_model_dir(str(checkpoint)), dtype=cfg.model.dtype)
             )
-            fused = tune_on_held_out(cfg, model, tokenizer, fusion, progress=sys.stderr.isatty())
+            method: Method = "rrf" if fusion == "rrf" else "wsum"  # checked to be one of the two above
+            fused = tune_on_held_out(cfg, model, tokenizer, method, progress=sys.stderr.isatty())
             typer.echo(f"fusion tuned on {fused.tuned_on['queries']} held-out queries: {fused.describe()}")
         out = export_model(checkpoint, output, reports, prompt, name, None if fusion == "none" else fused)
         if adapter:

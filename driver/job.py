@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from prorank import checkpoints
-from prorank.driver.loop import BusyClock, Job, run_stage
+from prorank.driver.loop import BusyClock, Job, StopFlag, run_stage
 from prorank.driver.stop import StopSignals
 from prorank.run_lock import lock_output
 
@@ -90,29 +90,49 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     with ExitStack() as stack:  # stops everything started, in reverse order, however the run ends
         stack.callback(lock.close)
         prompts = PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold)
-        job = Job(cfg, out, stack, dataset, ranking, prompts, model_path, progress, signals=signals)
+        halt = StopFlag()
         _start_ray(cfg, stack)
         if signals:  # ray.init put its own SIGTERM handler (a stack dump, exit 134) over the CLI's
-            signals.install(on_stop=lambda: job.stop(f"{signals.name} received"))
-        addresses = []
+            signals.install(on_stop=lambda: halt.request(f"{signals.name} received"))
+        replicas, rewards, addresses = None, None, []
         if run_warm:
-            job.replicas = ReplicaSet(data_cfg, cfg.reward, token)
-            stack.callback(job.replicas.stop)
-            addresses = list(job.replicas.addresses)
-            job.rewards = SyncRewardClient(cfg.reward.addresses or addresses, token, **client_options(cfg.reward))
-            stack.callback(job.rewards.close)
-        job.control = start_control(tc.job_name)
-        stack.callback(ray_kill, job.control)
+            replicas = ReplicaSet(data_cfg, cfg.reward, token)
+            stack.callback(replicas.stop)
+            addresses = list(replicas.addresses)
+            rewards = SyncRewardClient(cfg.reward.addresses or addresses, token, **client_options(cfg.reward))
+            stack.callback(rewards.close)
+        control = start_control(tc.job_name)
+        stack.callback(ray_kill, control)
         # The weight transport: its two ends go to the actors and learners (with LoRA, versions are adapters).
-        job.sync = WeightSync(token, cfg.weights, cfg.learner.lora)
-        job.pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, job.sync.receivers()).start(wait=False)
-        stack.callback(job.pool.shutdown)
-        job.dev = DevEval(cfg, dataset, ranking, job.prompts.dev_query_ids, job.pool)
-        job.clock = BusyClock(job.pool)
-        job.pool.wait_ready()
+        sync = WeightSync(token, cfg.weights, cfg.learner.lora)
+        pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, sync.receivers()).start(wait=False)
+        stack.callback(pool.shutdown)
+        dev = DevEval(cfg, dataset, ranking, prompts.dev_query_ids, pool)
+        clock = BusyClock(pool)
+        pool.wait_ready()
         resumed_at = warmup_done if run_warm else offset + score_done
-        job.run = RunLog(out, start_step=resumed_at, started=started)
-        stack.callback(job.run.close)
+        run = RunLog(out, start_step=resumed_at, started=started)
+        stack.callback(run.close)
+        job = Job(
+            cfg,
+            out,
+            stack,
+            dataset,
+            ranking,
+            prompts,
+            model_path,
+            pool,
+            sync,
+            dev,
+            clock,
+            run,
+            control,
+            halt,
+            rewards,
+            replicas,
+            signals,
+            progress,
+        )
         log.info("job %s: stages %s from step %d", tc.job_name, tc.stages, resumed_at)
 
         if run_warm:
@@ -137,8 +157,8 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
             "dev": job.run.dev_history(),
             "dev_query_ids": job.prompts.dev_query_ids,
             "job_hours": job.run.wall_hours(),
-            "stopped": job.stop_reason,
-            "preempted": job.preempted,
+            "stopped": halt.reason,
+            "preempted": halt.preempted,
         }
         (out / "summary.json").write_text(_json(summary))
         return summary

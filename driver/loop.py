@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from tqdm import tqdm
+
 from prorank import checkpoints
 from prorank.driver.checkpointing import save_checkpoint
+from prorank.driver.control import wanted_actors
 
 if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
     from prorank.actors.pool import ActorPool
     from prorank.batches import PromptSampler
     from prorank.config import ProRankConfig
@@ -122,8 +127,23 @@ def run_stage(job: Job, stage: Stage, resume: bool) -> None:
 
 
 @dataclass
+class StopFlag:
+    """`prorank stop`, train.max_hours, a signal or a full disk: the stages end after the step under way.
+    Made before the job's services, so that a signal while they start is not lost."""
+
+    reason: str = ""  # why, when it is not the end of the last stage; in the summary
+    preempted: bool = False  # `prorank stop --preempt`: the CLI exits 143, as on SIGTERM
+
+    def request(self, reason: str) -> None:
+        if not self.reason:
+            log.info("stopping: %s", reason)
+            self.reason = reason
+
+
+@dataclass
 class Job:
-    """What the stages share: the config, the data, the running services and the run's log."""
+    """What the stages share: the config, the data, the running services and the run's log. Built once the
+    services are up (driver/job.py); only the warmup's reward service may be absent."""
 
     cfg: ProRankConfig
     out: Path
@@ -132,48 +152,45 @@ class Job:
     ranking: dict[str, list[tuple[str, float]]]  # BM25 hits of every query
     prompts: PromptSampler  # the train/dev query split and warmup batches
     model_path: str  # the weights the actors and the dev evaluation started from
-    progress: bool = True
-    pool: ActorPool | None = None
+    pool: ActorPool
+    sync: WeightSync
+    dev: DevEval
+    clock: BusyClock
+    run: RunLog
+    control: ActorHandle  # driver.control.JobControl: `prorank scale actors N` and `prorank stop` write to it
+    halt: StopFlag
     rewards: SyncRewardClient | None = None  # while the warmup runs
     replicas: ReplicaSet | None = None  # the reward replicas this job started, while the warmup runs
-    sync: WeightSync | None = None
-    dev: DevEval | None = None
-    clock: BusyClock | None = None
-    run: RunLog | None = None
-    control: object = None  # a Ray actor handle of driver.control.JobControl: `prorank scale actors N` writes to it
-    placement: dict[str, list[str]] = field(default_factory=dict)  # role -> Ray node ids, for the summary
-    # `prorank stop`, train.max_hours, a signal or a full disk: the stages end after this step.
-    stopping: bool = False
-    stop_reason: str = ""  # why, when it is not the end of the last stage; in the summary
-    preempted: bool = False  # `prorank stop --preempt`: the CLI exits 143, as on SIGTERM
     signals: StopSignals | None = None  # SIGTERM/SIGINT handling, when the job runs under the CLI
+    progress: bool = True
+    placement: dict[str, list[str]] = field(default_factory=dict)  # role -> Ray node ids, for the summary
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.halt.reason)
 
     def stop(self, reason: str) -> None:
         """End the job after the step under way, with a checkpoint, as if it had reached its last step."""
-        if not self.stopping:
-            log.info("stopping: %s", reason)
-            self.stopping, self.stop_reason = True, reason
+        self.halt.request(reason)
 
     def between_steps(self, stage: str, step: int) -> dict[str, float]:
         """Apply `prorank scale` (or per-node following) to the actor pool and report the job's state."""
-        import ray
-
-        from prorank.driver.control import wanted_actors
+        import ray  # noqa: PLC0415  heavy: the module is imported by the CLI, which stays fast
 
         actors = self.cfg.actors
         wanted = wanted_actors(self.control, actors.per_node, actors.resources, self.pool.size)
         if wanted != self.pool.size:
             log.info("step %d: %d -> %d rollout actors", step, self.pool.size, wanted)
             self.pool.scale(wanted)
-        if self.replicas and not self.cfg.reward.addresses and (moved := self.replicas.refresh()):
+        if self.replicas and self.rewards and not self.cfg.reward.addresses and (moved := self.replicas.refresh()):
             log.info("step %d: reward replicas now at %s", step, moved)  # one was restarted
             self.rewards.set_addresses(moved)
         self.control.report.remote(
             {"stage": stage, "step": step, "actors": self.pool.size, "versions": self.pool.versions()}
         )
         if asked := ray.get(self.control.stop_requested.remote(), timeout=10):
-            self.preempted = asked == "preempt"
-            self.stop(f"`prorank stop{' --preempt' if self.preempted else ''}` at step {step}")
+            self.halt.preempted = asked == "preempt"
+            self.stop(f"`prorank stop{' --preempt' if self.halt.preempted else ''}` at step {step}")
         budget = self.cfg.train.max_hours
         if budget and self.run.wall_hours() >= budget:
             self.stop(f"the job clock reached train.max_hours ({budget:.2f} h) at step {step}")
@@ -190,9 +207,7 @@ class Job:
         if (done := self.dev.finished(wait)) is not None:
             self.run.log(*done)
 
-    def progress_bar(self, stage: str, start: int, total: int):
-        from tqdm import tqdm
-
+    def progress_bar(self, stage: str, start: int, total: int) -> tqdm:
         bar = tqdm(total=total, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True, desc=stage)
         self.stack.callback(bar.close)
         return bar

@@ -9,6 +9,7 @@ checkpoint: a resumed run mines again at once.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -25,7 +26,8 @@ class NegativeMiner:
         """`cfg`: the ScoreConfig; `ranking`: BM25 hits of every training query, at least hard_negative_depth deep."""
         self.sampler, self.dataset, self.ranking, self.pool, self.cfg = sampler, dataset, ranking, pool, cfg
         self.enabled = cfg.negatives_from == "policy"
-        self.pending = None  # (ObjectRef, [(query id, [document ids])]) of the mining under way
+        # (ObjectRef, [(query id, [document ids])]) of the mining under way
+        self.pending: tuple[Any, list[tuple[str, list[str]]]] | None = None
         self.fresh = True  # nothing mined yet in this process (a resumed run mines at its first step)
 
     def due(self, step: int) -> bool:

@@ -16,7 +16,9 @@ import logging
 import statistics
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from prorank.rollout import RolloutRequest
 
 if TYPE_CHECKING:
     from prorank.driver.loop import Job
@@ -37,13 +39,17 @@ class WarmupStage:
         from prorank.learner.objectives import GrpoObjective
 
         cfg, self.job = job.cfg, job
+        if job.rewards is None:  # driver/job.py starts the reward service whenever the warmup runs
+            raise ValueError("the warmup stage needs the job's reward service")
+        self.rewards = job.rewards
         tc = cfg.train
         self.steps, self.dev_every, self.checkpoint_every = tc.steps, tc.dev_every, tc.checkpoint_every
         objective = GrpoObjective(cfg.learner, cfg.sampling.temperature)
         self.learner = LearnerGroup(job.model_path, cfg.learner, objective, sender=job.sync.sender())
         job.stack.callback(self.learner.shutdown)
         self.batch_size = objective.batch_size
-        self.pending, self.inbox = None, {}  # async: the next step's requests, already with the actors
+        self.pending: list[RolloutRequest] | None = None  # async: the next step's requests, already with the actors
+        self.inbox: dict[str, Any] = {}  # results collected early, by request id
 
     def begin(self, step: int) -> None:
         if not step:
@@ -64,7 +70,7 @@ class WarmupStage:
         results, regenerated = _fresh(pool, results, requests, self.inbox, step, tc.max_staleness)
 
         clock = time.perf_counter()
-        scored, reward_metrics = _score(job.rewards, results)
+        scored, reward_metrics = _score(self.rewards, results)
         reward_seconds = time.perf_counter() - clock
         train_metrics = self.learner.step(scored)
         metrics = {**reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}

@@ -9,14 +9,22 @@ are handed its two ends. This object owns the job's version number: the last ver
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prorank.weights.transport import GrpcTransport
 
+if TYPE_CHECKING:
+    from prorank.actors.pool import ActorPool
+    from prorank.learner.group import LearnerGroup
+
 
 class WeightSync:
+    learner: LearnerGroup  # the stage's, once `attach`ed
+    pool: ActorPool
+
     def __init__(self, token: str, cfg, lora=None):
         self.transport = GrpcTransport(token, cfg, lora)
-        self.pool, self.learner, self.address = None, None, ""
+        self.address = ""
         self.version = 0
 
     def receivers(self):
@@ -27,7 +35,7 @@ class WeightSync:
         """A fresh learner end, for a stage's learner to serve from its rank 0."""
         return self.transport.sender()
 
-    def attach(self, learner, pool) -> None:
+    def attach(self, learner: LearnerGroup, pool: ActorPool) -> None:
         """Serve the versions of `learner` (a stage's LearnerGroup, made with `sender()`) to `pool`'s actors."""
         self.learner, self.pool, self.address = learner, pool, learner.serve_weights()
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 from prorank.batches import held_out_split
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
 from prorank.data import load_dataset
 from prorank.eval.rerank import first_stage, model_scores, rerank_depth, top_runs
-from prorank.fusion import FusionSettings, tune
+from prorank.fusion import FusionSettings, Method, tune
 from prorank.models import model_context
 from prorank.prompt import PromptBuilder, model_prompt_settings
 
@@ -47,7 +48,7 @@ def choose_fusion(
 
 
 def tune_on_held_out(
-    cfg: ProRankConfig, model, tokenizer, method: str, eval_queries: list[str] = (), progress: bool = True
+    cfg: ProRankConfig, model, tokenizer, method: Method, eval_queries: Sequence[str] = (), progress: bool = True
 ) -> FusionSettings:
     """`method`'s parameters chosen by ranx on the held-out training queries (`train.dev_queries` of
     `train.split`, as the training job held them out), reranked as `prorank eval` reranks."""

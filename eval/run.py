@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prorank.bm25 import Ranking
 from prorank.config import ProRankConfig
@@ -32,7 +33,7 @@ from prorank.prompt import PromptBuilder, check_model_layout
 @dataclass
 class EvalReport:
     metrics: dict[str, dict[str, float]]  # system ("bm25" or "first_stage", "model", "fused") -> measure -> value
-    settings: dict[str, object]
+    settings: dict[str, Any]  # JSON: the run's settings, as written to the report
     seconds: dict[str, float] = field(default_factory=dict)
     per_query: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> query id -> nDCG@10
     runs: dict[str, Ranking] = field(default_factory=dict)  # system -> its ranking, as written to run files
@@ -66,7 +67,7 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
     seconds = {name: time.perf_counter() - clock}
     systems: dict[str, Ranking] = {name: {q: monotone(hits) for q, hits in ranking.items()}}
     depth = rerank_depth(cfg)
-    settings: dict[str, object] = {
+    settings: dict[str, Any] = {
         "dataset": dataset.name,
         "source": dataset.source,
         "split": cfg.data.split,

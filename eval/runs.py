@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 from prorank.bm25 import Ranking
@@ -66,7 +66,7 @@ def read_run(path: str | Path, queries: Container[str], corpus: Container[str], 
     return {qid: [(doc, -neg) for neg, _, doc in sorted(hits)[:top_k]] for qid, hits in rows.items()}
 
 
-def monotone(ranked: list[tuple[str, float]], below: list[str] = ()) -> list[tuple[str, float]]:
+def monotone(ranked: list[tuple[str, float]], below: Sequence[str] = ()) -> list[tuple[str, float]]:
     """`ranked` (best first) with each score lowered, where needed, to just under the one above it, then
     the documents of `below` under them all: scores that any tool sorts back into exactly this order
     (trec_eval breaks ties by document id, not by position)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -47,7 +47,8 @@ class GrpoObjective:
     def __init__(self, cfg: LearnerConfig, temperature: float = 1.0):
         self.cfg, self.temperature = cfg, temperature  # the sampling temperature: logprobs are taken at it
         self.batch_size, self.micro_batch = cfg.groups_per_step, cfg.micro_batch_groups
-        self.ref, self.pad_id = None, None
+        self.ref: Any = None  # transformers' model, or None without a KL term
+        self.pad_id = 0  # the tokenizer's, once `prepare`d
 
     def prepare(self, model_path: str, tokenizer, dtype: torch.dtype, gpu: bool) -> None:
         from transformers import AutoModelForCausalLM
@@ -89,7 +90,7 @@ class RankingObjective:
         check_losses(loss)  # here, in the driver, before any rank starts
         self.ranking_loss, self.shared_prefix = loss, shared_prefix
         self.batch_size, self.micro_batch = queries_per_step, micro_batch_queries
-        self.answer_ids, self.pad_id = None, None
+        self.answer_ids, self.pad_id = (0, 0), 0  # the tokenizer's, once `prepare`d
 
     @classmethod
     def of(cls, sc: ScoreConfig) -> RankingObjective:

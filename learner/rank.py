@@ -227,9 +227,14 @@ class LearnerRank:
             "trainable_parameters": float(trainable),
         }
 
+    def _sender(self) -> WeightSender:
+        if self.sender is None:
+            raise RuntimeError("this learner was made without a weight sender: it serves no weights")
+        return self.sender
+
     def serve_weights(self) -> str:
         """Start rank 0's end of the weight transport (the actors pull every version from it); its address."""
-        return self.sender.start()
+        return self._sender().start()
 
     def publish(self, version: int, receivers: list[str] | None = None) -> dict[str, float] | None:
         """Publish the weights as `version` from rank 0, read from the parameters where they lie (the gRPC
@@ -238,7 +243,7 @@ class LearnerRank:
         with self._full_parameters(trainable_only=self.cfg.lora is not None):
             if self.rank != 0:
                 return None
-            return self.sender.publish(version, self._version_state(), receivers)
+            return self._sender().publish(version, self._version_state(), receivers)
 
     def save_model(self, folder: str, adapter_folder: str | None = None) -> None:
         """The full weights (with LoRA: merged) as a plain model folder, and with LoRA the adapter as a peft

@@ -126,7 +126,7 @@ def resume_point(root: str | Path) -> Path | None:
     if named is None and not on_disk:
         return None
     candidates = ([named] if named else []) + [p for p in on_disk if p != named]
-    damaged = []
+    damaged: list[str] = []
     for folder in candidates:
         if not (wrong := problems(folder)):
             if damaged:

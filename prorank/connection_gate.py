@@ -26,6 +26,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,8 @@ class ConnectionGate:
             for key, mask in self._selector.select(timeout=0.5):
                 if key.fileobj is self._listener:
                     self._accept_all()
-                elif (relay := self._relays.get(key.fileobj)) is not None:
-                    self._pump(relay, key.fileobj, mask)
+                elif (relay := self._relays.get(cast(socket.socket, key.fileobj))) is not None:
+                    self._pump(relay, cast(socket.socket, key.fileobj), mask)
 
     def _accept_all(self) -> None:
         while True:
@@ -179,10 +180,10 @@ class ConnectionGate:
             except OSError as err:
                 inner.close()
                 inner, problem = None, f"the gRPC server behind the gate did not accept: {err}"
-        if problem is not None:
+        if problem is not None or inner is None:
             outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
             outer.close()
-            self._refused(peer, "CONNECTION", problem)
+            self._refused(peer, "CONNECTION", problem or "the gRPC server behind the gate did not accept")
             return
         outer.setblocking(False)
         inner.setblocking(False)
@@ -230,7 +231,7 @@ class ConnectionGate:
             key = None
         if events and key is None:
             self._selector.register(sock, events)
-        elif events and key.events != events:
+        elif events and key is not None and key.events != events:
             self._selector.modify(sock, events)
         elif not events and key is not None:
             self._selector.unregister(sock)

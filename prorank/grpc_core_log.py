@@ -73,5 +73,6 @@ def fold_grpc_core_lines(every: float) -> subprocess.Popen | None:
         )
     finally:
         os.close(original)
+    assert child.stdin is not None  # stdin=PIPE above
     os.dup2(child.stdin.fileno(), 2)
     return child

@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -118,10 +119,11 @@ class RefusalLog:
             count,
         )
 
-    async def refuse(self, context, code: grpc.StatusCode, message: str) -> None:
+    async def refuse(self, context, code: grpc.StatusCode, message: str) -> NoReturn:
         """Log (rate-limited) and end the call with `code`; raises, as `context.abort` does."""
         self.refused(context.peer(), code.name, message)
         await context.abort(code, message)
+        raise RuntimeError(f"gRPC's abort returned for {context.peer()}")  # it raises: never reached
 
 
 def clip(text: str, limit: int = 100) -> str:
@@ -285,9 +287,10 @@ class GuardedServer:
         self._stop_lock = threading.Lock()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-server", daemon=True)
         self._thread.start()
-        creds = server_credentials(tls_cert, tls_key) if tls_cert else None
+        # Both or neither: the config sections refuse a certificate without its key before any start.
+        creds = server_credentials(tls_cert, tls_key or "") if tls_cert else None
         raise_open_file_limit()
-        options = dict(options) | {
+        settings = dict(options) | {
             "grpc.so_reuseport": 0,  # a second server on a port in use fails to start instead of sharing it
             "grpc.max_concurrent_streams": limits.max_streams_per_connection,
             "grpc.http2.lookahead_bytes": limits.stream_window_kb * 1024,
@@ -297,7 +300,7 @@ class GuardedServer:
         }
 
         async def build() -> tuple[grpc.aio.Server, int]:
-            server = grpc.aio.server(interceptors=[self.guard], options=list(options.items()))
+            server = grpc.aio.server(interceptors=[self.guard], options=list(settings.items()))
             add_services(server, self.refusals)
             target = self.gate.backend_address if self.gate else f"{host}:{port}"
             return server, server.add_secure_port(target, creds) if creds else server.add_insecure_port(target)

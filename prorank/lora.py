@@ -106,6 +106,8 @@ def write_adapter(
     out.mkdir(parents=True, exist_ok=True)
     if blob is not None:
         (out / ADAPTER_WEIGHTS).write_bytes(blob)
+    elif state is None:
+        raise ValueError("write_adapter: give the adapter's tensors (state) or its safetensors blob")
     else:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         safetensors.torch.save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -298,9 +298,10 @@ def checkpoint_model_dir(path: str) -> str:
     p = Path(path)
     if checkpoints.is_pointer(p):
         root = p.parent if p.name == checkpoints.LATEST else p
-        p = checkpoints.latest(root)
-        if p is None:
+        found = checkpoints.latest(root)
+        if found is None:
             raise ModelError(f"no checkpoint under {root} (missing {root / checkpoints.LATEST})")
+        p = found
     if (model := checkpoints.model_of(p)) is not None:
         return str(model)
     if (p / "config.json").is_file():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 
 class PlotError(ValueError):
     """A run folder whose metrics cannot be plotted; the message names the file and line."""
 
 
-def dev_curve(metrics_file: str | Path) -> dict[str, list[float]]:
+def dev_curve(metrics_file: str | Path) -> dict[str, Any]:
     """{"hours", "ndcg", "steps"} of the lines with dev figures, the BM25 reference, and the hour the score
     stage began (None without one). Lines without `time/wall_hours` (runs before it was logged) are refused."""
     path = Path(metrics_file)

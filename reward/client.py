@@ -119,7 +119,7 @@ class RewardClient:
     async def set_addresses(self, addresses: Sequence[str]) -> None:
         """Follow replicas that moved (a restarted one serves on a new port); unchanged ones keep their channel."""
         kept = {r.address: r for r in self.replicas}
-        self.replicas = [kept.pop(a, None) or self._connect(a) for a in addresses]
+        self.replicas = [kept.pop(a) if a in kept else self._connect(a) for a in addresses]
         await asyncio.gather(*(r.channel.close() for r in kept.values()))
 
     def _pick(self) -> _Replica:

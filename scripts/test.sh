@@ -3,6 +3,7 @@
 # every module but the serial ones (most tests wait on start-ups, polls and sockets far more than they
 # compute: one worker left a core idle over half the time), then the serial ones alone (tests/conftest.py).
 # With a selection of your own (-m, -k, a path), one pytest runs just that: bash scripts/test.sh -m "not slow".
+# Before pytest: ruff (lint, import order, format) and mypy, on the whole tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh cpu
@@ -11,6 +12,13 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TO
 # Two busy processes share 2 cores: OpenMP threads that spin at their barriers would hold a core the other
 # needs; a local Ray's GCS can take longer than Ray's default 30 s to come up beside a running job.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} RAY_gcs_server_port_wait_time_s=${RAY_gcs_server_port_wait_time_s:-120}
+# Lint, import order, format and types first (pyproject's [tool.ruff] and [tool.mypy]): seconds, and a
+# finding stops the run before any test starts. PRORANK_SKIP_CHECKS=1 skips them (a quick local selection).
+if [ -z "${PRORANK_SKIP_CHECKS:-}" ]; then
+  .venv/bin/ruff check --no-cache .
+  .venv/bin/ruff format --check --no-cache .
+  .venv/bin/mypy
+fi
 pytest=(.venv/bin/python -m pytest)
 for arg in "$@"; do
   case "$arg" in -m|-k|tests*|*.py*) exec "${pytest[@]}" "$@" ;; esac

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -28,7 +29,7 @@ def job_config(
     updates: dict[str, dict] | None = None,
 ) -> Path:
     """The e2e job's config file; `updates` are merged into its sections."""
-    cfg = {
+    cfg: dict[str, Any] = {
         "data": {"path": str(scifact)},
         "model": {"path": str(model)},
         "prompt": {"max_length": 96},

@@ -50,7 +50,7 @@ def serve(pool, server, version: int, state) -> dict[str, dict]:
 
 
 def requests_from(dataset, n: int, tag: str = "r") -> list[RolloutRequest]:
-    out = []
+    out: list[RolloutRequest] = []
     for qid in dataset.query_ids:
         for did in dataset.qrels[qid]:
             doc = dataset.corpus[did]

@@ -18,7 +18,8 @@ class _Pool:
     """Answers `score` with a dead actor's call first (when asked), then with the given scores."""
 
     def __init__(self, scores: list[float], dead_first: bool):
-        self.scores, self.dead_first, self.calls, self.busy = scores, dead_first, [], 0.0
+        self.scores, self.dead_first, self.busy = scores, dead_first, 0.0
+        self.calls: list = []
 
     def score(self, pairs, exclude=()):
         from prorank.actors.pool import PoolError

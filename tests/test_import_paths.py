@@ -3,6 +3,7 @@ prorank/learner is a relative symlink to the role folder learner/. No import hoo
 interpreter, the type checker and the build all read the same files, and the wheel holds each module once."""
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -61,6 +62,14 @@ def test_the_type_checker_resolves_a_role_import_to_its_file(tmp_path):
 
 @pytest.mark.slow
 def test_the_wheel_holds_each_module_once(tmp_path):
+    # Built from a copy (links kept as links): pip builds a local folder in place, leaving build/ behind.
+    tree = tmp_path / "tree"
+    for name in ["pyproject.toml", "README.md", "prorank", *ROLES]:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tree / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            tree.mkdir(exist_ok=True)
+            shutil.copy(ROOT / name, tree / name)
     out = subprocess.run(
         [
             sys.executable,
@@ -72,7 +81,7 @@ def test_the_wheel_holds_each_module_once(tmp_path):
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(tree),
         ],
         capture_output=True,
         text=True,

@@ -31,7 +31,7 @@ def _module_of(name: str) -> str:
     return parts[1] if len(parts) > 1 and parts[1] in ROLES | {DRIVER, "protocol"} else "prorank"
 
 
-def _imports(path: Path) -> list[ast.AST]:
+def _imports(path: Path) -> list[ast.Import | ast.ImportFrom]:
     return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 

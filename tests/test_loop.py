@@ -51,7 +51,7 @@ class FakeStage:
 
 def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int = 10, between: bool = True):
     """`published`: the last weight version this process sent (10: the warmup's last, in the same process)."""
-    logged = {}
+    logged: dict[int, dict] = {}
     train = SimpleNamespace(
         stages=["warmup", "score"], dev_between_stages=between, keep_checkpoints=2, when_disk_full="stop"
     )
@@ -62,10 +62,17 @@ def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int 
         logged=logged,
         cfg=SimpleNamespace(train=train),
         signals=None,
-        stop_reason="",
     )
-    job.stop = lambda reason: events.append(("stop", reason)) or setattr(job, "stopping", True)
-    job.sync = lambda version: events.append(("sync", version)) or {"weights/sync_seconds": 0.5}
+
+    def stop(reason: str) -> None:
+        events.append(("stop", reason))
+        job.stopping = True
+
+    def sync(version: int) -> dict[str, float]:
+        events.append(("sync", version))
+        return {"weights/sync_seconds": 0.5}
+
+    job.stop, job.sync = stop, sync
     job.sync.attach = lambda learner, pool: events.append(("attach",))
     job.sync.version = published
     job.pool = object()

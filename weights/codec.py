@@ -107,12 +107,17 @@ def pack(
             changed_at=version,
         )
         before = old.get(name)
-        if before is not None and (before.dtype, before.shape, before.offset, before.nbytes, before.checksum) == (
-            spec.dtype,
-            spec.shape,
-            spec.offset,
-            spec.nbytes,
-            spec.checksum,
+        if (
+            previous is not None
+            and before is not None
+            and (before.dtype, before.shape, before.offset, before.nbytes, before.checksum)
+            == (
+                spec.dtype,
+                spec.shape,
+                spec.offset,
+                spec.nbytes,
+                spec.checksum,
+            )
         ):
             spec.changed_at = before.changed_at
             chunks[name] = previous.chunks[name]

@@ -177,7 +177,7 @@ def receive_version(
     manifest = first.manifest
     if manifest.version <= min_version:  # never go back, whatever a server sends
         raise WeightError(f"stale version {manifest.version}: already serving {min_version}")
-    if relay:  # downstream receivers check the manifest themselves: hand it on at once
+    if relay and raw_manifest:  # downstream receivers check the manifest themselves: hand it on at once
         relay.begin(manifest, raw_manifest)
     error = "transfer interrupted"
     try:

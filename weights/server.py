@@ -20,7 +20,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 
 import grpc
 import torch
@@ -96,7 +96,7 @@ class WeightPublisher:
         return current.manifest.version if current else 0
 
     def publish(
-        self, version: int, state: Mapping[str, torch.Tensor], receivers: Container[str] | None = None
+        self, version: int, state: Mapping[str, torch.Tensor], receivers: Iterable[str] | None = None
     ) -> Packed:
         """Make `state` the newest version; versions only go up. Tensors equal to the last published
         version's are not copied again, and are sent only to receivers that hold none of the versions

@@ -17,6 +17,7 @@ import torch
 from prorank.config import LoraSettings, WeightSyncConfig
 from prorank.guarded_server import ServerLimits
 from prorank.weight_transport import Apply
+from prorank.weights.server import WeightServer
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,12 @@ class GrpcTransport:
 class GrpcWeightSender:
     def __init__(self, token: str, cfg: WeightSyncConfig):
         self.token, self.cfg = token, cfg
-        self.server = None
+        self.server: WeightServer | None = None
 
     def start(self) -> str:
-        from prorank.weights.server import WeightServer
-
         cfg = self.cfg
         wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
-        self.server = WeightServer(
+        server = self.server = WeightServer(
             self.token,
             cfg.host,
             cfg.port,
@@ -55,12 +54,14 @@ class GrpcWeightSender:
             limits=ServerLimits.of(cfg),
             wire_dtype=wire,
         ).start()
-        return self.server.address  # the node's IP for a wildcard bind
+        return server.address  # the node's IP for a wildcard bind
 
     def publish(
         self, version: int, state: Mapping[str, torch.Tensor], receivers: Sequence[str] | None = None
     ) -> dict[str, float]:
         start = time.perf_counter()
+        if self.server is None:
+            raise RuntimeError("publish before start: the learner's weight server is not up")
         packed = self.server.publisher.publish(version, state, receivers)
         changed = packed.changed()
         return {
@@ -85,8 +86,8 @@ class GrpcWeightReceiver:
         self.version = 0
         self.model, self.dtype = "", ""
         self._expected = None  # names, dtypes and shapes a version must have; read on first sync
-        self._relay = None  # this actor's WeightServer for the next actor
-        self._buffer = None  # the last version's blob: the next one is received into it (no new 0.5 GB)
+        self._relay: WeightServer | None = None  # this actor's WeightServer for the next actor
+        self._buffer = bytearray()  # the last version's blob: the next one is received into it (no new 0.5 GB)
         self._held = 0  # the version whose complete blob `_buffer` holds (0: none): only changes are sent
 
     def bind(self, model: str, dtype: str) -> None:
@@ -94,8 +95,6 @@ class GrpcWeightReceiver:
 
     def relay_address(self) -> str:
         if self._relay is None:
-            from prorank.weights.server import WeightServer
-
             cfg = self.cfg
             self._relay = WeightServer(
                 self.token, host=cfg.relay_host, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, limits=ServerLimits.of(cfg)
@@ -114,7 +113,7 @@ class GrpcWeightReceiver:
         publisher = None
         if self.relays:  # each chunk is handed on, as received, to this actor's relay
             self.relay_address()
-            publisher = self._relay.publisher
+            publisher = self._relay.publisher if self._relay else None
         source, received = "", 0
         start = time.perf_counter()
 

@@ -8,8 +8,12 @@ the CPU backend repacks linear weights for its kernels after start-up; reload re
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class WeightLoaderExtension:
+    model_runner: Any  # vLLM's worker, which this class is mixed into, has it
+
     # Not `update_weights`: that name clashes with an attribute vLLM's worker already has.
     def prorank_load_weights(self, blob: bytes | bytearray) -> int:
         from prorank.models import safetensors_views

@@ -29,7 +29,7 @@ if __name__ == "__main__":
         enforce_eager=True,
     )
     template = (folder / "chat_template.jinja").read_text()
-    result = {"scores": [], "logits": []}
+    result: dict[str, list] = {"scores": [], "logits": []}
     for item in job["queries"]:
         outputs = llm.score(item["query"], item["documents"], chat_template=template, use_tqdm=False)
         raw = llm.score(
