@@ -6,6 +6,7 @@ Plain Python, so it can be tested and benchmarked directly; `actors.pool` runs i
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import shutil
@@ -14,8 +15,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import safetensors.torch
+
 from prorank.config import ActorConfig, PromptConfig, SamplingConfig
-from prorank.models import load_tokenizer
+from prorank.lora import base_weights, merge_into, vllm_rank, write_adapter
+from prorank.models import load_tokenizer, safetensors_views
 from prorank.prompt import PromptBuilder, parse_judgment
 from prorank.rollout import Completion, GroupResult, RolloutRequest
 from prorank.weight_transport import WeightReceiver
@@ -49,7 +53,7 @@ class RolloutEngine:
         # instead of ~20 s and 4 processes), with a bounded KV cache.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(actors.kv_cache_gib))
-        from vllm import LLM, SamplingParams
+        from vllm import LLM, SamplingParams  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
 
         engine_args = dict(
             model=model,
@@ -67,8 +71,6 @@ class RolloutEngine:
         self.lora = weights.lora if weights is not None else None
         self.serve = None  # with LoRA versions: "adapter" (vLLM's LoRA) or "merged" (into the base weights)
         if self.lora is not None:
-            from prorank.lora import vllm_rank
-
             self.serve = self.lora.actors_serve
             if self.serve == "auto":
                 self.serve = "adapter" if actors.num_gpus > 0 else "merged"
@@ -112,7 +114,7 @@ class RolloutEngine:
         return self.weights.version if self.weights is not None else 0
 
     def info(self) -> dict[str, object]:
-        import ray
+        import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
         return {
             "name": self.name,
@@ -122,7 +124,7 @@ class RolloutEngine:
         }
 
     def generate(self, requests: list[RolloutRequest]) -> list[GroupResult]:
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
 
         start = time.perf_counter()
         prompts = self.builder.encode_batch([(r.query, r.document) for r in requests])
@@ -160,8 +162,8 @@ class RolloutEngine:
         pairs under the weights this engine serves now, and that version: the dev evaluation runs here,
         where the model already is. One generated token per prompt, with the logprobs of exactly the two
         answer tokens; at temperature 1 their difference is the difference of the logits."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
 
         start = time.perf_counter()
         zero, one = self.score_builder.answer_ids
@@ -220,10 +222,6 @@ class RolloutEngine:
         """The full weights with an adapter version added (W + (alpha/r) B A), as the blob a full-weight
         version would be: the wire carried the adapter alone, the engine serves at the base's speed. The
         blob is made once; each version overwrites the adapted weights in it."""
-        import safetensors.torch
-
-        from prorank.lora import base_weights, merge_into
-        from prorank.models import safetensors_views
 
         adapter, lora = safetensors_views(adapter_blob), self._lora()
         if self._blob is None or self._base is None:
@@ -241,9 +239,7 @@ class RolloutEngine:
     def _apply_adapter(self, version: int, blob: bytearray) -> None:
         """Write the adapter as a peft folder and load it into the engine now (a bad one fails here, not in
         the next request), then drop the previous one. The prefix cache keys on the adapter: no reset."""
-        from vllm.lora.request import LoRARequest
-
-        from prorank.lora import write_adapter
+        from vllm.lora.request import LoRARequest  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
 
         folder = write_adapter(self.adapter_root / f"v{version}", self._lora(), self.model, blob=blob)
         request = LoRARequest(lora_name=f"v{version}", lora_int_id=version, lora_path=str(folder))
@@ -261,6 +257,5 @@ class RolloutEngine:
 
 def request_seed(seed: int, request_id: str) -> int:
     """A request's own sampling seed: stable across processes (not Python's salted hash)."""
-    import hashlib
 
     return int.from_bytes(hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest(), "big") >> 1

@@ -4,6 +4,8 @@ baseline measured in the same run; the figures and commands are in BENCHMARKS.md
 import argparse
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,6 @@ def data_model_parser(doc: str) -> argparse.ArgumentParser:
 def recipe(name: str, data: str, model: str) -> dict:
     """configs/<name>.yaml as a dict, pointed at `data` and `model`, without its eval outputs (a bench
     writes its own); the caller changes what it measures, then `write_config`s it."""
-    import yaml
 
     cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
     cfg["data"]["path"], cfg["model"]["path"] = data, model
@@ -30,7 +31,6 @@ def recipe(name: str, data: str, model: str) -> dict:
 
 def write_config(cfg: dict, out: Path) -> Path:
     """`cfg` as the YAML file beside the run folder `out` (out.yaml)."""
-    import yaml
 
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))

@@ -22,6 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from prorank.bm25 import bm25_search
+from prorank.config import BM25Config, ModelConfig
+from prorank.data import load_local
+from prorank.export import export_model
+from prorank.models import load_causal_lm, model_context
+from prorank.prompt import PromptBuilder
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ROOT / "scripts" / "clients"
 CLIENTS_PYTHON = Path(os.environ.get("PRORANK_CLIENTS_PYTHON", ROOT / ".venv-clients" / "bin" / "python"))
@@ -69,17 +76,14 @@ def vllm(folder: Path, candidates: dict[str, list[tuple[str, str]]]) -> dict:
 
 
 def cross_encoder(folder: Path, pairs: list[tuple[str, str]]) -> list[float]:
-    from sentence_transformers import CrossEncoder
+    from sentence_transformers import CrossEncoder  # noqa: PLC0415 sentence-transformers: heavy, a client under test only
 
     return CrossEncoder(str(folder), device="cpu").predict(pairs, batch_size=8).tolist()
 
 
 def our_scores(folder: Path, candidates: dict[str, list[tuple[str, str]]], max_length: int) -> dict[str, list[float]]:
     """What `prorank eval` ranks by: its scorer on each query's candidates, float32."""
-    from prorank.config import ModelConfig
-    from prorank.models import load_causal_lm, model_context
-    from prorank.prompt import PromptBuilder
-    from prorank.scoring import score_query
+    from prorank.scoring import score_query  # noqa: PLC0415 pulls torch, which importing this module does not
 
     model, tok = load_causal_lm(ModelConfig(path=str(folder)))
     builder = PromptBuilder(tok, max_length, limit=model_context(model))
@@ -87,10 +91,7 @@ def our_scores(folder: Path, candidates: dict[str, list[tuple[str, str]]], max_l
 
 
 def scifact_candidates(data_dir: Path, queries: int, depth: int) -> dict[str, list[tuple[str, str]]]:
-    from prorank.bm25 import bm25_search
-    from prorank.config import BM25Config
-    from prorank.data import load_local
-    from prorank.eval.rerank import candidate_pairs
+    from prorank.eval.rerank import candidate_pairs  # noqa: PLC0415 pulls torch, which importing this module does not
 
     data = load_local(data_dir, "test")
     qids = data.query_ids[:queries]
@@ -113,7 +114,7 @@ def order(scores: list[float]) -> list[int]:
 
 
 def agreement(got: dict[str, list[float]], ours: dict[str, list[float]]) -> dict[str, float]:
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # noqa: PLC0415 scipy: heavy
 
     a = [s for q in ours for s in got[q]]
     b = [s for q in ours for s in ours[q]]
@@ -134,8 +135,6 @@ def main() -> None:
     parser.add_argument("--trained-length", type=int, default=192)
     parser.add_argument("--output")
     args = parser.parse_args()
-
-    from prorank.export import export_model
 
     candidates = scifact_candidates(Path(args.data), args.queries, args.depth)
     with tempfile.TemporaryDirectory() as tmp:

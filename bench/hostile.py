@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import tempfile
 import threading
@@ -36,7 +37,9 @@ from bench.critical_path import worktree
 from bench.hostile_peers import Attack, hold_idle, oversized_headers, rapid_reset
 from bench.peak_rss import PeakRss
 from bench.served import TOKEN, Served
-from prorank.protocol import reward_pb2
+from prorank.config import RewardConfig
+from prorank.protocol import reward_pb2, weights_pb2
+from prorank.reward.client import RewardError, SyncRewardClient, client_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE, REPORT, FETCH = (
@@ -57,8 +60,6 @@ def small_groups(n: int = 1):
 
 def legit_score(address: str):
     """The job's client with its defaults; seconds until answered, or until it gave up (+ 'gave up')."""
-    from prorank.config import RewardConfig
-    from prorank.reward.client import RewardError, SyncRewardClient, client_options
 
     client = SyncRewardClient([address], TOKEN, **client_options(RewardConfig()))
     groups = small_groups()
@@ -75,8 +76,7 @@ def legit_score(address: str):
 
 
 def legit_transfer(address: str):
-    from prorank.protocol import weights_pb2
-    from prorank.weights.receiver import fetch_version, report
+    from prorank.weights.receiver import fetch_version, report  # noqa: PLC0415 the name is also a local of another function here
 
     def call() -> tuple[float, bool]:
         start = time.perf_counter()
@@ -214,7 +214,7 @@ def fairness(tree: Path, own_connection: bool = True) -> dict:
 def transfer(tree: Path, repeats: int = 5, kind: str = "weights-256mib") -> dict:
     """GB/s of one whole weight transfer (256 MiB in 16 tensors, 1 MiB chunks, verified) into a reused
     buffer, best of `repeats`: the weight server's throughput, which its new event loop must not cost."""
-    from prorank.weights.receiver import fetch_version
+    from prorank.weights.receiver import fetch_version  # noqa: PLC0415 pulls torch, which importing this module does not
 
     server = Served(tree, kind)
     try:
@@ -253,9 +253,6 @@ def load(tree: Path, clients: int = 32, calls: int = 200) -> dict:
 
 
 def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
-    import resource
-
-    from prorank.reward.client import RewardError, SyncRewardClient
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # this process holds 2,000

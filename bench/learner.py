@@ -13,14 +13,17 @@ import time
 import torch
 
 from bench import data_model_parser
+from prorank.config import DataConfig, LearnerConfig
+from prorank.data import load_dataset
+from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
+from prorank.learner.objectives import GrpoObjective
+from prorank.learner.torch_loop import TorchLearner
+from prorank.models import load_tokenizer
+from prorank.prompt import PromptBuilder
+from prorank.rollout import ScoredGroup
 
 
 def make_groups(data: str, model_dir: str, n: int, g: int, prompt_len: int):
-    from prorank.config import DataConfig
-    from prorank.data import load_dataset
-    from prorank.models import load_tokenizer
-    from prorank.prompt import PromptBuilder
-    from prorank.rollout import ScoredGroup
 
     ds = load_dataset(DataConfig(path=data, split="test"))
     tok = load_tokenizer(model_dir)
@@ -36,7 +39,6 @@ def make_groups(data: str, model_dir: str, n: int, g: int, prompt_len: int):
 
 
 def time_forward(model, group, pad_id, shared: bool, repeats: int) -> float:
-    from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
 
     fn = shared_prefix_group_logprobs if shared else naive_group_logprobs
     best = float("inf")
@@ -56,13 +58,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
 
-    import ray
-    from transformers import AutoModelForCausalLM
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.config import LearnerConfig
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import GrpoObjective
-    from prorank.learner.torch_loop import TorchLearner
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     groups, pad_id = make_groups(args.data, args.model, args.groups, args.group_size, args.prompt_len)
     print(

@@ -33,6 +33,20 @@ from pathlib import Path
 
 from bench import ROOT, data_model_parser, recipe, write_config
 from bench.score_step import make_groups
+from prorank.config import (
+    ActorConfig,
+    DataConfig,
+    LearnerConfig,
+    LoraSettings,
+    PromptConfig,
+    RankingLoss,
+    SamplingConfig,
+    WeightSyncConfig,
+)
+from prorank.data import load_dataset
+from prorank.learner.objectives import RankingObjective
+from prorank.prompt import document_text
+from prorank.weights.transport import GrpcTransport
 
 LORA = {"r": 16, "alpha": 32}
 TOKEN = "bench-lora"
@@ -41,10 +55,7 @@ TOKEN = "bench-lora"
 def learner_and_sync(model: str, data: str, lora: dict | None, steps: int, versions: int) -> dict[str, dict]:
     """Sections 1 and 2 for one way of training (lora None: full fine-tuning): {serving: figures}, one
     entry for full weights, two for LoRA (actors serving it merged, and as vLLM's LoRA)."""
-    from prorank.config import LearnerConfig, LoraSettings, RankingLoss, WeightSyncConfig
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import RankingObjective
-    from prorank.weights.transport import GrpcTransport
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     cores = os.cpu_count() or 1
     groups, _ = make_groups(data, model, steps + 1, 15, 192)
@@ -100,12 +111,9 @@ def actor_sync(
     learner, address: str, receivers, model: str, data: str, groups, version: int, versions: int, pairs: int
 ) -> dict:
     """Versions after `version` from `learner` into one new vLLM actor, then its scoring rate on `pairs`."""
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
-    from prorank.actors.pool import ActorPool
-    from prorank.config import ActorConfig, DataConfig, PromptConfig, SamplingConfig
-    from prorank.data import load_dataset
-    from prorank.prompt import document_text
+    from prorank.actors.pool import ActorPool  # noqa: PLC0415 pulls ray, which importing this module does not
 
     pool = ActorPool(
         model,
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quality-minutes", type=float, default=0.0, help="job clock of each quality job (0: skip)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

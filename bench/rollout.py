@@ -11,14 +11,16 @@ import os
 import time
 
 from bench import data_model_parser
+from prorank.config import ActorConfig, DataConfig, ModelConfig, PromptConfig, SamplingConfig
+from prorank.data import load_dataset
+from prorank.models import load_causal_lm
+from prorank.prompt import PromptBuilder
+from prorank.rollout import RolloutRequest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def scifact_requests(data: str, n: int):
-    from prorank.config import DataConfig
-    from prorank.data import load_dataset
-    from prorank.rollout import RolloutRequest
 
     ds = load_dataset(DataConfig(path=data, split="test"))
     reqs: list = []
@@ -30,11 +32,7 @@ def scifact_requests(data: str, n: int):
 
 
 def transformers_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int) -> float:
-    import torch
-
-    from prorank.config import ModelConfig
-    from prorank.models import load_causal_lm
-    from prorank.prompt import PromptBuilder
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
     model, tok = load_causal_lm(ModelConfig(path=model_dir))
     builder = PromptBuilder.from_config(tok, prompt_cfg)
@@ -63,8 +61,7 @@ def transformers_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: 
 
 
 def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, actors: int, cpus: float) -> float:
-    from prorank.actors.pool import ActorPool
-    from prorank.config import ActorConfig, SamplingConfig
+    from prorank.actors.pool import ActorPool  # noqa: PLC0415 pulls ray, torch, which importing this module does not
 
     pool = ActorPool(
         model_dir,
@@ -89,8 +86,7 @@ def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, act
 def seed_ab(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, rounds: int = 3) -> tuple[float, float]:
     """Judgments/s of one engine with per-request seeds and with one stream per engine, alternated
     `rounds` times on the same prompts (best of each): what `sampling.per_request_seed` costs."""
-    from prorank.actors.engine import RolloutEngine
-    from prorank.config import ActorConfig, SamplingConfig
+    from prorank.actors.engine import RolloutEngine  # noqa: PLC0415 pulls torch, which importing this module does not
 
     engine = RolloutEngine(
         model_dir, ActorConfig(max_model_len=1024), SamplingConfig(group_size=group, max_tokens=max_tokens), prompt_cfg
@@ -117,8 +113,6 @@ def main() -> None:
     ap.add_argument("--seed-ab", action="store_true", help="only: per-request seeds vs one stream per engine")
     args = ap.parse_args()
     if args.seed_ab:
-        from prorank.config import PromptConfig
-
         seeded, plain = seed_ab(
             args.model,
             scifact_requests(args.data, args.prompts),
@@ -132,9 +126,7 @@ def main() -> None:
         )
         return
 
-    import ray
-
-    from prorank.config import PromptConfig
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     prompt_cfg = PromptConfig(max_length=args.max_length)
     reqs = scifact_requests(args.data, args.prompts)

@@ -25,6 +25,17 @@ from typing import Any
 import torch
 
 from bench import data_model_parser
+from prorank.batches import PromptSampler, RankingSampler
+from prorank.bm25 import bm25_search
+from prorank.config import BM25Config, DataConfig, LearnerConfig, RankingLoss, ScoreConfig, TrainConfig
+from prorank.data import load_dataset
+from prorank.learner.objectives import RankingObjective
+from prorank.learner.precision import forward_precision
+from prorank.learner.rank import freeze_below
+from prorank.learner.score_step import score_micro_batch_loss
+from prorank.models import load_tokenizer
+from prorank.prompt import PromptBuilder
+from prorank.scoring import common_prefix_length
 
 
 def gemm_rate(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
@@ -54,7 +65,6 @@ def step_flops(model, groups, trainable: int | None) -> float:
     """Matrix-product FLOPs of one step over `groups`: 2 per weight per token forward through every layer,
     4 more backward through the trained ones (weight and input gradients); embeddings and the one-position
     vocabulary head left out. Tokens are those computed: the shared prefix once per query."""
-    from prorank.scoring import common_prefix_length
 
     layers = model.get_decoder().layers
     per_layer = sum(p.numel() for p in layers[0].parameters() if p.dim() == 2)
@@ -67,12 +77,6 @@ def step_flops(model, groups, trainable: int | None) -> float:
 
 
 def make_groups(data: str, model: str, queries: int, negatives: int, max_length: int):
-    from prorank.batches import PromptSampler, RankingSampler
-    from prorank.bm25 import bm25_search
-    from prorank.config import BM25Config, DataConfig, ScoreConfig, TrainConfig
-    from prorank.data import load_dataset
-    from prorank.models import load_tokenizer
-    from prorank.prompt import PromptBuilder
 
     ds = load_dataset(DataConfig(path=data, split="train"))
     qids = ds.query_ids[: queries * 4]
@@ -87,12 +91,7 @@ def torch_loop_rate(
     model_dir: str, groups, builder, mixed: str, trainable: int | None, steps: int, shared_prefix: bool = True
 ):
     """(pairs/s, seconds per query) of `steps` AdamW steps, one query each, in this process."""
-    from transformers import AutoModelForCausalLM
-
-    from prorank.config import RankingLoss
-    from prorank.learner.precision import forward_precision
-    from prorank.learner.rank import freeze_below
-    from prorank.learner.score_step import score_micro_batch_loss
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if trainable:
@@ -120,9 +119,7 @@ def torch_loop_rate(
 def learner_rate(model_dir: str, groups, ranks: int, threads: int, mixed: str, trainable: int | None, steps: int):
     """(pairs/s, seconds per query) of the real learner: `ranks` DeepSpeed ranks of `threads` threads,
     one query per rank per step."""
-    from prorank.config import LearnerConfig, RankingLoss
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import RankingObjective
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     cfg = LearnerConfig(
         num_ranks=ranks,
@@ -186,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, rate, sec = torch_loop_rate(args.model, groups, builder, "bf16", None, args.steps)
     rows["torch loop, bf16 autocast, all layers"] = (rate, sec, None)
     if not args.skip_learner:
-        import ray
+        import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from prorank.models import build_answering_model
+
 ROOT = Path(__file__).resolve().parents[1]
 # A frozen relay: longer than a receiver waits for it (keepalive 5 + 5 s on a flowing stream, gRPC's 20 s
 # connect timeout on one that never got its handshake answered).
@@ -328,8 +330,6 @@ def main() -> None:
     try:
         model = args.model
         if not model:
-            from prorank.models import build_answering_model
-
             model = str(build_answering_model(work / "model", args.data))
         report = soak(args.data, model, work, args.steps, args.actor_kills, args.replica_kills, args.cuts)
     finally:

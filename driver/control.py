@@ -55,7 +55,7 @@ class JobControl:
 
 def start_control(job_name: str):
     """The job's control actor; an error if a job of the same name already runs on this cluster."""
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     name = control_name(job_name)
     try:
@@ -66,7 +66,7 @@ def start_control(job_name: str):
         raise RuntimeError(
             f"a job named {job_name!r} already runs on this Ray cluster (actor {name}); set train.job_name"
         )
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     # On the driver's node: it lives and dies with the job, not with an actor node cut off the network.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -79,7 +79,7 @@ def start_control(job_name: str):
 
 def find_control(job_name: str):
     """The control actor of the running job `job_name` (Ray must be initialised)."""
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     try:
         return ray.get_actor(control_name(job_name), namespace=NAMESPACE)
@@ -89,7 +89,7 @@ def find_control(job_name: str):
 
 def nodes_offering(resource: str) -> int:
     """Live nodes of the cluster that offer `resource` (a custom resource naming a node type)."""
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     return sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get(resource, 0) > 0)
 
@@ -97,7 +97,7 @@ def nodes_offering(resource: str) -> int:
 def wanted_actors(control, per_node: int, resources: dict[str, float], current: int) -> int:
     """The actor count the job should run now: `prorank scale`'s, else per_node x nodes of the actors'
     node type (when actors.per_node is set), else the current count."""
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     desired = ray.get(control.desired_actors.remote(), timeout=10)
     if desired is not None:

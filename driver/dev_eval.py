@@ -16,14 +16,14 @@ import ray
 from ray.exceptions import RayActorError
 
 from prorank.actors.pool import PoolError
+from prorank.eval.metrics import evaluate, ranked_to_run
+from prorank.eval.rerank import candidate_pairs, rerank_by_scores
 
 log = logging.getLogger(__name__)
 
 
 class DevEval:
     def __init__(self, cfg, dataset, ranking, query_ids: list[str], pool):
-        from prorank.eval.metrics import evaluate, ranked_to_run
-        from prorank.eval.rerank import candidate_pairs
 
         self.depth, self.dataset, self.pool = cfg.train.dev_depth, dataset, pool
         self.ranking = {q: ranking[q] for q in query_ids}
@@ -76,8 +76,6 @@ class DevEval:
         return None
 
     def _figures(self, value: dict) -> dict[str, float]:
-        from prorank.eval.metrics import evaluate, ranked_to_run
-        from prorank.eval.rerank import rerank_by_scores
 
         scores, at = {}, 0
         for qid, pairs in self.pairs.items():

@@ -3,13 +3,16 @@ registers them). Role imports stay inside the commands so that `prorank --help` 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from prorank.config import ModelConfig
 from prorank.config_file import ConfigError, load_config
+from prorank.data import DataError
 from prorank.driver.cli_options import (
     ConfigOpt,
     DataOpt,
@@ -21,6 +24,12 @@ from prorank.driver.cli_options import (
     given,
     source_values,
 )
+from prorank.eval.compare import compare_runs, p_values
+from prorank.export import adapter_of, export_adapter, export_model
+from prorank.fusion import FusionSettings, Method
+from prorank.models import ModelError, checkpoint_model_dir, load_causal_lm
+from prorank.plots import PlotError, plot_dev_curve
+from prorank.prompt import PromptError
 
 
 def eval_command(
@@ -72,14 +81,8 @@ def eval_command(
 ) -> None:
     """Rerank first-stage candidates (BM25, or --candidates) with a model's relevance score, alone and fused
     with the first stage; report nDCG@10, RR@10, R@100, per-query nDCG@10 and TREC runs."""
-    from rich.console import Console
-    from rich.table import Table
 
-    from prorank.data import DataError
-    from prorank.eval.run import run_eval
-    from prorank.fusion import FusionSettings
-    from prorank.models import ModelError
-    from prorank.prompt import PromptError
+    from prorank.eval.run import run_eval  # noqa: PLC0415 pulls torch, which importing this module does not
 
     try:
         values = {
@@ -108,6 +111,9 @@ def eval_command(
         fail_on_full_disk(err, str(output or run_out or "the output"))
 
     s = report.settings
+    from rich.console import Console  # noqa: PLC0415 rich's tables: only a finished evaluation prints one
+    from rich.table import Table  # noqa: PLC0415 as above
+
     table = Table(title=f"{s['dataset']} / {s['split']}: {s['queries']} of {s['queries_in_split']} queries")
     table.add_column("system")
     for name in next(iter(report.metrics.values())):
@@ -147,10 +153,6 @@ def compare_command(
     output: Annotated[Optional[Path], typer.Option(help="Write the comparison as JSON here.")] = None,
 ) -> None:
     """Compare TREC runs with ranx: nDCG@10, RR@10, R@100 and paired significance tests between runs."""
-    import json
-
-    from prorank.data import DataError
-    from prorank.eval.compare import compare_runs, p_values
 
     if test not in ("student", "fisher"):
         fail(ConfigError(f"--test {test!r}: student or fisher"))
@@ -191,7 +193,6 @@ def plot_command(
 ) -> None:
     """Plot dev nDCG@10 against wall-clock hours (BM25 on the same queries as a line) from metrics.jsonl;
     with --rewards, by step beside the warmup's reward and format-reward curves."""
-    from prorank.plots import PlotError, plot_dev_curve
 
     metrics = run / "metrics.jsonl" if run.is_dir() else run
     try:
@@ -226,13 +227,6 @@ def export_command(
 ) -> None:
     """Write a trained model as a Hugging Face model folder: safetensors, tokenizer, model card (with
     learner.lora: the merged model; `--adapter` adds the adapter alone; `--fusion` the fusion with BM25)."""
-    import json
-
-    from prorank.data import DataError
-    from prorank.export import export_model
-    from prorank.fusion import FusionSettings, Method
-    from prorank.models import ModelError, checkpoint_model_dir
-    from prorank.prompt import PromptError
 
     try:
         cfg = load_config(config, [])
@@ -249,8 +243,6 @@ def export_command(
         if config:  # else the prompt settings the run recorded in its summary
             prompt = cfg.prompt.model_dump()
         if adapter:  # a run without an adapter fails before anything is written
-            from prorank.export import adapter_of, export_adapter
-
             adapter_of(checkpoint)
         fused = next(
             (FusionSettings(**r["settings"]["fusion"]) for r in reports if "fusion" in r.get("settings", {})), None
@@ -262,9 +254,7 @@ def export_command(
                 raise ConfigError(
                     "--fusion is tuned on the held-out training queries of a training config: give --config"
                 )
-            from prorank.config import ModelConfig
-            from prorank.eval.fusion import tune_on_held_out
-            from prorank.models import load_causal_lm
+            from prorank.eval.fusion import tune_on_held_out  # noqa: PLC0415 pulls torch, which importing this module does not
 
             model, tokenizer = load_causal_lm(
                 ModelConfig(path=checkpoint_model_dir(str(checkpoint)), dtype=cfg.model.dtype)

@@ -17,6 +17,7 @@ order on success, on error and on a signal: SIGTERM or SIGINT end the job after 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -24,10 +25,27 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import ray
+
 from prorank import checkpoints
+from prorank.actors.pool import ActorPool
+from prorank.batches import PromptSampler
+from prorank.bm25 import bm25_search
+from prorank.data import load_dataset
+from prorank.driver.control import start_control
+from prorank.driver.dev_eval import DevEval
 from prorank.driver.loop import BusyClock, Job, StopFlag, run_stage
+from prorank.driver.score_stage import ScoreStage
 from prorank.driver.stop import StopSignals
+from prorank.driver.warmup_stage import WarmupStage
+from prorank.driver.weight_sync import WeightSync
+from prorank.models import checkpoint_model_dir, resolve_model
+from prorank.prompt import check_model_layout
+from prorank.reward.client import SyncRewardClient, client_options
+from prorank.reward.replica import ReplicaSet
 from prorank.run_lock import lock_output
+from prorank.security import TOKEN_ENV, load_token
+from prorank.tracking import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +54,6 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     """Run the job described by `cfg` (a validated ProRankConfig); returns the summary it writes.
     `on_start()` is called once the data and models are checked, before anything is started or written.
     `signals` (the CLI's): once Ray is up, SIGTERM/SIGINT end the job after its step, with a checkpoint."""
-    from prorank.actors.pool import ActorPool
-    from prorank.batches import PromptSampler
-    from prorank.bm25 import bm25_search
-    from prorank.data import load_dataset
-    from prorank.driver.control import start_control
-    from prorank.driver.dev_eval import DevEval
-    from prorank.driver.score_stage import ScoreStage
-    from prorank.driver.warmup_stage import WarmupStage
-    from prorank.driver.weight_sync import WeightSync
-    from prorank.models import checkpoint_model_dir, resolve_model
-    from prorank.prompt import check_model_layout
-    from prorank.reward.client import SyncRewardClient, client_options
-    from prorank.reward.replica import ReplicaSet
-    from prorank.tracking import RunLog
 
     started = time.monotonic()
     tc, sc = cfg.train, cfg.score
@@ -166,7 +170,6 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
 
 def _job_token(cfg) -> str:
     """The configured token (file or $PRORANK_TOKEN), else a fresh one that only this job's services know."""
-    from prorank.security import TOKEN_ENV, load_token
 
     if cfg.reward.token_file or cfg.weights.token_file or os.environ.get(TOKEN_ENV):
         return load_token(cfg.reward.token_file or cfg.weights.token_file)
@@ -174,7 +177,6 @@ def _job_token(cfg) -> str:
 
 
 def _start_ray(cfg, stack: ExitStack) -> None:
-    import ray
 
     if ray.is_initialized():  # a caller's Ray (a test, a notebook): use it, leave it running
         return
@@ -193,12 +195,10 @@ def _start_ray(cfg, stack: ExitStack) -> None:
 
 
 def ray_kill(handle) -> None:
-    import ray
 
     ray.kill(handle)
 
 
 def _json(data) -> str:
-    import json
 
     return json.dumps(data, indent=2, default=float) + "\n"

@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prorank import checkpoints
+from prorank.batches import RankingSampler
+from prorank.models import load_tokenizer
+from prorank.prompt import PromptBuilder
 
 if TYPE_CHECKING:
     from prorank.driver.loop import Job
@@ -26,12 +29,9 @@ class ScoreStage:
     name = "score"
 
     def __init__(self, job: Job, init_model: str, offset: int):
-        from prorank.batches import RankingSampler
-        from prorank.driver.negative_mining import NegativeMiner
-        from prorank.learner.group import LearnerGroup
-        from prorank.learner.objectives import RankingObjective
-        from prorank.models import load_tokenizer
-        from prorank.prompt import PromptBuilder
+        from prorank.driver.negative_mining import NegativeMiner  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+        from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+        from prorank.learner.objectives import RankingObjective  # noqa: PLC0415 pulls torch, which importing this module does not
 
         cfg, sc = job.cfg, job.cfg.score
         self.job, self.sc, self.offset = job, sc, offset

@@ -18,7 +18,8 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from prorank.rollout import RolloutRequest
+from prorank.reward.client import groups_from_results
+from prorank.rollout import RolloutRequest, ScoredGroup
 
 if TYPE_CHECKING:
     from prorank.driver.loop import Job
@@ -35,8 +36,8 @@ class WarmupStage:
     wait_for_actors = False
 
     def __init__(self, job: Job):
-        from prorank.learner.group import LearnerGroup
-        from prorank.learner.objectives import GrpoObjective
+        from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+        from prorank.learner.objectives import GrpoObjective  # noqa: PLC0415 pulls torch, which importing this module does not
 
         cfg, self.job = job.cfg, job
         if job.rewards is None:  # driver/job.py starts the reward service whenever the warmup runs
@@ -116,8 +117,6 @@ def _fresh(pool, results: list, requests: list, inbox: dict, step: int, max_stal
 
 def _score(rewards, results: list) -> tuple[list, dict[str, float]]:
     """Rewards for every group, as ScoredGroups for the learner, and the reward figures of the step."""
-    from prorank.reward.client import groups_from_results
-    from prorank.rollout import ScoredGroup
 
     answers = rewards.score(groups_from_results(results))
     failed = [a for a in answers if a.error]

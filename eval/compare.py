@@ -48,7 +48,7 @@ def compare_runs(
     """ranx's Report of the runs (named by `names`, else by file stem) on the queries of the qrels: a run's
     query with no line scores 0 there. Run files are checked line by line first (document ids against the
     qrels are not: a run retrieves documents nobody judged)."""
-    from ranx import Qrels, Run, compare
+    from ranx import Qrels, Run, compare  # noqa: PLC0415 ranx: heavy (numba), only fusion and significance need it
 
     if len(run_paths) < 2:
         raise RunFileError("compare needs at least two run files")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
 from prorank.bm25 import Ranking
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
@@ -26,7 +28,7 @@ from prorank.eval.metrics import evaluate, per_query, scored_to_run
 from prorank.eval.rerank import first_stage, model_scores, rerank_depth, scored_ranking, top_runs
 from prorank.eval.runs import monotone, write_run
 from prorank.fusion import fuse
-from prorank.models import model_context, resolve_model
+from prorank.models import load_causal_lm, model_context, resolve_model
 from prorank.prompt import PromptBuilder, check_model_layout
 
 
@@ -77,8 +79,6 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
         "bm25_top_k": cfg.bm25.top_k,
     }
     if source is not None:
-        from prorank.models import load_causal_lm
-
         model, tokenizer = load_causal_lm(cfg.model)
         settings["model"] = source
     if model is not None:
@@ -165,7 +165,6 @@ def default_tensorboard_dir(dataset: str, split: str) -> str:
 
 
 def write_tensorboard(report: EvalReport, log_dir: str, step: int = 0) -> None:
-    from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir) as writer:
         for system, values in report.metrics.items():

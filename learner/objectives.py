@@ -23,6 +23,7 @@ from prorank.config import LearnerConfig, RankingLoss, ScoreConfig
 from prorank.learner.score_losses import check_losses
 from prorank.learner.score_step import score_micro_batch_loss
 from prorank.learner.step import micro_batch_loss, step_normalizer
+from prorank.prompt import answer_token_ids
 from prorank.rollout import ScoredGroup
 
 
@@ -51,7 +52,7 @@ class GrpoObjective:
         self.pad_id = 0  # the tokenizer's, once `prepare`d
 
     def prepare(self, model_path: str, tokenizer, dtype: torch.dtype, gpu: bool) -> None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
         self.pad_id = tokenizer.pad_token_id
         # A frozen copy of the starting policy; skipped entirely when beta is 0, and with LoRA (the policy
@@ -98,7 +99,6 @@ class RankingObjective:
         return cls(sc.ranking_loss(), sc.queries_per_step, sc.micro_batch_queries, sc.shared_prefix)
 
     def prepare(self, model_path: str, tokenizer, dtype: torch.dtype, gpu: bool) -> None:
-        from prorank.prompt import answer_token_ids
 
         self.pad_id, self.answer_ids = tokenizer.pad_token_id, answer_token_ids(tokenizer)
 

@@ -12,12 +12,12 @@ import contextlib
 
 import torch
 
+from prorank.models import native_bf16
+
 
 def uses_bf16(mode: str, device: str) -> bool:
     """Whether `learner.mixed_precision` `mode` ("no", "bf16", "auto") computes in bf16 on `device` ("cpu"/"cuda")."""
     if mode == "auto":
-        from prorank.models import native_bf16
-
         return native_bf16(device)
     return mode == "bf16"
 

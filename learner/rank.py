@@ -11,17 +11,21 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from prorank.config import LearnerConfig
 from prorank.learner.objectives import Objective
 from prorank.learner.precision import forward_precision, uses_bf16
 from prorank.learner.step import lr_lambda
+from prorank.lora import adapter_state, add_adapter, merged_state, write_adapter
+from prorank.models import load_tokenizer, save_model_dir
 from prorank.weight_transport import WeightSender
 
 
@@ -71,13 +75,13 @@ class LearnerRank:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def node(self) -> str:
-        import ray
+        import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
         return ray.get_runtime_context().get_node_id()
 
     def master_address(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0 to host the process group."""
-        import ray
+        import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
         with socket.socket() as s:
             s.bind(("", 0))
@@ -91,11 +95,8 @@ class LearnerRank:
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
         )
-        import deepspeed
-        from torch.optim.lr_scheduler import LambdaLR
-        from transformers import AutoModelForCausalLM
-
-        from prorank.models import load_tokenizer
+        import deepspeed  # noqa: PLC0415 DeepSpeed: heavy, needed only by the learner ranks
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
         cfg = self.cfg
         # Explicit: two torch processes that each spin all cores' threads slow each other down many times over.
@@ -110,8 +111,6 @@ class LearnerRank:
         if cfg.trainable_layers is not None:
             freeze_below(model, cfg.trainable_layers, torch.bfloat16 if self.bf16 else None)
         if cfg.lora is not None:
-            from prorank.lora import add_adapter
-
             model = add_adapter(model, cfg.lora, self.adapter)
         objective = self.objective
         objective.prepare(self.model_path, load_tokenizer(self.model_path), dtype, self.gpu)
@@ -182,7 +181,7 @@ class LearnerRank:
         ZeRO-3 gathers them (a collective); under ZeRO-2 every rank already holds them, so nothing is
         gathered or copied."""
         if self.cfg.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # noqa: PLC0415 DeepSpeed: heavy, needed only by the learner ranks
 
             params = [p for p in self.engine.module.parameters() if p.requires_grad or not trainable_only]
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -191,16 +190,12 @@ class LearnerRank:
     def _model_state(self) -> dict[str, torch.Tensor]:
         """The plain model's weights (with LoRA: merged), inside `_full_parameters()`."""
         if self.cfg.lora is not None:
-            from prorank.lora import merged_state
-
             return merged_state(self.engine.module)
         return self.engine.module.state_dict()
 
     def _version_state(self) -> dict[str, torch.Tensor]:
         """What a weight version carries (with LoRA: the adapter alone), inside `_full_parameters(lora)`."""
         if self.cfg.lora is not None:
-            from prorank.lora import adapter_state
-
             return adapter_state(self.engine.module)
         return self.engine.module.state_dict()
 
@@ -214,7 +209,6 @@ class LearnerRank:
 
     def memory(self) -> dict[str, float]:
         """This rank's peak resident memory and optimizer state in bytes, and its trainable parameters."""
-        import resource
 
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps torch's AdamW
         state = sum(
@@ -248,14 +242,11 @@ class LearnerRank:
     def save_model(self, folder: str, adapter_folder: str | None = None) -> None:
         """The full weights (with LoRA: merged) as a plain model folder, and with LoRA the adapter as a peft
         folder in `adapter_folder` (rank 0 writes them). A collective under ZeRO-3."""
-        from prorank.models import save_model_dir
 
         with self._full_parameters():
             if self.rank == 0:
                 save_model_dir(self._model_state(), self.model_path, folder)
                 if self.cfg.lora is not None and adapter_folder:
-                    from prorank.lora import write_adapter
-
                     write_adapter(adapter_folder, self.cfg.lora, self.model_path, self._version_state())
 
     def save(self, folder: str) -> None:

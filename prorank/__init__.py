@@ -11,7 +11,7 @@ of the A/B benches, run with PYTHONPATH at its root, imports its own roles throu
 
 def __getattr__(name: str):
     if name in ("Reranker", "RankedDocument"):
-        from prorank import reranker
+        from prorank import reranker  # noqa: PLC0415 on first use: every `import prorank.x` runs this file
 
         return getattr(reranker, name)
     raise AttributeError(f"module 'prorank' has no attribute {name!r}")

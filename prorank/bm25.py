@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import Stemmer
+
 from prorank.config import BM25Config
 from prorank.data import BeirDataset
 
@@ -40,15 +42,14 @@ def _index_key(dataset: BeirDataset, cfg: BM25Config) -> str:
 
 
 def _tokenize(texts: list[str], cfg: BM25Config):
-    import bm25s
-    import Stemmer
+    import bm25s  # noqa: PLC0415 bm25s: heavy (scipy), only first-stage retrieval needs it
 
     stemmer = Stemmer.Stemmer(cfg.stemmer) if cfg.stemmer else None
     return bm25s.tokenize(texts, stopwords=cfg.stopwords, stemmer=stemmer, show_progress=False)
 
 
 def _load_or_build_index(dataset: BeirDataset, cfg: BM25Config, folder: Path):
-    import bm25s
+    import bm25s  # noqa: PLC0415 bm25s: heavy (scipy), only first-stage retrieval needs it
 
     if (folder / "params.index.json").is_file():
         return bm25s.BM25.load(str(folder))

@@ -256,7 +256,7 @@ def _hub_records(rows: Iterable[dict[str, Any]], label: str) -> Iterator[Record]
 
 def load_hub(hub_id: str, split: str, strict: bool = False) -> BeirDataset:
     """`BeIR/<name>` (configs corpus and queries) plus `BeIR/<name>-qrels` (one split per qrels file)."""
-    import datasets  # heavy import, only for the hub path
+    import datasets  # noqa: PLC0415 datasets: heavy, only for hub datasets; heavy import, only for the hub path
 
     try:
         corpus_rows = datasets.load_dataset(hub_id, "corpus", split="corpus")

@@ -18,10 +18,11 @@ import json
 import shutil
 from pathlib import Path
 
+from prorank import checkpoints
 from prorank.config import PromptConfig
 from prorank.fusion import FusionSettings
 from prorank.model_card import model_card
-from prorank.models import ModelError, check_model_folder, checkpoint_model_dir
+from prorank.models import ModelError, check_model_folder, checkpoint_model_dir, load_tokenizer
 from prorank.prompt import (
     ANSWERS,
     CHAT_PREFIX,
@@ -134,7 +135,6 @@ def export_model(
 def _check_source(model: Path) -> None:
     """A damaged checkpoint is refused before anything is written: its step's file list (sizes as
     written, prorank/checkpoints.py) when it is a checkpoint's model, and the weights' own headers."""
-    from prorank import checkpoints
 
     step = model.parent
     if model.name == checkpoints.MODEL and (step / checkpoints.STATE).is_file():
@@ -146,8 +146,7 @@ def _check_source(model: Path) -> None:
 def adapter_of(checkpoint: str | Path) -> Path:
     """The LoRA adapter folder of a run trained with `learner.lora` (the checkpoint's adapter/, beside the
     model/ that holds the merged model); a ModelError when there is none."""
-    from prorank import checkpoints
-    from prorank.lora import ADAPTER_CONFIG
+    from prorank.lora import ADAPTER_CONFIG  # noqa: PLC0415 pulls torch, which importing this module does not
 
     source = Path(checkpoint_model_dir(str(checkpoint))).parent / checkpoints.ADAPTER
     if not (source / ADAPTER_CONFIG).is_file():
@@ -198,7 +197,6 @@ def _fix_tokenizer_config(path: Path) -> None:
 
 
 def _answer_ids(folder: Path) -> tuple[int, int]:
-    from prorank.models import load_tokenizer
 
     return answer_token_ids(load_tokenizer(str(folder)))
 

@@ -37,7 +37,7 @@ class FusionSettings(BaseModel):
 
 
 def _ranx_runs(*runs: Run) -> list:
-    from ranx import Run as RanxRun
+    from ranx import Run as RanxRun  # noqa: PLC0415 ranx: heavy (numba), only fusion and significance need it
 
     return [
         RanxRun.from_dict({q: dict(docs) for q, docs in run.items()}, name=f"run_{i}") for i, run in enumerate(runs)
@@ -46,7 +46,7 @@ def _ranx_runs(*runs: Run) -> list:
 
 def fuse(first_stage: Run, model: Run, settings: FusionSettings) -> Run:
     """The fused scores of every query (the two runs hold the same queries and documents)."""
-    from ranx import fuse as ranx_fuse
+    from ranx import fuse as ranx_fuse  # noqa: PLC0415 ranx: heavy (numba), only fusion and significance need it
 
     if first_stage.keys() != model.keys():
         raise ValueError("fusion needs the same queries in the first-stage and model runs")
@@ -74,7 +74,7 @@ def tune(
 ) -> FusionSettings:
     """The parameters of `method` that maximise nDCG@10 over `qrels`' queries (ranx's grid search: weights
     in steps of `weight_step` summing to 1, or k from 10 to 100), with the figures it saw."""
-    from ranx import Qrels, evaluate, optimize_fusion
+    from ranx import Qrels, evaluate, optimize_fusion  # noqa: PLC0415 ranx: heavy (numba), only fusion and significance need it
 
     queries = sorted(q for q in model if q in qrels)
     if not queries:

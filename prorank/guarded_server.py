@@ -18,9 +18,11 @@ kind per `log_every_seconds`, with a count.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 import inspect
 import logging
+import resource
 import threading
 import time
 from collections import OrderedDict
@@ -71,7 +73,6 @@ def raise_open_file_limit() -> int:
     """Raise this process's soft limit on open files to its hard limit (Go's runtime does the same): at a
     soft 1,024, a common default, 1,000 idle connections from anyone leave no descriptor for a legitimate
     caller. Returns the limit now in force."""
-    import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -240,7 +241,6 @@ def _return_freed_memory(loop: asyncio.AbstractEventLoop, every: float = 2.0) ->
     it allocate (20 s of oversized header blocks on 64 connections: ~550 MB at peak), but glibc keeps the
     pages: measured, RSS stayed 377 -> 526 MB without this, and went 56 -> 61 MB with it. A thread of its
     own, not the loop: a trim of a large heap takes milliseconds. Not glibc (musl, macOS): nothing to do."""
-    import ctypes
 
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim

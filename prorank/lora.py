@@ -13,7 +13,9 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from huggingface_hub import snapshot_download
 
 from prorank.config import LoraSettings
 
@@ -25,7 +27,7 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 def peft_config(lora: LoraSettings, base_model: str | None = None):
     """peft's LoraConfig of these settings, for a causal LM."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
 
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     return LoraConfig(
@@ -41,7 +43,7 @@ def peft_config(lora: LoraSettings, base_model: str | None = None):
 def add_adapter(model, lora: LoraSettings, adapter_dir: str | None = None):
     """`model` wrapped by peft with a trainable adapter: a fresh one (B = 0, so the model is unchanged), or
     the one saved in `adapter_dir` (the warmup's, for the score stage), which must have these settings."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
 
     if adapter_dir is None:
         return get_peft_model(model, peft_config(lora))
@@ -62,7 +64,7 @@ def check_adapter_dir(folder: str | Path, lora: LoraSettings) -> None:
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's saved names (no adapter name): a weight version's content."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
 
     return get_peft_model_state_dict(model)
 
@@ -71,7 +73,7 @@ def merged_state(model) -> dict[str, torch.Tensor]:
     """The plain model's state dict with every adapter's update added to its base weight (W + s B A),
     under the base model's own names, without changing `model` (peft's merge would, and unmerging after
     leaves rounding in the weights being trained)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
 
     base = model.get_base_model()
     deltas = {
@@ -100,7 +102,6 @@ def write_adapter(
 ) -> Path:
     """A peft adapter folder (adapter_config.json, adapter_model.safetensors) that peft and vLLM load: from
     named tensors, or from a safetensors `blob` as a weight version arrives."""
-    import safetensors.torch
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,8 +119,8 @@ def write_adapter(
 def adapter_specs_model(model_path: str, lora: LoraSettings, dtype: str):
     """The adapter's named tensors as peft makes them on `model_path`, built on the meta device (no memory):
     what a weight version must hold."""
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from peft import get_peft_model  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
@@ -149,12 +150,9 @@ def merge_into(
 def base_weights(model: str, dtype: str) -> dict[str, torch.Tensor]:
     """The tensors of a model's safetensors files (a local folder, or a hub id's cached snapshot), floating
     ones in `dtype`: what an actor merges each adapter version into."""
-    import safetensors.torch
 
     folder = Path(model)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
         folder = Path(snapshot_download(model, allow_patterns=["*.safetensors"]))
     state = {}
     for file in sorted(folder.glob("*.safetensors")):

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from importlib import metadata
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from prorank import checkpoints
 from prorank.config import ModelConfig
+from prorank.data import load_local
+from prorank.prompt import PromptBuilder, answer_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,7 @@ def check_weights(folder: str | Path) -> None:
 
 
 def pick_device(device: str) -> str:
-    import torch
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,7 +112,7 @@ def pick_device(device: str) -> str:
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bfloat16 matrix products in hardware (else bf16 is emulated and slower
     than float32, as on AVX-512 CPUs without the BF16 extension)."""
-    import torch
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
@@ -125,7 +131,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     tok = AutoTokenizer.from_pretrained(name_or_path)
     if tok.pad_token_id is None:
@@ -140,8 +146,8 @@ def model_context(model) -> int | None:
 
 def load_causal_lm(cfg: ModelConfig):
     """(model in eval mode, tokenizer) from `cfg`."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     source = resolve_model(cfg)
     device = pick_device(cfg.device)
@@ -177,8 +183,8 @@ def convert_gguf(gguf_file: str | Path, output_dir: str | Path, dtype: str = "fl
     transformers refuses `save_pretrained` on a model loaded from GGUF, so the weights are moved into a
     plain model built from the same config without its quantization settings.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
@@ -220,9 +226,8 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, vocab_size: int = 51
     The tokenizer splits text as Qwen2's does (its normalizer and pre-tokenizer, taken from transformers):
     transformers 5 rebuilds any Qwen2 model's tokenizer that way from the vocabulary, while transformers 4
     (where mxbai-rerank runs) reads tokenizer.json as written; both must give the same ids."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     qwen2 = Qwen2Tokenizer().backend_tokenizer
@@ -272,8 +277,8 @@ def save_model_dir(state: dict, source: str, output_dir: str | Path) -> Path:
 
     A tied output head is the embedding itself, so it is not written twice (transformers re-ties it).
     """
-    import safetensors.torch
-    from transformers import AutoConfig, GenerationConfig
+    import safetensors.torch  # noqa: PLC0415 safetensors.torch imports torch
+    from transformers import AutoConfig, GenerationConfig  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     config = AutoConfig.from_pretrained(source)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -293,7 +298,6 @@ def save_model_dir(state: dict, source: str, output_dir: str | Path) -> Path:
 def checkpoint_model_dir(path: str) -> str:
     """The model folder behind `path`: a model folder itself, a checkpoint step (its model/), or a
     checkpoints root (the step its LATEST names). A path that does not exist is taken as a hub id."""
-    from prorank import checkpoints
 
     p = Path(path)
     if checkpoints.is_pointer(p):
@@ -315,11 +319,7 @@ def build_answering_model(output_dir: str | Path, data_path: str | Path, rate: f
     """The tiny random model (`build_tiny_model`), nudged so that about `rate` of its first sampled tokens
     on `data_path`'s training prompts are "0" or "1": like an instruct model, it must sometimes answer in
     format for GRPO to have a signal to follow. For tests and benchmarks of the training loop."""
-    import torch
-
-    from prorank.config import ModelConfig
-    from prorank.data import load_local
-    from prorank.prompt import PromptBuilder, answer_token_ids
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
     folder = build_tiny_model(output_dir, seed=seed)
     model, tokenizer = load_causal_lm(ModelConfig(path=str(folder)))
@@ -350,9 +350,8 @@ def safetensors_views(blob) -> dict:
     """The tensors of a safetensors blob (bytes or a bytearray) as views into it (no copy): for a loader
     that copies them into the model anyway (`safetensors.torch.load` would first copy the whole blob), and
     for writing into a bytearray blob in place."""
-    import warnings
 
-    import torch
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
     dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     view = memoryview(blob)

@@ -53,10 +53,10 @@ def reward_curve(metrics_file: str | Path) -> dict[str, list[float]]:
 def plot_dev_curve(metrics_file: str | Path, output: str | Path, title: str = "", rewards: bool = False) -> Path:
     """Write the PNG: the model's dev nDCG@10 per evaluation, BM25's on the same queries as a line; with
     `rewards`, by step, and the warmup's reward curves (total and format, max 2 and 1) in a panel before it."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 matplotlib: heavy, only `prorank plot` draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 matplotlib: heavy, only `prorank plot` draws
 
     curve = dev_curve(metrics_file)
     if rewards:

@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from prorank.config import ModelConfig
 from prorank.fusion import FusionSettings, fuse_lists
+from prorank.models import checkpoint_model_dir, load_causal_lm, model_context
+from prorank.prompt import PromptBuilder, check_model_layout
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,6 @@ class Reranker:
         instruction: str | None = None,
         batch_size: int = 16,
     ):
-        from prorank.config import ModelConfig
-        from prorank.models import checkpoint_model_dir, load_causal_lm, model_context
-        from prorank.prompt import PromptBuilder, check_model_layout
 
         source = checkpoint_model_dir(model)
         local = {"path": source} if Path(source).is_dir() else {"hub_id": source}
@@ -56,7 +56,7 @@ class Reranker:
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         """The relevance score of each document for `query`, in the documents' order."""
-        from prorank.scoring import score_query
+        from prorank.scoring import score_query  # noqa: PLC0415 pulls torch, which importing this module does not
 
         if not documents:
             return []

@@ -61,7 +61,7 @@ def channel_credentials(ca: str | None) -> grpc.ChannelCredentials:
 def announced_address(host: str, port: int) -> str:
     """The address other nodes reach a server bound to `host` on: the node's IP for a wildcard bind."""
     if host in ("0.0.0.0", "::", "[::]", ""):
-        import ray
+        import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
         host = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())
     return f"{host}:{port}"

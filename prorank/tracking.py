@@ -24,7 +24,7 @@ CONSOLE = [
 class RunLog:
     def __init__(self, output_dir: str | Path, start_step: int = 0, started: float | None = None):
         """`started`: time.monotonic() when the job began (its start-up counts on the clock)."""
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from grpc_tools import protoc
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "protocol"
 PROTOS = sorted(p.name for p in HERE.glob("*.proto"))
@@ -20,7 +22,6 @@ PACKAGE = Path("prorank/protocol")  # where the stubs are imported from
 
 def generate(out_dir: Path) -> None:
     """Write the stubs of every .proto file into `out_dir` (flat, as they are committed in protocol/)."""
-    from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"

@@ -7,6 +7,9 @@ import logging
 import ray
 
 from prorank.config import DataConfig, RewardConfig
+from prorank.data import load_dataset
+from prorank.grpc_core_log import fold_grpc_core_lines
+from prorank.reward.server import RewardServer
 from prorank.security import announced_address
 
 log = logging.getLogger(__name__)
@@ -14,9 +17,6 @@ log = logging.getLogger(__name__)
 
 class RewardReplica:
     def __init__(self, data: DataConfig, cfg: RewardConfig, token: str):
-        from prorank.data import load_dataset
-        from prorank.grpc_core_log import fold_grpc_core_lines
-        from prorank.reward.server import RewardServer
 
         fold_grpc_core_lines(cfg.log_refusals_every_seconds)  # this actor's process is the replica's own
         # Several replicas may share a node: each takes a free port.

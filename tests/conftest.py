@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from prorank.config import ModelConfig
+from prorank.data import load_local
+from prorank.models import build_answering_model, build_tiny_model, convert_gguf, find_smollm2_gguf, load_causal_lm
+
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("PRORANK_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))
 
@@ -26,22 +30,18 @@ def scifact_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def scifact_test(scifact_dir):
-    from prorank.data import load_local
 
     return load_local(scifact_dir, "test")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from prorank.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from prorank.config import ModelConfig
-    from prorank.models import load_causal_lm
 
     return load_causal_lm(ModelConfig(path=str(tiny_model_dir)))
 
@@ -52,7 +52,6 @@ def smollm2_dir(tmp_path_factory) -> Path:
     local = ROOT / "models" / "SmolLM2-135M-Instruct"
     if (local / "model.safetensors").is_file():
         return local
-    from prorank.models import convert_gguf, find_smollm2_gguf
 
     return convert_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
 
@@ -87,7 +86,6 @@ def ray_local():
 def answering_model(tmp_path_factory, scifact_dir):
     """The tiny random model, nudged so that about a fifth of its first sampled tokens are "0" or "1":
     like an instruct model, it must sometimes answer in format for GRPO to have a signal to follow."""
-    from prorank.models import build_answering_model
 
     return build_answering_model(tmp_path_factory.mktemp("answering-model"), scifact_dir)
 

@@ -11,9 +11,13 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
 from prorank.actors.pool import ActorPool  # noqa: E402
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig  # noqa: E402
-from prorank.prompt import INVALID, parse_judgment  # noqa: E402
+from prorank.bm25 import bm25_search  # noqa: E402
+from prorank.config import ActorConfig, BM25Config, PromptConfig, SamplingConfig, WeightSyncConfig  # noqa: E402
+from prorank.eval.rerank import candidate_pairs, rerank, rerank_by_scores  # noqa: E402
+from prorank.models import load_tokenizer  # noqa: E402
+from prorank.prompt import INVALID, PromptBuilder, parse_judgment  # noqa: E402
 from prorank.rollout import RolloutRequest  # noqa: E402
+from prorank.scoring import score_query  # noqa: E402
 from prorank.weights.server import WeightServer  # noqa: E402
 from prorank.weights.transport import GrpcTransport  # noqa: E402
 
@@ -68,7 +72,7 @@ def hf_logprobs(model, prompt_ids, token_ids):
 
 
 def _updated(model, state):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     updated = AutoModelForCausalLM.from_config(model.config).eval()
     updated.load_state_dict(state)
@@ -89,8 +93,6 @@ def _perturbed(model, seed: int) -> dict:
 
 
 def test_groups_have_the_promised_shape(pool, scifact_test, tiny_model_dir):
-    from prorank.models import load_tokenizer
-    from prorank.prompt import PromptBuilder
 
     longest = 176 + PromptBuilder(load_tokenizer(str(tiny_model_dir)), 176).overhead
     reqs = requests_from(scifact_test, 10)
@@ -274,10 +276,6 @@ def test_sync_without_waiting_sends_changed_tensors_and_bfloat16(pool, tiny_mode
 def test_dev_scores_on_an_actor_equal_prorank_evals(pool, server, tiny_model, scifact_test):
     """The dev evaluation's scores (vLLM, logprobs of "0" and "1") equal `prorank eval`'s (transformers,
     logit("1") - logit("0")) on the same weights within 1e-3, so the rankings are the same."""
-    from prorank.bm25 import bm25_search
-    from prorank.config import BM25Config
-    from prorank.eval.rerank import candidate_pairs, rerank, rerank_by_scores
-    from prorank.prompt import PromptBuilder
 
     # Every tensor new: the actors last held another server's version, so none is kept from their blobs.
     new = _perturbed(tiny_model[0], 4)
@@ -294,7 +292,6 @@ def test_dev_scores_on_an_actor_equal_prorank_evals(pool, server, tiny_model, sc
     model = _updated(tiny_model[0], new)
     builder = PromptBuilder(tiny_model[1], 176)  # the pool's prompt settings, as `prorank eval` builds them
     expected = {}
-    from prorank.scoring import score_query
 
     with torch.no_grad():
         for q in queries:

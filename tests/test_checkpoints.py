@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from prorank import checkpoints
 from prorank.models import checkpoint_model_dir
+from prorank.run_lock import FolderInUse, lock_output
 
 
 def _model(folder):
@@ -80,10 +84,6 @@ def test_prune_keeps_the_newest_and_the_one_named(tmp_path):
 
 
 def test_a_second_holder_of_an_output_folder_is_refused_and_a_dead_one_leaves_no_lock(tmp_path):
-    import subprocess
-    import sys
-
-    from prorank.run_lock import FolderInUse, lock_output
 
     held = subprocess.Popen(
         [
@@ -106,7 +106,7 @@ def test_a_second_holder_of_an_output_folder_is_refused_and_a_dead_one_leaves_no
 
 
 def test_a_ranks_error_reaches_the_console_with_its_cause():
-    from prorank.learner.group import rank_failure
+    from prorank.learner.group import rank_failure  # noqa: PLC0415 pulls ray, torch, which importing this module does not
 
     traceback = (
         "ray::LearnerRank.save() (pid=4242, ip=10.0.0.2, actor_id=ab)\n"

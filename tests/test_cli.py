@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from prorank import checkpoints
 from prorank.config_file import ConfigError
 from prorank.driver.cli import app, source_values
 
@@ -143,7 +145,6 @@ def test_eval_on_data_as_published_and_strict(scifact_dir, tmp_path):
 def test_models_of_another_prompt_layout_are_refused_before_any_work(scifact_dir, tiny_model_dir, tmp_path):
     """A model exported before the released layout (its prorank.json has no layout) is refused by eval,
     train and export, naming both layouts; a legacy config key is an unknown key."""
-    import shutil
 
     legacy = tmp_path / "legacy"
     shutil.copytree(tiny_model_dir, legacy)
@@ -177,7 +178,6 @@ def test_models_of_another_prompt_layout_are_refused_before_any_work(scifact_dir
 def test_bad_inputs_and_outputs_are_refused_before_any_work(scifact_dir, tmp_path):
     """Non-UTF-8 data names file and line; a folder that is not a model, or an --output that is a
     directory, is refused before BM25 runs or TensorBoard is written; all exit 2."""
-    import shutil
 
     data = tmp_path / "data"
     shutil.copytree(scifact_dir, data)
@@ -201,7 +201,6 @@ def test_bad_inputs_and_outputs_are_refused_before_any_work(scifact_dir, tmp_pat
 
 
 def test_train_names_a_data_error_before_its_tensorboard_line(scifact_dir, tiny_model_dir, tmp_path):
-    import shutil
 
     data = tmp_path / "data"
     shutil.copytree(scifact_dir, data)
@@ -227,9 +226,6 @@ def test_train_names_a_data_error_before_its_tensorboard_line(scifact_dir, tiny_
 
 
 def test_damaged_weights_are_refused_by_export_and_eval_naming_the_file(scifact_dir, tiny_model_dir, tmp_path):
-    import shutil
-
-    from prorank import checkpoints
 
     root = tmp_path / "checkpoints"  # a checkpoint step as the learner commits it, then damaged
     tmp = checkpoints.start(root, 3)

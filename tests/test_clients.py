@@ -29,6 +29,10 @@ from bench.clients import (
     scifact_candidates,
     vllm,
 )
+from prorank.data import load_local
+from prorank.export import export_model
+from prorank.models import load_tokenizer
+from prorank.prompt import PromptBuilder, document_text
 
 TRAINED_LENGTH = 192
 LONG_QUERY = "Does vitamin C supplementation lower the risk of scurvy in sailors on long voyages? " * 12
@@ -47,7 +51,6 @@ def assert_same(got: list[float], expected: list[float], tol: float = 1e-3) -> N
 
 @pytest.fixture(scope="module")
 def exported(smollm2_dir, tmp_path_factory) -> Path:
-    from prorank.export import export_model
 
     out = tmp_path_factory.mktemp("clients") / "smollm2-reranker"
     return export_model(smollm2_dir, out, prompt={"layout": "mxbai-v2", "max_length": TRAINED_LENGTH})
@@ -70,9 +73,6 @@ def ours(exported, candidates) -> dict[int, dict[str, list[float]]]:
 def test_token_ids_equal_mxbai_rerank_prepare_inputs(model, exported, tiny_model_dir, candidates, tmp_path):
     """Token for token, truncation included (a long query is cut at 3/4 of the budget, documents at their
     end), with and without an instruction, for the same tokenizer, texts and budget."""
-    from prorank.export import export_model
-    from prorank.models import load_tokenizer
-    from prorank.prompt import PromptBuilder
 
     folder = exported if model == "smollm2" else export_model(tiny_model_dir, tmp_path / "tiny")
     tok = load_tokenizer(str(folder))
@@ -109,7 +109,7 @@ def test_mxbai_rerank_scores_like_prorank_eval(exported, candidates, ours):
 def test_sentence_transformers_cross_encoder_scores_like_prorank_eval(exported, candidates, ours):
     """`CrossEncoder(folder)` with nothing else given: our LogitScore module ("1" against "0"), the pair
     template and no activation, so its scores are ours (whole documents: it cuts only at the context)."""
-    from sentence_transformers import CrossEncoder
+    from sentence_transformers import CrossEncoder  # noqa: PLC0415 sentence-transformers: heavy, a client under test only
 
     got = per_query(candidates, cross_encoder(exported, flat(candidates)))
     model = CrossEncoder(str(exported), device="cpu")
@@ -131,9 +131,9 @@ def test_vllm_score_api_scores_like_prorank_eval(exported, candidates, ours):
 
 
 def _adapter_gives_the_merged_model(base: Path, adapter: Path, merged: Path) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
+    from peft import PeftModel  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     ids = torch.tensor([[5, 17, 3, 40, 9, 11]])
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter))
@@ -150,8 +150,6 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
     prorank.json): zero-shot `prorank eval`, both training stages with LoRA (`learner.lora`; every version
     the adapter alone), export (merged, and `--adapter`), then `MxbaiRerankV2` scores the export as
     `prorank eval` does, and the adapter on the released base gives the merged model's logits."""
-    from prorank.data import load_local
-    from prorank.prompt import document_text
 
     released = tmp_path / "released"
     made = json.loads(run_client(CLIENTS_PYTHON, "released_layout_model.py", {}, str(tiny_model_dir), str(released)))

@@ -1,5 +1,9 @@
+import argparse
+from pathlib import Path
+
 import pytest
 
+from bench.score_ab import ROOT, job_config, parse_variant
 from prorank.config_file import ConfigError, load_config
 
 
@@ -53,7 +57,6 @@ def test_data_needs_a_source():
 
 
 def test_shipped_configs_load():
-    from pathlib import Path
 
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(path, [])  # every key known, every value valid
@@ -89,9 +92,6 @@ def test_stages_and_score_section():
 def test_score_ab_variants_become_checked_score_only_configs(tmp_path):
     """bench/score_ab.py: a variant's overrides land on a score-only job stopped by train.max_hours, and a
     wrong key fails before any variant runs."""
-    import argparse
-
-    from bench.score_ab import ROOT, job_config, parse_variant
 
     assert parse_variant("policy: score.negatives_from=policy score.mine_every=50") == (
         "policy",

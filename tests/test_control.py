@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from prorank.driver.control import find_control, start_control, wanted_actors
+
 
 def test_scale_request_reaches_the_job(ray_local):
-    from prorank.driver.control import find_control, start_control, wanted_actors
 
     control = start_control("control-test")
     try:

@@ -2,6 +2,7 @@ import pytest
 
 from prorank.config import DataConfig
 from prorank.data import DataError, load_dataset, load_hub, load_local
+from prorank.eval.metrics import evaluate
 from tests.conftest import write_beir
 
 DOCS = [{"_id": "d1", "title": "T1", "text": "alpha"}, {"_id": "d2", "title": "", "text": "beta"}]
@@ -69,7 +70,6 @@ def test_data_as_published_is_kept_and_counted(tmp_path, caplog):
     """An empty document is indexed (never retrieved); a qrel naming a document that is not in the corpus
     counts in evaluation as a relevant document never retrieved, and is not trained on; a qrel naming
     an unknown query is dropped. One warning each, with the counts."""
-    from prorank.eval.metrics import evaluate
 
     docs = DOCS + [{"_id": "d3", "title": "", "text": ""}]
     root = write_beir(tmp_path / "ds", docs, QUERIES, ["q1\td1\t1", "q1\td9\t1", "q2\td2\t1", "q7\td1\t1"])
@@ -121,7 +121,7 @@ class _FakeHub:
 
 
 def test_hub_loader_same_objects_and_errors(tmp_path, monkeypatch):
-    import datasets
+    import datasets  # noqa: PLC0415 datasets: heavy, only for hub datasets
 
     qrels = [{"query-id": "q1", "corpus-id": "d1", "score": 1}, {"query-id": "q2", "corpus-id": "d2", "score": 1}]
     monkeypatch.setattr(datasets, "load_dataset", _FakeHub(DOCS, QUERIES, {"test": qrels}))

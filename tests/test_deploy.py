@@ -21,7 +21,10 @@ import pytest
 import yaml
 from jobs import ROOT, job_config, step_lines
 
-from deploy.sim.netns import can_create_namespaces
+from bench.fanout import rate_bits
+from deploy.sim.cluster import SimCluster
+from deploy.sim.netns import SimError, can_create_namespaces
+from prorank.config_file import load_config
 
 DEPLOY = ROOT / "deploy"
 CLUSTER_CONFIG = ROOT / "configs" / "cluster-qwen2.5-0.5b.yaml"
@@ -30,7 +33,6 @@ ROLES = {"actors": "actor_node", "learner": "learner_node", "reward": "reward_no
 
 def _role_resources() -> dict[str, str]:
     """The custom resource each role of the cluster config asks for."""
-    from prorank.config_file import load_config
 
     cfg = load_config(CLUSTER_CONFIG)
     return {role: next(iter(getattr(cfg, role).resources)) for role in ROLES}
@@ -41,7 +43,7 @@ def test_cluster_config_places_each_role_on_its_node_type():
 
 
 def test_ray_cluster_launcher_yaml_validates():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
     config = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
     validate_config(prepare_config(config))  # Ray's own schema for cluster launcher configs
@@ -50,7 +52,7 @@ def test_ray_cluster_launcher_yaml_validates():
 
 
 def test_kuberay_manifests_validate():
-    import kubernetes_validate
+    import kubernetes_validate  # noqa: PLC0415 kubernetes-validate: heavy, only the manifest test
 
     cluster = yaml.safe_load((DEPLOY / "kuberay" / "raycluster.yaml").read_text())
     job = yaml.safe_load((DEPLOY / "kuberay" / "rayjob.yaml").read_text())
@@ -273,9 +275,6 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(
 
 def test_simulated_cluster_refuses_bad_settings(tmp_path):
     """deploy/sim's settings are checked before anything is made (no root needed for these)."""
-    from bench.fanout import rate_bits
-    from deploy.sim.cluster import SimCluster
-    from deploy.sim.netns import SimError
 
     with pytest.raises(SimError, match=r"node roles must be among .*'gpu'"):
         SimCluster("prkx", ["learner", "gpu"])

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from prorank.bm25 import bm25_search
+from prorank.config import BM25Config, ProRankConfig
+
 ray = pytest.importorskip("ray")
 
 
@@ -22,7 +25,7 @@ class _Pool:
         self.calls: list = []
 
     def score(self, pairs, exclude=()):
-        from prorank.actors.pool import PoolError
+        from prorank.actors.pool import PoolError  # noqa: PLC0415 pulls torch, which importing this module does not
 
         self.calls.append(set(exclude))
         if self.dead_first and not exclude:
@@ -42,8 +45,6 @@ class _Pool:
 
 @pytest.fixture
 def dev_setup(scifact_test):
-    from prorank.bm25 import bm25_search
-    from prorank.config import BM25Config, ProRankConfig
 
     queries = scifact_test.query_ids[:5]
     ranking = bm25_search(scifact_test, queries, BM25Config(top_k=10))
@@ -55,7 +56,7 @@ def dev_setup(scifact_test):
 
 @pytest.mark.parametrize("dead_first", [False, True])
 def test_figures_at_the_version_measured_and_a_lost_actor_replaced(ray_local, dev_setup, dead_first):
-    from prorank.driver.dev_eval import DevEval
+    from prorank.driver.dev_eval import DevEval  # noqa: PLC0415 pulls torch, which importing this module does not
 
     cfg, data, ranking, queries, oracle = dev_setup
     pool = _Pool(oracle, dead_first)
@@ -70,7 +71,7 @@ def test_figures_at_the_version_measured_and_a_lost_actor_replaced(ray_local, de
 
 
 def test_no_actor_ready_skips_the_evaluation(ray_local, dev_setup):
-    from prorank.driver.dev_eval import DevEval
+    from prorank.driver.dev_eval import DevEval  # noqa: PLC0415 pulls torch, which importing this module does not
 
     cfg, data, ranking, queries, oracle = dev_setup
     pool = _Pool(oracle, dead_first=False)

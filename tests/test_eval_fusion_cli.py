@@ -8,8 +8,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from prorank import Reranker
 from prorank.driver.cli import app
 from prorank.eval.runs import read_run
+from prorank.fusion import FusionSettings, fuse_lists
 
 runner = CliRunner()
 
@@ -102,8 +104,6 @@ def test_bad_candidate_runs_are_refused_before_any_scoring(scifact_dir, tiny_mod
 
 
 def test_fusion_tuned_on_held_out_training_queries_exported_and_applied(scifact_dir, tiny_model_dir, tmp_path):
-    from prorank import Reranker
-    from prorank.fusion import FusionSettings, fuse_lists
 
     config = _config(tmp_path, scifact_dir, tiny_model_dir)
     res = _run(

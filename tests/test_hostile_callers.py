@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import grpc
 import pytest
 import torch
 
-from bench.hostile_peers import Attack
+from bench.hostile_peers import Attack, hold_idle
 from bench.peak_rss import PeakRss
 from prorank import guarded_server
 from prorank.config import RewardConfig
@@ -29,7 +31,7 @@ from prorank.reward.server import RewardServer
 from prorank.security import auth_metadata
 from prorank.weights.codec import TransferError
 from prorank.weights.receiver import fetch_version, report
-from prorank.weights.server import WeightServer
+from prorank.weights.server import WeightPublisher, WeightServer
 
 TOKEN = "hostile-token"
 SCORE, FETCH, REPORT = (
@@ -240,7 +242,6 @@ async def _release(guard, peer: str, n: int) -> None:
 def test_fetch_timeout_bounds_the_whole_call():
     """A server that sends a manifest and then nothing: the receiver gives up after its wait plus its
     transfer timeout (it used to add 600 s)."""
-    from prorank.weights.server import WeightPublisher
 
     class Stalling(WeightPublisher):
         async def Fetch(self, raw, context):
@@ -271,10 +272,6 @@ def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifa
     against `prorank reward serve` started with a soft open-file limit of 1,024 (a common default): the
     server raises its limit, closes every one of them within seconds, and new legitimate connections are
     answered meanwhile. (From one host, all but 16 are reset at once: tests/test_connection_gate.py.)"""
-    import os
-    import resource
-
-    from bench.hostile_peers import hold_idle
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

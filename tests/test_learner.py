@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
+import safetensors.torch
 import torch
 
-from prorank.config import LearnerConfig
+from prorank.config import LearnerConfig, WeightSyncConfig
 from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
+from prorank.learner.objectives import GrpoObjective
+from prorank.learner.torch_loop import TorchLearner
+from prorank.models import load_tokenizer
 from prorank.prompt import PromptBuilder
 from prorank.rollout import ScoredGroup
+from prorank.weights.receiver import fetch_version
+from prorank.weights.transport import GrpcTransport
 
 
 def test_shared_prefix_equals_naive_forward(tiny_model):
@@ -93,10 +102,7 @@ def groups(scifact_test, tiny_model):
 
 
 def _reference_run(tiny_model_dir, cfg, groups, steps):
-    from transformers import AutoModelForCausalLM
-
-    from prorank.learner.torch_loop import TorchLearner
-    from prorank.models import load_tokenizer
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -108,8 +114,7 @@ def _reference_run(tiny_model_dir, cfg, groups, steps):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_ranks_learn_and_match_single_process(ray_local, tiny_model_dir, tiny_model, groups, stage):
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import GrpoObjective
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     cfg = _cfg(stage)
     learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
@@ -141,8 +146,7 @@ def test_deepspeed_ranks_learn_and_match_single_process(ray_local, tiny_model_di
 
 
 def test_checkpoint_resume_gives_the_same_loss(ray_local, tiny_model_dir, groups, tmp_path):
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import GrpoObjective
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     cfg = _cfg(2)
     learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
@@ -165,13 +169,10 @@ def test_checkpoint_resume_gives_the_same_loss(ray_local, tiny_model_dir, groups
 def test_a_rank_killed_mid_step_fails_the_step_naming_it(ray_local, tiny_model_dir, groups):
     """Rank 1 dies while rank 0 waits for it in a collective: the step ends at once with an error
     naming the rank and its node, instead of hanging until the process group's timeout."""
-    import threading
-    import time
 
-    import ray
+    import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
-    from prorank.learner.group import LearnerError, LearnerGroup
-    from prorank.learner.objectives import GrpoObjective
+    from prorank.learner.group import LearnerError, LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     learner = LearnerGroup(str(tiny_model_dir), _cfg(2), GrpoObjective(_cfg(2)))
     try:
@@ -193,13 +194,8 @@ def test_rank0_publishes_its_weights_and_only_what_a_step_changed(ray_local, tin
     """Rank 0 serves the versions itself (the weights never pass through the driver). With the bottom
     frozen, a step changes the top layer and the final norm only: version 2 marks just those, a receiver
     holding version 1 is sent just those, and its blob then equals the learner's full weights."""
-    import safetensors.torch
 
-    from prorank.config import WeightSyncConfig
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import GrpoObjective
-    from prorank.weights.receiver import fetch_version
-    from prorank.weights.transport import GrpcTransport
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     cfg = _cfg(stage).model_copy(update={"trainable_layers": 1})
     sender = GrpcTransport("tok", WeightSyncConfig()).sender()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from prorank import checkpoints
+from prorank.driver import checkpointing
 from prorank.driver.loop import run_stage
 
 
@@ -175,7 +177,6 @@ class WritingLearner(FakeLearner):
     steps = 0
 
     def save(self, root):
-        from prorank import checkpoints
 
         super().save(root)
         tmp = checkpoints.start(root, self.steps)
@@ -201,7 +202,6 @@ def test_checkpoints_are_pruned_to_the_newest_and_the_best_by_dev(tmp_path):
 
 
 def test_no_room_for_a_checkpoint_stops_or_skips_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
-    from prorank.driver import checkpointing
 
     free = {"bytes": 10**9}
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))

@@ -6,10 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_actors import hf_logprobs, requests_from
 from test_learner import scifact_groups
 from test_score_learning import _ranking_groups, _torch_steps
 
-from prorank.config import LearnerConfig, LoraSettings, ProRankConfig
+from prorank.config import (
+    ActorConfig,
+    LearnerConfig,
+    LoraSettings,
+    PromptConfig,
+    ProRankConfig,
+    SamplingConfig,
+    WeightSyncConfig,
+)
+from prorank.models import load_tokenizer
 
 LORA = LoraSettings(r=8, alpha=16)
 TOKEN = "lora-token"
@@ -17,9 +27,9 @@ TOKEN = "lora-token"
 
 def _peft_model(model_dir, lora: LoraSettings = LORA, seed: int = 0):
     """The base with a fresh adapter, made as a learner rank makes it (same seed: the same A)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.lora import add_adapter
+    from prorank.lora import add_adapter  # noqa: PLC0415 pulls torch, which importing this module does not
 
     torch.manual_seed(seed)
     return add_adapter(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora)
@@ -46,9 +56,9 @@ def test_lora_and_trainable_layers_are_refused_together():
 
 def test_a_saved_adapter_of_other_settings_is_refused_naming_file_and_key(tiny_model_dir, tmp_path):
     """The score stage continues the warmup's adapter: one saved with another r or alpha is named, not loaded."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.lora import adapter_state, add_adapter, write_adapter
+    from prorank.lora import adapter_state, add_adapter, write_adapter  # noqa: PLC0415 pulls torch, which importing this module does not
 
     other = LoraSettings(r=4, alpha=8)
     folder = write_adapter(
@@ -65,10 +75,10 @@ def test_a_saved_adapter_of_other_settings_is_refused_naming_file_and_key(tiny_m
 
 
 def test_merged_state_is_peft_merge_and_the_model_is_left_as_it_was(tiny_model_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from peft import PeftModel  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.lora import (
+    from prorank.lora import (  # noqa: PLC0415 pulls torch, which importing this module does not
         adapter_specs_model,
         adapter_state,
         base_weights,
@@ -109,9 +119,9 @@ def test_merged_state_is_peft_merge_and_the_model_is_left_as_it_was(tiny_model_d
 def test_grpo_reference_of_a_lora_policy_is_its_base(tiny_model_dir, scifact_test, tiny_model):
     """With LoRA the KL reference is the policy with its adapter off: the same loss as a separate copy of the
     start model, without holding one."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.learner.step import micro_batch_loss
+    from prorank.learner.step import micro_batch_loss  # noqa: PLC0415 pulls torch, which importing this module does not
 
     groups = scifact_groups(scifact_test, tiny_model[1], tiny_model[0], 2)
     cfg = LearnerConfig(num_ranks=1, groups_per_step=2, micro_batch_groups=2, beta=0.5, lora=LORA)
@@ -143,10 +153,9 @@ def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(
 ):
     """GRPO with LoRA on 2 ZeRO-3 ranks: the losses of a plain peft torch loop (the KL reference is the
     base), only the adapted weights move, and a resumed checkpoint goes on with the same losses."""
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import GrpoObjective
-    from prorank.learner.torch_loop import TorchLearner
-    from prorank.models import load_tokenizer
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+    from prorank.learner.objectives import GrpoObjective  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.learner.torch_loop import TorchLearner  # noqa: PLC0415 pulls torch, which importing this module does not
 
     groups = scifact_groups(scifact_test, tiny_model[1], tiny_model[0], 4)
     cfg = LearnerConfig(
@@ -196,17 +205,15 @@ def test_adapter_versions_reach_live_vllm_actors_and_checkpoints_resume(
     (`actors_serve: adapter`); the actors' logprobs then equal the learner's merged model's, as after a
     full-weight sync. An adapter of another rank is refused and the
     actors keep theirs. A checkpoint holds the adapter and the merged model; resumed, the steps go on alike."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from peft import PeftModel  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.actors.pool import ActorPool
-    from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import RankingObjective
-    from prorank.lora import adapter_state
-    from prorank.models import load_tokenizer
-    from prorank.weights.server import WeightServer
-    from prorank.weights.transport import GrpcTransport
+    from prorank.actors.pool import ActorPool  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, torch, which importing this module does not
+    from prorank.learner.objectives import RankingObjective  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.lora import adapter_state  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.transport import GrpcTransport  # noqa: PLC0415 pulls torch, which importing this module does not
 
     groups, builder = _ranking_groups(scifact_dir, load_tokenizer(str(tiny_model_dir)))
     lora = LORA.model_copy(update={"actors_serve": "adapter"})
@@ -286,7 +293,6 @@ def test_adapter_versions_reach_live_vllm_actors_and_checkpoints_resume(
 def _check_actor_logprobs(pool, base, merged: dict, dataset, version: int) -> None:
     """The actors' sampled tokens' logprobs under the served adapter equal the merged model's (the
     full-weight sync test's tolerance), and differ from the base's."""
-    from test_actors import hf_logprobs, requests_from
 
     model = type(base)(base.config).eval()
     model.load_state_dict(merged)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prorank.config import ModelConfig
-from prorank.models import ModelError, find_smollm2_gguf, load_causal_lm, resolve_model
+from prorank.models import ModelError, checkpoint_model_dir, find_smollm2_gguf, load_causal_lm, resolve_model
 from prorank.prompt import PromptBuilder, answer_token_ids, relevance_score
 from prorank.scoring import answer_logits
 
@@ -40,7 +40,7 @@ def test_resolve_model_prefers_local_folder(tmp_path):
 @pytest.mark.slow
 def test_smollm2_from_gguf_matches_the_gguf_model(smollm2_dir):
     """The converted folder holds the GGUF model's (dequantized) weights, scored the ProRank way."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     gguf = find_smollm2_gguf()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -56,7 +56,6 @@ def test_smollm2_from_gguf_matches_the_gguf_model(smollm2_dir):
 
 
 def test_checkpoint_model_dir_resolves_steps_roots_and_folders(tmp_path):
-    from prorank.models import ModelError, checkpoint_model_dir
 
     root = tmp_path / "checkpoints"
     model = root / "step-4" / "model"

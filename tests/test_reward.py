@@ -15,10 +15,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prorank.config import RewardConfig
+from prorank.config import DataConfig, RewardConfig
+from prorank.data import load_local
 from prorank.protocol import reward_pb2
-from prorank.reward.client import RewardError, SyncRewardClient
-from prorank.reward.scoring import score_completions
+from prorank.reward.client import RewardError, SyncRewardClient, client_options
+from prorank.reward.scoring import label_of, score_completions
 from prorank.reward.server import RewardServer
 from prorank.security import SecurityError, auth_metadata
 
@@ -27,7 +28,6 @@ TOKEN = "test-token-123"
 
 @pytest.fixture(scope="module")
 def train_qrels(scifact_dir):
-    from prorank.data import load_local
 
     return load_local(scifact_dir, "train").qrels
 
@@ -71,7 +71,6 @@ def test_scoring_weights_strictness_threshold():
     lenient = RewardConfig(strict_format=False, format_weight=0.5, relevance_weight=2.0)
     assert [s.total for s in score_completions(["1.", "0", "x"], 1, lenient)] == [2.5, 0.5, 0.0]
     assert [s.total for s in score_completions(["1.", "0", "x"], 1, RewardConfig())] == [0.0, 1.0, 0.0]
-    from prorank.reward.scoring import label_of
 
     assert [label_of({"d": 1, "e": 2}, doc, 2) for doc in "def"] == [0, 1, 0]
 
@@ -132,10 +131,10 @@ def test_server_needs_a_token(train_qrels, monkeypatch):
 
 
 def self_signed(tmp_path: Path) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography import x509  # noqa: PLC0415 cryptography: only to make a TLS certificate
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415 cryptography: only to make a TLS certificate
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 cryptography: only to make a TLS certificate
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415 cryptography: only to make a TLS certificate
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -180,7 +179,6 @@ def test_tls(train_qrels, tmp_path):
 
 
 def test_deadline_expiry(server):
-    from prorank.reward.client import client_options
 
     client = client_for(server, **client_options(RewardConfig(timeout_seconds=1e-4, retries=0)))
     big = [G(f"g{i}", "0", "31715818", *["1"] * 8) for i in range(20000)]
@@ -206,8 +204,7 @@ def test_failover_when_a_replica_stops_mid_stream(train_qrels):
 
 
 def test_replicas_as_ray_actors(ray_local, scifact_dir):
-    from prorank.config import DataConfig
-    from prorank.reward.replica import start_replicas
+    from prorank.reward.replica import start_replicas  # noqa: PLC0415 pulls ray, which importing this module does not
 
     handles, addresses = start_replicas(
         DataConfig(path=str(scifact_dir), split="train"), RewardConfig(replicas=2, num_cpus=0.5), TOKEN

@@ -4,6 +4,7 @@ silent port sharing, and a client whose defaults ride out a replica restart."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from prorank.config import RewardConfig
 from prorank.protocol import reward_pb2
-from prorank.reward.client import RewardError, SyncRewardClient, client_options
+from prorank.reward.client import RewardClient, RewardError, SyncRewardClient, client_options
 from prorank.reward.server import SERVICE, RewardServer
 from prorank.security import auth_metadata
 
@@ -150,9 +151,6 @@ def test_default_client_rides_out_a_restart_of_its_only_replica(qrels):
 def test_calls_in_flight_when_a_replica_stops_go_to_the_other(qrels):
     """A replica stopping mid-call cancels its calls in flight (CANCELLED, not UNAVAILABLE): they are
     retried on the other replica, not failed (this failed a step under CI load before)."""
-    import asyncio
-
-    from prorank.reward.client import RewardClient
 
     groups = [G(request_id=f"r{i}", completions=["1"] * 64) for i in range(3000)]
     for _ in range(5):

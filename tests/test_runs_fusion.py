@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from prorank.bm25 import bm25_search
+from prorank.config import BM25Config
 from prorank.data import DataError
 from prorank.eval.compare import compare_runs, p_values, read_qrels
 from prorank.eval.runs import RunFileError, monotone, read_run, write_run
@@ -93,8 +95,6 @@ def test_tuning_finds_the_weight_where_fusion_beats_both_runs():
 
 
 def test_compare_reads_beir_and_trec_qrels_and_tests_significance(scifact_dir, scifact_test, tmp_path):
-    from prorank.bm25 import bm25_search
-    from prorank.config import BM25Config
 
     qids = scifact_test.query_ids[:60]
     bm25 = bm25_search(scifact_test, qids, BM25Config(top_k=20))

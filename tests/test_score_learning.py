@@ -7,8 +7,14 @@ import math
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
-from prorank.config import RankingLoss
+from prorank.batches import PromptSampler, RankingGroup, RankingSampler, policy_negatives
+from prorank.bm25 import bm25_search
+from prorank.config import BM25Config, LearnerConfig, ProRankConfig, RankingLoss, ScoreConfig, TrainConfig
+from prorank.data import load_local
+from prorank.learner.objectives import RankingObjective
+from prorank.learner.rank import freeze_below
 from prorank.learner.score_losses import (
     listwise_contrastive,
     pairs_ordered,
@@ -17,6 +23,11 @@ from prorank.learner.score_losses import (
     ranking_losses,
     score_margin,
 )
+from prorank.learner.score_step import score_micro_batch_loss
+from prorank.learner.step import lr_lambda
+from prorank.models import load_tokenizer
+from prorank.prompt import PromptBuilder, document_text
+from prorank.scoring import answer_logits
 
 T = torch.tensor
 
@@ -37,7 +48,6 @@ def test_the_loss_mix_names_every_loss_and_no_other():
             ranking_losses(scores, labels, _mask(labels), RankingLoss(weights=weights, temperature=1.0))
     with pytest.raises(ValueError, match="one > 0"):
         RankingLoss(weights={"contrastive": 0.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
-    from prorank.learner.objectives import RankingObjective
 
     with pytest.raises(ValueError, match="every loss of"):  # in the driver, before any learner rank starts
         RankingObjective(RankingLoss(weights={"contrastive": 1.0}, temperature=1.0), 4, 1)
@@ -88,8 +98,6 @@ def test_losses_are_per_row():
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_one_querys_candidates_score_as_each_prompt_alone(tiny_model, scifact_test, shared):
-    from prorank.prompt import PromptBuilder, document_text
-    from prorank.scoring import answer_logits
 
     model, tokenizer = tiny_model
     builder = PromptBuilder(tokenizer, 144)
@@ -105,11 +113,6 @@ def test_one_querys_candidates_score_as_each_prompt_alone(tiny_model, scifact_te
 
 
 def test_ranking_sampler(scifact_dir, tiny_model):
-    from prorank.batches import PromptSampler, RankingSampler
-    from prorank.bm25 import bm25_search
-    from prorank.config import BM25Config, ScoreConfig, TrainConfig
-    from prorank.data import load_local
-    from prorank.prompt import PromptBuilder
 
     data = load_local(scifact_dir, "train")
     tc = TrainConfig(max_train_queries=30, dev_queries=5)
@@ -141,7 +144,6 @@ def test_ranking_sampler(scifact_dir, tiny_model):
 
 
 def test_policy_negatives_hand_computed():
-    from prorank.batches import policy_negatives
 
     scores = {"p1": 2.0, "p2": 0.5, "a": 4.0, "b": 3.4, "c": 1.0, "d": -1.0, "e": 3.6}
     # Lowest positive 0.5, guard 3: "a" (4.0) and "e" (3.6) lie above 3.5 and are skipped.
@@ -152,13 +154,7 @@ def test_policy_negatives_hand_computed():
 
 def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
     """A few AdamW steps of the mixed loss on fixed queries raise the positive-minus-negative margin."""
-    from transformers import AutoModelForCausalLM
-
-    from prorank.batches import RankingGroup
-    from prorank.data import load_local
-    from prorank.learner.score_step import score_micro_batch_loss
-    from prorank.models import load_tokenizer
-    from prorank.prompt import PromptBuilder, document_text
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -193,9 +189,6 @@ def test_score_training_orders_positives_first(tiny_model_dir, scifact_dir):
 
 
 def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
-    from prorank.batches import RankingGroup
-    from prorank.data import load_local
-    from prorank.prompt import PromptBuilder, document_text
 
     builder = PromptBuilder(tokenizer, 144)
     data = load_local(scifact_dir, "train")
@@ -211,10 +204,6 @@ def _ranking_groups(scifact_dir, tokenizer, n: int = 4):
 def _torch_steps(model, groups, builder, mix: RankingLoss, lc, steps: int = 3) -> list[float]:
     """The losses of `steps` plain torch AdamW steps over `groups` (one query per micro-batch, summed over
     the step's rows), with lc's lr schedule and clipping: what the DeepSpeed ranks are compared against."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    from prorank.learner.score_step import score_micro_batch_loss
-    from prorank.learner.step import lr_lambda
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lc.lr, weight_decay=lc.weight_decay)
     schedule = LambdaLR(opt, lr_lambda(lc))
@@ -240,13 +229,9 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
     """The stage-2 step on 2 DeepSpeed ranks gives the losses of the same step in one torch process, and
     its checkpoint carries a model folder with the trained weights. With `learner.trainable_layers`, only
     the top layers (and the final norm) move, on both sides."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.config import ProRankConfig
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import RankingObjective
-    from prorank.learner.rank import freeze_below
-    from prorank.models import load_tokenizer
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     groups, builder = _ranking_groups(scifact_dir, tokenizer)
@@ -298,9 +283,7 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
 
 
 def test_freeze_below_keeps_only_the_top_layers_trainable(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    from prorank.learner.rank import freeze_below
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     freeze_below(model, 1)
@@ -315,13 +298,9 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
     """`learner.mixed_precision: bf16` on one rank of 2 threads: the losses of 3 steps within bf16's
     tolerance of the float32 single-process steps; trained weights and optimizer stay float32, the
     frozen bottom is held in bf16, and the checkpoint's model folder loads."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.config import LearnerConfig
-    from prorank.learner.group import LearnerGroup
-    from prorank.learner.objectives import RankingObjective
-    from prorank.learner.rank import freeze_below
-    from prorank.models import load_tokenizer
+    from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     groups, builder = _ranking_groups(scifact_dir, tokenizer)

@@ -11,11 +11,20 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 from jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job, step_lines
+from typer.testing import CliRunner
+
+from prorank import Reranker, checkpoints
+from prorank.config import ModelConfig
+from prorank.data import load_local
+from prorank.driver.cli import app
+from prorank.models import load_causal_lm
+from prorank.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +105,11 @@ def test_score_stage_follows_the_warmup(finished_runs):
 def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp_path):
     """`prorank export` of the run, scored by plain transformers in the released layout (pieces tokenized one
     by one, as the model card says), gives the scores and the order that `prorank eval` and `Reranker` give."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from typer.testing import CliRunner
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank import Reranker
-    from prorank.config import ModelConfig
-    from prorank.data import load_local
-    from prorank.driver.cli import app
-    from prorank.eval.rerank import rerank
-    from prorank.models import load_causal_lm
-    from prorank.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
-    from prorank.scoring import score_pairs
+    from prorank.eval.rerank import rerank  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.scoring import score_pairs  # noqa: PLC0415 pulls torch, which importing this module does not
 
     out = tmp_path / "exported"
     result = CliRunner().invoke(app, ["export", str(finished_runs["sync"]), "--output", str(out)])
@@ -194,7 +196,7 @@ def test_tensorboard_shows_the_reward_curve(finished_runs, tmp_path):
         board.terminate()
         board.wait(30)
     assert "train/reward/total_mean" in dom  # the chart card of the reward curve was rendered
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 Pillow: only to read a plotted PNG
 
     image = Image.open(shot).convert("RGB")
     assert image.size == (1400, 900)
@@ -205,7 +207,6 @@ def test_tensorboard_shows_the_reward_curve(finished_runs, tmp_path):
 
 def _scalar_tags(port: int) -> str:
     """The scalar tags TensorBoard has loaded so far, as its JSON text ("" while it is not up)."""
-    import urllib.request
 
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=10) as reply:
@@ -285,7 +286,6 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
 def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp_path, answering_model, scifact_dir):
     """The output folder on a small tmpfs, filled once the first checkpoint is in, so that the next does not
     fit: the job says so, keeps the first intact and stops cleanly (train.when_disk_full: stop)."""
-    from prorank import checkpoints
 
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -12,6 +12,7 @@ import torch
 from prorank.protocol import weights_pb2, weights_pb2_grpc
 from prorank.security import auth_metadata
 from prorank.weights.codec import (
+    TransferError,
     WeightError,
     check_manifest,
     decode_chunk,
@@ -20,8 +21,9 @@ from prorank.weights.codec import (
     stream_messages,
     verify,
 )
-from prorank.weights.receiver import fetch_version
+from prorank.weights.receiver import fetch_version, pull_newest, receive_version
 from prorank.weights.server import WeightPublisher, WeightServer
+from tests.test_reward import self_signed
 
 TOKEN = "weights-token"
 
@@ -187,7 +189,6 @@ def test_a_receiver_that_dies_mid_stream_does_not_stall_others(server):
 
 
 def test_tls(tmp_path):
-    from tests.test_reward import self_signed
 
     cert, key = self_signed(tmp_path)
     srv = WeightServer(TOKEN, tls_cert=cert, tls_key=key).start()
@@ -272,8 +273,6 @@ class _CutOnce(_Truncating):
 
 
 def test_a_transfer_cut_mid_stream_is_asked_again():
-    from prorank.weights.codec import TransferError
-    from prorank.weights.receiver import pull_newest
 
     srv = WeightServer(TOKEN, publisher=_CutOnce(64 * 1024)).start()
     try:
@@ -319,8 +318,6 @@ def test_a_delta_onto_a_blob_that_is_not_the_base_is_refused(server):
     with pytest.raises(WeightError, match=r"version 2: tensor c.half: checksum"):
         fetch_version(server.address, TOKEN, 1, "r", timeout=10, buffer=blob, base_version=1)
     with pytest.raises(WeightError, match=r"only the tensors changed after version 1 were sent"):
-        from prorank.weights.receiver import receive_version
-
         stream = iter(stream_messages(server.publisher._current.packed, 1))
         receive_version(stream, 1, None, None, None, held=0)
 

@@ -16,7 +16,12 @@ import torch
 
 from prorank.config import LoraSettings, WeightSyncConfig
 from prorank.guarded_server import ServerLimits
+from prorank.lora import adapter_specs_model
+from prorank.protocol import weights_pb2
 from prorank.weight_transport import Apply
+from prorank.weights import codec
+from prorank.weights.codec import WeightError, sent_bytes
+from prorank.weights.receiver import pull_newest, report
 from prorank.weights.server import WeightServer
 
 log = logging.getLogger(__name__)
@@ -102,9 +107,6 @@ class GrpcWeightReceiver:
         return self._relay.address  # the node's IP for a wildcard bind
 
     def sync(self, address: str, apply: Apply, upstream: str | None = None, wait_seconds: float | None = None) -> dict:
-        from prorank.protocol import weights_pb2
-        from prorank.weights.codec import WeightError, sent_bytes
-        from prorank.weights.receiver import pull_newest, report
 
         cfg = self.cfg
         wait = cfg.wait_seconds if wait_seconds is None else wait_seconds
@@ -170,13 +172,9 @@ class GrpcWeightReceiver:
 def expected_specs(model: str, dtype: str, lora: LoraSettings | None = None):
     """The named tensors a version holds, built on the meta device: the model's state dict (tied ones
     included), or with `lora` the adapter's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from prorank.weights import codec
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     if lora is not None:
-        from prorank.lora import adapter_specs_model
-
         return codec.expected_specs(adapter_specs_model(model, lora, dtype))
     config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):

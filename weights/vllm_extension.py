@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from prorank.models import safetensors_views
+
 
 class WeightLoaderExtension:
     model_runner: Any  # vLLM's worker, which this class is mixed into, has it
 
     # Not `update_weights`: that name clashes with an attribute vLLM's worker already has.
     def prorank_load_weights(self, blob: bytes | bytearray) -> int:
-        from prorank.models import safetensors_views
 
         tensors = safetensors_views(blob)
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))

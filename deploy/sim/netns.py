@@ -3,6 +3,7 @@ kernel and user may do, and the cluster's self-signed TLS certificate. deploy/si
 
 from __future__ import annotations
 
+import datetime
 import functools
 import ipaddress
 import os
@@ -57,12 +58,11 @@ def netns_pids(ns: str) -> list[int]:
 
 def self_signed(cert: Path, key: Path, ips: list[str]) -> None:
     """A self-signed certificate valid for every node address (the cluster's CA is the cert itself)."""
-    import datetime
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography import x509  # noqa: PLC0415 cryptography: only to make a TLS certificate
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415 cryptography: only to make a TLS certificate
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 cryptography: only to make a TLS certificate
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415 cryptography: only to make a TLS certificate
 
     private = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "prorank-sim")])

@@ -19,6 +19,9 @@ import queue
 import sys
 import threading
 import time
+from pathlib import Path
+
+from prorank.security import load_token
 
 
 def answer(proc, timeout: float = 600.0) -> dict:
@@ -58,12 +61,10 @@ def _say(**fields) -> None:
 
 
 def _state(model: str | None, size_mb: float) -> dict:
-    import torch
+    import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
     if model:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # noqa: PLC0415 safetensors.torch imports torch
 
         state = {}
         for path in sorted(Path(model).glob("*.safetensors")):
@@ -75,7 +76,7 @@ def _state(model: str | None, size_mb: float) -> dict:
 
 
 def serve(args) -> None:
-    from prorank.weights.server import WeightServer
+    from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
 
     server = WeightServer(args.token, host=args.host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
     manifest = server.publisher.publish(args.version, _state(args.model, args.size_mb)).manifest
@@ -85,8 +86,8 @@ def serve(args) -> None:
 
 
 def pull(args) -> None:
-    from prorank.weights.receiver import pull_newest
-    from prorank.weights.server import WeightServer
+    from prorank.weights.receiver import pull_newest  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
 
     relay = (
         WeightServer(args.token, host=args.relay_host, tls_cert=args.tls_cert, tls_key=args.tls_key).start()
@@ -129,7 +130,6 @@ def main() -> None:
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca")
     args = parser.parse_args()
-    from prorank.security import load_token
 
     args.token = load_token(args.token_file)
     serve(args) if args.role == "serve" else pull(args)
