@@ -35,3 +35,32 @@ def write_config(cfg: dict, out: Path) -> Path:
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# The warmup's keys before each stage had its own section (commit 67986d0 and earlier): its objective and
+# learning rate sat in `learner:`, its steps, mode and cadence in `train:`.
+_OLD_LEARNER_KEYS = {
+    "groups_per_step",
+    "micro_batch_groups",
+    "clip_eps",
+    "beta",
+    "scale_advantages_by_std",
+    "aggregation",
+    "shared_prefix",
+    "tis_cap",
+    "lr",
+    "warmup_steps",
+    "lr_schedule",
+}
+
+
+def for_tree(cfg: dict, code: Path) -> dict:
+    """`cfg` (this tree's sections) as the code at `code` reads it: an A/B's A side may predate `warmup:`."""
+    if (code / "prorank" / "stage_config.py").is_file() or "warmup" not in cfg:
+        return cfg
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items() if k != "warmup"}
+    for key, value in cfg["warmup"].items():
+        old.setdefault("learner" if key in _OLD_LEARNER_KEYS else "train", {})[key] = value
+    if "steps" in cfg["warmup"] and "lr_schedule" in cfg["warmup"]:
+        old["learner"]["total_steps"] = cfg["warmup"]["steps"]
+    return old

@@ -32,22 +32,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import ROOT, recipe, write_config
+from bench import ROOT, for_tree, recipe, write_config
 
 
-def job_config(out: Path, model: str, data: str, steps: int) -> Path:
+def job_config(code: Path, out: Path, model: str, data: str, steps: int) -> Path:
+    """The quickstart with `steps` async warmup steps, as the code at `code` reads its config."""
     cfg = recipe("quickstart", data, model)
     cfg["sampling"].update(group_size=8, max_tokens=4)
-    cfg["learner"]["beta"] = 0.0
-    cfg["train"].update(
-        steps=steps,
-        mode="async",
-        dev_every=5,
-        checkpoint_every=0,
-        output_dir=str(out),
-        job_name=f"critpath{os.getpid()}",
-    )
-    return write_config(cfg, out)
+    cfg["warmup"].update(beta=0.0, steps=steps, mode="async", dev_every=5, checkpoint_every=0)
+    cfg["train"].update(output_dir=str(out), job_name=f"critpath{os.getpid()}")
+    return write_config(for_tree(cfg, code), out)
 
 
 @contextlib.contextmanager
@@ -142,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = {}
         for side, code in (("A", before), ("B", ROOT)):
             out = Path(tmp) / f"run-{side}"
-            seconds = run(code, job_config(out, args.model, args.data, args.steps), args.timeout)
+            seconds = run(code, job_config(code, out, args.model, args.data, args.steps), args.timeout)
             results[side] = {**figures(out / "metrics.jsonl"), "job_seconds": seconds}
             print(side, json.dumps(results[side]), flush=True)
     a, b = results["A"], results["B"]

@@ -13,7 +13,7 @@ import time
 import torch
 
 from bench import data_model_parser
-from prorank.config import DataConfig, LearnerConfig
+from prorank.config import DataConfig, StageLearnerConfig
 from prorank.data import load_dataset
 from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
 from prorank.learner.objectives import GrpoObjective
@@ -87,7 +87,7 @@ def main() -> None:
             step(groups)
         return args.steps * len(groups) * args.group_size / (time.perf_counter() - start)
 
-    cfg = LearnerConfig(num_ranks=1, groups_per_step=args.groups, micro_batch_groups=1, lr=1e-6, beta=0.04)
+    cfg = StageLearnerConfig(num_ranks=1, groups_per_step=args.groups, micro_batch_groups=1, lr=1e-6, beta=0.04)
     ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().requires_grad_(False)
     rates = {"torch loop, 1 process": rate(TorchLearner(model, ref, cfg, pad_id).step)}
     del model, ref

@@ -36,16 +36,16 @@ from bench.score_step import make_groups
 from prorank.config import (
     ActorConfig,
     DataConfig,
-    LearnerConfig,
     LoraSettings,
     PromptConfig,
-    RankingLoss,
     SamplingConfig,
+    StageLearnerConfig,
     WeightSyncConfig,
 )
 from prorank.data import load_dataset
 from prorank.learner.objectives import RankingObjective
 from prorank.prompt import document_text
+from prorank.stage_config import RankingLoss
 from prorank.weights.transport import GrpcTransport
 
 LORA = {"r": 16, "alpha": 32}
@@ -60,7 +60,7 @@ def learner_and_sync(model: str, data: str, lora: dict | None, steps: int, versi
     cores = os.cpu_count() or 1
     groups, _ = make_groups(data, model, steps + 1, 15, 192)
     settings = LoraSettings(**lora) if lora else None
-    cfg = LearnerConfig(
+    cfg = StageLearnerConfig(
         num_ranks=1,
         threads=cores,
         num_cpus=1,

@@ -32,7 +32,8 @@ def job_config(code: Path, out: Path, model: str, data: str) -> Path:
     """`code`'s own quickstart config, with this machine's paths and nothing written outside `out`."""
     cfg = yaml.safe_load((code / "configs" / "quickstart.yaml").read_text())
     cfg["data"]["path"], cfg["model"]["path"] = data, model
-    cfg["train"].update(checkpoint_every=0, output_dir=str(out), job_name=f"layout{os.getpid()}{out.name[-1]}")
+    cfg["warmup" if "warmup" in cfg else "train"]["checkpoint_every"] = 0  # the tree's own sections
+    cfg["train"].update(output_dir=str(out), job_name=f"layout{os.getpid()}{out.name[-1]}")
     cfg["eval"].pop("output", None)
     cfg["eval"].pop("tensorboard_dir", None)
     path = out.with_suffix(".yaml")

@@ -27,7 +27,7 @@ import torch
 from bench import data_model_parser
 from prorank.batches import PromptSampler, RankingSampler
 from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, DataConfig, LearnerConfig, RankingLoss, ScoreConfig, TrainConfig
+from prorank.config import BM25Config, DataConfig, StageLearnerConfig, TrainConfig
 from prorank.data import load_dataset
 from prorank.learner.objectives import RankingObjective
 from prorank.learner.precision import forward_precision
@@ -36,6 +36,7 @@ from prorank.learner.score_step import score_micro_batch_loss
 from prorank.models import load_tokenizer
 from prorank.prompt import PromptBuilder
 from prorank.scoring import common_prefix_length
+from prorank.stage_config import RankingLoss, ScoreConfig, WarmupConfig
 
 
 def gemm_rate(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
@@ -81,7 +82,7 @@ def make_groups(data: str, model: str, queries: int, negatives: int, max_length:
     ds = load_dataset(DataConfig(path=data, split="train"))
     qids = ds.query_ids[: queries * 4]
     ranking = bm25_search(ds, qids, BM25Config(top_k=30))
-    prompts = PromptSampler(ds, ranking, TrainConfig(max_train_queries=len(qids), dev_queries=0))
+    prompts = PromptSampler(ds, ranking, TrainConfig(max_train_queries=len(qids), dev_queries=0), WarmupConfig())
     builder = PromptBuilder(load_tokenizer(model), max_length)
     sampler = RankingSampler(prompts, ranking, ScoreConfig(negatives=negatives, hard_negative_depth=30), builder)
     return sampler.batch(0, queries), builder
@@ -121,7 +122,7 @@ def learner_rate(model_dir: str, groups, ranks: int, threads: int, mixed: str, t
     one query per rank per step."""
     from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
-    cfg = LearnerConfig(
+    cfg = StageLearnerConfig(
         num_ranks=ranks,
         threads=threads,
         num_cpus=1,

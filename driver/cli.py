@@ -74,8 +74,8 @@ def train_command(
         ),
     ] = False,
     stages: Annotated[Optional[str], typer.Option(help="warmup, score, or warmup,score (train.stages).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Warmup learner steps (train.steps).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="sync or async (train.mode).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Warmup learner steps (warmup.steps).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="sync or async (warmup.mode).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Logs, checkpoints, summary (train.output_dir).")] = None,
     strict: StrictOpt = None,
     overrides: Overrides = None,
@@ -91,8 +91,8 @@ def train_command(
     try:
         values = {
             "train.ray_address": address,
-            "train.steps": steps,
-            "train.mode": mode,
+            "warmup.steps": steps,
+            "warmup.mode": mode,
             "train.stages": stages,
             "train.output_dir": str(output_dir) if output_dir else None,
             "data.strict": strict,

@@ -56,7 +56,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     `signals` (the CLI's): once Ray is up, SIGTERM/SIGINT end the job after its step, with a checkpoint."""
 
     started = time.monotonic()
-    tc, sc = cfg.train, cfg.score
+    tc, wc, sc = cfg.train, cfg.warmup, cfg.score
     # A start model trained on another prompt layout is refused before anything starts.
     check_model_layout(resolve_model(cfg.model), cfg.prompt.layout)
     if sc.init_from:
@@ -64,7 +64,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     out = Path(tc.output_dir)
     data_cfg = cfg.data.model_copy(update={"split": tc.split})
     dataset = load_dataset(data_cfg)
-    depth = max(tc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
+    depth = max(wc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
     ranking = bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
     token = _job_token(cfg)
     # A second job on this folder is refused here: after the inputs are checked (a bad one leaves no
@@ -76,9 +76,9 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     # Which stages still have work, and the model each starts from (a finished warmup's final model).
     warmup_done = checkpoints.completed_steps(checkpoints.stage_root(out, "warmup")) if resume else 0
     score_done = checkpoints.completed_steps(checkpoints.stage_root(out, "score")) if resume else 0
-    run_warm = "warmup" in tc.stages and warmup_done < tc.steps
+    run_warm = "warmup" in tc.stages and warmup_done < wc.steps
     run_sc = "score" in tc.stages and score_done < sc.steps
-    offset = tc.steps if "warmup" in tc.stages else 0  # the score stage's steps follow the warmup's
+    offset = wc.steps if "warmup" in tc.stages else 0  # the score stage's steps follow the warmup's
     if sc.init_from:
         score_init = checkpoint_model_dir(sc.init_from)
     elif "warmup" in tc.stages:
@@ -93,7 +93,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
 
     with ExitStack() as stack:  # stops everything started, in reverse order, however the run ends
         stack.callback(lock.close)
-        prompts = PromptSampler(dataset, ranking, tc, cfg.reward.relevance_threshold)
+        prompts = PromptSampler(dataset, ranking, tc, wc, cfg.reward.relevance_threshold)
         halt = StopFlag()
         _start_ray(cfg, stack)
         if signals:  # ray.init put its own SIGTERM handler (a stack dump, exit 134) over the CLI's

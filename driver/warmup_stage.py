@@ -6,8 +6,8 @@ actors, rewards from the reward service, one GRPO step, and the new weights to e
 
 Async mode is one step off-policy: as soon as step t's judgments are in, the actors start on step
 t + 1 with the weights they have, while the learner trains on t. Every sample carries the version that
-generated it; one older than `train.max_staleness` versions is generated again, and the learner corrects
-the rest with truncated importance sampling (`learner.tis_cap`).
+generated it; one older than `warmup.max_staleness` versions is generated again, and the learner corrects
+the rest with truncated importance sampling (`warmup.tis_cap`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ class WarmupStage:
         if job.rewards is None:  # driver/job.py starts the reward service whenever the warmup runs
             raise ValueError("the warmup stage needs the job's reward service")
         self.rewards = job.rewards
-        tc = cfg.train
-        self.steps, self.dev_every, self.checkpoint_every = tc.steps, tc.dev_every, tc.checkpoint_every
-        objective = GrpoObjective(cfg.learner, cfg.sampling.temperature)
-        self.learner = LearnerGroup(job.model_path, cfg.learner, objective, sender=job.sync.sender())
+        wc, learner_cfg = cfg.warmup, cfg.warmup_learner()
+        self.steps, self.dev_every, self.checkpoint_every = wc.steps, wc.dev_every, wc.checkpoint_every
+        objective = GrpoObjective(learner_cfg, cfg.sampling.temperature)
+        self.learner = LearnerGroup(job.model_path, learner_cfg, objective, sender=job.sync.sender())
         job.stack.callback(self.learner.shutdown)
         self.batch_size = objective.batch_size
         self.pending: list[RolloutRequest] | None = None  # async: the next step's requests, already with the actors
@@ -57,7 +57,7 @@ class WarmupStage:
             self.job.dev.start()  # the starting weights' figures, on an actor, before its first chunk
 
     def train(self, step: int) -> tuple[dict[str, float], float]:
-        job, tc, pool = self.job, self.job.cfg.train, self.job.pool
+        job, wc, pool = self.job, self.job.cfg.warmup, self.job.pool
         clock = time.perf_counter()
         requests = self.pending or job.prompts.batch(step, self.batch_size)
         if not self.pending:
@@ -65,10 +65,10 @@ class WarmupStage:
         results = _collect(pool, requests, self.inbox)
         waited = time.perf_counter() - clock
         self.pending = None
-        if tc.mode == "async" and step + 1 < tc.steps:
+        if wc.mode == "async" and step + 1 < wc.steps:
             self.pending = job.prompts.batch(step + 1, self.batch_size)
             pool.submit(self.pending)  # generated while the learner trains on this step
-        results, regenerated = _fresh(pool, results, requests, self.inbox, step, tc.max_staleness)
+        results, regenerated = _fresh(pool, results, requests, self.inbox, step, wc.max_staleness)
 
         clock = time.perf_counter()
         scored, reward_metrics = _score(self.rewards, results)

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from prorank import checkpoints
-from prorank.config import LearnerConfig
+from prorank.config import StageLearnerConfig
 from prorank.learner.objectives import Objective
 from prorank.learner.rank import LearnerRank
 from prorank.weight_transport import WeightSender
@@ -41,7 +41,7 @@ class LearnerGroup:
     def __init__(
         self,
         model_path: str,
-        cfg: LearnerConfig,
+        cfg: StageLearnerConfig,
         objective: Objective,
         sender: WeightSender | None = None,
         adapter: str | None = None,

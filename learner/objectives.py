@@ -19,12 +19,13 @@ from typing import Any, Protocol
 import torch
 
 from prorank.batches import RankingGroup
-from prorank.config import LearnerConfig, RankingLoss, ScoreConfig
+from prorank.config import StageLearnerConfig
 from prorank.learner.score_losses import check_losses
 from prorank.learner.score_step import score_micro_batch_loss
 from prorank.learner.step import micro_batch_loss, step_normalizer
 from prorank.prompt import answer_token_ids
 from prorank.rollout import ScoredGroup
+from prorank.stage_config import RankingLoss, ScoreConfig
 
 
 class Objective(Protocol):
@@ -45,7 +46,7 @@ class Objective(Protocol):
 
 
 class GrpoObjective:
-    def __init__(self, cfg: LearnerConfig, temperature: float = 1.0):
+    def __init__(self, cfg: StageLearnerConfig, temperature: float = 1.0):
         self.cfg, self.temperature = cfg, temperature  # the sampling temperature: logprobs are taken at it
         self.batch_size, self.micro_batch = cfg.groups_per_step, cfg.micro_batch_groups
         self.ref: Any = None  # transformers' model, or None without a KL term

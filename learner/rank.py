@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from prorank.config import LearnerConfig
+from prorank.config import StageLearnerConfig
 from prorank.learner.objectives import Objective
 from prorank.learner.precision import forward_precision, uses_bf16
 from prorank.learner.step import lr_lambda
@@ -62,7 +62,7 @@ class LearnerRank:
         rank: int,
         world: int,
         model_path: str,
-        cfg: LearnerConfig,
+        cfg: StageLearnerConfig,
         objective: Objective,
         sender: WeightSender | None = None,
         adapter: str | None = None,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from prorank.config import RankingLoss
+from prorank.stage_config import RankingLoss
 
 
 def listwise_contrastive(

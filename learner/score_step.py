@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from prorank.batches import RankingGroup
-from prorank.config import RankingLoss
 from prorank.learner.score_losses import pairs_ordered, ranking_losses, score_margin
 from prorank.padding import pad_rows
 from prorank.prompt import relevance_score
 from prorank.scoring import answer_logits
+from prorank.stage_config import RankingLoss
 
 
 def padded_rows(groups: Sequence[RankingGroup], scores: Sequence[torch.Tensor]):

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 import torch
 
-from prorank.config import LearnerConfig
+from prorank.config import StageLearnerConfig
 from prorank.learner.forward import naive_group_logprobs, pad_completions, shared_prefix_group_logprobs
 from prorank.learner.grpo import batch_normalizer, group_advantages, grpo_loss, token_weights
 from prorank.padding import pad_rows
 from prorank.rollout import ScoredGroup
 
 
-def lr_lambda(cfg: LearnerConfig):
+def lr_lambda(cfg: StageLearnerConfig):
     """Multiplier of cfg.lr at a step: linear warmup, then constant, linear or cosine decay to 0."""
 
     def factor(step: int) -> float:
@@ -40,7 +40,7 @@ def completion_masks(groups: Sequence[ScoredGroup]) -> list[torch.Tensor]:
     return [pad_completions(g.completions, 0, "cpu")[1] for g in groups]
 
 
-def step_normalizer(groups: Sequence[ScoredGroup], cfg: LearnerConfig) -> float:
+def step_normalizer(groups: Sequence[ScoredGroup], cfg: StageLearnerConfig) -> float:
     return batch_normalizer(completion_masks(groups), cfg.aggregation)
 
 
@@ -54,7 +54,7 @@ def micro_batch_loss(
     ref_model,
     groups: Sequence[ScoredGroup],
     normalizer: float,
-    cfg: LearnerConfig,
+    cfg: StageLearnerConfig,
     pad_id: int,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:

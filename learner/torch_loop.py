@@ -8,13 +8,13 @@ import time
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from prorank.config import LearnerConfig
+from prorank.config import StageLearnerConfig
 from prorank.learner.step import lr_lambda, micro_batch_loss, step_normalizer
 from prorank.rollout import ScoredGroup
 
 
 class TorchLearner:
-    def __init__(self, model, ref_model, cfg: LearnerConfig, pad_id: int, temperature: float = 1.0):
+    def __init__(self, model, ref_model, cfg: StageLearnerConfig, pad_id: int, temperature: float = 1.0):
         self.model, self.ref, self.cfg, self.pad_id, self.temperature = model, ref_model, cfg, pad_id, temperature
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(cfg))

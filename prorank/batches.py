@@ -12,10 +12,11 @@ import random
 from dataclasses import dataclass
 
 from prorank.bm25 import Ranking
-from prorank.config import ScoreConfig, TrainConfig
+from prorank.config import TrainConfig
 from prorank.data import BeirDataset
 from prorank.prompt import PromptBuilder, document_text
 from prorank.rollout import RolloutRequest
+from prorank.stage_config import ScoreConfig, WarmupConfig
 
 
 @dataclass(slots=True)
@@ -49,8 +50,16 @@ def held_out_split(dataset: BeirDataset, cfg: TrainConfig, relevance_threshold: 
 
 
 class PromptSampler:
-    def __init__(self, dataset: BeirDataset, ranking: Ranking, cfg: TrainConfig, relevance_threshold: int = 1):
-        self.dataset, self.cfg = dataset, cfg
+    def __init__(
+        self,
+        dataset: BeirDataset,
+        ranking: Ranking,
+        train: TrainConfig,
+        cfg: WarmupConfig,
+        relevance_threshold: int = 1,
+    ):
+        """`train`: the held-out dev split and the seed; `cfg`: what a warmup step samples."""
+        self.dataset, self.cfg, self.seed = dataset, cfg, train.seed
         self.positives = {
             qid: sorted(d for d, s in dataset.qrels[qid].items() if s >= relevance_threshold)
             for qid in dataset.query_ids
@@ -59,12 +68,12 @@ class PromptSampler:
             qid: hard_negatives(ranking, dataset.qrels, qid, cfg.hard_negative_depth, relevance_threshold)
             for qid in dataset.query_ids
         }
-        self.dev_query_ids, self.train_query_ids = held_out_split(dataset, cfg, relevance_threshold)
+        self.dev_query_ids, self.train_query_ids = held_out_split(dataset, train, relevance_threshold)
 
     def batch(self, step: int, size: int) -> list[RolloutRequest]:
         """`size` prompts for `step`: queries drawn in a step-seeded order, each giving its positives
         and negatives_per_positive hard negatives for each."""
-        rng = random.Random(f"{self.cfg.seed}:{step}")
+        rng = random.Random(f"{self.seed}:{step}")
         out: list[RolloutRequest] = []
         while len(out) < size:
             for qid in rng.sample(self.train_query_ids, len(self.train_query_ids)):

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from prorank.section import Section
 from prorank.service_config import RewardConfig, WeightSyncConfig
+from prorank.stage_config import GrpoSettings, Schedule, ScoreConfig, WarmupConfig
 
 
 class DataConfig(Section):
@@ -139,7 +140,9 @@ class LoraSettings(Section):
 
 
 class LearnerConfig(Section):
-    """The DeepSpeed learner: K data-parallel ranks applying GRPO."""
+    """The DeepSpeed learner of both stages: K data-parallel ranks, their ZeRO stage, precision, threads,
+    which weights train (top layers or LoRA), the optimizer's decay and clipping. What it optimises, at which
+    learning rate and for how long is each stage's (`warmup:`, `score:`)."""
 
     num_ranks: int = Field(2, ge=1)
     zero_stage: Literal[2, 3] = 2
@@ -154,34 +157,16 @@ class LearnerConfig(Section):
     # Compute threads per rank (torch.set_num_threads); None: num_cpus, at least 1. On one small machine,
     # 1 rank x all cores and K ranks x 1 core differ (bench/score_step.py).
     threads: int | None = Field(None, ge=1)
-    groups_per_step: int = Field(8, ge=1)  # the global batch of one learner step
-    micro_batch_groups: int = Field(2, ge=1)  # per rank, per forward/backward
-    lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup, to total_steps
-    total_steps: int = Field(1000, ge=1)
     grad_clip: float = Field(1.0, gt=0)
-    clip_eps: float = Field(0.2, gt=0)
-    beta: float = Field(0.04, ge=0)  # KL to the reference; 0 does not load the reference
-    scale_advantages_by_std: bool = True
-    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
-    shared_prefix: bool = True  # encode a group's prompt once (see learner.forward)
     # Train only the top N decoder layers and the final norm; the embeddings and the layers below stay
     # frozen and run without autograd (no activations kept, no gradients or optimizer state). None: all.
     trainable_layers: int | None = Field(None, ge=1)
     lora: LoraSettings | None = None  # train LoRA adapters on a frozen base instead of the weights themselves
-    tis_cap: float | None = Field(2.0, gt=0)  # truncated importance sampling (learner.grpo); None: off
     seed: int = 0
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> LearnerConfig:
-        per_step = self.num_ranks * self.micro_batch_groups
-        if self.groups_per_step % per_step:
-            raise ValueError(
-                f"learner.groups_per_step ({self.groups_per_step}) must be a multiple of "
-                f"num_ranks * micro_batch_groups ({per_step})"
-            )
+    def _one_way_to_freeze(self) -> LearnerConfig:
         if self.lora is not None and self.trainable_layers is not None:
             raise ValueError(
                 "learner.lora and learner.trainable_layers cannot be used together: LoRA already "
@@ -190,28 +175,74 @@ class LearnerConfig(Section):
         return self
 
 
+class StageLearnerConfig(LearnerConfig, GrpoSettings):
+    """What a stage's learner runs with (not a section of the file): the `learner:` section, the GRPO
+    settings (the warmup's; unused by the score stage's objective), and the stage's learning rate and
+    schedule over `total_steps`, the stage's own steps. Made by ProRankConfig.warmup_learner/score_learner."""
+
+    lr: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Schedule = "constant"  # after warmup_steps, to total_steps
+    total_steps: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> StageLearnerConfig:
+        per_step = self.num_ranks * self.micro_batch_groups
+        if self.groups_per_step % per_step:
+            raise ValueError(
+                f"warmup.groups_per_step ({self.groups_per_step}) must be a multiple of "
+                f"learner.num_ranks * warmup.micro_batch_groups ({per_step})"
+            )
+        return self
+
+
 Stage = Literal["warmup", "score"]
+
+# Keys that moved when each stage got its own section: the old spelling is an error naming the new one.
+MOVED = {
+    **{
+        f"train.{k}": f"warmup.{k}"
+        for k in (
+            "steps",
+            "mode",
+            "max_staleness",
+            "positives_per_query",
+            "negatives_per_positive",
+            "hard_negative_depth",
+            "dev_every",
+            "checkpoint_every",
+        )
+    },
+    **{f"learner.{k}": f"warmup.{k}" for k in (*GrpoSettings.model_fields, "lr", "warmup_steps", "lr_schedule")},
+    "learner.total_steps": "warmup.steps (each stage's schedule runs over its own steps)",
+    **{f"score.{k}": f"train.{k}" for k in ("keep_checkpoints", "when_disk_full", "stop_grace_seconds")},
+}
+
+
+def moved_keys(raw: Any) -> list[str]:
+    """The message "<old> is now <new>" for each moved key set in a raw config mapping."""
+    if not isinstance(raw, dict):
+        return []
+    found = []
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            found.append(f"{old} is now {new}")
+    return found
 
 
 class TrainConfig(Section):
-    """The job (`prorank train`): its stages, what each warmup step samples, how often to evaluate and save."""
+    """The job (`prorank train`): its stages, the training queries and the dev set held out of them,
+    checkpoints kept, the clock, output, seed and Ray. Each stage's own settings: `warmup:` and `score:`."""
 
     stages: list[Stage] = ["warmup"]  # warmup: GRPO prompt warmup (stage 1); score: score learning (stage 2)
     split: str = "train"  # qrels the prompts and the reward come from (data.path/hub_id as configured)
-    steps: int = Field(100, ge=1)
-    mode: Literal["sync", "async"] = "sync"  # async: actors generate step t+1 while the learner trains on t
-    max_staleness: int = Field(1, ge=0)  # policy versions; older samples are generated again
-    positives_per_query: int = Field(1, ge=1)
-    negatives_per_positive: float = Field(1.0, ge=0)  # BM25 hard negatives per positive
-    hard_negative_depth: int = Field(30, ge=1)  # negatives come from this BM25 top-k, minus the positives
     max_train_queries: int | None = Field(None, ge=1)  # a subset, for quick runs
     dev_queries: int = Field(50, ge=0)  # training queries held out for dev nDCG@10 (never sampled)
-    dev_every: int = Field(10, ge=0)  # steps; 0: only before and after the run
     dev_depth: int = Field(10, ge=1)  # BM25 candidates the model reranks per dev query
     # With both stages: dev nDCG@10 of the warmup's final weights too (the score stage's "before"; the
     # warmup teaches the answer format, not the ranking). false: one evaluation less (the quickstart).
     dev_between_stages: bool = True
-    checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
     keep_checkpoints: int = Field(3, ge=1)  # the newest N step folders of each stage, plus the best by dev
     # A checkpoint that would not fit (the last one's size > the free space): stop the job cleanly, or
     # train on without it. Either way the previous checkpoint is kept intact.
@@ -242,86 +273,6 @@ class TrainConfig(Section):
         return self
 
 
-class RankingLoss(Section):
-    """The stage-2 loss mix as the learner takes it, whole: a weight for every loss that
-    learner/score_losses.LOSSES defines (a name missing or unknown there is an error, never a zero)."""
-
-    weights: dict[str, float]  # loss name -> weight (0: computed not at all)
-    temperature: float = Field(gt=0)  # of the contrastive loss
-
-    @field_validator("weights")
-    @classmethod
-    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
-            raise ValueError(f"ranking loss weights must be >= 0 with one > 0, got {value}")
-        return value
-
-
-class ScoreConfig(Section):
-    """Stage 2: fine-grained score learning on logit("1") - logit("0"), on the same DeepSpeed learner.
-
-    Each step takes `queries_per_step` training queries, each with up to `positives_per_query` qrels
-    positives and `negatives` hard negatives from BM25's top `hard_negative_depth` (positives excluded).
-    The learner keeps `learner.num_ranks`, `zero_stage`, `dtype`, `grad_clip` and its schedule's shape.
-    """
-
-    steps: int = Field(50, ge=1)
-    init_from: str | None = None  # checkpoint step dir or model dir; None: the warmup stage's final model
-    queries_per_step: int = Field(8, ge=1)
-    micro_batch_queries: int = Field(1, ge=1)  # per rank, per forward/backward
-    positives_per_query: int = Field(1, ge=1)
-    negatives: int = Field(7, ge=1)  # hard negatives per query
-    hard_negative_depth: int = Field(30, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    temperature: float = Field(1.0, gt=0)  # of the contrastive loss
-    contrastive_weight: float = Field(1.0, ge=0)
-    pairwise_weight: float = Field(0.0, ge=0)
-    pointwise_weight: float = Field(0.0, ge=0)
-    shared_prefix: bool = True  # encode system message + query once per query (see learner.forward)
-    # Weights to the actors every N steps (and at every dev evaluation, checkpoint and the end). Nothing
-    # samples from the actors in this stage, so on a small CPU the per-step sync is pure overhead.
-    sync_every: int = Field(1, ge=1)
-    dev_every: int = Field(10, ge=0)  # steps; 0: only before and after
-    checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
-    keep_checkpoints: int = Field(3, ge=1)  # the newest N step folders of each stage, plus the best by dev
-    # A checkpoint that would not fit (the last one's size > the free space): stop the job cleanly, or
-    # train on without it. Either way the previous checkpoint is kept intact.
-    when_disk_full: Literal["stop", "skip"] = "stop"
-    # On SIGTERM/SIGINT the job finishes its step and writes a checkpoint within this many seconds, else it
-    # stops at once. Below the scheduler's warning: SLURM `--signal=B:TERM@120`, Kubernetes' grace period.
-    stop_grace_seconds: float = Field(90, gt=0)
-    # Where each query's hard negatives come from. bm25: drawn from BM25's top hard_negative_depth, afresh
-    # each epoch. policy: every mine_every steps the actors (idle in this stage) score the BM25 top
-    # hard_negative_depth of the coming mine_every steps' queries under the current weights, and those
-    # queries train on the non-positives the model ranks highest (ANCE-style dynamic negatives); a query
-    # not mined yet draws BM25's. A candidate scored more than mine_guard above the query's lowest-scored
-    # positive is skipped: likely relevant, only unjudged.
-    negatives_from: Literal["bm25", "policy"] = "bm25"
-    mine_every: int = Field(100, ge=1)
-    mine_guard: float = Field(3.0, ge=0)
-    # Wait for the actors' work in this stage (dev evaluations, negative mining) before the next step. On a
-    # machine whose cores the learner fills, that work beside a step slows both by far more than their sum
-    # (two torch processes spinning on two cores); on a cluster the actors have their own (false).
-    wait_for_actors: bool = False
-
-    def ranking_loss(self) -> RankingLoss:
-        return RankingLoss(
-            weights={
-                "contrastive": self.contrastive_weight,
-                "pairwise": self.pairwise_weight,
-                "pointwise": self.pointwise_weight,
-            },
-            temperature=self.temperature,
-        )
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> ScoreConfig:
-        if self.contrastive_weight + self.pairwise_weight + self.pointwise_weight <= 0:
-            raise ValueError("score: at least one of contrastive_weight, pairwise_weight, pointwise_weight must be > 0")
-        return self
-
-
 class ProRankConfig(Section):
     """The whole config: a section per concern; a key is `section.key` in YAML and in overrides."""
 
@@ -337,17 +288,27 @@ class ProRankConfig(Section):
     reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
     weights: WeightSyncConfig = WeightSyncConfig()
-    # The stages.
+    # The job, and its stages.
     train: TrainConfig = TrainConfig()
+    warmup: WarmupConfig = WarmupConfig()
     score: ScoreConfig = ScoreConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_moved_keys(cls, raw: Any) -> Any:
+        if found := moved_keys(raw):
+            raise ValueError("; ".join(found))
+        return raw
+
     @model_validator(mode="after")
-    def _score_batch_divides(self) -> ProRankConfig:
+    def _batches_divide(self) -> ProRankConfig:
         if self.score.init_from and "warmup" in self.train.stages:
             raise ValueError(
                 "score.init_from is for a job that starts at the score stage; with the warmup "
                 "stage in train.stages, the score stage starts from the warmup's final model"
             )
+        if "warmup" in self.train.stages:
+            self.warmup_learner()  # its batch check
         if "score" in self.train.stages:
             per_step = self.learner.num_ranks * self.score.micro_batch_queries
             if self.score.queries_per_step % per_step:
@@ -357,8 +318,30 @@ class ProRankConfig(Section):
                 )
         return self
 
-    def score_learner(self) -> LearnerConfig:
-        """The learner settings of stage 2: the same ranks, ZeRO stage and precision, the score stage's lr
-        and schedule length. Its batch sizes are the objective's (learner.objectives.RankingObjective)."""
+    def warmup_learner(self) -> StageLearnerConfig:
+        """The learner settings of stage 1: the `learner:` section, the GRPO objective and the learning rate
+        and schedule of `warmup:`, over its steps."""
+        w = self.warmup
+        grpo = {k: getattr(w, k) for k in GrpoSettings.model_fields}
+        return StageLearnerConfig(
+            **self.learner.model_dump(),
+            **grpo,
+            lr=w.lr,
+            warmup_steps=w.warmup_steps,
+            lr_schedule=w.lr_schedule,
+            total_steps=w.steps,
+        )
+
+    def score_learner(self) -> StageLearnerConfig:
+        """The learner settings of stage 2: the `learner:` section and the learning rate and schedule of
+        `score:`, over its steps. Its batch sizes are the objective's (learner.objectives.RankingObjective)."""
         sc = self.score
-        return self.learner.model_copy(update={"lr": sc.lr, "warmup_steps": sc.warmup_steps, "total_steps": sc.steps})
+        return StageLearnerConfig(
+            **self.learner.model_dump(),
+            lr=sc.lr,
+            warmup_steps=sc.warmup_steps,
+            lr_schedule=sc.lr_schedule,
+            total_steps=sc.steps,
+            groups_per_step=self.learner.num_ranks,
+            micro_batch_groups=1,
+        )

@@ -194,7 +194,7 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
         stages="warmup,score",
         updates={
             "score": {"steps": 2, "dev_every": 0, "checkpoint_every": 2, "sync_every": 2},
-            "train": {"dev_every": 0, "checkpoint_every": 2},
+            "warmup": {"dev_every": 0, "checkpoint_every": 2},
             "learner": {"lora": lora},
         },
     )

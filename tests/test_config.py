@@ -1,4 +1,5 @@
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,41 @@ def test_score_ab_variants_become_checked_score_only_configs(tmp_path):
     assert cfg.score.negatives_from == "policy" and cfg.train.output_dir == str(tmp_path / "v0")
     with pytest.raises(ConfigError, match="score.negatives_frm"):
         job_config(base, tmp_path / "v1", "runs/x/model", 0.25, ["score.negatives_frm=policy"])
+
+
+def test_each_stage_owns_its_steps_rate_and_schedule():
+    cfg = load_config(
+        None,
+        ["train.stages=warmup,score", "warmup.steps=7", "warmup.lr=2e-4", "warmup.lr_schedule=cosine"]
+        + ["score.steps=40", "score.lr=6e-5", "score.lr_schedule=linear", "learner.num_ranks=1"],
+    )
+    warm, score = cfg.warmup_learner(), cfg.score_learner()
+    # Each stage's learning-rate horizon is its own steps (before, stage 1's was learner.total_steps: 1000).
+    assert (warm.lr, warm.lr_schedule, warm.total_steps) == (2e-4, "cosine", 7)
+    assert (score.lr, score.lr_schedule, score.total_steps) == (6e-5, "linear", 40)
+    assert warm.num_ranks == score.num_ranks == 1 and warm.beta == cfg.warmup.beta
+    with pytest.raises(ConfigError, match=r"warmup.groups_per_step \(6\) must be a multiple of"):
+        load_config(None, ["warmup.groups_per_step=6", "warmup.micro_batch_groups=4", "learner.num_ranks=1"])
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("train.steps=5", "train.steps is now warmup.steps"),
+        ("train.mode=async", "train.mode is now warmup.mode"),
+        ("train.dev_every=5", "train.dev_every is now warmup.dev_every"),
+        ("learner.lr=1e-4", "learner.lr is now warmup.lr"),
+        ("learner.beta=0", "learner.beta is now warmup.beta"),
+        ("learner.total_steps=9", "learner.total_steps is now warmup.steps"),
+        ("score.keep_checkpoints=2", "score.keep_checkpoints is now train.keep_checkpoints"),
+    ],
+)
+def test_an_old_key_is_an_error_naming_the_new_one(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=re.escape(new)):
+        load_config(None, [old])
+    key, value = old.split("=")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{key.split('.')[0]}:\n  {key.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match=re.escape(new)) as err:
+        load_config(path)
+    assert str(path) in str(err.value)

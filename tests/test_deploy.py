@@ -224,7 +224,8 @@ def test_two_nodes_actors_apart_from_learner_scaled_while_training(
             "actors": {"num_actors": 1, "resources": {"actor_node": 1}},
             "learner": {"resources": {"learner_node": 1}},
             "reward": {"resources": {"learner_node": 1}},
-            "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
+            "train": {"job_name": job, "dev_queries": 0},
+            "warmup": {"checkpoint_every": 0},
         },
     )
     proc = subprocess.Popen(

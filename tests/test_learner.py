@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from prorank.config import LearnerConfig, WeightSyncConfig
+from prorank.config import StageLearnerConfig, WeightSyncConfig
 from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
 from prorank.learner.objectives import GrpoObjective
 from prorank.learner.torch_loop import TorchLearner
@@ -80,8 +80,8 @@ def rewarded_logprob(model, groups, tok) -> float:
     return total / len(groups)
 
 
-def _cfg(stage: int) -> LearnerConfig:
-    return LearnerConfig(
+def _cfg(stage: int) -> StageLearnerConfig:
+    return StageLearnerConfig(
         num_ranks=2,
         zero_stage=stage,
         groups_per_step=4,

@@ -12,11 +12,11 @@ from test_score_learning import _ranking_groups, _torch_steps
 
 from prorank.config import (
     ActorConfig,
-    LearnerConfig,
     LoraSettings,
     PromptConfig,
     ProRankConfig,
     SamplingConfig,
+    StageLearnerConfig,
     WeightSyncConfig,
 )
 from prorank.models import load_tokenizer
@@ -47,7 +47,7 @@ def _moved(model, seed: int = 1):
 
 def test_lora_and_trainable_layers_are_refused_together():
     with pytest.raises(ValueError, match="learner.lora and learner.trainable_layers cannot be used together"):
-        LearnerConfig(lora={"r": 8}, trainable_layers=1)
+        StageLearnerConfig(lora={"r": 8}, trainable_layers=1)
     with pytest.raises(ValueError, match="r"):
         ProRankConfig.model_validate({"learner": {"lora": {"r": 1024}}})
     with pytest.raises(ValueError, match="rank"):
@@ -124,7 +124,7 @@ def test_grpo_reference_of_a_lora_policy_is_its_base(tiny_model_dir, scifact_tes
     from prorank.learner.step import micro_batch_loss  # noqa: PLC0415 pulls torch, which importing this module does not
 
     groups = scifact_groups(scifact_test, tiny_model[1], tiny_model[0], 2)
-    cfg = LearnerConfig(num_ranks=1, groups_per_step=2, micro_batch_groups=2, beta=0.5, lora=LORA)
+    cfg = StageLearnerConfig(num_ranks=1, groups_per_step=2, micro_batch_groups=2, beta=0.5, lora=LORA)
     model = _moved(_peft_model(tiny_model_dir))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     own, stats = micro_batch_loss(model, None, groups, 8.0, cfg, tiny_model[1].pad_token_id)
@@ -158,7 +158,7 @@ def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(
     from prorank.learner.torch_loop import TorchLearner  # noqa: PLC0415 pulls torch, which importing this module does not
 
     groups = scifact_groups(scifact_test, tiny_model[1], tiny_model[0], 4)
-    cfg = LearnerConfig(
+    cfg = StageLearnerConfig(
         num_ranks=2,
         zero_stage=3,
         groups_per_step=4,

@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from prorank.batches import PromptSampler, RankingGroup, RankingSampler, policy_negatives
 from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, LearnerConfig, ProRankConfig, RankingLoss, ScoreConfig, TrainConfig
+from prorank.config import BM25Config, ProRankConfig, StageLearnerConfig, TrainConfig
 from prorank.data import load_local
 from prorank.learner.objectives import RankingObjective
 from prorank.learner.rank import freeze_below
@@ -28,6 +28,7 @@ from prorank.learner.step import lr_lambda
 from prorank.models import load_tokenizer
 from prorank.prompt import PromptBuilder, document_text
 from prorank.scoring import answer_logits
+from prorank.stage_config import RankingLoss, ScoreConfig, WarmupConfig
 
 T = torch.tensor
 
@@ -117,7 +118,7 @@ def test_ranking_sampler(scifact_dir, tiny_model):
     data = load_local(scifact_dir, "train")
     tc = TrainConfig(max_train_queries=30, dev_queries=5)
     ranking = bm25_search(data, data.query_ids[:40], BM25Config(top_k=30))
-    prompts = PromptSampler(data, ranking, tc)
+    prompts = PromptSampler(data, ranking, tc, WarmupConfig())
     sc = ScoreConfig(negatives=3, hard_negative_depth=20)
     sampler = RankingSampler(prompts, ranking, sc, PromptBuilder(tiny_model[1], 144))
     groups = sampler.batch(0, 6)
@@ -304,7 +305,7 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     groups, builder = _ranking_groups(scifact_dir, tokenizer)
-    cfg = LearnerConfig(num_ranks=1, threads=2, mixed_precision="bf16", trainable_layers=1, lr=2e-3, beta=0.0)
+    cfg = StageLearnerConfig(num_ranks=1, threads=2, mixed_precision="bf16", trainable_layers=1, lr=2e-3, beta=0.0)
     mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
     learner = LearnerGroup(str(tiny_model_dir), cfg, RankingObjective(mix, 4, 1))
     try:

@@ -63,7 +63,8 @@ def test_job_across_namespaced_nodes_survives_scaling_and_partitions(cluster, tm
         "sync",
         steps=5000,
         updates={
-            "train": {"job_name": job, "dev_queries": 0, "checkpoint_every": 0},
+            "train": {"job_name": job, "dev_queries": 0},
+            "warmup": {"checkpoint_every": 0},
         },
     )
     argv = [

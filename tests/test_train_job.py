@@ -233,7 +233,7 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
         scifact_dir,
         "sync",
         steps=400,
-        updates={"train": {"dev_every": 0, "keep_checkpoints": 2, "stop_grace_seconds": 60}},
+        updates={"warmup": {"dev_every": 0}, "train": {"keep_checkpoints": 2, "stop_grace_seconds": 60}},
     )
     run = tmp_path / "run-sync"
     metrics, root = run / "metrics.jsonl", run / "checkpoints"
@@ -298,7 +298,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp
             scifact_dir,
             "sync",
             steps=400,
-            updates={"train": {"dev_every": 0, "checkpoint_every": 10}},
+            updates={"warmup": {"dev_every": 0, "checkpoint_every": 10}},
         )
         root = disk / "run-sync" / "checkpoints"
         tag = uuid.uuid4().hex
