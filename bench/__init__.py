@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from prorank.config import MOVED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,30 +39,15 @@ def write_config(cfg: dict, out: Path) -> Path:
     return path
 
 
-# The warmup's keys before each stage had its own section (commit 67986d0 and earlier): its objective and
-# learning rate sat in `learner:`, its steps, mode and cadence in `train:`.
-_OLD_LEARNER_KEYS = {
-    "groups_per_step",
-    "micro_batch_groups",
-    "clip_eps",
-    "beta",
-    "scale_advantages_by_std",
-    "aggregation",
-    "shared_prefix",
-    "tis_cap",
-    "lr",
-    "warmup_steps",
-    "lr_schedule",
-}
-
-
 def for_tree(cfg: dict, code: Path) -> dict:
-    """`cfg` (this tree's sections) as the code at `code` reads it: an A/B's A side may predate `warmup:`."""
+    """`cfg` (this tree's sections) as the code at `code` reads it: an A/B's A side may predate `warmup:`,
+    whose keys then sat in `learner:` and `train:` (prorank.config.MOVED says where each went)."""
     if (code / "prorank" / "stage_config.py").is_file() or "warmup" not in cfg:
         return cfg
     old = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items() if k != "warmup"}
-    for key, value in cfg["warmup"].items():
-        old.setdefault("learner" if key in _OLD_LEARNER_KEYS else "train", {})[key] = value
-    if "steps" in cfg["warmup"] and "lr_schedule" in cfg["warmup"]:
-        old["learner"]["total_steps"] = cfg["warmup"]["steps"]
+    for before, now in MOVED.items():
+        section, key = before.split(".")
+        new_section, _, new_key = now.split(" ")[0].partition(".")
+        if new_section == "warmup" and new_key in cfg["warmup"]:
+            old.setdefault(section, {})[key] = cfg["warmup"][new_key]  # steps: train.steps and learner.total_steps
     return old

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import ray
 from tqdm import tqdm
 
 from prorank import checkpoints
@@ -175,8 +176,6 @@ class Job:
 
     def between_steps(self, stage: str, step: int) -> dict[str, float]:
         """Apply `prorank scale` (or per-node following) to the actor pool and report the job's state."""
-        import ray  # noqa: PLC0415  heavy: the module is imported by the CLI, which stays fast
-
         actors = self.cfg.actors
         wanted = wanted_actors(self.control, actors.per_node, actors.resources, self.pool.size)
         if wanted != self.pool.size:

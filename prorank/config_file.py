@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from prorank.config import ProRankConfig, moved_keys
+from prorank.config import ProRankConfig
 
 
 class ConfigError(ValueError):
@@ -78,8 +78,6 @@ def load_config(
     if overrides or values:
         source += " + command line"
         raw = apply_overrides(raw, overrides or [], values)
-    if moved := moved_keys(raw):  # before pydantic's own message, which would not say where the key went
-        raise ConfigError(f"config ({source}): " + "; ".join(moved))
     try:
         return ProRankConfig.model_validate(raw)
     except ValidationError as err:
