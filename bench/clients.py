@@ -8,7 +8,7 @@ largest score difference, the Spearman correlation and how many queries keep the
 
     .venv/bin/python -m bench.clients --output docs/results/clients.json
 
-The runners below are also what tests/test_clients.py calls.
+The runners below are also what tests/integration/test_clients.py calls.
 """
 
 from __future__ import annotations

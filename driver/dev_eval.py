@@ -3,7 +3,7 @@ queries (their BM25 top-k reranked), scored on a rollout actor while the learner
 
 The actor scores with vLLM: the logprobs of "0" and "1" at the answer position, whose difference is the
 score `prorank eval` computes with transformers (the same prompts; equal within 1e-3 in float32, see
-tests/test_actors.py). The call is queued behind the weight pull just sent to that actor, so it
+tests/integration/test_actors.py). The call is queued behind the weight pull just sent to that actor, so it
 measures that version, and the figures are logged at the step whose weights they measured. The driver
 loads no model.
 """

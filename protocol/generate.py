@@ -1,7 +1,7 @@
 """Regenerate the committed Python stubs from the .proto files: `python -m prorank.protocol.generate`.
 
 The stubs import each other as `prorank.protocol.*` (the folder installs as that package), so protoc is run
-on a copy of the .proto files laid out under prorank/protocol/. tests/test_protocol.py fails when the
+on a copy of the .proto files laid out under prorank/protocol/. tests/unit/test_protocol.py fails when the
 committed stubs drift from the .proto files.
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A small second environment for the reranker clients that need transformers 4.x: `mxbai-rerank` (the
 # ProRank authors' package, `MxbaiRerankV2`) fails on its first score under transformers 5. The client
-# tests (tests/test_clients.py, bench/clients.py) run it in this venv against exported models. Idempotent, like install.sh.
+# tests (tests/integration/test_clients.py, bench/clients.py) run it in this venv against exported models. Idempotent, like install.sh.
 # Usage: bash scripts/install-clients.sh   (PRORANK_CLIENTS_VENV picks the folder; default .venv-clients)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -32,6 +32,10 @@ if [ "$extra" = cpu ]; then
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 
+# ranx's numba kernels, compiled once into the environment (~100 s of CPU; else paid on first use by
+# `prorank compare`, fusion, and each test process that fuses): scripts/warm_ranx.py says which.
+"$venv/bin/python" -W ignore scripts/warm_ranx.py
+
 rm -f "$venv"/.installed-*
 touch "$stamp"
 echo "prorank: environment ready in $venv ($extra)"

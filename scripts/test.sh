@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# The test command: sets up the environment if needed, then runs the whole suite: two pytest workers over
-# every module but the serial ones (most tests wait on start-ups, polls and sockets far more than they
-# compute: one worker left a core idle over half the time), then the serial ones alone (tests/conftest.py).
-# With a selection of your own (-m, -k, a path), one pytest runs just that: bash scripts/test.sh -m "not slow".
-# Before pytest: ruff (lint, import order, format) and mypy, on the whole tree.
+# The test command: sets up the environment if needed, checks lint, format and types, then runs the whole
+# suite: pytest workers over every module but the serial ones (most integration tests wait on start-ups,
+# polls and sockets far more than they compute: with fewer workers the cores idle over half the time), then
+# the serial ones alone (tests/conftest.py), and prints the tests' wall time and user CPU.
+# With a selection of your own (-m, -k, a path), one pytest runs just that: bash scripts/test.sh tests/unit
+# is the fast tier (about a minute). PRORANK_TEST_WORKERS sets the number of workers (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh cpu
-bash scripts/install-clients.sh  # mxbai-rerank under transformers 4, for tests/test_clients.py
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 # Two busy processes share 2 cores: OpenMP threads that spin at their barriers would hold a core the other
 # needs; a local Ray's GCS can take longer than Ray's default 30 s to come up beside a running job.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} RAY_gcs_server_port_wait_time_s=${RAY_gcs_server_port_wait_time_s:-120}
-# Lint, import order, format and types first (pyproject's [tool.ruff] and [tool.mypy]): seconds, and a
-# finding stops the run before any test starts. PRORANK_SKIP_CHECKS=1 skips them (a quick local selection).
-if [ -z "${PRORANK_SKIP_CHECKS:-}" ]; then
-  .venv/bin/ruff check --no-cache .
-  .venv/bin/ruff format --check --no-cache .
-  .venv/bin/mypy
-fi
 pytest=(.venv/bin/python -m pytest)
-for arg in "$@"; do
-  case "$arg" in -m|-k|tests*|*.py*) exec "${pytest[@]}" "$@" ;; esac
-done
+if [ -z "${PRORANK_TIMED:-}" ]; then
+  bash scripts/install.sh cpu
+  bash scripts/install-clients.sh  # mxbai-rerank under transformers 4, for tests/integration/test_clients.py
+  # Lint, import order, format and types first (pyproject's [tool.ruff] and [tool.mypy]): seconds, and a
+  # finding stops the run before any test starts. PRORANK_SKIP_CHECKS=1 skips them (a quick local selection).
+  if [ -z "${PRORANK_SKIP_CHECKS:-}" ]; then
+    .venv/bin/ruff check --no-cache .
+    .venv/bin/ruff format --check --no-cache .
+    .venv/bin/mypy
+  fi
+  for arg in "$@"; do
+    case "$arg" in -m|-k|tests*|*.py*) exec "${pytest[@]}" "$@" ;; esac
+  done
+  # The whole suite runs under scripts/timed.py, which prints its wall time and user CPU, counting every
+  # process the tests started: it runs this script again, with PRORANK_TIMED set, to do so.
+  PRORANK_TIMED=1 exec .venv/bin/python scripts/timed.py tests bash "$0" "$@"
+fi
 status=0
-"${pytest[@]}" -n 2 --dist loadfile -m "not serial" "$@" || status=$?
+"${pytest[@]}" -n "${PRORANK_TEST_WORKERS:-3}" --dist loadfile -m "not serial" "$@" || status=$?
 "${pytest[@]}" -m serial "$@" || { s=$?; [ "$status" != 0 ] || status=$s; }
 exit "$status"

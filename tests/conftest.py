@@ -90,22 +90,15 @@ def answering_model(tmp_path_factory, scifact_dir):
     return build_answering_model(tmp_path_factory.mktemp("answering-model"), scifact_dir)
 
 
-# The fast tier, `pytest -m "not slow"` (README): a test is slow when it starts something heavy: Ray (and
-# with it vLLM engines or DeepSpeed ranks), the real SmolLM2, a whole `prorank` job in a subprocess, a
-# simulated cluster of network namespaces, the real clients, or a browser. Marked here, in one place, by
-# the fixtures and modules that do so; CI runs every tier.
-SLOW_FIXTURES = {"ray_local", "smollm2_dir", "answering_model"}
-SLOW_MODULES = {
-    "test_train_job",
-    "test_simcluster",
-    "test_deploy",
-    "test_soak",
-    "test_clients",
-    "test_control",
-    "test_hostile_callers",
-}
-# scripts/test.sh runs the suite as two pytest workers (most tests wait on start-ups, polls and sockets far
-# more than they compute), then these modules alone: they hold a server under attack and judge it by its
+# Two tiers, by folder. tests/unit/ is the fast tier (`bash scripts/test.sh tests/unit`, about a minute): no
+# Ray, vLLM, DeepSpeed, job or attack; gRPC servers and subprocesses of our own CLI are fine. tests/integration/
+# starts the heavy things: Ray (and with it vLLM engines or DeepSpeed ranks), the real SmolLM2, a whole
+# `prorank` job in a subprocess, a simulated cluster of network namespaces, the real clients, a browser, or a
+# server under attack. Its tests are marked `slow`, so `-m "not slow"` still selects the fast tier.
+UNIT, INTEGRATION = ROOT / "tests" / "unit", ROOT / "tests" / "integration"
+HEAVY_FIXTURES = {"ray_local", "smollm2_dir", "answering_model"}  # not for a unit test
+# scripts/test.sh runs the suite as pytest workers (most integration tests wait on start-ups, polls and sockets
+# far more than they compute), then these modules alone: they hold a server under attack and judge it by its
 # legitimate calls' deadlines or its RSS, or (the simulated cluster) run Ray's health checks at 1 s, which a
 # second busy process on 2 cores would decide instead (beside one, a cut-off node's actor was not back in 300 s).
 SERIAL_MODULES = {
@@ -115,24 +108,29 @@ SERIAL_MODULES = {
     "test_weight_service_hardening",
     "test_simcluster",
 }
-# The longest modules first (by --durations on 2 AVX2 cores): the two workers then finish together,
-# rather than one running the longest module alone at the end.
+# The longest modules first (by --durations on 2 cores): the workers then finish together, rather than one
+# running the longest module alone at the end.
 LONGEST_FIRST = [
     "test_clients",
     "test_train_job",
-    "test_soak",
     "test_actors",
+    "test_train_job_stops",
     "test_lora",
     "test_learner",
-    "test_score_learning",
+    "test_soak",
+    "test_score_learning_ranks",
 ]
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        if SLOW_FIXTURES & set(item.fixturenames) or module in SLOW_MODULES:
+        if item.path.is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.slow)
+        elif not item.path.is_relative_to(UNIT):
+            raise pytest.UsageError(f"{item.path}: a test belongs in tests/unit/ or tests/integration/")
+        elif heavy := HEAVY_FIXTURES & set(item.fixturenames):
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(heavy)}: it belongs in tests/integration/")
         if module in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}

@@ -108,7 +108,10 @@ def leftovers(tag: str) -> list[str]:
     return found
 
 
-def gone(tag: str, timeout: float = 30) -> list[str]:
+def gone(tag: str, timeout: float = 90) -> list[str]:
+    """The job's processes still running once they had `timeout` s to end (an empty list when none). Ray's
+    workers end when they see their raylet gone; on 2 busy cores (three test workers) one of a finished job's
+    vLLM engines was still there after 30 s."""
     deadline = time.monotonic() + timeout
     while (left := leftovers(tag)) and time.monotonic() < deadline:
         time.sleep(1)

@@ -1,4 +1,4 @@
-"""Run inside the simulated cluster's head node by tests/test_simcluster.py: a real ActorPool of 2 vLLM
+"""Run inside the simulated cluster's head node by tests/integration/test_simcluster.py: a real ActorPool of 2 vLLM
 actors (one per actor node) streams a long batch; after the first answers it says so on stdout, so the
 test can cut a node off mid-stream; at the end it prints what came back. JSON lines."""
 

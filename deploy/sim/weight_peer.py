@@ -1,4 +1,5 @@
-"""One weight-sync peer, run inside a node of the simulated cluster (bench/fanout.py, tests/test_simcluster.py).
+"""One weight-sync peer, run inside a node of the simulated cluster (bench/fanout.py,
+tests/integration/test_simcluster.py).
 
     python -m deploy.sim.weight_peer serve --host IP --model DIR|--size-mb N   (the learner's server)
     python -m deploy.sim.weight_peer pull --name R [--relay-host IP]           (an actor's receiver)

@@ -13,11 +13,11 @@ import sys
 import time
 
 import pytest
-from jobs import ROOT, job_config, step_lines
 
 from deploy.sim.cluster import SimCluster
 from deploy.sim.netns import can_create_namespaces
 from deploy.sim.weight_peer import answer, order
+from tests.jobs import ROOT, job_config, step_lines
 
 WHY_NOT = can_create_namespaces()
 pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=f"simulated cluster unavailable: {WHY_NOT}")

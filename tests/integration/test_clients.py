@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from jobs import ROOT, gone, job_config, start_job
 
 from bench.clients import (
     CLIENTS_PYTHON,
@@ -33,6 +32,7 @@ from prorank.data import load_local
 from prorank.export import export_model
 from prorank.models import load_tokenizer
 from prorank.prompt import PromptBuilder, document_text
+from tests.jobs import ROOT, gone, job_config, start_job
 
 TRAINED_LENGTH = 192
 LONG_QUERY = "Does vitamin C supplementation lower the risk of scurvy in sailors on long voyages? " * 12
@@ -68,7 +68,6 @@ def ours(exported, candidates) -> dict[int, dict[str, list[float]]]:
     return {n: our_scores(exported, candidates, n) for n in (TRAINED_LENGTH, FULL)}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", ["smollm2", "tiny"])
 def test_token_ids_equal_mxbai_rerank_prepare_inputs(model, exported, tiny_model_dir, candidates, tmp_path):
     """Token for token, truncation included (a long query is cut at 3/4 of the budget, documents at their
@@ -86,7 +85,6 @@ def test_token_ids_equal_mxbai_rerank_prepare_inputs(model, exported, tiny_model
     assert any(len(ids) == 48 + builder.overhead for ids in answer["runs"][0]["ids"])  # truncation was exercised
 
 
-@pytest.mark.slow
 def test_mxbai_rerank_scores_like_prorank_eval(exported, candidates, ours):
     """`MxbaiRerankV2(folder)` under transformers 4 (the folder loads there: RoPE base 100,000 read, not
     4's silent default of 10,000), at the training length and at its default full length."""
@@ -105,7 +103,6 @@ def test_mxbai_rerank_scores_like_prorank_eval(exported, candidates, ours):
             assert_same(got[qid], ours[length][qid])
 
 
-@pytest.mark.slow
 def test_sentence_transformers_cross_encoder_scores_like_prorank_eval(exported, candidates, ours):
     """`CrossEncoder(folder)` with nothing else given: our LogitScore module ("1" against "0"), the pair
     template and no activation, so its scores are ours (whole documents: it cuts only at the context)."""
@@ -120,7 +117,6 @@ def test_sentence_transformers_cross_encoder_scores_like_prorank_eval(exported, 
     assert [r["corpus_id"] for r in ranked] == sorted(range(len(pairs)), key=lambda i: -ours[FULL][qid][i])
 
 
-@pytest.mark.slow
 def test_vllm_score_api_scores_like_prorank_eval(exported, candidates, ours):
     """vLLM's score API with the model card's hf_overrides and chat template (SmolLM2: vLLM serves Llama as
     LlamaForSequenceClassification): sigmoid of our score, and our score itself without the activation."""
@@ -144,7 +140,6 @@ def _adapter_gives_the_merged_model(base: Path, adapter: Path, merged: Path) -> 
             assert not torch.allclose(adapted(ids).logits, expected, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_path):
     """A model saved as the released ProRank models are (transformers 4, Qwen2Tokenizer, bfloat16, no
     prorank.json): zero-shot `prorank eval`, both training stages with LoRA (`learner.lora`; every version

@@ -4,12 +4,9 @@ untouched. Every step exactly once, with all its groups and the reference's loss
 
 from __future__ import annotations
 
-import pytest
-
 from bench.soak import soak
 
 
-@pytest.mark.slow
 def test_soak_loses_and_repeats_nothing(tmp_path, answering_model, scifact_dir):
     steps = 16  # faults (one a step) by step 8, the crash at step 13 (after the checkpoint at 10)
     report = soak(str(scifact_dir), str(answering_model), tmp_path, steps=steps, actor_kills=3, replica_kills=1, cuts=1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,28 +15,31 @@ import uuid
 from pathlib import Path
 
 import pytest
-from jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job, step_lines
 from typer.testing import CliRunner
 
-from prorank import Reranker, checkpoints
+from prorank import Reranker
 from prorank.config import ModelConfig
 from prorank.data import load_local
 from prorank.driver.cli import app
 from prorank.models import load_causal_lm
 from prorank.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
+from tests.jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job
 
 
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory, answering_model, scifact_dir) -> dict[str, Path]:
-    """Each mode run once, for STEPS steps; the tests below read their outputs."""
-    runs = {}
+    """Each mode run once, for STEPS steps, the two jobs at once (each mostly waits on its actors, ranks and
+    reward calls: one after the other, the cores idled); the tests below read their outputs."""
+    jobs = {}
     for mode in ("sync", "async"):
         tmp = tmp_path_factory.mktemp(f"train-{mode}")
         tag = uuid.uuid4().hex
         stages = "warmup,score" if mode == "sync" else "warmup"
-        proc = start_job(job_config(tmp, answering_model, scifact_dir, mode, stages=stages), tag)
+        jobs[mode] = (start_job(job_config(tmp, answering_model, scifact_dir, mode, stages=stages), tag), tag, tmp)
+    runs = {}
+    for mode, (proc, tag, tmp) in jobs.items():
         output, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, output[-4000:]
+        assert proc.returncode == 0, f"{mode}: {output[-4000:]}"
         assert not gone(tag), "processes left running"
         runs[mode] = tmp / f"run-{mode}"
     return runs
@@ -213,112 +215,3 @@ def _scalar_tags(port: int) -> str:
             return reply.read().decode()
     except OSError:
         return ""
-
-
-def _wait_for_step(proc, metrics: Path, step: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(m["step"] >= step for m in step_lines(metrics)):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"the job did not reach step {step}: {proc.poll()=}")
-
-
-def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, answering_model, scifact_dir):
-    # Steps of the tiny model take about 0.3 s: 400 of them, so that the signals land mid-run, never after the
-    # end. A checkpoint every 5 steps, 2 kept (no dev: no best to keep beside them).
-    config = job_config(
-        tmp_path,
-        answering_model,
-        scifact_dir,
-        "sync",
-        steps=400,
-        updates={"warmup": {"dev_every": 0}, "train": {"keep_checkpoints": 2, "stop_grace_seconds": 60}},
-    )
-    run = tmp_path / "run-sync"
-    metrics, root = run / "metrics.jsonl", run / "checkpoints"
-    tag = uuid.uuid4().hex
-    proc = start_job(config, tag)
-    _wait_for_step(proc, metrics, 2)
-    # A second job on the same output folder is refused, before it starts anything.
-    second = start_job(config, uuid.uuid4().hex)
-    refused, _ = second.communicate(timeout=300)
-    assert second.returncode == 2 and f"{run} is in use by a running job (pid {proc.pid} on " in refused, refused
-    _wait_for_step(proc, metrics, 12)  # past two periodic checkpoints (5, 10 or more): the older are pruned
-    proc.send_signal(signal.SIGTERM)  # to the job's process alone, as SLURM's --signal=B:TERM or Kubernetes
-    sent = time.monotonic()
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and time.monotonic() - sent < 60, output[-4000:]
-    assert "SIGTERM received" not in output and "Traceback" not in output, output[-4000:]  # not Ray's stack dump
-    assert not gone(tag), "processes left running after SIGTERM"
-    lines = step_lines(metrics)
-    last = lines[-1]["step"]
-    assert f"stopped by SIGTERM after step {last}:" in output and "--resume" in output, output[-2000:]
-    # The checkpoint of the last finished step, written at the stop; 2 kept.
-    assert (root / "LATEST").read_text() == f"step-{last}"
-    previous = (last - 1) // 5 * 5  # the periodic checkpoint before it (every 5 steps)
-    assert sorted(p.name for p in root.glob("step-*")) == sorted([f"step-{last}", f"step-{previous}"])
-
-    # The newest checkpoint damaged (its optimizer state cut short, as by a node crash): --resume names the
-    # file, sets the step aside and goes on from the one before, the newest intact one, with the same data order
-    # (the batches are a function of the step, as the soak checks against an untouched run). Two signals in
-    # a row then end it at once.
-    damaged = max((root / f"step-{last}" / "state").rglob("*optim_states.pt"), key=lambda f: f.stat().st_size)
-    damaged.write_bytes(damaged.read_bytes()[:1000])
-    tag = uuid.uuid4().hex
-    proc = start_job(config, tag, "--resume")
-    deadline = time.monotonic() + 300  # the damaged step set aside: metrics.jsonl holds the new run's lines
-    while not (root / f"damaged-step-{last}").is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _wait_for_step(proc, metrics, previous + 1)
-    proc.send_signal(signal.SIGINT)  # two of one kind sent at once arrive as one: a SIGTERM follows it
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "stopped at once" in output, output[-4000:]
-    warning = f"resuming from {root / f'step-{previous}'}: the newer checkpoint is damaged: {damaged}: 1,000 bytes"
-    assert warning in output, output[-3000:]
-    assert not gone(tag), "processes left running after two signals"
-    steps = [m["step"] for m in step_lines(metrics)]
-    assert steps[: previous + 1] == list(range(1, previous + 2)), steps  # none skipped or repeated
-    assert (root / f"damaged-step-{last}").is_dir() and (root / "LATEST").read_text() != f"step-{last}"
-
-
-def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp_path, answering_model, scifact_dir):
-    """The output folder on a small tmpfs, filled once the first checkpoint is in, so that the next does not
-    fit: the job says so, keeps the first intact and stops cleanly (train.when_disk_full: stop)."""
-
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        config = job_config(
-            disk,
-            answering_model,
-            scifact_dir,
-            "sync",
-            steps=400,
-            updates={"warmup": {"dev_every": 0, "checkpoint_every": 10}},
-        )
-        root = disk / "run-sync" / "checkpoints"
-        tag = uuid.uuid4().hex
-        proc = start_job(config, tag)
-        deadline = time.monotonic() + 600
-        while not (root / "LATEST").is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        first = checkpoints.latest(root)
-        assert first is not None and first.name == "step-10", proc.poll()
-        left = shutil.disk_usage(disk).free - checkpoints.size(first) // 2  # room for half a checkpoint
-        with open(disk / "filler", "wb") as f:  # written, not truncated: tmpfs allocates pages on write
-            for _ in range(left >> 20):
-                f.write(bytes(1 << 20))
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 2, output[-4000:]
-        assert "no room for the checkpoint of warmup step 20" in output and "step-10 is kept" in output, output[-3000:]
-        assert "--resume" in output and "Traceback" not in output, output[-3000:]
-        assert not gone(tag)
-        assert checkpoints.latest(root) == first and checkpoints.problems(first) == []
-        assert [p.name for p in checkpoints.steps_on_disk(root)] == ["step-10"]
-        assert not list(root.glob(".tmp-*"))
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -1,4 +1,5 @@
-"""The learner: shared-prefix forward, and real DeepSpeed ZeRO-2/3 with 2 ranks on CPU (tiny model)."""
+"""The learner: real DeepSpeed ZeRO-2/3 with 2 ranks on CPU (tiny model): they learn and match one process,
+checkpoints resume, a killed rank is named, rank 0 publishes only what a step changed."""
 
 from __future__ import annotations
 
@@ -10,63 +11,13 @@ import safetensors.torch
 import torch
 
 from prorank.config import StageLearnerConfig, WeightSyncConfig
-from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
+from prorank.learner.forward import naive_group_logprobs
 from prorank.learner.objectives import GrpoObjective
 from prorank.learner.torch_loop import TorchLearner
 from prorank.models import load_tokenizer
-from prorank.prompt import PromptBuilder
-from prorank.rollout import ScoredGroup
 from prorank.weights.receiver import fetch_version
 from prorank.weights.transport import GrpcTransport
-
-
-def test_shared_prefix_equals_naive_forward(tiny_model):
-    model, tok = tiny_model
-    builder = PromptBuilder(tok, max_length=176)
-    prompt = builder.encode("does the drug lower blood pressure?", "Patients had a lower risk after the trial.")
-    zero, one = builder.answer_ids
-    for completions in ([[one, tok.eos_token_id], [zero], [one, 40, tok.eos_token_id]], [[one], [zero]]):
-        grads = []
-        outs = []
-        for fn in (naive_group_logprobs, shared_prefix_group_logprobs):
-            model.zero_grad(set_to_none=True)
-            out = fn(model, prompt, completions, tok.pad_token_id, temperature=0.7)
-            (out.logprobs.sum() + out.logprobs[:, 0].mean()).backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-            outs.append(out)
-        assert torch.equal(outs[0].mask, outs[1].mask)
-        assert torch.allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
-        assert torch.allclose(outs[0].entropy, outs[1].entropy, atol=1e-4)
-        for a, b in zip(*grads):
-            assert torch.allclose(a, b, atol=1e-5)
-    model.zero_grad(set_to_none=True)
-
-
-def scifact_groups(dataset, tok, model, n: int) -> list[ScoredGroup]:
-    """On-policy groups from real SciFact prompts: G=4 answers "1"/"0", rewarded like the reward service
-    (format 1 + relevance 1), half the prompts with a relevant document, half with a non-relevant one."""
-    builder = PromptBuilder(tok, max_length=176)
-    zero, one = builder.answer_ids
-    eos = tok.eos_token_id
-    completions = [[one, eos], [zero, eos], [one, eos], [zero, eos]]
-    groups = []
-    docs = list(dataset.corpus.values())
-    for i, qid in enumerate(dataset.query_ids[:n]):
-        relevant = i % 2 == 0
-        doc = dataset.corpus[next(iter(dataset.qrels[qid]))] if relevant else docs[i * 7]
-        prompt = builder.encode(dataset.queries[qid], f"{doc.title} {doc.text}")
-        with torch.no_grad():
-            behaviour = naive_group_logprobs(model, prompt, completions, tok.pad_token_id)
-        rewards = [1.0 + float((c[0] == one) == relevant) for c in completions]
-        groups.append(
-            ScoredGroup(
-                prompt,
-                completions,
-                [row[: len(c)].tolist() for row, c in zip(behaviour.logprobs, completions)],
-                rewards,
-            )
-        )
-    return groups
+from tests.builders import scifact_groups
 
 
 def rewarded_logprob(model, groups, tok) -> float:

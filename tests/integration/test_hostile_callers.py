@@ -39,7 +39,7 @@ SCORE, FETCH, REPORT = (
     "/prorank.weights.v1.Weights/Fetch",
     "/prorank.weights.v1.Weights/Report",
 )
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def group(i: int = 0) -> reward_pb2.Group:
@@ -271,7 +271,7 @@ def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifa
     preface) from 200 loopback hosts (10 each: within the cap per host, so that every one reaches gRPC),
     against `prorank reward serve` started with a soft open-file limit of 1,024 (a common default): the
     server raises its limit, closes every one of them within seconds, and new legitimate connections are
-    answered meanwhile. (From one host, all but 16 are reset at once: tests/test_connection_gate.py.)"""
+    answered meanwhile. (From one host, all but 16 are reset at once: tests/unit/test_connection_gate.py.)"""
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

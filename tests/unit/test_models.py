@@ -1,12 +1,13 @@
+"""Models: the tiny random model's shape, local folders before the hub, checkpoint folders resolved.
+(The real SmolLM2 from its GGUF file: tests/integration/test_smollm2_gguf.py.)"""
+
 import json
 
 import pytest
-import torch
 
 from prorank.config import ModelConfig
-from prorank.models import ModelError, checkpoint_model_dir, find_smollm2_gguf, load_causal_lm, resolve_model
-from prorank.prompt import PromptBuilder, answer_token_ids, relevance_score
-from prorank.scoring import answer_logits
+from prorank.models import ModelError, checkpoint_model_dir, resolve_model
+from prorank.prompt import answer_token_ids
 
 
 def test_tiny_model_shape(tiny_model_dir, tiny_model):
@@ -35,24 +36,6 @@ def test_resolve_model_prefers_local_folder(tmp_path):
         resolve_model(ModelConfig(path=str(tmp_path / "no")))
     with pytest.raises(ModelError, match="no model given"):
         resolve_model(ModelConfig())
-
-
-@pytest.mark.slow
-def test_smollm2_from_gguf_matches_the_gguf_model(smollm2_dir):
-    """The converted folder holds the GGUF model's (dequantized) weights, scored the ProRank way."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
-
-    gguf = find_smollm2_gguf()
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model, tok = load_causal_lm(ModelConfig(path=str(smollm2_dir)))
-    builder = PromptBuilder(tok, max_length=176)
-    row = builder.encode("Vitamin D lowers fracture risk.", "Vitamin D trial. Supplementation reduced fractures.")
-    with torch.no_grad():
-        ours = relevance_score(answer_logits(model, [row], builder.answer_ids, tok.pad_token_id))[0]
-        logits = reference(torch.tensor([row])).logits[0, -1]
-    expected = logits[builder.answer_ids[1]] - logits[builder.answer_ids[0]]
-    assert ours.item() == pytest.approx(expected.item(), abs=1e-4)
-    assert model.config.num_hidden_layers == 30 and sum(p.numel() for p in model.parameters()) > 1.3e8
 
 
 def test_checkpoint_model_dir_resolves_steps_roots_and_folders(tmp_path):

@@ -1,6 +1,6 @@
 """HTTP/2 floods without the token, from another loopback host, against a reward server process of its own:
 every legitimate call beside the attack is answered, and the server's memory comes back once it ends.
-(The callers that hold calls, send garbage or too many calls: tests/test_hostile_callers.py.)"""
+(The callers that hold calls, send garbage or too many calls: tests/integration/test_hostile_callers.py.)"""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from prorank.reward.client import RewardError, SyncRewardClient
 
 TOKEN = "flood-token"
 SCORE = "/prorank.reward.v1.Reward/Score"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def group(i: int = 0) -> reward_pb2.Group:

@@ -23,7 +23,7 @@ from prorank.weights.codec import (
 )
 from prorank.weights.receiver import fetch_version, pull_newest, receive_version
 from prorank.weights.server import WeightPublisher, WeightServer
-from tests.test_reward import self_signed
+from tests.unit.test_reward import self_signed
 
 TOKEN = "weights-token"
 

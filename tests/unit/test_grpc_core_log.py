@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORE = (
     "E1203 22:05:04.{i:06d}   23448 hpack_encoder.cc:618] Ignoring key value pair due to size limit. "
     "Current buffer size: {i} new key value size: 119035\n"

@@ -1,4 +1,5 @@
-"""The reward service: real gRPC servers on loopback, real SciFact train qrels."""
+"""The reward service: real gRPC servers on loopback, real SciFact train qrels. (As Ray actors:
+tests/integration/test_reward_replicas.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prorank.config import DataConfig, RewardConfig
+from prorank.config import RewardConfig
 from prorank.data import load_local
 from prorank.protocol import reward_pb2
 from prorank.reward.client import RewardError, SyncRewardClient, client_options
@@ -201,23 +202,6 @@ def test_failover_when_a_replica_stops_mid_stream(train_qrels):
     assert answered == [f"r{i}" for i in range(40)]
     second.stop(0)
     client.close()
-
-
-def test_replicas_as_ray_actors(ray_local, scifact_dir):
-    from prorank.reward.replica import start_replicas  # noqa: PLC0415 pulls ray, which importing this module does not
-
-    handles, addresses = start_replicas(
-        DataConfig(path=str(scifact_dir), split="train"), RewardConfig(replicas=2, num_cpus=0.5), TOKEN
-    )
-    try:
-        assert len(set(addresses)) == 2 and all(a.startswith("127.0.0.1:") for a in addresses)
-        client = SyncRewardClient(addresses, TOKEN)
-        results = [client.score([G(f"r{i}", "0", "31715818", "1")])[0] for i in range(4)]
-        assert all(r.label == 1 and r.mean == 2 for r in results)
-        client.close()
-    finally:
-        for h in handles:
-            ray_local.kill(h)
 
 
 def test_cli_serve_and_sigterm(scifact_dir, tmp_path):

@@ -1,6 +1,6 @@
 """The driver's side of the dev evaluation: figures from an actor's scores, logged at the version they
 measured; an actor lost mid-evaluation is replaced by another, at most once per actor; none ready: skipped.
-The pool here is a stand-in (the real pool and vLLM scoring are tested in tests/test_actors.py)."""
+The pool here is a stand-in (the real pool and vLLM scoring are tested in tests/integration/test_actors.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """deploy/: the manifests and scripts pass maintained validators offline, and a real 2-node Ray cluster on
 this machine runs a job with the actors on one node and the learner on the other, scaled 1 -> 2 -> 1 and
-ended with `prorank stop`. Where network namespaces can be made, tests/test_simcluster.py runs the same job
+ended with `prorank stop`. Where network namespaces can be made, tests/integration/test_simcluster.py runs the same job
 (and more) across namespaced nodes, and this one skips: they would repeat each other for 100 s of CI."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from jobs import ROOT, job_config, step_lines
 
 from bench.fanout import rate_bits
 from deploy.sim.cluster import SimCluster
 from deploy.sim.netns import SimError, can_create_namespaces
 from prorank.config_file import load_config
+from tests.jobs import ROOT, job_config, step_lines
 
 DEPLOY = ROOT / "deploy"
 CLUSTER_CONFIG = ROOT / "configs" / "cluster-qwen2.5-0.5b.yaml"
@@ -206,7 +206,7 @@ def _cli(address: str, env: dict, job: str, *args: str) -> None:
 
 @pytest.mark.skipif(
     not can_create_namespaces(),
-    reason="tests/test_simcluster.py runs this job (and more) across "
+    reason="tests/integration/test_simcluster.py runs this job (and more) across "
     "namespaced nodes here; this plain 2-node version is for machines without namespaces",
 )
 def test_two_nodes_actors_apart_from_learner_scaled_while_training(

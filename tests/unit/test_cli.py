@@ -218,7 +218,7 @@ def test_train_names_a_data_error_before_its_tensorboard_line(scifact_dir, tiny_
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert res.returncode == 2, res.stderr
     assert f"{data / 'queries.jsonl'}:2: not UTF-8" in res.stderr and "TensorBoard" not in res.stderr

@@ -32,7 +32,7 @@ def _ids(tok, text):
 
 def test_layout_is_the_released_pieces_joined_as_ids(builder):
     """The pieces tokenized one by one and joined, as MxbaiRerankV2.prepare_inputs does (the real client is
-    compared in tests/test_clients.py); the text is the released prompt."""
+    compared in tests/integration/test_clients.py); the text is the released prompt."""
     tok = builder.tokenizer
     query, doc = "does the protein bind?", "Title. The protein binds the receptor."
     ids = builder.encode(query, doc)

@@ -1,0 +1,83 @@
+"""`python scripts/timed.py LABEL CMD...`: run CMD and print its wall time and CPU. Exits with CMD's status;
+scripts/test.sh runs the suite under it.
+
+Two CPU figures. "processes" is what `time` reports: the CPU of CMD's processes as their parents reaped them.
+It misses most of the work of a Ray job: Ray's raylet ignores SIGCHLD, so the kernel reaps its workers (the
+vLLM engines, the DeepSpeed ranks, the reward replicas) without adding their time to any parent (measured:
+tests/integration/test_actors.py alone, 15 s by `time`, 66 s on the machine's counters). "machine" is the
+user (and nice: Ray runs its workers at nice 15) and system time of all CPUs from /proc/stat over the run:
+every process counted, and on a machine that runs nothing else (CI), the suite's own. This process is also a
+child subreaper: what CMD leaves orphaned comes back here, is reaped, and is named if still running 30 s
+after CMD ends."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import subprocess
+import sys
+import time
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def reap(seconds: float) -> list[int]:
+    """Wait for the orphans handed to us; the pids of those still running after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return []
+        if pid == 0:
+            time.sleep(0.2)
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == os.getpid()]
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(user + nice, system) seconds of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (fields[0] + fields[1]) / hz, fields[2] / hz
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+
+
+def main() -> int:
+    label, command = sys.argv[1], sys.argv[2:]
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    start, (user0, system0) = time.monotonic(), machine_cpu()
+    child = subprocess.Popen(command)
+    while True:
+        try:
+            status = child.wait()
+            break
+        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: let CMD end its own way
+            continue
+    left = reap(30.0)
+    wall, usage = time.monotonic() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    user1, system1 = machine_cpu()
+    print(
+        f"{label}: {minutes(wall)} wall on {os.cpu_count()} cores; user CPU, machine: {minutes(user1 - user0)}"
+        f" = {100 * (user1 - user0) / wall:.0f}% of wall (system {system1 - system0:.0f} s); user CPU, processes"
+        f" (as `time` counts it): {minutes(usage.ru_utime)} = {100 * usage.ru_utime / wall:.0f}% of wall"
+        + (f"; still running: {left}" if left else ""),
+        flush=True,
+    )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
