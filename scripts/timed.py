@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -32,23 +34,13 @@ def reap(seconds: float) -> list[int]:
             return []
         if pid == 0:
             time.sleep(0.2)
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == os.getpid()]
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
+    return [child.pid for child in psutil.Process().children()]
 
 
 def machine_cpu() -> tuple[float, float]:
-    """(user + nice, system) seconds of all CPUs since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
-    return (fields[0] + fields[1]) / hz, fields[2] / hz
+    """(user + nice, system) seconds of all CPUs since boot (psutil reads /proc/stat)."""
+    cpu = psutil.cpu_times()
+    return cpu.user + cpu.nice, cpu.system
 
 
 def minutes(seconds: float) -> str:
