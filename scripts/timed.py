@@ -44,7 +44,8 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def minutes(seconds: float) -> str:
-    return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+    whole = round(seconds)  # rounded before the split: 659.6 s is 11 min 00 s, not 10 min 60 s
+    return f"{whole // 60} min {whole % 60:02d} s"
 
 
 def main() -> int:
