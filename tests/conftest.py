@@ -101,24 +101,29 @@ HEAVY_FIXTURES = {"ray_local", "smollm2_dir", "answering_model"}  # not for a un
 # far more than they compute), then these modules alone: they hold a server under attack and judge it by its
 # legitimate calls' deadlines or its RSS, or (the simulated cluster) run Ray's health checks at 1 s, which a
 # second busy process on 2 cores would decide instead (beside one, a cut-off node's actor was not back in 300 s).
-SERIAL_MODULES = {
+SERIAL_MODULES = [  # in this order: the attacks, then the simulated cluster
     "test_hostile_callers",
     "test_http2_floods",
     "test_reward_hardening",
     "test_weight_service_hardening",
     "test_simcluster",
-}
-# The longest modules first (by --durations on 2 cores): the workers then finish together, rather than one
-# running the longest module alone at the end.
+]
+# The serial modules leave a core idle most of their time (waits on deadlines, idle timeouts, a cut-off node).
+# scripts/test.sh runs these CPU-bound modules beside them at nice 19, on that core: the attacked servers and
+# their callers (nice 0) get any core they want, so no deadline of theirs sees them. About 2 minutes there, the
+# attacks' time, so that they are done before the simulated cluster's Ray workers (nice 15) start. None has a
+# deadline of its own under a minute.
+BESIDE_SERIAL_MODULES = ["test_learner", "test_smollm2_gguf"]
+# The longest modules first (their wall time under three workers on 2 cores): the workers then finish
+# together, rather than one running a long module alone at the end.
 LONGEST_FIRST = [
     "test_clients",
-    "test_train_job",
-    "test_actors",
     "test_train_job_stops",
-    "test_lora",
-    "test_learner",
     "test_soak",
+    "test_actors",
+    "test_train_job",
     "test_score_learning_ranks",
+    "test_lora",
 ]
 
 
@@ -133,5 +138,7 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid} uses {sorted(heavy)}: it belongs in tests/integration/")
         if module in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        elif module in BESIDE_SERIAL_MODULES:
+            item.add_marker(pytest.mark.beside_serial)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST + SERIAL_MODULES)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
