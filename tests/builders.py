@@ -6,13 +6,31 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from prorank.config import LoraSettings
+from prorank.config import LoraSettings, StageLearnerConfig
 from prorank.learner.forward import naive_group_logprobs
 from prorank.lora import add_adapter
 from prorank.prompt import PromptBuilder
 from prorank.rollout import ScoredGroup
 
 LORA = LoraSettings(r=8, alpha=16)
+
+
+def learner_config(zero_stage: int, **settings) -> StageLearnerConfig:
+    """2 DeepSpeed ranks stepping 4 groups (`scifact_groups`) one per micro-batch, a 10-step linear schedule;
+    `settings` (validated) replace or add to these: the learner and LoRA tests' one config."""
+    base = dict(
+        num_ranks=2,
+        zero_stage=zero_stage,
+        groups_per_step=4,
+        micro_batch_groups=1,
+        lr=2e-3,
+        warmup_steps=1,
+        lr_schedule="linear",
+        total_steps=10,
+        beta=0.05,
+        grad_clip=1.0,
+    )
+    return StageLearnerConfig(**{**base, **settings})
 
 
 def scifact_groups(dataset, tok, model, n: int) -> list[ScoredGroup]:

@@ -131,3 +131,31 @@ def step_lines(metrics: Path) -> list[dict]:
         return []
     written = metrics.read_text().split("\n")[:-1]
     return [json.loads(x) for x in written if x.strip() and "actors/count" in x]
+
+
+def serve_reward(command: list[str], scifact: Path, token_file: Path, **popen: Any) -> tuple[subprocess.Popen, str]:
+    """`<command> reward serve` on SciFact's train qrels, on a free port, its token read from `token_file`
+    (PRORANK_TOKEN left out of its environment): the process and the address it says it serves on."""
+    env = {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
+    args = [
+        "reward",
+        "serve",
+        "--data",
+        str(scifact),
+        "--split",
+        "train",
+        "--port",
+        "0",
+        "--token-file",
+        str(token_file),
+    ]
+    proc = subprocess.Popen([*command, *args], stderr=subprocess.PIPE, text=True, env=env, **popen)
+    assert proc.stderr is not None
+    line, deadline = "", time.monotonic() + 60
+    while " on 127.0.0.1:" not in line and time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stderr.readline()
+    if " on 127.0.0.1:" not in line:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise AssertionError(f"`reward serve` named no address within 60 s (exit {proc.returncode}): {line!r}")
+    return proc, line.rsplit(" on ", 1)[1].strip()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from prorank.security import auth_metadata
 from prorank.weights.codec import TransferError
 from prorank.weights.receiver import fetch_version, report
 from prorank.weights.server import WeightPublisher, WeightServer
+from tests.jobs import serve_reward
 
 TOKEN = "hostile-token"
 SCORE, FETCH, REPORT = (
@@ -279,37 +280,17 @@ def test_idle_connections_are_closed_and_leave_room_for_legitimate_callers(scifa
     if hard != resource.RLIM_INFINITY and hard < 4096:
         pytest.skip(f"the hard open-file limit here is {hard}: too low for 2,000 connections")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds the 2,000 connections
-    env = {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prorank.driver.cli",
-            "reward",
-            "serve",
-            "--data",
-            str(scifact_dir),
-            "--split",
-            "train",
-            "--port",
-            "0",
-            "--token-file",
-            str(token_file),
-        ],
+    proc, address = serve_reward(
+        [sys.executable, "-m", "prorank.driver.cli"],
+        scifact_dir,
+        token_file,
         cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)),
     )
     try:
-        line, deadline = "", time.monotonic() + 60
-        while " on 127.0.0.1:" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-        address = line.rsplit(" on ", 1)[1].strip()
         attack = {}
         hold = lambda: attack.update(tally=asyncio.run(hold_idle(address, 2000, seconds=30, hosts=200)))  # noqa: E731
-        attacker = __import__("threading").Thread(target=hold, daemon=True)
+        attacker = threading.Thread(target=hold, daemon=True)
         attacker.start()
         time.sleep(1.0)  # the connections are open
         answered = 0

@@ -10,14 +10,14 @@ import pytest
 import safetensors.torch
 import torch
 
-from prorank.config import StageLearnerConfig, WeightSyncConfig
+from prorank.config import WeightSyncConfig
 from prorank.learner.forward import naive_group_logprobs
 from prorank.learner.objectives import GrpoObjective
 from prorank.learner.torch_loop import TorchLearner
 from prorank.models import load_tokenizer
 from prorank.weights.receiver import fetch_version
 from prorank.weights.transport import GrpcTransport
-from tests.builders import scifact_groups
+from tests.builders import learner_config, scifact_groups
 
 
 def rewarded_logprob(model, groups, tok) -> float:
@@ -29,21 +29,6 @@ def rewarded_logprob(model, groups, tok) -> float:
             best = max(g.rewards)
             total += sum(out.logprobs[i].sum().item() for i, r in enumerate(g.rewards) if r == best)
     return total / len(groups)
-
-
-def _cfg(stage: int) -> StageLearnerConfig:
-    return StageLearnerConfig(
-        num_ranks=2,
-        zero_stage=stage,
-        groups_per_step=4,
-        micro_batch_groups=1,
-        lr=2e-3,
-        warmup_steps=1,
-        lr_schedule="linear",
-        total_steps=10,
-        beta=0.05,
-        grad_clip=1.0,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +52,7 @@ def _reference_run(tiny_model_dir, cfg, groups, steps):
 def test_deepspeed_ranks_learn_and_match_single_process(ray_local, tiny_model_dir, tiny_model, groups, stage):
     from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
-    cfg = _cfg(stage)
+    cfg = learner_config(stage)
     learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         metrics = [learner.step(groups) for _ in range(3)]
@@ -99,7 +84,7 @@ def test_deepspeed_ranks_learn_and_match_single_process(ray_local, tiny_model_di
 def test_checkpoint_resume_gives_the_same_loss(ray_local, tiny_model_dir, groups, tmp_path):
     from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
-    cfg = _cfg(2)
+    cfg = learner_config(2)
     learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         learner.step(groups)
@@ -125,7 +110,7 @@ def test_a_rank_killed_mid_step_fails_the_step_naming_it(ray_local, tiny_model_d
 
     from prorank.learner.group import LearnerError, LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
-    learner = LearnerGroup(str(tiny_model_dir), _cfg(2), GrpoObjective(_cfg(2)))
+    learner = LearnerGroup(str(tiny_model_dir), learner_config(2), GrpoObjective(learner_config(2)))
     try:
         learner.step(groups)
         killer = threading.Timer(0.3, lambda: ray.kill(learner.ranks[1]))
@@ -148,7 +133,7 @@ def test_rank0_publishes_its_weights_and_only_what_a_step_changed(ray_local, tin
 
     from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
-    cfg = _cfg(stage).model_copy(update={"trainable_layers": 1})
+    cfg = learner_config(stage, trainable_layers=1)
     sender = GrpcTransport("tok", WeightSyncConfig()).sender()
     learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg), sender=sender)
     try:

@@ -13,11 +13,10 @@ from prorank.config import (
     PromptConfig,
     ProRankConfig,
     SamplingConfig,
-    StageLearnerConfig,
     WeightSyncConfig,
 )
 from prorank.models import load_tokenizer
-from tests.builders import LORA, peft_model, scifact_groups
+from tests.builders import LORA, learner_config, peft_model, scifact_groups
 from tests.integration.test_actors import hf_logprobs, requests_from
 from tests.integration.test_score_learning_ranks import ranking_groups, torch_steps
 
@@ -48,18 +47,7 @@ def test_grpo_with_lora_on_zero3_ranks_matches_a_peft_torch_loop(
     from prorank.learner.torch_loop import TorchLearner  # noqa: PLC0415 pulls torch, which importing this module does not
 
     groups = scifact_groups(scifact_test, tiny_model[1], tiny_model[0], 4)
-    cfg = StageLearnerConfig(
-        num_ranks=2,
-        zero_stage=3,
-        groups_per_step=4,
-        micro_batch_groups=1,
-        lr=2e-3,
-        warmup_steps=1,
-        lr_schedule="linear",
-        total_steps=10,
-        beta=0.05,
-        lora=LORA,
-    )
+    cfg = learner_config(3, lora=LORA)
     learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         metrics = [learner.step(groups)]

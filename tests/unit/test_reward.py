@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -23,6 +22,7 @@ from prorank.reward.client import RewardError, SyncRewardClient, client_options
 from prorank.reward.scoring import label_of, score_completions
 from prorank.reward.server import RewardServer
 from prorank.security import SecurityError, auth_metadata
+from tests.jobs import serve_reward
 
 TOKEN = "test-token-123"
 
@@ -208,31 +208,8 @@ def test_cli_serve_and_sigterm(scifact_dir, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     exe = Path(sys.executable).with_name("prorank")
-    env = {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "reward",
-            "serve",
-            "--data",
-            str(scifact_dir),
-            "--split",
-            "train",
-            "--port",
-            "0",
-            "--token-file",
-            str(token_file),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc, address = serve_reward([str(exe)], scifact_dir, token_file)
     try:
-        line = ""
-        deadline = time.monotonic() + 60
-        while " on 127.0.0.1:" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-        address = line.rsplit(" on ", 1)[1].strip()
         client = SyncRewardClient([address], TOKEN)
         (res,) = client.score([G("a", "0", "31715818", "1")])
         assert res.label == 1
@@ -244,6 +221,6 @@ def test_cli_serve_and_sigterm(scifact_dir, tmp_path):
         [str(exe), "reward", "serve", "--data", str(scifact_dir), "--port", "0"],
         capture_output=True,
         text=True,
-        env=env,
+        env={k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"},
     )
     assert bad.returncode == 2 and "no token" in bad.stderr
