@@ -110,7 +110,8 @@ def test_a_rank_killed_mid_step_fails_the_step_naming_it(ray_local, tiny_model_d
 
     from prorank.learner.group import LearnerError, LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
-    learner = LearnerGroup(str(tiny_model_dir), learner_config(2), GrpoObjective(learner_config(2)))
+    cfg = learner_config(2)
+    learner = LearnerGroup(str(tiny_model_dir), cfg, GrpoObjective(cfg))
     try:
         learner.step(groups)
         killer = threading.Timer(0.3, lambda: ray.kill(learner.ranks[1]))
