@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The test command: sets up the environment if needed, checks lint, format and types, then runs the whole
-# suite: pytest workers over every module but the serial ones (most integration tests wait on start-ups,
-# polls and sockets far more than they compute: with fewer workers the cores idle over half the time), then
-# the serial ones alone, with the beside_serial ones at nice 19 on the core they leave idle (tests/conftest.py),
-# and prints the tests' wall time and user CPU.
+# suite: two pytest workers over every module but the serial ones, longest modules first (tests/conftest.py),
+# then the serial ones alone, with the beside_serial ones at nice 19 on the core they leave idle, and prints the
+# tests' wall time and user CPU. Two workers keep both cores busy; a third added only CPU (each job's Ray,
+# engines and ranks tick while they wait for a core: BENCHMARKS.md, "two workers").
 # With a selection of your own (-m, -k, a path), one pytest runs just that: bash scripts/test.sh tests/unit
-# is the fast tier (about a minute). PRORANK_TEST_WORKERS sets the number of workers (default 3).
+# is the fast tier (about a minute). PRORANK_TEST_WORKERS sets the number of workers (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
@@ -31,7 +31,7 @@ if [ -z "${PRORANK_TIMED:-}" ]; then
   PRORANK_TIMED=1 exec .venv/bin/python scripts/timed.py tests bash "$0" "$@"
 fi
 status=0
-"${pytest[@]}" -n "${PRORANK_TEST_WORKERS:-3}" --dist loadfile -m "not serial and not beside_serial" "$@" || status=$?
+"${pytest[@]}" -n "${PRORANK_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder -m "not serial and not beside_serial" "$@" || status=$?
 # The serial modules mostly wait, leaving a core idle: the beside_serial ones use it at nice 19 (tests/conftest.py).
 # Their report follows the serial one's.
 beside_log=$(mktemp)

@@ -114,16 +114,18 @@ SERIAL_MODULES = [  # in this order: the attacks, then the simulated cluster
 # attacks' time, so that they are done before the simulated cluster's Ray workers (nice 15) start. None has a
 # deadline of its own under a minute.
 BESIDE_SERIAL_MODULES = ["test_learner", "test_smollm2_gguf"]
-# The longest modules first (their wall time under three workers on 2 cores): the workers then finish
-# together, rather than one running a long module alone at the end.
+# The longest modules first (their wall time under two workers on 2 cores; scripts/test.sh turns off xdist's own
+# reorder, by number of tests): the workers then finish together, rather than one running a long module alone
+# at the end. Each worker is handed a module while it has 2 tests or fewer left: with this order the soak and
+# the finished-run jobs go to the worker of the stop tests, the rest to the other (about 10 minutes each).
 LONGEST_FIRST = [
     "test_clients",
     "test_train_job_stops",
     "test_soak",
-    "test_actors",
     "test_train_job",
-    "test_score_learning_ranks",
+    "test_actors",
     "test_lora",
+    "test_score_learning_ranks",
 ]
 
 

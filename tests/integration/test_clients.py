@@ -191,6 +191,7 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
             "score": {"steps": 2, "dev_every": 0, "checkpoint_every": 2, "sync_every": 2},
             "warmup": {"dev_every": 0, "checkpoint_every": 2},
             "learner": {"lora": lora},
+            "actors": {"num_actors": 1},  # one is enough to show each version reaches an actor
         },
     )
     proc = start_job(config, tag)

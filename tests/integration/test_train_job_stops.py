@@ -29,14 +29,19 @@ def _wait_for_step(proc, metrics: Path, step: int, timeout: float = 600) -> None
 
 def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, answering_model, scifact_dir):
     # Steps of the tiny model take about 0.3 s: 400 of them, so that the signals land mid-run, never after the
-    # end. A checkpoint every 5 steps, 2 kept (no dev: no best to keep beside them).
+    # end. A checkpoint every 5 steps, 2 kept (no dev: no best to keep beside them). One actor: a stop ends
+    # every process the job started, however many (the e2e runs of test_train_job have two).
     config = job_config(
         tmp_path,
         answering_model,
         scifact_dir,
         "sync",
         steps=400,
-        updates={"warmup": {"dev_every": 0}, "train": {"keep_checkpoints": 2, "stop_grace_seconds": 60}},
+        updates={
+            "warmup": {"dev_every": 0},
+            "train": {"keep_checkpoints": 2, "stop_grace_seconds": 60},
+            "actors": {"num_actors": 1},
+        },
     )
     run = tmp_path / "run-sync"
     metrics, root = run / "metrics.jsonl", run / "checkpoints"
@@ -101,7 +106,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp
             scifact_dir,
             "sync",
             steps=400,
-            updates={"warmup": {"dev_every": 0, "checkpoint_every": 10}},
+            updates={"warmup": {"dev_every": 0, "checkpoint_every": 10}, "actors": {"num_actors": 1}},
         )
         root = disk / "run-sync" / "checkpoints"
         tag = uuid.uuid4().hex
