@@ -116,8 +116,8 @@ SERIAL_MODULES = [  # in this order: the attacks, then the simulated cluster
 BESIDE_SERIAL_MODULES = ["test_learner", "test_smollm2_gguf"]
 # The longest modules first (their wall time under two workers on 2 cores; scripts/test.sh turns off xdist's own
 # reorder, by number of tests): the workers then finish together, rather than one running a long module alone
-# at the end. Each worker is handed a module while it has 2 tests or fewer left: with this order the soak and
-# the finished-run jobs go to the worker of the stop tests, the rest to the other (about 10 minutes each).
+# at the end. xdist hands a worker the next module while it has 2 tests or fewer left: replayed with the measured
+# durations, this order gives the stop tests' worker the soak and the finished-run jobs, the other the rest.
 LONGEST_FIRST = [
     "test_clients",
     "test_train_job_stops",
