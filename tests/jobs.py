@@ -133,10 +133,15 @@ def step_lines(metrics: Path) -> list[dict]:
     return [json.loads(x) for x in written if x.strip() and "actors/count" in x]
 
 
+def env_without_token() -> dict[str, str]:
+    """This environment less PRORANK_TOKEN: a service started with it has only the token it is given."""
+    return {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
+
+
 def serve_reward(command: list[str], scifact: Path, token_file: Path, **popen: Any) -> tuple[subprocess.Popen, str]:
     """`<command> reward serve` on SciFact's train qrels, on a free port, its token read from `token_file`
     (PRORANK_TOKEN left out of its environment): the process and the address it says it serves on."""
-    env = {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
+    env = env_without_token()
     args = [
         "reward",
         "serve",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from prorank.reward.client import RewardError, SyncRewardClient, client_options
 from prorank.reward.scoring import label_of, score_completions
 from prorank.reward.server import RewardServer
 from prorank.security import SecurityError, auth_metadata
-from tests.jobs import serve_reward
+from tests.jobs import env_without_token, serve_reward
 
 TOKEN = "test-token-123"
 
@@ -221,6 +220,6 @@ def test_cli_serve_and_sigterm(scifact_dir, tmp_path):
         [str(exe), "reward", "serve", "--data", str(scifact_dir), "--port", "0"],
         capture_output=True,
         text=True,
-        env={k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"},
+        env=env_without_token(),
     )
     assert bad.returncode == 2 and "no token" in bad.stderr

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from bench import suite_cpu
 from bench.suite_cpu import CPUACCT
 from tests.jobs import ROOT
 
@@ -44,3 +46,13 @@ def test_a_module_is_charged_its_subprocesses_cpu(tmp_path):
     # The child's second of CPU is in its test's module, not in the other.
     assert seconds["test_busy"] >= 1.0 and seconds["test_idle"] < 0.5, done.stdout[-2000:]
     assert set(CPUACCT.glob("prorank-suite-*")) <= before, "the run's cgroups were left behind"
+
+
+def test_without_a_writable_hierarchy_it_refuses_before_any_test(tmp_path, monkeypatch):
+    """No cgroup v1 cpuacct (cgroup v2 only, or not root): a usage error naming the path, at configure."""
+    monkeypatch.setattr(suite_cpu, "CPUACCT", tmp_path / "cpuacct")
+    monkeypatch.delenv(suite_cpu.ROOT_ENV, raising=False)
+    config = type("Config", (), {})()  # a controller's config: no `workerinput`
+    with pytest.raises(pytest.UsageError, match=re.escape(f"{tmp_path / 'cpuacct'} is not a writable")):
+        suite_cpu.pytest_configure(config)
+    assert suite_cpu.ROOT_ENV not in os.environ
