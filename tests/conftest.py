@@ -143,15 +143,24 @@ LONGEST_FIRST = [
 ]
 
 
+def misplaced(path: Path, nodeid: str, fixturenames: list[str]) -> str | None:
+    """Why the test at `path` is in the wrong tier (None when it is not): collection stops on it."""
+    if path.is_relative_to(INTEGRATION):
+        return None
+    if not path.is_relative_to(UNIT):
+        return f"{path}: a test belongs in tests/unit/ or tests/integration/"
+    if heavy := HEAVY_FIXTURES & set(fixturenames):
+        return f"{nodeid} uses {sorted(heavy)}: it belongs in tests/integration/"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
+        if problem := misplaced(item.path, item.nodeid, item.fixturenames):
+            raise pytest.UsageError(problem)
         if item.path.is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.slow)
-        elif not item.path.is_relative_to(UNIT):
-            raise pytest.UsageError(f"{item.path}: a test belongs in tests/unit/ or tests/integration/")
-        elif heavy := HEAVY_FIXTURES & set(item.fixturenames):
-            raise pytest.UsageError(f"{item.nodeid} uses {sorted(heavy)}: it belongs in tests/integration/")
         if module in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
         elif module in BESIDE_SERIAL_MODULES:

@@ -7,8 +7,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tests.roles import ROLES
+
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = ["actors", "driver", "eval", "learner", "protocol", "reward", "weights"]
 
 
 def test_the_wheel_holds_each_module_once(tmp_path):

@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.roles import ROLES
+
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = ["actors", "driver", "eval", "learner", "protocol", "reward", "weights"]
+
+
+def test_the_links_are_the_packages_the_build_lists():
+    assert sorted(p.name for p in (ROOT / "prorank").iterdir() if p.is_symlink()) == ROLES
 
 
 @pytest.mark.parametrize("role", ROLES)
