@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -138,9 +140,12 @@ def env_without_token() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PRORANK_TOKEN"}
 
 
-def serve_reward(command: list[str], scifact: Path, token_file: Path, **popen: Any) -> tuple[subprocess.Popen, str]:
+def serve_reward(
+    command: list[str], scifact: Path, token_file: Path, wait: float = 60, **popen: Any
+) -> tuple[subprocess.Popen, str]:
     """`<command> reward serve` on SciFact's train qrels, on a free port, its token read from `token_file`
-    (PRORANK_TOKEN left out of its environment): the process and the address it says it serves on."""
+    (PRORANK_TOKEN left out of its environment): the process and the address it says it serves on, within
+    `wait` seconds."""
     env = env_without_token()
     args = [
         "reward",
@@ -155,12 +160,27 @@ def serve_reward(command: list[str], scifact: Path, token_file: Path, **popen: A
         str(token_file),
     ]
     proc = subprocess.Popen([*command, *args], stderr=subprocess.PIPE, text=True, env=env, **popen)
-    assert proc.stderr is not None
-    line, deadline = "", time.monotonic() + 60
-    while " on 127.0.0.1:" not in line and time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stderr.readline()
-    if " on 127.0.0.1:" not in line:
-        proc.kill()
-        proc.wait(timeout=30)
-        raise AssertionError(f"`reward serve` named no address within 60 s (exit {proc.returncode}): {line!r}")
-    return proc, line.rsplit(" on ", 1)[1].strip()
+    # Its stderr read by a thread to the end: a readline here could block past the deadline on a server that
+    # says nothing, and a pipe nobody reads would stop a server that logs once its 64 KiB are full.
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_lines_into, args=(proc.stderr, lines), daemon=True).start()
+    said, deadline = "", time.monotonic() + wait
+    while " on 127.0.0.1:" not in said:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:  # the deadline, or the end of its stderr
+            proc.kill()
+            proc.wait(timeout=30)
+            exit_code = proc.returncode
+            raise AssertionError(f"`reward serve` named no address within {wait:g} s (exit {exit_code}): {said!r}")
+        said = line
+    return proc, said.rsplit(" on ", 1)[1].strip()
+
+
+def _lines_into(stream: IO[str] | None, lines: queue.Queue[str | None]) -> None:
+    """Each line of `stream` into `lines`, then None at its end."""
+    for line in stream or ():
+        lines.put(line)
+    lines.put(None)

@@ -223,3 +223,18 @@ def test_cli_serve_and_sigterm(scifact_dir, tmp_path):
         env=env_without_token(),
     )
     assert bad.returncode == 2 and "no token" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        ("import sys, time; print('starting', file=sys.stderr, flush=True); time.sleep(60)", "'starting\\n'"),
+        ("import sys; sys.exit('no qrels')", "'no qrels\\n'"),
+    ],
+)
+def test_a_server_that_names_no_address_fails_the_helper_in_time(code, said, scifact_dir, tmp_path):
+    """tests.jobs.serve_reward gives up at its deadline on a server that goes quiet, and at once on one that
+    exits, naming the last line it said (the tests that start `reward serve` fail fast and say why)."""
+    with pytest.raises(AssertionError, match="named no address within 1 s") as err:
+        serve_reward([sys.executable, "-c", code], scifact_dir, tmp_path / "token", wait=1)
+    assert str(err.value).endswith(said)
