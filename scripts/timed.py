@@ -1,14 +1,16 @@
 """`python scripts/timed.py LABEL CMD...`: run CMD and print its wall time and CPU. Exits with CMD's status;
 scripts/test.sh runs the suite under it.
 
-Two CPU figures. "processes" is what `time` reports: the CPU of CMD's processes as their parents reaped them.
-It misses most of the work of a Ray job: Ray's raylet ignores SIGCHLD, so the kernel reaps its workers (the
-vLLM engines, the DeepSpeed ranks, the reward replicas) without adding their time to any parent (measured:
-tests/integration/test_actors.py alone, 15 s by `time`, 66 s on the machine's counters). "machine" is the
-user (and nice: Ray runs its workers at nice 15) and system time of all CPUs from /proc/stat over the run:
-every process counted, and on a machine that runs nothing else (CI), the suite's own. This process is also a
-child subreaper: what CMD leaves orphaned comes back here, is reaped, and is named if still running 30 s
-after CMD ends."""
+Up to three CPU figures. "processes" is what `time` reports: the CPU of CMD's processes as their parents
+reaped them. It misses most of the work of a Ray job: Ray's raylet ignores SIGCHLD, so the kernel reaps its
+workers (the vLLM engines, the DeepSpeed ranks, the reward replicas) without adding their time to any parent
+(measured: tests/integration/test_actors.py alone, 15 s by `time`, 66 s on the machine's counters).
+"machine" is the user (and nice: Ray runs its workers at nice 15) and system time of all CPUs from
+/proc/stat over the run: every process counted, whoever else's. "CMD's processes" is exact, where this runs
+as root beside a cgroup v1 `cpuacct` hierarchy: CMD runs in a cgroup of its own, and every process it
+starts, Ray's workers included, is charged there whoever reaps it (else the figure is left out). This process
+is also a child subreaper: what CMD leaves orphaned comes back here, is reaped, and is named if still
+running 30 s after CMD ends."""
 
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
 PR_SET_CHILD_SUBREAPER = 36
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 
 
 def reap(seconds: float) -> list[int]:
@@ -43,6 +47,32 @@ def machine_cpu() -> tuple[float, float]:
     return cpu.user + cpu.nice, cpu.system
 
 
+def own_cgroup() -> Path | None:
+    """A fresh cpuacct cgroup for CMD; None where none can be made (not root, no cgroup v1 hierarchy)."""
+    folder = CPUACCT / f"prorank-timed-{os.getpid()}"
+    try:
+        folder.mkdir()
+    except OSError:
+        return None
+    return folder
+
+
+def cgroup_user_cpu(folder: Path) -> float:
+    """User CPU seconds charged to `folder` (cpuacct.stat counts in clock ticks), its dead processes too."""
+    stat = dict(line.split() for line in (folder / "cpuacct.stat").read_text().splitlines())
+    return int(stat["user"]) / os.sysconf("SC_CLK_TCK")
+
+
+def remove_cgroup(folder: Path) -> None:
+    """Move what still runs in `folder` to the root group, then remove it."""
+    for pid in (folder / "cgroup.procs").read_text().split():
+        try:
+            (CPUACCT / "cgroup.procs").write_text(pid)
+        except OSError:  # it ended meanwhile
+            pass
+    folder.rmdir()
+
+
 def minutes(seconds: float) -> str:
     whole = round(seconds)  # rounded before the split: 659.6 s is 11 min 00 s, not 10 min 60 s
     return f"{whole // 60} min {whole % 60:02d} s"
@@ -55,7 +85,9 @@ def main() -> int:
     # checks: their CPU stays in its counters across the exec) is not the command's.
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     start, (user0, system0) = time.monotonic(), machine_cpu()
-    child = subprocess.Popen(command)
+    cgroup = own_cgroup()
+    join = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
+    child = subprocess.Popen(command, preexec_fn=join)
     while True:
         try:
             status = child.wait()
@@ -65,10 +97,15 @@ def main() -> int:
     left = reap(30.0)
     wall, user = time.monotonic() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before
     user1, system1 = machine_cpu()
+    own = ""
+    if cgroup:
+        mine = cgroup_user_cpu(cgroup)
+        own = f"; user CPU, CMD's processes (a cgroup): {minutes(mine)} = {100 * mine / wall:.0f}% of wall"
+        remove_cgroup(cgroup)
     print(
         f"{label}: {minutes(wall)} wall on {os.cpu_count()} cores; user CPU, machine: {minutes(user1 - user0)}"
-        f" = {100 * (user1 - user0) / wall:.0f}% of wall (system {system1 - system0:.0f} s); user CPU, processes"
-        f" (as `time` counts it): {minutes(user)} = {100 * user / wall:.0f}% of wall"
+        f" = {100 * (user1 - user0) / wall:.0f}% of wall (system {system1 - system0:.0f} s){own}; user CPU,"
+        f" processes (as `time` counts it): {minutes(user)} = {100 * user / wall:.0f}% of wall"
         + (f"; still running: {left}" if left else ""),
         flush=True,
     )
