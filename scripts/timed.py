@@ -48,8 +48,14 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def own_cgroup() -> Path | None:
-    """A fresh cpuacct cgroup for CMD; None where none can be made (not root, no cgroup v1 hierarchy)."""
-    folder = CPUACCT / f"prorank-timed-{os.getpid()}"
+    """A fresh cpuacct cgroup for CMD, inside this process's own (cpuacct counts a group's children in it: a
+    run timed inside a timed run is in both figures); None where none can be made (not root, no cgroup v1)."""
+    here = "/"
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpuacct" in controllers.split(","):
+            here = path
+    folder = CPUACCT / here.lstrip("/") / f"prorank-timed-{os.getpid()}"
     try:
         folder.mkdir()
     except OSError:
@@ -64,10 +70,10 @@ def cgroup_user_cpu(folder: Path) -> float:
 
 
 def remove_cgroup(folder: Path) -> None:
-    """Move what still runs in `folder` to the root group, then remove it."""
+    """Move what still runs in `folder` to the group it is in, then remove it."""
     for pid in (folder / "cgroup.procs").read_text().split():
         try:
-            (CPUACCT / "cgroup.procs").write_text(pid)
+            (folder.parent / "cgroup.procs").write_text(pid)
         except OSError:  # it ended meanwhile
             pass
     folder.rmdir()
