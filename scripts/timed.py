@@ -69,14 +69,19 @@ def cgroup_user_cpu(folder: Path) -> float:
     return int(stat["user"]) / os.sysconf("SC_CLK_TCK")
 
 
-def remove_cgroup(folder: Path) -> None:
-    """Move what still runs in `folder` to the group it is in, then remove it."""
+def remove_cgroup(folder: Path) -> str:
+    """Move what still runs in `folder` to the group it is in, then remove it; "" or why it stays (the
+    report and CMD's exit status must not be lost to a cgroup that would not go)."""
     for pid in (folder / "cgroup.procs").read_text().split():
         try:
             (folder.parent / "cgroup.procs").write_text(pid)
         except OSError:  # it ended meanwhile
             pass
-    folder.rmdir()
+    try:
+        folder.rmdir()
+    except OSError as err:
+        return f"; cgroup {folder} left: {err.strerror}"
+    return ""
 
 
 def minutes(seconds: float) -> str:
@@ -107,7 +112,7 @@ def main() -> int:
     if cgroup:
         mine = cgroup_user_cpu(cgroup)
         own = f"; user CPU, CMD's processes (a cgroup): {minutes(mine)} = {100 * mine / wall:.0f}% of wall"
-        remove_cgroup(cgroup)
+        own += remove_cgroup(cgroup)
     print(
         f"{label}: {minutes(wall)} wall on {os.cpu_count()} cores; user CPU, machine: {minutes(user1 - user0)}"
         f" = {100 * (user1 - user0) / wall:.0f}% of wall (system {system1 - system0:.0f} s){own}; user CPU,"

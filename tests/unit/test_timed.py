@@ -5,12 +5,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+from bench.suite_cpu import CPUACCT
+from tests.jobs import ROOT
+
 # The parent ignores SIGCHLD and forks a child that spins for 1.5 s of CPU: the kernel reaps it, and its time
 # is added to no parent's.
 RAYLET_LIKE = """
