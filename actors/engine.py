@@ -55,6 +55,13 @@ class RolloutEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(actors.kv_cache_gib))
         from vllm import LLM, SamplingParams  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
 
+        if actors.enforce_eager:
+            # Eager in the whole process: with enforce_eager vLLM still torch.compiles its logprob rank counter
+            # at the first generate, which on CPU cost 10.9 s of CPU cold and 1.1 s warm at every engine start
+            # (inductor checks each vector ISA with a compiler). Eager counts the same ranks.
+            import torch  # noqa: PLC0415 torch: heavy, loaded with vLLM above
+
+            torch.compiler.set_stance("force_eager")
         engine_args = dict(
             model=model,
             dtype=actors.dtype,

@@ -74,7 +74,7 @@ def pool_rate(model_dir: str, reqs, prompt_cfg, group: int, max_tokens: int, act
             r.__class__(f"w{i}", r.query_id, r.doc_id, r.query, r.document + " warm-up")
             for i, r in enumerate(reqs[: 2 * actors])
         ]
-        pool.generate(warm)  # also compiles the logprobs helper once per machine
+        pool.generate(warm)  # the first requests of each engine (prefix cache, allocations) are not timed
         start = time.perf_counter()
         results = pool.generate(reqs)
         seconds = time.perf_counter() - start

@@ -35,6 +35,10 @@ fi
 # ranx's numba kernels, compiled once into the environment (~100 s of CPU; else paid on first use by
 # `prorank compare`, fusion, and each test process that fuses): scripts/warm_ranx.py says which.
 "$venv/bin/python" -W ignore scripts/warm_ranx.py
+if [ "$extra" = cpu ]; then
+  # DeepSpeed's CPU shared-memory op, built once (~60 s of CPU; else by a job's first learner rank).
+  "$venv/bin/python" -W ignore scripts/warm_deepspeed.py
+fi
 
 rm -f "$venv"/.installed-*
 touch "$stamp"

@@ -19,7 +19,6 @@ from bench.clients import (
     CLIENTS_PYTHON,
     FULL,
     ClientError,
-    cross_encoder,
     flat,
     mxbai,
     our_scores,
@@ -105,16 +104,16 @@ def test_mxbai_rerank_scores_like_prorank_eval(exported, candidates, ours):
 
 def test_sentence_transformers_cross_encoder_scores_like_prorank_eval(exported, candidates, ours):
     """`CrossEncoder(folder)` with nothing else given: our LogitScore module ("1" against "0"), the pair
-    template and no activation, so its scores are ours (whole documents: it cuts only at the context)."""
+    template and no activation, so its scores are ours (whole documents: it cuts only at the context), and
+    its rank() orders by them. rank() scores each query's documents with predict(): one pass, not two."""
     from sentence_transformers import CrossEncoder  # noqa: PLC0415 sentence-transformers: heavy, a client under test only
 
-    got = per_query(candidates, cross_encoder(exported, flat(candidates)))
     model = CrossEncoder(str(exported), device="cpu")
-    for qid in candidates:
-        assert_same(got[qid], ours[FULL][qid])
-    qid, pairs = next(iter(candidates.items()))  # and its rank() orders by them (one query: it scores them again)
-    ranked = model.rank(pairs[0][0], [d for _, d in pairs])
-    assert [r["corpus_id"] for r in ranked] == sorted(range(len(pairs)), key=lambda i: -ours[FULL][qid][i])
+    for qid, pairs in candidates.items():
+        ranked = model.rank(pairs[0][0], [d for _, d in pairs], batch_size=8)
+        got = {r["corpus_id"]: float(r["score"]) for r in ranked}
+        assert_same([got[i] for i in range(len(pairs))], ours[FULL][qid])
+        assert [r["corpus_id"] for r in ranked] == sorted(range(len(pairs)), key=lambda i: -ours[FULL][qid][i])
 
 
 def test_vllm_score_api_scores_like_prorank_eval(exported, candidates, ours):
