@@ -75,9 +75,9 @@ def main() -> None:
             out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
             rows[name].append(json.loads(out.strip().splitlines()[-1]))
             print(name, rows[name][-1], flush=True)
-    for key in ("start_cpu_s", "judgments_per_s"):
-        c, e = (min(r[key] for r in rows[n]) if key == "start_cpu_s" else max(r[key] for r in rows[n]) for n in rows)
-        print(f"{key}: compiled {c:.2f}, eager {e:.2f}, eager/compiled {e / c:.2f}x")
+    for key, best in (("start_cpu_s", min), ("judgments_per_s", max)):
+        compiled, eager = (best(r[key] for r in rows[name]) for name in ("compiled", "eager"))
+        print(f"{key}: compiled {compiled:.2f}, eager {eager:.2f}, eager/compiled {eager / compiled:.2f}x")
 
 
 if __name__ == "__main__":

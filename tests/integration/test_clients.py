@@ -21,6 +21,7 @@ from bench.clients import (
     ClientError,
     flat,
     mxbai,
+    order,
     our_scores,
     per_query,
     run_client,
@@ -45,7 +46,7 @@ def _clients_venv():
 
 def assert_same(got: list[float], expected: list[float], tol: float = 1e-3) -> None:
     assert got == pytest.approx(expected, abs=tol)
-    assert sorted(range(len(got)), key=lambda i: -got[i]) == sorted(range(len(expected)), key=lambda i: -expected[i])
+    assert order(got) == order(expected)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_sentence_transformers_cross_encoder_scores_like_prorank_eval(exported, 
         ranked = model.rank(pairs[0][0], [d for _, d in pairs], batch_size=8)
         got = {r["corpus_id"]: float(r["score"]) for r in ranked}
         assert_same([got[i] for i in range(len(pairs))], ours[FULL][qid])
-        assert [r["corpus_id"] for r in ranked] == sorted(range(len(pairs)), key=lambda i: -ours[FULL][qid][i])
+        assert [r["corpus_id"] for r in ranked] == order(ours[FULL][qid])
 
 
 def test_vllm_score_api_scores_like_prorank_eval(exported, candidates, ours):
