@@ -59,8 +59,9 @@ def save_checkpoint(job: Job, stage: Stage, root: Path) -> bool:
 
 
 def best_checkpoint(job: Job, stage: Stage, root: Path) -> Path | None:
-    """The kept step folder whose step has the highest dev nDCG@10 so far (None before any)."""
-    dev = {row["step"]: row["ndcg@10"] for row in job.run.dev_history()}
+    """The kept step folder whose step has the highest dev nDCG@10 so far on the set `train.best_dev` names
+    (None before any)."""
+    dev = {row["step"]: row["ndcg@10"] for row in job.run.dev_history(job.dev.best_key)}
     scored = [
         (dev[stage.offset + checkpoints.step_of(p)], p)
         for p in checkpoints.steps_on_disk(root)

@@ -41,6 +41,31 @@ def source_values(section: str, spec: str | None, hub_default_owner: str | None 
     return {f"{section}.path": None, f"{section}.hub_id": spec}
 
 
+def split_name(spec: str) -> tuple[str, str]:
+    """`NAME=SOURCE` -> (NAME, SOURCE); a plain SOURCE (even one holding "=" that exists) -> ("", SOURCE)."""
+    name, sep, source = spec.partition("=")
+    return (name, source) if sep and not Path(spec).exists() else ("", spec)
+
+
+def several_values(
+    key: str, flag: str, specs: list[str] | None, hub_default_owner: str | None = None, **common
+) -> dict[str, Any]:
+    """Repeated `--data`/`--model` values -> `{key: [entry, ...]}` (eval.datasets, eval.models), each
+    `NAME=SOURCE` or `SOURCE` (named after the folder), with the `common` keys the flags gave; {} for one
+    unnamed value (it is `data`/`model` itself)."""
+    named = [split_name(spec) for spec in specs or []]
+    if len(named) < 2 and not any(name for name, _ in named):
+        return {}
+    entries = []
+    for name, source in named:
+        entry = {k.split(".")[-1]: v for k, v in source_values(flag, source, hub_default_owner).items()}
+        entry = {k: v for k, v in entry.items() if v is not None}
+        if name or flag == "model":  # a model's rows need a name; a dataset's defaults to its folder's
+            entry["name"] = name or Path(source.rstrip("/")).name
+        entries.append({**entry, **{k: v for k, v in common.items() if v is not None}})
+    return {key: entries}
+
+
 def given(values: dict[str, Any]) -> dict[str, Any]:
     """Flag values the user gave; a source's `path` stays even when None, to clear the config's."""
     return {k: v for k, v in values.items() if v is not None or k.endswith(".path")}

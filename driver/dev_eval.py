@@ -1,6 +1,11 @@
 """Dev evaluation off the critical path: nDCG@10 of the weights the actors serve, on held-out training
 queries (their BM25 top-k reranked), scored on a rollout actor while the learner goes on.
 
+More dev sets (`train.dev_sets`: a seeded sample of another dataset's queries) go in the same call; each
+set's figures are logged under its name (dev/<name>/ndcg@10, the held-out set's under the training data's
+name), the first set's also as dev/ndcg@10, which the progress line, the plots and the summary show.
+`train.best_dev` names the set whose figure picks the best checkpoint kept.
+
 The actor scores with vLLM: the logprobs of "0" and "1" at the answer position, whose difference is the
 score `prorank eval` computes with transformers (the same prompts; equal within 1e-3 in float32, see
 tests/integration/test_actors.py). The call is queued behind the weight pull just sent to that actor, so it
@@ -11,27 +16,70 @@ loads no model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayActorError
 
 from prorank.actors.pool import PoolError
+from prorank.bm25 import Ranking, bm25_search
+from prorank.config_file import ConfigError
+from prorank.data import BeirDataset, load_dataset
 from prorank.eval.metrics import evaluate, ranked_to_run
 from prorank.eval.rerank import candidate_pairs, rerank_by_scores
 
 log = logging.getLogger(__name__)
 
 
-class DevEval:
-    def __init__(self, cfg, dataset, ranking, query_ids: list[str], pool):
+@dataclass
+class DevSet:
+    """One named dev set: its queries' BM25 top `dev_depth` as (query, document) pairs, and BM25's figure."""
 
-        self.depth, self.dataset, self.pool = cfg.train.dev_depth, dataset, pool
-        self.ranking = {q: ranking[q] for q in query_ids}
-        self.enabled = bool(query_ids)
-        self.pairs = candidate_pairs(dataset, self.ranking, self.depth)
-        self.flat = [p for pairs in self.pairs.values() for p in pairs]
-        bm25_order = {q: [d for d, _ in h] for q, h in self.ranking.items()}
-        self.bm25 = evaluate(dataset.eval_qrels, ranked_to_run(bm25_order))["nDCG@10"] if query_ids else None
+    name: str
+    dataset: BeirDataset
+    ranking: Ranking  # its queries only
+    pairs: dict[str, list[tuple[str, str]]]
+    bm25: float
+
+
+def dev_set(name: str, dataset: BeirDataset, ranking: Ranking, query_ids: list[str], depth: int) -> DevSet:
+    ranking = {q: ranking[q] for q in query_ids}
+    bm25_order = {q: [d for d, _ in h] for q, h in ranking.items()}
+    bm25 = evaluate(dataset.eval_qrels, ranked_to_run(bm25_order))["nDCG@10"]
+    return DevSet(name, dataset, ranking, candidate_pairs(dataset, ranking, depth), bm25)
+
+
+def load_dev_sets(cfg, held_out: str) -> list[DevSet]:
+    """The sets of `train.dev_sets`, each a seeded sample (train.seed) of its queries with their BM25 top
+    `train.dev_depth`; an error naming the entry for a name used twice (`held_out` is the first set's) or a
+    `train.best_dev` naming no set. Called before the job starts anything."""
+    tc, sets = cfg.train, []
+    names = [held_out] if tc.dev_queries else []
+    for index, entry in enumerate(tc.dev_sets):
+        dataset = load_dataset(entry)
+        if dataset.name in names:
+            raise ConfigError(f"train.dev_sets.{index}: a second dev set named {dataset.name!r}; give it a name")
+        names.append(dataset.name)
+        query_ids = dataset.sample(entry.queries, tc.seed)
+        ranking = bm25_search(dataset, query_ids, cfg.bm25.model_copy(update={"top_k": tc.dev_depth}))
+        sets.append(dev_set(dataset.name, dataset, ranking, query_ids, tc.dev_depth))
+    if tc.best_dev is not None and tc.best_dev not in names:
+        raise ConfigError(f"train.best_dev {tc.best_dev!r} names no dev set (they are: {names})")
+    return sets
+
+
+class DevEval:
+    def __init__(self, cfg, dataset, ranking, query_ids: list[str], pool, more: Sequence[DevSet] = ()):
+        """The held-out `query_ids` of the training `dataset` (its BM25 `ranking`), then the sets `more`."""
+        self.depth, self.pool = cfg.train.dev_depth, pool
+        held_out = [dev_set(dataset.name, dataset, ranking, query_ids, self.depth)] if query_ids else []
+        self.sets = held_out + list(more)
+        self.enabled = bool(self.sets)
+        self.flat = [p for s in self.sets for pairs in s.pairs.values() for p in pairs]
+        self.bm25 = self.sets[0].bm25 if self.sets else None  # the first set's, as dev/bm25_ndcg@10
+        best = cfg.train.best_dev or (self.sets[0].name if self.sets else "")
+        self.best_key = f"dev/{best}/ndcg@10"  # what picks the best checkpoint
         self.pending, self.actor = None, ""  # the ObjectRef of the evaluation under way, and its actor
         self.lost: set[str] = set()  # actors this evaluation was sent to that died
         self.skipped = 0  # evaluations not started because the previous one was still running
@@ -76,15 +124,16 @@ class DevEval:
         return None
 
     def _figures(self, value: dict) -> dict[str, float]:
-
-        scores, at = {}, 0
-        for qid, pairs in self.pairs.items():
-            scores[qid], at = value["scores"][at : at + len(pairs)], at + len(pairs)
-        values = evaluate(self.dataset.eval_qrels, ranked_to_run(rerank_by_scores(self.ranking, self.depth, scores)))
-        return {
-            "dev/ndcg@10": values["nDCG@10"],
-            "dev/mrr@10": values["RR@10"],
-            "dev/bm25_ndcg@10": self.bm25,
-            "dev/seconds": value["seconds"],
-            "dev/skipped": float(self.skipped),
-        }
+        """Each set's figures under its name (the first set's also unnamed), from the scores in `flat`'s order."""
+        figures, at = {}, 0
+        for index, dev in enumerate(self.sets):
+            scores = {}
+            for qid, pairs in dev.pairs.items():
+                scores[qid], at = value["scores"][at : at + len(pairs)], at + len(pairs)
+            ranked = rerank_by_scores(dev.ranking, self.depth, scores)
+            values = evaluate(dev.dataset.eval_qrels, ranked_to_run(ranked))
+            named = {"ndcg@10": values["nDCG@10"], "mrr@10": values["RR@10"], "bm25_ndcg@10": dev.bm25}
+            figures.update({f"dev/{dev.name}/{key}": v for key, v in named.items()})
+            if index == 0:
+                figures.update({f"dev/{key}": v for key, v in named.items()})
+        return {**figures, "dev/seconds": value["seconds"], "dev/skipped": float(self.skipped)}

@@ -4,7 +4,6 @@ registers them). Role imports stay inside the commands so that `prorank --help` 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,13 +14,13 @@ from prorank.config_file import ConfigError, load_config
 from prorank.data import DataError
 from prorank.driver.cli_options import (
     ConfigOpt,
-    DataOpt,
     Overrides,
     SplitOpt,
     StrictOpt,
     fail,
     fail_on_full_disk,
     given,
+    several_values,
     source_values,
 )
 from prorank.eval.compare import compare_runs, p_values
@@ -34,12 +33,26 @@ from prorank.prompt import PromptError
 
 def eval_command(
     config: ConfigOpt = None,
-    data: DataOpt = None,
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="BEIR folder or hub id (BeIR/scifact, scifact); again for another dataset in the same report "
+            "(eval.datasets; NAME=FOLDER names it)."
+        ),
+    ] = None,
     split: SplitOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Model folder or hub id; none: BM25 only.")] = None,
+    model: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Model folder or hub id; none: the first stage only. Again for another model in the same "
+            "report (eval.models; NAME=FOLDER names it, else the folder's name)."
+        ),
+    ] = None,
     top_k: Annotated[Optional[int], typer.Option(help="BM25 candidates per query.")] = None,
     rerank_depth: Annotated[Optional[int], typer.Option(help="How many of them the model reranks.")] = None,
-    max_queries: Annotated[Optional[int], typer.Option(help="Evaluate the first N queries.")] = None,
+    max_queries: Annotated[
+        Optional[int], typer.Option(help="Evaluate a seeded sample of N queries of each dataset (eval.seed).")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     dtype: Annotated[
         Optional[str],
@@ -76,18 +89,28 @@ def eval_command(
             "training queries (eval.fusion)."
         ),
     ] = None,
+    runs_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="With several datasets or models: every system's run as RUNS_DIR/<dataset>/<system>.trec."),
+    ] = None,
     strict: StrictOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """Rerank first-stage candidates (BM25, or --candidates) with a model's relevance score, alone and fused
-    with the first stage; report nDCG@10, RR@10, R@100, per-query nDCG@10 and TREC runs."""
+    with the first stage; report nDCG@10, RR@10, R@100, per-query nDCG@10 and TREC runs. Several datasets
+    or models (repeated --data/--model, or eval.datasets/eval.models): one report with a table over them."""
 
     from prorank.eval.run import run_eval  # noqa: PLC0415 pulls torch, which importing this module does not
 
     try:
+        several = {
+            **several_values("eval.datasets", "data", data, "BeIR", split=split, strict=strict),
+            **several_values("eval.models", "model", model, dtype=dtype),
+        }
         values = {
-            **source_values("data", data, hub_default_owner="BeIR"),
-            **source_values("model", model),
+            **(source_values("data", data[0], "BeIR") if data and "eval.datasets" not in several else {}),
+            **(source_values("model", model[0]) if model and "eval.models" not in several else {}),
+            **several,
             "data.split": split,
             "bm25.top_k": top_k,
             "eval.rerank_depth": rerank_depth,
@@ -102,13 +125,19 @@ def eval_command(
             "eval.fusion": fusion,
             "prompt.max_length": max_length,
             "prompt.instruction": instruction,
+            "eval.runs_dir": str(runs_dir) if runs_dir else None,
         }
         cfg = load_config(config, overrides or [], given(values))
-        report = run_eval(cfg, progress=sys.stderr.isatty())
+        if cfg.eval.datasets or cfg.eval.models:
+            from prorank.eval.benchmark import run_benchmark  # noqa: PLC0415 as run_eval
+
+            print_benchmark(run_benchmark(cfg), cfg.eval.output)
+            return
+        report = run_eval(cfg)
     except (ConfigError, DataError, ModelError, PromptError) as err:
         fail(err)
     except OSError as err:
-        fail_on_full_disk(err, str(output or run_out or "the output"))
+        fail_on_full_disk(err, str(output or run_out or runs_dir or "the output"))
 
     s = report.settings
     from rich.console import Console  # noqa: PLC0415 rich's tables: only a finished evaluation prints one
@@ -142,6 +171,38 @@ def eval_command(
         console.print(f"run of {system} written to {path}")
     if cfg.eval.output:
         console.print(f"report written to {cfg.eval.output}")
+
+
+def print_benchmark(bench, output: str | None) -> None:
+    """The multi-dataset report's table on the console, and where its files went."""
+    from rich.console import Console  # noqa: PLC0415 rich's tables: only a finished evaluation prints one
+    from rich.table import Table  # noqa: PLC0415 as above
+
+    from prorank.eval.benchmark import MEASURES, markdown_path  # noqa: PLC0415 pulls torch, as run_eval
+
+    table = Table(title=f"{len(bench.reports)} datasets, BM25 top {bench.settings['bm25_top_k']}")
+    for column in ("dataset", "system", *MEASURES, "p vs first stage", "queries"):
+        table.add_column(column, justify="left" if column in ("dataset", "system") else "right")
+    for name, report in bench.reports.items():
+        s = report.settings
+        for system, values in report.metrics.items():
+            p = bench.p_against_first_stage(name, system)
+            table.add_row(
+                name,
+                system,
+                *(f"{values[m]:.4f}" for m in MEASURES),
+                "" if p is None else f"{p:.3g}",
+                f"{s['queries']} of {s['queries_in_split']}",
+            )
+    for system, values in bench.average.items():
+        table.add_row("average", system, *(f"{values[m]:.4f}" for m in MEASURES), "", "")
+    console = Console()
+    console.print(table)
+    for name, report in bench.reports.items():
+        for system, path in report.settings.get("run_files", {}).items():
+            console.print(f"run of {system} on {name} written to {path}")
+    if output:
+        console.print(f"report written to {output}, its table to {markdown_path(output)}")
 
 
 def compare_command(
@@ -260,7 +321,7 @@ def export_command(
                 ModelConfig(path=checkpoint_model_dir(str(checkpoint)), dtype=cfg.model.dtype)
             )
             method: Method = "rrf" if fusion == "rrf" else "wsum"  # checked to be one of the two above
-            fused = tune_on_held_out(cfg, model, tokenizer, method, progress=sys.stderr.isatty())
+            fused = tune_on_held_out(cfg, model, tokenizer, method)
             typer.echo(f"fusion tuned on {fused.tuned_on['queries']} held-out queries: {fused.describe()}")
         out = export_model(checkpoint, output, reports, prompt, name, None if fusion == "none" else fused)
         if adapter:

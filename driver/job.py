@@ -33,7 +33,7 @@ from prorank.batches import PromptSampler
 from prorank.bm25 import bm25_search
 from prorank.data import load_dataset
 from prorank.driver.control import start_control
-from prorank.driver.dev_eval import DevEval
+from prorank.driver.dev_eval import DevEval, load_dev_sets
 from prorank.driver.loop import BusyClock, Job, StopFlag, run_stage
 from prorank.driver.score_stage import ScoreStage
 from prorank.driver.stop import StopSignals
@@ -66,6 +66,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     dataset = load_dataset(data_cfg)
     depth = max(wc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
     ranking = bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
+    more_dev = load_dev_sets(cfg, dataset.name)  # train.dev_sets: loaded and checked before anything starts
     token = _job_token(cfg)
     # A second job on this folder is refused here: after the inputs are checked (a bad one leaves no
     # folder behind), before anything is started or written.
@@ -111,7 +112,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
         sync = WeightSync(token, cfg.weights, cfg.learner.lora)
         pool = ActorPool(model_path, cfg.actors, cfg.sampling, cfg.prompt, sync.receivers()).start(wait=False)
         stack.callback(pool.shutdown)
-        dev = DevEval(cfg, dataset, ranking, prompts.dev_query_ids, pool)
+        dev = DevEval(cfg, dataset, ranking, prompts.dev_query_ids, pool, more_dev)
         clock = BusyClock(pool)
         pool.wait_ready()
         resumed_at = warmup_done if run_warm else offset + score_done

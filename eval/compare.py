@@ -48,25 +48,32 @@ def compare_runs(
     """ranx's Report of the runs (named by `names`, else by file stem) on the queries of the qrels: a run's
     query with no line scores 0 there. Run files are checked line by line first (document ids against the
     qrels are not: a run retrieves documents nobody judged)."""
-    from ranx import Qrels, Run, compare  # noqa: PLC0415 ranx: heavy (numba), only fusion and significance need it
-
     if len(run_paths) < 2:
         raise RunFileError("compare needs at least two run files")
     qrels = read_qrels(qrels_path)
     names = names or [Path(p).name.removesuffix(".trec").removesuffix(".run") for p in run_paths]
     if len(set(names)) != len(names):
         raise RunFileError(f"two runs share a name: {names} (give --name for each)")
-    runs = []
+    runs = {}
     for path, name in zip(run_paths, names):
         ranking = read_run(path, _Everything(), _Everything())
         unknown = sorted(set(ranking) - set(qrels))
         if len(unknown) == len(ranking):
             raise RunFileError(f"{path}: none of its queries is in {qrels_path}")
-        run = {q: dict(hits) for q, hits in ranking.items() if q in qrels}
-        runs.append(Run.from_dict({q: run.get(q, {}) for q in qrels}, name=name))
+        runs[name] = {q: dict(hits) for q, hits in ranking.items() if q in qrels}
+    return compare_in_memory(qrels, runs, test, max_p)
+
+
+def compare_in_memory(
+    qrels: dict[str, dict[str, int]], runs: dict[str, dict[str, dict[str, float]]], test: Test = "student", max_p=0.05
+):
+    """ranx's Report of `runs` ({name: {query: {doc: score}}}) on every query of `qrels`: a query a run
+    lacks scores 0 there, as in trec_eval. What `prorank compare` and the multi-dataset report share."""
+    from ranx import Qrels, Run, compare  # noqa: PLC0415 ranx: heavy (numba), only fusion and significance need it
+
     return compare(
         Qrels.from_dict(qrels),
-        runs,
+        [Run.from_dict({q: run.get(q, {}) for q in qrels}, name=name) for name, run in runs.items()],
         metrics=list(METRICS),
         stat_test=test,
         max_p=max_p,

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 
-from tqdm.auto import tqdm
-
 from prorank.bm25 import Ranking, bm25_name, bm25_search
 from prorank.config import ProRankConfig
 from prorank.data import BeirDataset
 from prorank.eval.runs import monotone, read_run
+from prorank.progress import progress as progress_bar
 from prorank.prompt import PromptBuilder, document_text
 from prorank.scoring import score_query
 
@@ -27,10 +26,12 @@ def first_stage(
     cfg: ProRankConfig, dataset: BeirDataset, query_ids: list[str], run_file: str | None
 ) -> tuple[str, Ranking, str]:
     """(system name, each query's candidates best first, description): BM25 (bm25s), or the TREC run in
-    `run_file` (its queries outside `query_ids` left out; a query it lacks has no candidates)."""
+    `run_file` (its queries outside `query_ids` left out; a query it lacks has no candidates). Either way
+    only what the dataset's rules let a query retrieve (BeirDataset.may_retrieve)."""
     if not run_file:
         return "bm25", bm25_search(dataset, query_ids, cfg.bm25), bm25_name(cfg.bm25)
-    run = read_run(run_file, dataset.queries, dataset.corpus, cfg.bm25.top_k)
+    run = read_run(run_file, dataset.queries, dataset.corpus)
+    run = {q: [(d, s) for d, s in hits if dataset.may_retrieve(q, d)][: cfg.bm25.top_k] for q, hits in run.items()}
     missing = [q for q in query_ids if q not in run]
     if missing:  # as trec_eval counts them: no candidates, every measure 0
         log.warning(
@@ -63,9 +64,7 @@ def model_scores(
     """The model's score of each query's top `depth` candidates, in first-stage order. A query's candidates
     are scored together, with the prompt tokens they share encoded once."""
     scores = {}
-    bar = tqdm(
-        total=sum(min(depth, len(h)) for h in ranking.values()), desc="scoring pairs", unit="pair", disable=not progress
-    )
+    bar = progress_bar(sum(min(depth, len(h)) for h in ranking.values()), "scoring pairs", "pair", progress)
     for qid, pairs in candidate_pairs(dataset, ranking, depth).items():
         documents = [d for _, d in pairs]
         scores[qid] = score_query(model, builder, dataset.queries[qid], documents, batch_size) if pairs else []

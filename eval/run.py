@@ -22,12 +22,12 @@ from torch.utils.tensorboard import SummaryWriter
 from prorank.bm25 import Ranking
 from prorank.config import ProRankConfig
 from prorank.config_file import ConfigError
-from prorank.data import load_dataset
+from prorank.data import BeirDataset, load_dataset
 from prorank.eval.fusion import choose_fusion
 from prorank.eval.metrics import evaluate, per_query, scored_to_run
 from prorank.eval.rerank import first_stage, model_scores, rerank_depth, scored_ranking, top_runs
 from prorank.eval.runs import monotone, write_run
-from prorank.fusion import fuse
+from prorank.fusion import FusionSettings, fuse
 from prorank.models import load_causal_lm, model_context, resolve_model
 from prorank.prompt import PromptBuilder, check_model_layout
 
@@ -49,6 +49,22 @@ class EvalReport:
         }
 
 
+@dataclass
+class Scorer:
+    """A model of an evaluation: its name (its systems are `name` alone and `name`+fused; the one model of
+    a plain `prorank eval` is "model", fused "fused"), the loaded model, where it came from, its fusion."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    source: str | None = None
+    fusion: FusionSettings | None = None
+
+    @property
+    def fused_name(self) -> str:
+        return "fused" if self.name == "model" else f"{self.name}+fused"
+
+
 def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = True) -> EvalReport:
     """The first stage's metrics, plus the model's (and the fused ones) when a model is given or configured."""
     if cfg.eval.fusion in ("wsum", "rrf") and model is None and not (cfg.model.path or cfg.model.hub_id):
@@ -62,56 +78,79 @@ def run_eval(cfg: ProRankConfig, model=None, tokenizer=None, progress: bool = Tr
     if model is None and (cfg.model.path or cfg.model.hub_id):  # a model trained on another layout: say so now
         source = resolve_model(cfg.model)
         check_model_layout(source, cfg.prompt.layout)
-    clock = time.perf_counter()
     dataset = load_dataset(cfg.data)
-    query_ids = dataset.query_ids[: cfg.eval.max_queries]
-    name, ranking, described = first_stage(cfg, dataset, query_ids, cfg.eval.candidates)
+    query_ids = dataset.sample(cfg.eval.max_queries, cfg.eval.seed)
+    scorers = []
+    if source is not None:
+        model, tokenizer = load_causal_lm(cfg.model)
+    if model is not None:
+        fusion = choose_fusion(cfg, model, tokenizer, source, query_ids, progress)  # before the test scoring
+        scorers.append(Scorer("model", model, tokenizer, source, fusion))
+    report = evaluate_dataset(cfg, dataset, query_ids, cfg.eval.candidates, scorers, progress)
+    write_tensorboard(report, cfg.eval.tensorboard_dir or default_tensorboard_dir(dataset.name, cfg.data.split))
+    write_outputs(cfg, report)
+    return report
+
+
+def evaluate_dataset(
+    cfg: ProRankConfig,
+    dataset: BeirDataset,
+    query_ids: list[str],
+    candidates: str | None,
+    scorers: list[Scorer],
+    progress: bool = True,
+) -> EvalReport:
+    """One dataset's report: the first stage (BM25, or the TREC run `candidates`) on `query_ids`, then each
+    scorer's reranking of its top `rerank_depth`, alone and fused by the scorer's fusion (when it has one)."""
+    clock = time.perf_counter()
+    name, ranking, described = first_stage(cfg, dataset, query_ids, candidates)
     seconds = {name: time.perf_counter() - clock}
     systems: dict[str, Ranking] = {name: {q: monotone(hits) for q, hits in ranking.items()}}
     depth = rerank_depth(cfg)
     settings: dict[str, Any] = {
         "dataset": dataset.name,
         "source": dataset.source,
-        "split": cfg.data.split,
+        "split": dataset.split,
         "queries": len(query_ids),
         "queries_in_split": len(dataset.query_ids),
+        "sample_seed": cfg.eval.seed if len(query_ids) < len(dataset.query_ids) else None,
+        "ignore_identical_ids": dataset.ignore_identical_ids,
         "first_stage": described,
         "bm25_top_k": cfg.bm25.top_k,
     }
-    if source is not None:
-        model, tokenizer = load_causal_lm(cfg.model)
-        settings["model"] = source
-    if model is not None:
-        fusion = choose_fusion(cfg, model, tokenizer, source, query_ids, progress)  # before the test scoring
+    for scorer in scorers:
         clock = time.perf_counter()
-        builder = PromptBuilder.from_config(tokenizer, cfg.prompt, model_context(model))
-        scores = model_scores(model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
-        seconds["model"] = time.perf_counter() - clock
-        systems["model"] = scored_ranking(ranking, depth, scores)
-        settings.update(
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-            rerank_depth=depth,
-            prompt=builder.settings(),
-            max_length=builder.max_length,
-            pairs=sum(min(depth, len(hits)) for hits in ranking.values()),
-        )
-        if fusion is not None:
-            fused = fuse(*top_runs(ranking, depth, scores), fusion)
-            systems["fused"] = scored_ranking(
+        builder = PromptBuilder.from_config(scorer.tokenizer, cfg.prompt, model_context(scorer.model))
+        scores = model_scores(scorer.model, builder, dataset, ranking, depth, cfg.eval.batch_size, progress)
+        seconds[scorer.name] = time.perf_counter() - clock
+        systems[scorer.name] = scored_ranking(ranking, depth, scores)
+        about = {
+            "dtype": str(next(scorer.model.parameters()).dtype).removeprefix("torch."),
+            "rerank_depth": depth,
+            "prompt": builder.settings(),
+            "max_length": builder.max_length,
+            "pairs": sum(min(depth, len(hits)) for hits in ranking.values()),
+        }
+        if scorer.source is not None:
+            about["model"] = scorer.source
+        if scorer.fusion is not None:
+            fused = fuse(*top_runs(ranking, depth, scores), scorer.fusion)
+            systems[scorer.fused_name] = scored_ranking(
                 ranking, depth, {q: [fused[q][d] for d, _ in hits[:depth]] for q, hits in ranking.items()}
             )
-            settings["fusion"] = fusion.model_dump()
+            about["fusion"] = scorer.fusion.model_dump()
+        if len(scorers) == 1:  # a plain `prorank eval`: the model's settings at the top, as before
+            settings.update(about)
+        else:
+            settings.setdefault("models", {})[scorer.name] = about
     runs = {system: scored_to_run(r) for system, r in systems.items()}
-    report = EvalReport(
+    return EvalReport(
         {s: evaluate(dataset.eval_qrels, run) for s, run in runs.items()},
         settings,
         seconds,
         {s: per_query(dataset.eval_qrels, run) for s, run in runs.items()},
         systems,
     )
-    write_tensorboard(report, cfg.eval.tensorboard_dir or default_tensorboard_dir(dataset.name, cfg.data.split))
-    write_outputs(cfg, report)
-    return report
 
 
 def run_paths(run_out: str, systems: list[str], all_runs: bool) -> dict[str, Path]:

@@ -70,7 +70,8 @@ def bm25_name(cfg: BM25Config) -> str:
 
 
 def bm25_search(dataset: BeirDataset, query_ids: list[str], cfg: BM25Config) -> Ranking:
-    """Top `cfg.top_k` documents for each query id, from the cache when it has them."""
+    """Top `cfg.top_k` documents for each query id that the dataset's rules let it retrieve (not the query's
+    own id where `ignore_identical_ids` holds), from the cache when it has them."""
     unknown = [q for q in query_ids if q not in dataset.queries]
     if unknown:
         raise KeyError(f"unknown query ids: {unknown[:5]}")
@@ -78,20 +79,24 @@ def bm25_search(dataset: BeirDataset, query_ids: list[str], cfg: BM25Config) -> 
     root.mkdir(parents=True, exist_ok=True)
     index_key = _index_key(dataset, cfg)
     k = min(cfg.top_k, len(dataset.corpus))
-    run_path = root / f"{index_key}-run-{_digest([k, query_ids])}.json"
+    rule = dataset.ignore_identical_ids
+    run_path = root / f"{index_key}-run-{_digest([k, query_ids] + ([rule] if rule else []))}.json"
     if run_path.is_file():
         cached = json.loads(run_path.read_text())
         return {qid: [(d, s) for d, s in cached[qid]] for qid in query_ids}
 
     retriever = _load_or_build_index(dataset, cfg, root / index_key)
     doc_ids = list(dataset.corpus)
+    # One more where a query's own document may be among the hits, which the rule then drops.
     indices, scores = retriever.retrieve(
-        _tokenize([dataset.queries[q] for q in query_ids], cfg), k=k, show_progress=False
+        _tokenize([dataset.queries[q] for q in query_ids], cfg),
+        k=min(k + (1 if rule else 0), len(doc_ids)),
+        show_progress=False,
     )
-    ranking: Ranking = {
-        qid: [(doc_ids[int(i)], float(s)) for i, s in zip(idx_row, score_row)]
-        for qid, idx_row, score_row in zip(query_ids, indices, scores)
-    }
+    ranking: Ranking = {}
+    for qid, idx_row, score_row in zip(query_ids, indices, scores):
+        hits = [(doc_ids[int(i)], float(s)) for i, s in zip(idx_row, score_row)]
+        ranking[qid] = [(d, s) for d, s in hits if dataset.may_retrieve(qid, d)][:k]
     tmp = run_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(ranking))
     tmp.replace(run_path)

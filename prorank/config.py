@@ -16,7 +16,8 @@ from prorank.stage_config import GrpoSettings, Schedule, ScoreConfig, WarmupConf
 
 
 class DataConfig(Section):
-    """Where a BEIR-format dataset comes from: a local folder first, the Hugging Face hub as fallback."""
+    """Where a BEIR-format dataset comes from: a local folder first, the Hugging Face hub as fallback, and
+    the rules of the collection (prorank/data.py applies them wherever its documents are retrieved)."""
 
     path: str | None = None
     hub_id: str | None = "BeIR/scifact"
@@ -24,6 +25,12 @@ class DataConfig(Section):
     # Published BEIR collections hold empty documents and qrels naming documents or queries that are not
     # there; they are kept / counted as the IR tools do, with one warning. strict: refuse them instead.
     strict: bool = False
+    # What reports, run folders and dev figures call it (dev/<name>/ndcg@10); None: the folder's name.
+    name: str | None = Field(None, pattern=r"^[\w.-]+$")
+    # A document whose id is the query's own id is never a candidate (BEIR's `ignore_identical_ids`:
+    # ArguAna's queries are arguments of its corpus). None: as prorank/data.py declares for the collection
+    # (IDENTICAL_IDS_IGNORED: ArguAna, Quora), else false.
+    ignore_identical_ids: bool | None = None
 
     @model_validator(mode="after")
     def _some_source(self) -> DataConfig:
@@ -67,13 +74,34 @@ class ModelConfig(Section):
     device: str = "auto"
 
 
+class EvalDataset(DataConfig):
+    """One dataset of a multi-dataset evaluation: `data`'s keys, and its own first stage."""
+
+    hub_id: str | None = None
+    candidates: str | None = None  # a TREC run of this dataset's queries; None: BM25
+    max_queries: int | None = Field(None, ge=1)  # None: eval.max_queries
+
+
+class EvalModel(ModelConfig):
+    """One model of a multi-model evaluation: `model`'s keys and the name its rows carry."""
+
+    name: str = Field(pattern=r"^[\w.-]+$")
+
+
 class EvalConfig(Section):
     """Reranking first-stage candidates (BM25's, or any TREC run's) with a model's relevance score, alone
     and fused with the first stage's scores."""
 
     candidates: str | None = None  # a TREC run file whose candidates are reranked instead of BM25's
     rerank_depth: int | None = Field(None, ge=1)  # None: rerank all of bm25.top_k
+    # A seeded sample of each dataset's queries (kept in qrels order), the same for every system.
     max_queries: int | None = Field(None, ge=1)
+    seed: int = 0  # of that sample
+    # Several datasets in one report (eval/benchmark.py); empty: `data` alone.
+    datasets: list[EvalDataset] = []
+    # Several models in one report, each alone and fused; empty: `model` (or none: the first stage only).
+    models: list[EvalModel] = []
+    runs_dir: str | None = None  # with several datasets or models: <runs_dir>/<dataset>/<system>.trec
     batch_size: int = Field(16, ge=1)
     output: str | None = None  # the report (JSON): metrics, per-query nDCG@10, settings
     run_out: str | None = None  # the final ranking as a TREC run file
@@ -231,6 +259,13 @@ def moved_keys(raw: Any) -> list[str]:
     return found
 
 
+class DevSet(DataConfig):
+    """A dev set beside the held-out training queries: `data`'s keys and how many queries to sample."""
+
+    hub_id: str | None = None
+    queries: int = Field(50, ge=1)  # a sample drawn by train.seed, in qrels order
+
+
 class TrainConfig(Section):
     """The job (`prorank train`): its stages, the training queries and the dev set held out of them,
     checkpoints kept, the clock, output, seed and Ray. Each stage's own settings: `warmup:` and `score:`."""
@@ -240,6 +275,12 @@ class TrainConfig(Section):
     max_train_queries: int | None = Field(None, ge=1)  # a subset, for quick runs
     dev_queries: int = Field(50, ge=0)  # training queries held out for dev nDCG@10 (never sampled)
     dev_depth: int = Field(10, ge=1)  # BM25 candidates the model reranks per dev query
+    # More dev sets, each logged as dev/<name>/...: a seeded sample of another dataset's (or split's)
+    # queries, reranked like the held-out ones. The held-out set is named after the training data.
+    dev_sets: list[DevSet] = []
+    # The dev set whose nDCG@10 picks the best checkpoint kept; None: the first (the held-out queries, or
+    # the first of dev_sets without them). Never a split you report on: its figures would then be tuned.
+    best_dev: str | None = None
     # With both stages: dev nDCG@10 of the warmup's final weights too (the score stage's "before"; the
     # warmup teaches the answer format, not the ranking). false: one evaluation less (the quickstart).
     dev_between_stages: bool = True

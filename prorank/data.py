@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +26,12 @@ Record = tuple[str, dict[str, Any]]  # (where it came from, e.g. "corpus.jsonl:1
 
 class DataError(ValueError):
     """A dataset that cannot be used as given; the message says which file and line."""
+
+
+# Collections whose queries are documents of their own corpus, under the same id: BEIR's evaluation drops
+# a retrieved document whose id is the query's (`ignore_identical_ids`), and so does everything here that
+# retrieves from them. `data.ignore_identical_ids` overrides it for any collection.
+IDENTICAL_IDS_IGNORED = frozenset({"arguana", "quora"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,8 @@ class BeirDataset:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]  # what training and the reward use: documents in the corpus only
     source: str = ""
+    # A document whose id is the query's own id is never a candidate (data.ignore_identical_ids).
+    ignore_identical_ids: bool = False
     # Qrels naming documents that are not in the corpus: never retrievable, yet relevant. Evaluation
     # counts them (`eval_qrels`), as BEIR's evaluation, pytrec_eval and ir_datasets do.
     missing_docs: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -59,6 +68,19 @@ class BeirDataset:
     def query_ids(self) -> list[str]:
         """The split's queries, in qrels file order."""
         return list(self.qrels)
+
+    def may_retrieve(self, query_id: str, doc_id: str) -> bool:
+        """Whether `doc_id` may be a candidate for `query_id`: not the query's own id where the rule holds."""
+        return not (self.ignore_identical_ids and query_id == doc_id)
+
+    def sample(self, n: int | None, seed: int) -> list[str]:
+        """`n` of the split's queries drawn by `seed` (all of them when `n` is None or larger), in qrels order:
+        the same seed and split give the same sample."""
+        ids = self.query_ids
+        if n is None or n >= len(ids):
+            return ids
+        chosen = set(random.Random(seed).sample(ids, n))
+        return [q for q in ids if q in chosen]
 
     @cached_property
     def fingerprint(self) -> str:
@@ -280,11 +302,17 @@ def load_hub(hub_id: str, split: str, strict: bool = False) -> BeirDataset:
 
 
 def load_dataset(cfg: DataConfig) -> BeirDataset:
-    """A local folder when `cfg.path` exists, else the hub id; an error if neither can be used."""
+    """A local folder when `cfg.path` exists, else the hub id; an error if neither can be used. It carries
+    the collection's rules and the name `cfg.name` gives it."""
     if cfg.path and Path(cfg.path).is_dir():
-        return load_local(cfg.path, cfg.split, cfg.strict)
-    if cfg.hub_id:
+        dataset = load_local(cfg.path, cfg.split, cfg.strict)
+    elif cfg.hub_id:
         if cfg.path:
             log.info("data.path %s is not a folder: loading %s from the hub", cfg.path, cfg.hub_id)
-        return load_hub(cfg.hub_id, cfg.split, cfg.strict)
-    raise DataError(f"data.path {cfg.path!r} is not a folder and no data.hub_id is set")
+        dataset = load_hub(cfg.hub_id, cfg.split, cfg.strict)
+    else:
+        raise DataError(f"data.path {cfg.path!r} is not a folder and no data.hub_id is set")
+    rule = cfg.ignore_identical_ids
+    dataset.ignore_identical_ids = dataset.name.lower() in IDENTICAL_IDS_IGNORED if rule is None else rule
+    dataset.name = cfg.name or dataset.name
+    return dataset

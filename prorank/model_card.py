@@ -72,6 +72,22 @@ def evaluation_rows(reports: list[dict]) -> list[tuple[str, dict]]:
     return rows
 
 
+def benchmark_section(report: dict) -> list[str]:
+    """A multi-dataset report's table, as `prorank eval` wrote it, with what was evaluated."""
+    settings = report.get("settings", {})
+    models = ", ".join(f"{name} ({about.get('source')})" for name, about in settings.get("models", {}).items())
+    return [
+        "## Evaluation on several datasets",
+        "",
+        f"{len(report['datasets'])} datasets, a sample of at most {settings.get('max_queries') or 'all'} queries "
+        f"each (seed {settings.get('seed')}), BM25 top {settings.get('bm25_top_k')} with the top "
+        f"{settings.get('rerank_depth')} reranked, query + document cut to {settings.get('max_length')} tokens; "
+        f"models: {models or 'none'}. p: {settings.get('test', 'paired t-test')} against the first stage.",
+        "",
+        report["table"],
+    ]
+
+
 def fusion_section(fusion: FusionSettings) -> list[str]:
     """How to fuse the model's score with the first stage's, as chosen on held-out training queries."""
     tuned = fusion.tuned_on
@@ -172,7 +188,10 @@ def model_card(
     ]
     if fusion is not None:
         lines += [line.replace("{name}", name) for line in fusion_section(fusion)]
-    rows = evaluation_rows(reports)
+    for report in reports:  # multi-dataset reports (`prorank eval` of several datasets): their table
+        if "datasets" in report:
+            lines += benchmark_section(report)
+    rows = evaluation_rows([r for r in reports if "datasets" not in r])
     if rows:
         settings = reports[0].get("settings", {})
         lines += [

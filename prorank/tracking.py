@@ -61,13 +61,14 @@ class RunLog:
         self.latest.update(metrics)
         self.last_step = max(self.last_step, step)  # dev figures arrive late, at the step they measured
 
-    def dev_history(self) -> list[dict[str, float]]:
-        """Every dev evaluation of the run so far (a resumed run's earlier ones too), in logged order."""
+    def dev_history(self, key: str = "dev/ndcg@10") -> list[dict[str, float]]:
+        """Every dev evaluation of the run so far (a resumed run's earlier ones too), in logged order: the
+        figure `key` (the first dev set's nDCG@10, or a named set's: dev/<name>/ndcg@10) as "ndcg@10"."""
         self._jsonl.flush()
         return [
-            {"step": r["step"], "ndcg@10": r["dev/ndcg@10"], "wall_hours": r["time/wall_hours"]}
+            {"step": r["step"], "ndcg@10": r[key], "wall_hours": r["time/wall_hours"]}
             for r in map(json.loads, (self.dir / "metrics.jsonl").read_text().splitlines())
-            if "dev/ndcg@10" in r
+            if key in r
         ]
 
     def console_line(self) -> str:

@@ -16,6 +16,7 @@ from prorank.models import build_answering_model, build_tiny_model, convert_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("PRORANK_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))
+ARGUANA = Path(os.environ.get("PRORANK_ARGUANA", ROOT.parent / "shared" / "data" / "arguana"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,6 +29,14 @@ def scifact_dir() -> Path:
     if not (SCIFACT / "corpus.jsonl").is_file():
         pytest.skip(f"SciFact in BEIR layout not found at {SCIFACT} (set PRORANK_SCIFACT)")
     return SCIFACT
+
+
+@pytest.fixture(scope="session")
+def arguana_dir() -> Path:
+    """BEIR's ArguAna (test split only), whose queries are documents of its corpus under the same id."""
+    if not (ARGUANA / "corpus.jsonl").is_file():
+        pytest.skip(f"ArguAna in BEIR layout not found at {ARGUANA} (set PRORANK_ARGUANA)")
+    return ARGUANA
 
 
 @pytest.fixture(scope="session")

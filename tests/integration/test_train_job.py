@@ -27,7 +27,7 @@ from tests.jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, st
 
 
 @pytest.fixture(scope="module")
-def finished_runs(tmp_path_factory, answering_model, scifact_dir) -> dict[str, Path]:
+def finished_runs(tmp_path_factory, answering_model, scifact_dir, arguana_dir) -> dict[str, Path]:
     """Each mode run once, for STEPS steps, the two jobs at once (each mostly waits on its actors, ranks and
     reward calls: one after the other, the cores idled); the tests below read their outputs."""
     jobs = {}
@@ -36,7 +36,11 @@ def finished_runs(tmp_path_factory, answering_model, scifact_dir) -> dict[str, P
         tag = uuid.uuid4().hex
         # The sync run has both stages and two actors (weights relayed from one to the next); async mode is
         # the driver's, one actor shows it (each vLLM engine costs ~13 s of CPU to start).
-        stages, updates = ("warmup,score", {}) if mode == "sync" else ("warmup", {"actors": {"num_actors": 1}})
+        # The sync run also watches a second dev set, ArguAna's (train.dev_sets), logged under its own name.
+        arguana = {"dev_sets": [{"path": str(arguana_dir), "split": "test", "queries": 4}]}
+        stages, updates = (
+            ("warmup,score", {"train": arguana}) if mode == "sync" else ("warmup", {"actors": {"num_actors": 1}})
+        )
         config = job_config(tmp, answering_model, scifact_dir, mode, stages=stages, updates=updates)
         jobs[mode] = (start_job(config, tag), tag, tmp)
     runs = {}
@@ -105,6 +109,27 @@ def test_score_stage_follows_the_warmup(finished_runs):
     assert summary["model"] == str(run / "score-checkpoints" / f"step-{SCORE_STEPS}" / "model")
     assert [d["step"] for d in summary["dev"]] == dev_steps and summary["dev"][0]["step"] == 0  # zero-shot first
     assert len(summary["dev_query_ids"]) == 6  # train.dev_queries of tests/jobs.py
+
+
+def test_two_named_dev_sets_are_logged_apart(finished_runs, scifact_dir):
+    """The held-out training queries (named after the training data) and ArguAna's sample, each under its own
+    name in metrics.jsonl and TensorBoard, from the same evaluations; dev/ndcg@10 is the first set's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415 heavy
+
+    run, held_out = finished_runs["sync"], Path(scifact_dir).resolve().name
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    dev = [m for m in lines if "dev/ndcg@10" in m]
+    assert len(dev) >= 3
+    for m in dev:
+        for name in (held_out, "arguana"):
+            assert 0 <= m[f"dev/{name}/ndcg@10"] <= 1 and 0 < m[f"dev/{name}/bm25_ndcg@10"] <= 1
+        assert m["dev/ndcg@10"] == m[f"dev/{held_out}/ndcg@10"]
+    assert dev[0][f"dev/{held_out}/bm25_ndcg@10"] != dev[0]["dev/arguana/bm25_ndcg@10"]  # two query sets
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"dev/{held_out}/ndcg@10", "dev/arguana/ndcg@10", "dev/arguana/mrr@10"} <= tags
+    assert len(events.Scalars("dev/arguana/ndcg@10")) == len(dev)
 
 
 def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp_path):

@@ -81,9 +81,9 @@ def fake_job(tmp_path, events: list, stop_at: int | None = None, published: int 
     job.run = SimpleNamespace(
         log=lambda step, metrics: logged.setdefault(step, {}).update(metrics),
         console_line=lambda: "",
-        dev_history=lambda: [],
+        dev_history=lambda key: [],
     )
-    job.dev = SimpleNamespace(start=lambda: events.append(("dev",)))
+    job.dev = SimpleNamespace(start=lambda: events.append(("dev",)), best_key="dev/scifact/ndcg@10")
     job.log_dev = lambda wait=False: None
     job.progress_bar = lambda name, start, total: SimpleNamespace(
         update=lambda n: None, close=lambda: None, set_postfix_str=lambda *a, **k: None
@@ -195,10 +195,25 @@ def _writing_stage(events, steps=8):
 def test_checkpoints_are_pruned_to_the_newest_and_the_best_by_dev(tmp_path):
     events = []
     job = fake_job(tmp_path, events)
-    job.run.dev_history = lambda: [{"step": 12, "ndcg@10": 0.9}, {"step": 14, "ndcg@10": 0.5}]  # offset 10
+    job.run.dev_history = lambda key: [{"step": 12, "ndcg@10": 0.9}, {"step": 14, "ndcg@10": 0.5}]  # offset 10
     run_stage(job, _writing_stage(events), resume=False)
     names = sorted(p.name for p in (tmp_path / "score-checkpoints").glob("step-*"))
     assert names == ["step-2", "step-7", "step-8"]  # the last 2 and the best (step 2: global 12)
+
+
+def test_the_best_checkpoint_follows_the_dev_set_named_for_it(tmp_path):
+    """Two dev sets disagree on the best step: the one train.best_dev names (DevEval.best_key) decides."""
+    events = []
+    job = fake_job(tmp_path, events)
+    history = {
+        "dev/scifact/ndcg@10": [{"step": 12, "ndcg@10": 0.9}, {"step": 14, "ndcg@10": 0.5}],
+        "dev/arguana/ndcg@10": [{"step": 12, "ndcg@10": 0.2}, {"step": 14, "ndcg@10": 0.6}],
+    }
+    job.run.dev_history = lambda key: history[key]
+    job.dev.best_key = "dev/arguana/ndcg@10"
+    run_stage(job, _writing_stage(events), resume=False)
+    names = sorted(p.name for p in (tmp_path / "score-checkpoints").glob("step-*"))
+    assert names == ["step-4", "step-7", "step-8"]  # the last 2 and arguana's best (step 4: global 14)
 
 
 def test_no_room_for_a_checkpoint_stops_or_skips_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
