@@ -23,7 +23,7 @@ from prorank.config_file import ConfigError
 from prorank.data import BeirDataset, load_dataset
 from prorank.eval.compare import compare_in_memory, p_values
 from prorank.eval.fusion import choose_fusion
-from prorank.eval.metrics import scored_to_run
+from prorank.eval.metrics import evaluate, scored_to_run
 from prorank.eval.rerank import first_stage, rerank_depth
 from prorank.eval.run import EvalReport, Scorer, check_output_file, evaluate_dataset, write_tensorboard
 from prorank.eval.runs import write_run
@@ -74,9 +74,10 @@ def datasets_of(cfg: ProRankConfig) -> list[EvalDataset]:
 
 
 def models_of(cfg: ProRankConfig) -> list[EvalModel]:
-    """`eval.models`, or `model` named "model" when it names one, or none (the first stage alone)."""
+    """`eval.models` (with `model.dtype` where they set none), or `model` named "model" when it names one,
+    or none (the first stage alone)."""
     if cfg.eval.models:
-        return cfg.eval.models
+        return [m.model_copy(update={"dtype": m.dtype or cfg.model.dtype}) for m in cfg.eval.models]
     if cfg.model.path or cfg.model.hub_id:
         return [EvalModel(**cfg.model.model_dump(), name="model")]
     return []
@@ -132,6 +133,8 @@ def run_benchmark(cfg: ProRankConfig, progress: bool = True) -> Benchmark:
         clock = time.perf_counter()
         report = evaluate_dataset(cfg, dataset, query_ids, entry.candidates, scorers, progress)
         report.seconds["total"] = time.perf_counter() - clock
+        if len(query_ids) < len(dataset.query_ids):  # how far the sample is from the split: the first stage is cheap
+            report.settings["first_stage_all_queries"] = whole_split(cfg, dataset, entry.candidates)
         qrels = {q: dataset.eval_qrels[q] for q in query_ids if q in dataset.eval_qrels}
         ranx_report = compare_in_memory(qrels, {s: scored_to_run(r) for s, r in report.runs.items()})
         tests[name] = [
@@ -164,6 +167,12 @@ def run_benchmark(cfg: ProRankConfig, progress: bool = True) -> Benchmark:
     return bench
 
 
+def whole_split(cfg: ProRankConfig, dataset: BeirDataset, candidates: str | None) -> dict[str, float]:
+    """The first stage's measures on every query of the split, beside the sample's."""
+    _, ranking, _ = first_stage(cfg, dataset, dataset.query_ids, candidates)
+    return evaluate(dataset.eval_qrels, scored_to_run(ranking))
+
+
 def is_data(entry: EvalDataset, cfg: ProRankConfig) -> bool:
     """Whether a dataset of the report is `data`, the one fusions are tuned on (whatever its split)."""
     if entry.path and cfg.data.path:
@@ -193,7 +202,8 @@ def markdown_path(output: str | Path) -> Path:
 
 def markdown_table(bench: Benchmark) -> str:
     """The report as a Markdown table: per dataset each system's measures, its p-value against the first
-    stage on nDCG@10, the queries and seconds; then the average over the datasets."""
+    stage on nDCG@10, the queries and seconds (and, for a sample, the first stage on every query of the
+    split); then the average over the datasets (of the samples)."""
     lines = [
         "| dataset | system | " + " | ".join(MEASURES) + " | p vs first stage (nDCG@10) | queries | seconds |",
         "|---|---|" + "---:|" * (len(MEASURES) + 3),
@@ -207,6 +217,11 @@ def markdown_table(bench: Benchmark) -> str:
             cells = " | ".join(f"{values[m]:.4f}" for m in MEASURES)
             took = f"{report.seconds[system]:.0f}" if system in report.seconds else "-"  # fusion: no scoring
             lines.append(f"| {name} {s['split']} | {system} | {cells} | {shown} | {queries} | {took} |")
+        if "first_stage_all_queries" in s:
+            values, system = s["first_stage_all_queries"], next(iter(report.metrics))
+            cells = " | ".join(f"{values[m]:.4f}" for m in MEASURES)
+            every = f"{s['queries_in_split']} of {s['queries_in_split']}"
+            lines.append(f"| {name} {s['split']} | {system}, every query | {cells} | | {every} | |")
     n = len(bench.reports)
     for system, values in bench.average.items():
         cells = " | ".join(f"{values[m]:.4f}" for m in MEASURES)

@@ -86,6 +86,7 @@ class EvalModel(ModelConfig):
     """One model of a multi-model evaluation: `model`'s keys and the name its rows carry."""
 
     name: str = Field(pattern=r"^[\w.-]+$")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None  # None: model.dtype's
 
 
 class EvalConfig(Section):

@@ -20,6 +20,7 @@ from prorank.driver.cli import app
 from prorank.eval.metrics import evaluate
 from prorank.eval.rerank import candidate_pairs, first_stage
 from prorank.eval.runs import write_run
+from prorank.model_card import model_card
 from prorank.progress import progress
 
 runner = CliRunner()
@@ -137,6 +138,7 @@ def test_two_datasets_two_models_one_report(scifact_dir, arguana_dir, tiny_model
         assert {p.name for p in (runs / name).iterdir()} == {f"{s}.trec" for s in systems}
         if name == "args":
             assert part["settings"]["ignore_identical_ids"]
+            assert abs(part["settings"]["first_stage_all_queries"]["nDCG@10"] - 0.493) < 0.01  # BEIR's figure
             for system in systems:
                 lines = (runs / name / f"{system}.trec").read_text().splitlines()
                 assert not [line for line in lines if line.split()[0] == line.split()[2]]
@@ -146,6 +148,8 @@ def test_two_datasets_two_models_one_report(scifact_dir, arguana_dir, tiny_model
     assert fusion["tuned_on"]["dataset"] == "scifact" and fusion["tuned_on"]["split"] == "train"
     table = out.with_suffix(".md").read_text()
     assert table == report["table"] and "| scifact test | a+fused |" in table and "average of 2" in table
+    card = model_card("m", [report], None, {"max_length": 64}, {})  # what `prorank export --eval` writes
+    assert "## Evaluation on several datasets" in card and table in card
 
 
 def test_a_bad_dataset_in_the_list_fails_before_any_work(scifact_dir, tiny_model_dir, tmp_path):
