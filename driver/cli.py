@@ -114,6 +114,7 @@ def train_command(
     try:
         summary = train(cfg, resume=resume, progress=True, on_start=started, signals=signals)
     except (
+        ConfigError,  # train.dev_sets that cannot be used, found once the datasets are read
         DataError,
         ModelError,
         PromptError,

@@ -191,3 +191,21 @@ def test_named_dev_sets_are_loaded_checked_and_never_see_their_own_argument(argu
         load_dev_sets(
             load_config(None, [f"train.dev_sets=[{json.dumps(entry)}]", "train.best_dev=nfcorpus"]), "scifact"
         )
+
+
+def test_a_job_with_a_dev_set_naming_nothing_fails_before_it_starts(scifact_dir, arguana_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            f"data.path={scifact_dir}",
+            f"model.path={tiny_model_dir}",
+            f"train.output_dir={out}",
+            f"train.dev_sets=[{{path: {arguana_dir}, split: test, queries: 5}}]",
+            "train.best_dev=arguana-test",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "train.best_dev 'arguana-test' names no dev set (they are: ['scifact', 'arguana'])" in result.output
+    assert not out.exists()
