@@ -205,6 +205,23 @@ def print_benchmark(bench, output: str | None) -> None:
         console.print(f"report written to {output}, its table to {markdown_path(output)}")
 
 
+def report_fusion(report: dict, output: Path) -> dict | None:
+    """The fusion an `--eval` report applied to the model exported: a single-model report's, or, in a
+    report of several models, that of the model evaluated from the export's own folder (re-exported with
+    its evaluation, as the recipe does)."""
+    settings = report.get("settings", {})
+    if "fusion" in settings:
+        return settings["fusion"]
+    return next(
+        (
+            about["fusion"]
+            for about in settings.get("models", {}).values()
+            if about.get("fusion") and about.get("source") and Path(about["source"]).resolve() == output.resolve()
+        ),
+        None,
+    )
+
+
 def compare_command(
     runs: Annotated[list[Path], typer.Argument(help="Two or more TREC run files.")],
     qrels: Annotated[Path, typer.Option(help="The qrels: TREC (qid 0 docid grade) or BEIR (qrels/<split>.tsv).")],
@@ -305,9 +322,7 @@ def export_command(
             prompt = cfg.prompt.model_dump()
         if adapter:  # a run without an adapter fails before anything is written
             adapter_of(checkpoint)
-        fused = next(
-            (FusionSettings(**r["settings"]["fusion"]) for r in reports if "fusion" in r.get("settings", {})), None
-        )
+        fused = next((FusionSettings(**f) for r in reports if (f := report_fusion(r, output))), None)
         if fusion not in (None, "none", "wsum", "rrf"):
             raise ConfigError(f"--fusion {fusion!r}: wsum, rrf or none")
         if fusion in ("wsum", "rrf"):

@@ -209,3 +209,24 @@ def test_a_job_with_a_dev_set_naming_nothing_fails_before_it_starts(scifact_dir,
     assert result.exit_code == 2, result.output
     assert "train.best_dev 'arguana-test' names no dev set (they are: ['scifact', 'arguana'])" in result.output
     assert not out.exists()
+
+
+def test_export_takes_the_fusion_of_its_own_model_from_a_report_of_several(tmp_path):
+    """`prorank export --eval` of a multi-model report: the fusion applied to the model evaluated from the
+    export's own folder, not another model's."""
+    from prorank.driver.eval_commands import report_fusion  # noqa: PLC0415 the CLI module, imported where used
+
+    ours, other = tmp_path / "trained", tmp_path / "zero-shot"
+    fusion = {"method": "wsum", "params": {"weights": [0.7, 0.3]}}
+    report = {
+        "datasets": {},
+        "settings": {
+            "models": {
+                "zero-shot": {"source": str(other), "fusion": {"method": "wsum", "params": {"weights": [0.9, 0.1]}}},
+                "trained": {"source": str(ours), "fusion": fusion},
+            }
+        },
+    }
+    assert report_fusion(report, ours) == fusion
+    assert report_fusion(report, tmp_path / "elsewhere") is None
+    assert report_fusion({"settings": {"fusion": fusion}}, tmp_path) == fusion  # a single-model report
