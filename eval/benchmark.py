@@ -77,7 +77,10 @@ def models_of(cfg: ProRankConfig) -> list[EvalModel]:
     """`eval.models` (with `model.dtype` where they set none), or `model` named "model" when it names one,
     or none (the first stage alone)."""
     if cfg.eval.models:
-        return [m.model_copy(update={"dtype": m.dtype or cfg.model.dtype}) for m in cfg.eval.models]
+        return [
+            m if "dtype" in m.model_fields_set else m.model_copy(update={"dtype": cfg.model.dtype})
+            for m in cfg.eval.models
+        ]
     if cfg.model.path or cfg.model.hub_id:
         return [EvalModel(**cfg.model.model_dump(), name="model")]
     return []

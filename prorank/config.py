@@ -83,10 +83,10 @@ class EvalDataset(DataConfig):
 
 
 class EvalModel(ModelConfig):
-    """One model of a multi-model evaluation: `model`'s keys and the name its rows carry."""
+    """One model of a multi-model evaluation: `model`'s keys and the name its rows carry; without a dtype of
+    its own, `model.dtype` (eval/benchmark.py)."""
 
     name: str = Field(pattern=r"^[\w.-]+$")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None  # None: model.dtype's
 
 
 class EvalConfig(Section):

@@ -230,3 +230,12 @@ def test_export_takes_the_fusion_of_its_own_model_from_a_report_of_several(tmp_p
     assert report_fusion(report, ours) == fusion
     assert report_fusion(report, tmp_path / "elsewhere") is None
     assert report_fusion({"settings": {"fusion": fusion}}, tmp_path) == fusion  # a single-model report
+
+
+def test_a_model_of_the_list_without_a_dtype_takes_the_configs():
+    from prorank.eval.benchmark import models_of  # noqa: PLC0415 pulls torch, which the other tests need not
+
+    cfg = load_config(
+        None, ["model.dtype=auto", "eval.models=[{path: a, name: a}, {path: b, name: b, dtype: float32}]"]
+    )
+    assert [(m.name, m.dtype) for m in models_of(cfg)] == [("a", "auto"), ("b", "float32")]
