@@ -23,7 +23,7 @@ from prorank.driver.cli_options import (
     several_values,
     source_values,
 )
-from prorank.eval.compare import compare_runs, p_values
+from prorank.eval.compare import compare_runs, p_value_records, p_values
 from prorank.export import adapter_of, export_adapter, export_model
 from prorank.fusion import FusionSettings, Method
 from prorank.models import ModelError, checkpoint_model_dir, load_causal_lm
@@ -253,10 +253,7 @@ def compare_command(
             "test": test,
             "max_p": max_p,
             "means": report.results,
-            "p_values": [
-                {"run": a, "against": b, "measure": m, "p_value": None if p != p else p, "significant": sig}
-                for a, b, m, p, sig in rows
-            ],
+            "p_values": p_value_records(report),
         }
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")

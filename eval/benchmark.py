@@ -21,11 +21,11 @@ from typing import Any
 from prorank.config import EvalDataset, EvalModel, ProRankConfig
 from prorank.config_file import ConfigError
 from prorank.data import BeirDataset, load_dataset
-from prorank.eval.compare import compare_in_memory, p_values
+from prorank.eval.compare import compare_in_memory, p_value_records
 from prorank.eval.fusion import choose_fusion
 from prorank.eval.metrics import evaluate, scored_to_run
 from prorank.eval.rerank import first_stage, rerank_depth
-from prorank.eval.run import EvalReport, Scorer, check_output_file, evaluate_dataset, write_tensorboard
+from prorank.eval.run import EvalReport, Scorer, check_output_file, evaluate_dataset, write_tensorboard, write_whole
 from prorank.eval.runs import write_run
 from prorank.models import load_causal_lm, resolve_model
 from prorank.prompt import check_model_layout
@@ -99,17 +99,14 @@ def run_benchmark(cfg: ProRankConfig, progress: bool = True) -> Benchmark:
         check_output_file(str(Path(cfg.eval.runs_dir) / "check.trec"), "eval.runs_dir")
     # Every dataset loaded, sampled and given its candidates before any model is loaded: a bad dataset,
     # rule or run file is an error naming it before the work starts.
-    entries = datasets_of(cfg)
-    names = [entry.name or "" for entry in entries]
     loaded: dict[str, tuple[BeirDataset, list[str], EvalDataset]] = {}
-    for index, entry in enumerate(entries):
+    for index, entry in enumerate(datasets_of(cfg)):
         dataset = load_dataset(entry)
         if dataset.name in loaded:
             raise ConfigError(f"eval.datasets.{index}: a second dataset named {dataset.name!r}; give each a name")
         query_ids = dataset.sample(entry.max_queries or cfg.eval.max_queries, cfg.eval.seed)
         first_stage(cfg, dataset, query_ids, entry.candidates)  # cached: the run file is checked, BM25 built
         loaded[dataset.name] = (dataset, query_ids, entry)
-        names[index] = dataset.name
     tuned = cfg.eval.fusion in ("wsum", "rrf")
     for name, (dataset, _, entry) in loaded.items():
         if tuned and is_data(entry, cfg) and dataset.split == cfg.train.split:
@@ -139,11 +136,7 @@ def run_benchmark(cfg: ProRankConfig, progress: bool = True) -> Benchmark:
         if len(query_ids) < len(dataset.query_ids):  # how far the sample is from the split: the first stage is cheap
             report.settings["first_stage_all_queries"] = whole_split(cfg, dataset, entry.candidates)
         qrels = {q: dataset.eval_qrels[q] for q in query_ids if q in dataset.eval_qrels}
-        ranx_report = compare_in_memory(qrels, {s: scored_to_run(r) for s, r in report.runs.items()})
-        tests[name] = [
-            {"run": a, "against": b, "measure": m, "p_value": None if p != p else p, "significant": sig}
-            for a, b, m, p, sig in p_values(ranx_report)
-        ]
+        tests[name] = p_value_records(compare_in_memory(qrels, {s: scored_to_run(r) for s, r in report.runs.items()}))
         if cfg.eval.runs_dir:
             folder = Path(cfg.eval.runs_dir) / name
             report.settings["run_files"] = {
@@ -153,7 +146,7 @@ def run_benchmark(cfg: ProRankConfig, progress: bool = True) -> Benchmark:
             write_tensorboard(report, str(Path(cfg.eval.tensorboard_dir) / name))
         reports[name] = report
     settings = {
-        "datasets": names,
+        "datasets": list(loaded),
         "models": {
             s.name: {"source": s.source, "fusion": s.fusion.model_dump() if s.fusion else None} for s in scorers
         },
@@ -199,6 +192,10 @@ def average(reports: dict[str, EvalReport]) -> dict[str, dict[str, float]]:
     }
 
 
+def measure_cells(values: dict[str, float]) -> str:
+    return " | ".join(f"{values[m]:.4f}" for m in MEASURES)
+
+
 def markdown_path(output: str | Path) -> Path:
     return Path(output).with_suffix(".md")
 
@@ -217,32 +214,22 @@ def markdown_table(bench: Benchmark) -> str:
         for system, values in report.metrics.items():
             p = bench.p_against_first_stage(name, system)
             shown = "-" if p is None else f"{p:.3g}"
-            cells = " | ".join(f"{values[m]:.4f}" for m in MEASURES)
+            cells = measure_cells(values)
             took = f"{report.seconds[system]:.0f}" if system in report.seconds else "-"  # fusion: no scoring
             lines.append(f"| {name} {s['split']} | {system} | {cells} | {shown} | {queries} | {took} |")
         if "first_stage_all_queries" in s:
             values, system = s["first_stage_all_queries"], next(iter(report.metrics))
-            cells = " | ".join(f"{values[m]:.4f}" for m in MEASURES)
+            cells = measure_cells(values)
             every = f"{s['queries_in_split']} of {s['queries_in_split']}"
             lines.append(f"| {name} {s['split']} | {system}, every query | {cells} | | {every} | |")
     n = len(bench.reports)
     for system, values in bench.average.items():
-        cells = " | ".join(f"{values[m]:.4f}" for m in MEASURES)
+        cells = measure_cells(values)
         lines.append(f"| **average of {n}** | {system} | {cells} | | | |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(bench: Benchmark, output: Path) -> None:
     """The JSON report and its Markdown table beside it, each written whole or not at all."""
-    for path, text in (
-        (output, json.dumps(bench.to_json(), indent=2) + "\n"),
-        (markdown_path(output), markdown_table(bench)),
-    ):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(text)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(path)
+    write_whole(output, json.dumps(bench.to_json(), indent=2) + "\n")
+    write_whole(markdown_path(output), markdown_table(bench))

@@ -94,6 +94,15 @@ def p_values(report) -> list[tuple[str, str, str, float, bool]]:
     ]
 
 
+def p_value_records(report) -> list[dict]:
+    """`p_values` as JSON records ({run, against, measure, p_value, significant}; p_value None where ranx
+    gives none): what `prorank compare --output` and the multi-dataset report write."""
+    return [
+        {"run": a, "against": b, "measure": m, "p_value": None if p != p else p, "significant": sig}
+        for a, b, m, p, sig in p_values(report)
+    ]
+
+
 class _Everything:
     """Any id is known: compare reads runs of documents the qrels never judged."""
 

@@ -171,15 +171,20 @@ def write_outputs(cfg: ProRankConfig, report: EvalReport) -> None:
             write_run(path, report.runs[system], f"prorank-{system}")
         report.settings["run_files"] = {s: str(p) for s, p in paths.items()}
     if cfg.eval.output:
-        path = Path(cfg.eval.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk: no half-written file left behind
-            raise
-        tmp.replace(path)
+        write_whole(Path(cfg.eval.output), json.dumps(report.to_json(), indent=2) + "\n")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file beside it: the whole file or, on a full disk, none (an
+    earlier one stays)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # no half-written file left behind
+        raise
+    tmp.replace(path)
 
 
 MIN_FREE_BYTES = 4 << 20
