@@ -1,4 +1,5 @@
-"""One live vLLM engine that turns (query, document) requests into groups of G sampled judgments.
+"""One live vLLM engine that turns (query, document) requests into groups of G sampled judgments (and,
+for query synthesis, document prompts into sampled queries).
 
 Plain Python, so it can be tested and benchmarked directly; `actors.pool` runs it as a Ray actor.
 """
@@ -21,6 +22,7 @@ from prorank.config import ActorConfig, PromptConfig, SamplingConfig
 from prorank.lora import base_weights, merge_into, vllm_rank, write_adapter
 from prorank.models import load_tokenizer, safetensors_views
 from prorank.prompt import PromptBuilder, parse_judgment
+from prorank.query_writing import QueryRequest, WrittenQueries
 from prorank.rollout import Completion, GroupResult, RolloutRequest
 from prorank.weight_transport import WeightReceiver
 
@@ -163,6 +165,44 @@ class RolloutEngine:
                 )
             )
         return results
+
+    def write_queries(self, requests: list[QueryRequest]) -> list[WrittenQueries]:
+        """Query synthesis: `n` sampled answers to each request's prompt (built by the driver in this model's
+        chat template), under the weights served now. Sampled from the engine's seeded generator: vLLM 0.32's
+        CPU runner fails on per-request seeds once a prefill is split over steps (set_offset on a CPU generator)."""
+        from vllm import SamplingParams  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
+
+        start = time.perf_counter()
+        params = [
+            SamplingParams(
+                n=r.n,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                max_tokens=r.max_tokens,
+            )
+            for r in requests
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora_request,
+        )
+        seconds = time.perf_counter() - start
+        self.busy_seconds += seconds
+        return [
+            WrittenQueries(
+                r.request_id,
+                r.doc_id,
+                [c.text for c in out.outputs],
+                [c.finish_reason for c in out.outputs],
+                self.version,
+                self.name,
+                seconds,
+            )
+            for r, out in zip(requests, outputs)
+        ]
 
     def score(self, pairs: list[tuple[str, str]]) -> dict:
         """Relevance scores, logit("1") - logit("0") at the answer position, of (query, document text)

@@ -42,7 +42,7 @@ class _Slot:
     name: str
     handle: ActorHandle
     ready_ref: ObjectRef | None  # pending until the engine is up with the latest weights
-    inflight: dict = field(default_factory=dict)  # chunk ObjectRef -> its requests
+    inflight: dict = field(default_factory=dict)  # chunk ObjectRef -> (engine method, its requests)
     version: int = 0
     draining: bool = False
     relay_address: str = ""  # where the next actor pulls weights from this one
@@ -50,7 +50,7 @@ class _Slot:
 
     @property
     def load(self) -> int:
-        return sum(len(chunk) for chunk in self.inflight.values())
+        return sum(len(chunk) for _, chunk in self.inflight.values())
 
 
 class ActorPool:
@@ -75,8 +75,8 @@ class ActorPool:
         self.refused = 0  # weight versions an actor refused (a bad transfer): it kept its last good one
         self.busy_seconds = 0.0  # summed over actors: generating, scoring and pulling weights
         self.received_bytes = 0.0  # weight bytes the actors received
-        self._queue: deque[list[RolloutRequest]] = deque()
-        self._finished: list[GroupResult] = []  # collected, not yet handed to the caller
+        self._queue: deque[tuple[str, list]] = deque()  # (engine method, a chunk of its requests)
+        self._finished: list = []  # results collected, not yet handed to the caller
         self._next_index = 0
         self._upstream: dict[str, str | None] = {}  # each actor's relay source in the last sync
         self._weight_server = ""  # the sender's address, once a version was published
@@ -181,7 +181,7 @@ class ActorPool:
         if self.slots.pop(slot.name, None) is None:
             return  # already handled through another of its refs
         self._queue.extendleft(reversed(list(slot.inflight.values())))
-        self.requeued += sum(len(chunk) for chunk in slot.inflight.values())
+        self.requeued += sum(len(chunk) for _, chunk in slot.inflight.values())
         slot.inflight.clear()
         self._failures += 1
         self.replaced += 1
@@ -193,12 +193,21 @@ class ActorPool:
 
     # ------------------------------------------------------------ work
 
-    def submit(self, requests: Sequence[RolloutRequest]) -> None:
-        size = self.cfg.chunk_size
-        self._queue.extend(list(requests[i : i + size]) for i in range(0, len(requests), size))
+    def submit(self, requests: Sequence, method: str = "generate", chunk_size: int | None = None) -> None:
+        """Queue `requests` for the engine's `method` (`generate`: judgments, RolloutRequest -> GroupResult;
+        `write_queries`: query synthesis, QueryRequest -> WrittenQueries), `chunk_size` (default
+        `actors.chunk_size`) to an actor call."""
+        size = chunk_size or self.cfg.chunk_size
+        self._queue.extend((method, list(requests[i : i + size])) for i in range(0, len(requests), size))
         self._dispatch()
 
-    def poll(self, timeout: float | None = 1.0) -> list[GroupResult]:
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet answered (queued or in flight)."""
+        waiting = sum(len(chunk) for _, chunk in self._queue)
+        return waiting + sum(s.load for s in self.slots.values())
+
+    def poll(self, timeout: float | None = 1.0) -> list:
         """Results that finished within `timeout` seconds (possibly none)."""
         self._pump(timeout)
         results, self._finished = self._finished, []
@@ -324,8 +333,8 @@ class ActorPool:
             if not free:
                 return
             slot = min(free, key=lambda s: s.load)
-            chunk = self._queue.popleft()
-            slot.inflight[slot.handle.generate.remote(chunk)] = chunk
+            method, chunk = self._queue.popleft()
+            slot.inflight[getattr(slot.handle, method).remote(chunk)] = (method, chunk)
 
     def _pump(self, timeout: float | None) -> bool:
         """Wait up to `timeout` for actor replies and act on them; False if none came."""
@@ -335,7 +344,7 @@ class ActorPool:
         waiting |= {s.sync_ref: s for s in self.slots.values() if s.sync_ref is not None}
         if not waiting:
             if self._queue:
-                raise PoolError(f"{sum(map(len, self._queue))} requests queued but the pool has no actors")
+                raise PoolError(f"{self.queued} requests queued but the pool has no actors")
             return False
         done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
         if done:  # collect everything else that is already finished too

@@ -31,6 +31,7 @@ from prorank.driver.cli_options import (
 from prorank.driver.control import NAMESPACE, find_control
 from prorank.driver.eval_commands import compare_command, eval_command, export_command, plot_command
 from prorank.driver.stop import StopSignals
+from prorank.driver.synth_command import synthesize_command
 from prorank.grpc_core_log import fold_grpc_core_lines
 from prorank.models import ModelError, build_tiny_model, convert_gguf, find_smollm2_gguf
 from prorank.prompt import PromptError
@@ -49,6 +50,7 @@ for _name, _command in (
     ("compare", compare_command),
     ("plot", plot_command),
     ("export", export_command),
+    ("synthesize", synthesize_command),
 ):
     app.command(_name)(_command)
 

@@ -25,18 +25,19 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import ray
-
 from prorank import checkpoints
 from prorank.actors.pool import ActorPool
 from prorank.batches import PromptSampler
 from prorank.bm25 import bm25_search
+from prorank.config_file import ConfigError
 from prorank.data import load_dataset
 from prorank.driver.control import start_control
 from prorank.driver.dev_eval import DevEval, load_dev_sets
 from prorank.driver.loop import BusyClock, Job, StopFlag, run_stage
+from prorank.driver.ray_session import ray_kill, start_ray
 from prorank.driver.score_stage import ScoreStage
-from prorank.driver.stop import StopSignals
+from prorank.driver.stop import StopNow, StopSignals
+from prorank.driver.synthesis import synthesis_complete, synthesize
 from prorank.driver.warmup_stage import WarmupStage
 from prorank.driver.weight_sync import WeightSync
 from prorank.models import checkpoint_model_dir, resolve_model
@@ -57,6 +58,16 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
 
     started = time.monotonic()
     tc, wc, sc = cfg.train, cfg.warmup, cfg.score
+    if cfg.synthesis is not None and Path(cfg.data.path or "").resolve() != Path(cfg.synthesis.output).resolve():
+        raise ConfigError(
+            f"synthesis.output ({cfg.synthesis.output}) must be data.path ({cfg.data.path}): the job trains on "
+            "the queries it synthesizes"
+        )
+    if cfg.synthesis is not None and not synthesis_complete(cfg.synthesis):
+        # No labels: the actors first write the training queries (data.path is the synthesis's output).
+        written = synthesize(cfg, progress, signals)
+        if written["stopped"]:
+            raise StopNow(f"synthesis stopped ({written['stopped']}); its log keeps every document written")
     # A start model trained on another prompt layout is refused before anything starts.
     check_model_layout(resolve_model(cfg.model), cfg.prompt.layout)
     if sc.init_from:
@@ -96,7 +107,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
         stack.callback(lock.close)
         prompts = PromptSampler(dataset, ranking, tc, wc, cfg.reward.relevance_threshold)
         halt = StopFlag()
-        _start_ray(cfg, stack)
+        start_ray(cfg, stack)
         if signals:  # ray.init put its own SIGTERM handler (a stack dump, exit 134) over the CLI's
             signals.install(on_stop=lambda: halt.request(f"{signals.name} received"))
         replicas, rewards, addresses = None, None, []
@@ -175,29 +186,6 @@ def _job_token(cfg) -> str:
     if cfg.reward.token_file or cfg.weights.token_file or os.environ.get(TOKEN_ENV):
         return load_token(cfg.reward.token_file or cfg.weights.token_file)
     return secrets.token_urlsafe(32)
-
-
-def _start_ray(cfg, stack: ExitStack) -> None:
-
-    if ray.is_initialized():  # a caller's Ray (a test, a notebook): use it, leave it running
-        return
-    if cfg.train.ray_address:
-        ray.init(address=cfg.train.ray_address, log_to_driver=False)
-    else:
-        # Enough logical CPUs for every actor the job starts, even on a 2-core machine.
-        need = (
-            cfg.actors.num_actors * cfg.actors.num_cpus
-            + cfg.learner.num_ranks * cfg.learner.num_cpus
-            + cfg.reward.replicas * cfg.reward.num_cpus
-        )
-        cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    stack.callback(ray.shutdown)
-
-
-def ray_kill(handle) -> None:
-
-    ray.kill(handle)
 
 
 def _json(data) -> str:

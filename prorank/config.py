@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from prorank.section import Section
 from prorank.service_config import RewardConfig, WeightSyncConfig
 from prorank.stage_config import GrpoSettings, Schedule, ScoreConfig, WarmupConfig
+from prorank.synth_config import SynthesisConfig
 
 
 class DataConfig(Section):
@@ -334,6 +335,8 @@ class ProRankConfig(Section):
     train: TrainConfig = TrainConfig()
     warmup: WarmupConfig = WarmupConfig()
     score: ScoreConfig = ScoreConfig()
+    # Queries written by the actors for a corpus without labels (`prorank synthesize`, or the job's first step).
+    synthesis: SynthesisConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

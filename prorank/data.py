@@ -255,6 +255,12 @@ def _require(path: Path) -> Path:
     return path
 
 
+def load_corpus(folder: str | Path, strict: bool = False) -> dict[str, Document]:
+    """The documents of a folder's corpus.jsonl alone (a corpus without queries or qrels)."""
+    path = _require(Path(folder) / "corpus.jsonl")
+    return parse_corpus(_jsonl_records(path), str(path), strict)
+
+
 def load_local(folder: str | Path, split: str, strict: bool = False) -> BeirDataset:
     root = Path(folder)
     qrels_path = root / "qrels" / f"{split}.tsv"
