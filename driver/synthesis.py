@@ -115,7 +115,7 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
         filtered = run_filters(order, corpus, sc, cfg.bm25, score)
         filter_seconds = time.monotonic() - clock
 
-    complete = not stopped and len(order) == len(doc_ids)
+    complete = not stopped and len(order) == len(doc_ids) and bool(filtered.kept)
     new = len(order) - len(done)
     report = _report(
         cfg, writer, doc_ids, order, filtered, corpus, (gen_seconds, new, filter_seconds), actors, complete
@@ -126,6 +126,11 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
     write_beir_folder(
         sc.output, sc.corpus, queries, {c.query_id: c.doc_id for c in filtered.kept}, report, sc.include_split
     )
+    if not filtered.kept and not stopped:
+        dropped = ", ".join(f"{n} {why}" for why, n in report["queries"]["dropped"].items())
+        raise DataError(
+            f"no synthetic query passed the filters ({dropped or 'none written'}): see {Path(sc.output) / REPORT}"
+        )
     return report
 
 
@@ -154,7 +159,7 @@ def _write(pool, control, cfg, builder, corpus, todo, generations, halt, already
             generations.append([_record(r) for r in results])
             for r in results:
                 doc = corpus[r.doc_id]
-                cleaned = [clean_query(t, sc.prompt.strip_prefixes) for t in r.texts]
+                cleaned = [clean_query(t, sc.prompt.strip_prefixes, sc.prompt.sentences) for t in r.texts]
                 written += len(cleaned)
                 well_formed += sum(malformed(q, doc, sc) is None for q in cleaned)
             remaining -= len(results)

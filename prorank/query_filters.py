@@ -74,7 +74,7 @@ def run_filters(
         for i, raw in enumerate(record["texts"]):
             report.written += 1
             finish = (record.get("finish_reasons") or [None] * len(record["texts"]))[i]
-            text = clean_query(raw, cfg.prompt.strip_prefixes)
+            text = clean_query(raw, cfg.prompt.strip_prefixes, cfg.prompt.sentences)
             why = malformed(text, doc, cfg) if finished(raw, finish) else "unfinished"
             if why:
                 report.dropped[why] += 1

@@ -92,17 +92,17 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"“])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"”']))\s+(?=[A-Z(\"“])")
 
 
-def clean_query(text: str, strip_prefixes: Sequence[str]) -> str:
-    """The first sentence of an answer's first line, its stock prefixes and wrapping quotes removed,
-    capitalised."""
+def clean_query(text: str, strip_prefixes: Sequence[str], sentences: int = 1) -> str:
+    """The first `sentences` sentences of an answer's first line, its stock prefixes and wrapping quotes
+    removed, capitalised."""
     line = next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
     line = line.strip(" \"'*`“”")
     for pattern in strip_prefixes:
         line = re.sub(pattern, "", line, count=1, flags=re.IGNORECASE).strip()
-    line = _SENTENCE_END.split(line, maxsplit=1)[0].strip(" \"'*`“”")
+    line = " ".join(_SENTENCE_END.split(line)[:sentences]).strip(" \"'*`“”")
     return line[:1].upper() + line[1:]
 
 

@@ -4,7 +4,7 @@ that keep those leading back to their document, and the BEIR folder they become 
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prorank.section import Section
 
@@ -32,6 +32,7 @@ class SynthesisPrompt(Section):
     instruction: str = DEFAULT_INSTRUCTION
     strip_prefixes: list[str] = list(DEFAULT_STRIP)
     max_document_tokens: int = Field(256, ge=16)
+    sentences: int = Field(1, ge=1)  # of each answer's first line kept as the query
 
     @model_validator(mode="after")
     def _placeholders(self) -> SynthesisPrompt:
@@ -87,6 +88,12 @@ class SynthesisConfig(Section):
     include_split: str | None = None
     chunk_documents: int = Field(8, ge=1)  # documents per actor call
     examples: int = Field(12, ge=0)  # kept queries beside their documents in synthesis.json
+
+    @field_validator("doc_ids", mode="before")
+    @classmethod
+    def _ids_as_text(cls, value):
+        # YAML reads SciFact's ids (4983) as numbers; a document id is text.
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value or []]
 
     def generation_settings(self) -> dict:
         """What a resumed synthesis must share with the one it continues (the filters may change)."""
