@@ -204,6 +204,8 @@ def _report(cfg, writer, doc_ids, order, filtered, corpus, timing, actors, compl
         "complete": complete,
         "documents": {"drawn": len(doc_ids), "written": len(order), "written_this_run": new, "in_corpus": len(corpus)},
         "queries": filtered.as_dict(),
+        # How easy the kept queries are for the first stage: their source's rank in the round trip.
+        "round_trip_ranks": _rank_bins([c.rank for c in filtered.kept if c.rank is not None]),
         "include_split": sc.include_split,
         "seconds": {"generation": round(gen_seconds, 1), "filters": round(filter_seconds, 1)},
         "documents_per_second": round(new / gen_seconds, 3) if gen_seconds and new else None,
@@ -222,3 +224,11 @@ def _report(cfg, writer, doc_ids, order, filtered, corpus, timing, actors, compl
         ],
         "config": sc.model_dump(),
     }
+
+
+def _rank_bins(ranks: list[int]) -> dict[str, int]:
+    bins = {"1": 0, "2-5": 0, "6-10": 0, "11+": 0}
+    for r in ranks:
+        bins["1" if r == 1 else "2-5" if r <= 5 else "6-10" if r <= 10 else "11+"] += 1
+    return bins
+

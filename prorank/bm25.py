@@ -21,7 +21,15 @@ from prorank.config import BM25Config
 from prorank.data import BeirDataset
 
 log = logging.getLogger(__name__)
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs index building at DEBUG
+
+
+def _bm25s():
+    """bm25s, imported on first use (scipy: heavy). Its import sets its logger to DEBUG, which would print a
+    line at every index built: quieted after it."""
+    import bm25s  # noqa: PLC0415 bm25s: heavy (scipy), only first-stage retrieval needs it
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
 
 Ranking = dict[str, list[tuple[str, float]]]  # query id -> [(doc id, score)], best first
 
@@ -42,15 +50,13 @@ def _index_key(dataset: BeirDataset, cfg: BM25Config) -> str:
 
 
 def _tokenize(texts: list[str], cfg: BM25Config):
-    import bm25s  # noqa: PLC0415 bm25s: heavy (scipy), only first-stage retrieval needs it
-
+    bm25s = _bm25s()
     stemmer = Stemmer.Stemmer(cfg.stemmer) if cfg.stemmer else None
     return bm25s.tokenize(texts, stopwords=cfg.stopwords, stemmer=stemmer, show_progress=False)
 
 
 def _load_or_build_index(dataset: BeirDataset, cfg: BM25Config, folder: Path):
-    import bm25s  # noqa: PLC0415 bm25s: heavy (scipy), only first-stage retrieval needs it
-
+    bm25s = _bm25s()
     if (folder / "params.index.json").is_file():
         return bm25s.BM25.load(str(folder))
     docs = list(dataset.corpus.values())
