@@ -111,8 +111,11 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
         clock = time.monotonic()
         by_doc = {r["doc_id"]: r for r in generations.records()}
         order = [by_doc[d] for d in doc_ids if d in by_doc]  # document order: the same kept set every run
-        score = _pair_scorer(pool) if sc.filters.model_score_keep is not None and not stopped else None
-        filtered = run_filters(order, corpus, sc, cfg.bm25, score)
+        rules = sc
+        if stopped:  # a stop is quick: the partial folder skips the model-score filter (a pass over every pair)
+            rules = sc.model_copy(update={"filters": sc.filters.model_copy(update={"model_score_keep": None})})
+        score = _pair_scorer(pool) if rules.filters.model_score_keep is not None else None
+        filtered = run_filters(order, corpus, rules, cfg.bm25, score)
         filter_seconds = time.monotonic() - clock
 
     complete = not stopped and len(order) == len(doc_ids) and bool(filtered.kept)
@@ -231,4 +234,3 @@ def _rank_bins(ranks: list[int]) -> dict[str, int]:
     for r in ranks:
         bins["1" if r == 1 else "2-5" if r <= 5 else "6-10" if r <= 10 else "11+"] += 1
     return bins
-

@@ -31,6 +31,7 @@ def _bm25s():
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     return bm25s
 
+
 Ranking = dict[str, list[tuple[str, float]]]  # query id -> [(doc id, score)], best first
 
 

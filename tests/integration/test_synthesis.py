@@ -69,6 +69,7 @@ def test_a_killed_synthesis_resumes_without_duplicates_and_the_job_trains_on_it(
         "queries_per_document": 2,
         "max_tokens": 40,
         "chunk_documents": 2,
+        "filters": {"model_score_keep": 0.9},  # the writer's own scores, on the actors (not on a stopped run)
     }
     config = job_config(
         tmp_path,
@@ -127,6 +128,7 @@ def test_a_killed_synthesis_resumes_without_duplicates_and_the_job_trains_on_it(
     assert report["complete"] and report["documents"]["written_this_run"] == DOCUMENTS - len(before)
     assert queries["written"] == 2 * DOCUMENTS == sum(len(r["texts"]) for r in records)
     assert queries["kept"] + sum(queries["dropped"].values()) == queries["written"]
+    assert "model_score" in queries["filters"] and "model_score" not in stopped["queries"]["filters"]
     assert queries["kept"] >= DOCUMENTS // 2, queries  # SmolLM2's claims mostly find their abstract again
     assert report["examples"] and report["writer_model"] == str(smollm2_dir)
 
