@@ -68,6 +68,7 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
         written = synthesize(cfg, progress, signals)
         if written["stopped"]:
             raise StopNow(f"synthesis stopped ({written['stopped']}); its log keeps every document written")
+        started = time.monotonic()  # train.max_hours is the training's clock: the synthesis has its own report
     # A start model trained on another prompt layout is refused before anything starts.
     check_model_layout(resolve_model(cfg.model), cfg.prompt.layout)
     if sc.init_from:
