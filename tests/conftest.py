@@ -145,6 +145,7 @@ LONGEST_FIRST = [
     "test_clients",
     "test_train_job_stops",
     "test_soak",
+    "test_synthesis",
     "test_train_job",
     "test_actors",
     "test_lora",
