@@ -14,6 +14,7 @@ section whose output is not complete yet, so one command takes a corpus to a tra
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -32,7 +33,7 @@ from prorank.driver.stop import StopSignals
 from prorank.models import check_model_folder, load_tokenizer, resolve_model
 from prorank.progress import progress
 from prorank.query_filters import run_filters
-from prorank.query_writing import QueryPromptBuilder, clean_query, malformed
+from prorank.query_writing import QueryPromptBuilder, judge
 from prorank.synth_config import SynthesisConfig
 from prorank.synthetic_dataset import REPORT, GenerationLog, write_beir_folder
 
@@ -43,8 +44,6 @@ CONTROL_EVERY_SECONDS = 5.0
 
 def synthesis_complete(sc: SynthesisConfig) -> bool:
     """Whether `sc.output` holds a finished synthesis made with exactly these settings."""
-    import json  # noqa: PLC0415 only this check reads the report
-
     report = Path(sc.output) / REPORT
     if not report.is_file():
         return False
@@ -87,7 +86,7 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
     generations = GenerationLog(sc.output, {**sc.generation_settings(), "model": writer})
     done = generations.done()
     todo = [d for d in doc_ids if d not in done]
-    stopped, actors, pool = "", 0, None
+    stopped = ""
 
     with ExitStack() as stack:
         start_ray(cfg, stack)
@@ -161,10 +160,9 @@ def _write(pool, control, cfg, builder, corpus, todo, generations, halt, already
             results = pool.poll(timeout=1.0)
             generations.append([_record(r) for r in results])
             for r in results:
-                doc = corpus[r.doc_id]
-                cleaned = [clean_query(t, sc.prompt.strip_prefixes, sc.prompt.sentences) for t in r.texts]
-                written += len(cleaned)
-                well_formed += sum(malformed(q, doc, sc) is None for q in cleaned)
+                judged = [judge(t, f, corpus[r.doc_id], sc)[1] for t, f in zip(r.texts, r.finish_reasons)]
+                written += len(judged)
+                well_formed += judged.count(None)
             remaining -= len(results)
             bar.update(len(results))
             if written:

@@ -25,8 +25,9 @@ from prorank.eval.compare import compare_in_memory, p_value_records
 from prorank.eval.fusion import choose_fusion
 from prorank.eval.metrics import evaluate, scored_to_run
 from prorank.eval.rerank import first_stage, rerank_depth
-from prorank.eval.run import EvalReport, Scorer, check_output_file, evaluate_dataset, write_tensorboard, write_whole
+from prorank.eval.run import EvalReport, Scorer, check_output_file, evaluate_dataset, write_tensorboard
 from prorank.eval.runs import write_run
+from prorank.files import write_whole
 from prorank.models import load_causal_lm, resolve_model
 from prorank.prompt import check_model_layout
 

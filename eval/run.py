@@ -27,6 +27,7 @@ from prorank.eval.fusion import choose_fusion
 from prorank.eval.metrics import evaluate, per_query, scored_to_run
 from prorank.eval.rerank import first_stage, model_scores, rerank_depth, scored_ranking, top_runs
 from prorank.eval.runs import monotone, write_run
+from prorank.files import write_whole
 from prorank.fusion import FusionSettings, fuse
 from prorank.models import load_causal_lm, model_context, resolve_model
 from prorank.prompt import PromptBuilder, check_model_layout
@@ -172,19 +173,6 @@ def write_outputs(cfg: ProRankConfig, report: EvalReport) -> None:
         report.settings["run_files"] = {s: str(p) for s, p in paths.items()}
     if cfg.eval.output:
         write_whole(Path(cfg.eval.output), json.dumps(report.to_json(), indent=2) + "\n")
-
-
-def write_whole(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file beside it: the whole file or, on a full disk, none (an
-    earlier one stays)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # no half-written file left behind
-        raise
-    tmp.replace(path)
 
 
 MIN_FREE_BYTES = 4 << 20

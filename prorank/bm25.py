@@ -19,6 +19,7 @@ import Stemmer
 
 from prorank.config import BM25Config
 from prorank.data import BeirDataset
+from prorank.files import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,5 @@ def bm25_search(dataset: BeirDataset, query_ids: list[str], cfg: BM25Config) -> 
     for qid, idx_row, score_row in zip(query_ids, indices, scores):
         hits = [(doc_ids[int(i)], float(s)) for i, s in zip(idx_row, score_row)]
         ranking[qid] = [(d, s) for d, s in hits if dataset.may_retrieve(qid, d)][:k]
-    tmp = run_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ranking))
-    tmp.replace(run_path)
+    write_whole(run_path, json.dumps(ranking))
     return ranking

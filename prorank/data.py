@@ -220,7 +220,8 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
-def _jsonl_records(path: Path) -> Iterator[Record]:
+def jsonl_records(path: Path) -> Iterator[Record]:
+    """(where, row) of each JSON object line of `path`; a malformed line is a DataError naming file and line."""
     for lineno, line in text_lines(path):
         if not line.strip():
             continue
@@ -258,7 +259,7 @@ def _require(path: Path) -> Path:
 def load_corpus(folder: str | Path, strict: bool = False) -> dict[str, Document]:
     """The documents of a folder's corpus.jsonl alone (a corpus without queries or qrels)."""
     path = _require(Path(folder) / "corpus.jsonl")
-    return parse_corpus(_jsonl_records(path), str(path), strict)
+    return parse_corpus(jsonl_records(path), str(path), strict)
 
 
 def load_local(folder: str | Path, split: str, strict: bool = False) -> BeirDataset:
@@ -268,8 +269,8 @@ def load_local(folder: str | Path, split: str, strict: bool = False) -> BeirData
         available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
         raise DataError(f"split {split!r} not found: no {qrels_path} (available: {available or 'none'})")
     corpus_path, queries_path = _require(root / "corpus.jsonl"), _require(root / "queries.jsonl")
-    corpus = parse_corpus(_jsonl_records(corpus_path), str(corpus_path), strict)
-    queries = parse_queries(_jsonl_records(queries_path), str(queries_path))
+    corpus = parse_corpus(jsonl_records(corpus_path), str(corpus_path), strict)
+    queries = parse_queries(jsonl_records(queries_path), str(queries_path))
     qrels, missing = parse_qrels(_tsv_qrels_records(qrels_path), corpus, queries, str(qrels_path), strict)
     return BeirDataset(root.resolve().name, split, corpus, queries, qrels, source=str(root), missing_docs=missing)
 

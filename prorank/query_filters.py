@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from prorank.bm25 import bm25_search
 from prorank.config import BM25Config
 from prorank.data import BeirDataset, Document
-from prorank.query_writing import clean_query, finished, fold, malformed
+from prorank.prompt import document_text
+from prorank.query_writing import fold, judge
 from prorank.synth_config import SynthesisConfig
 
 # (query text, document text) pairs -> the model's relevance scores
@@ -74,8 +75,7 @@ def run_filters(
         for i, raw in enumerate(record["texts"]):
             report.written += 1
             finish = (record.get("finish_reasons") or [None] * len(record["texts"]))[i]
-            text = clean_query(raw, cfg.prompt.strip_prefixes, cfg.prompt.sentences)
-            why = malformed(text, doc, cfg) if finished(raw, finish) else "unfinished"
+            text, why = judge(raw, finish, doc, cfg)
             if why:
                 report.dropped[why] += 1
                 continue
@@ -102,7 +102,8 @@ def run_filters(
     if f.model_score_keep is not None and candidates:
         if score_pairs is None:
             raise ValueError("synthesis.filters.model_score_keep needs a model to score the pairs")
-        scores = score_pairs([(c.text, _doc_text(corpus[c.doc_id])) for c in candidates])
+        sources = [corpus[c.doc_id] for c in candidates]
+        scores = score_pairs([(c.text, document_text(d.title, d.text)) for c, d in zip(candidates, sources)])
         for c, s in zip(candidates, scores):
             c.score = float(s)
         keep = max(1, round(len(candidates) * f.model_score_keep))
@@ -113,12 +114,6 @@ def run_filters(
         report.passed["model_score"] = len(candidates)
     report.kept = candidates
     return report
-
-
-def _doc_text(doc: Document) -> str:
-    from prorank.prompt import document_text  # noqa: PLC0415 the prompt module pulls torch; only this filter needs it
-
-    return document_text(doc.title, doc.text)
 
 
 def _round_trip(

@@ -58,20 +58,21 @@ class QueryPromptBuilder:
                 f"prompt ({overhead} tokens) and synthesis.max_tokens ({cfg.max_tokens})"
             )
 
-    def _cut(self, text: str, budget: int) -> str:
+    def _cut(self, text: str, budget: int) -> tuple[str, int]:
+        """`text` cut to `budget` tokens, and its length in tokens."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= budget else self.tokenizer.decode(ids[:budget])
+        return (text, len(ids)) if len(ids) <= budget else (self.tokenizer.decode(ids[:budget]), budget)
 
     def _ids(self, doc: Document) -> list[int]:
         p = self.cfg.prompt
         messages = [{"role": "system", "content": p.system}] if p.system else []
         messages.append({"role": "user", "content": p.instruction.format(title=doc.title, text=doc.text)})
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer transformers
 
     def request(self, doc: Document) -> QueryRequest:
-        title = self._cut(doc.title, self.doc_budget // 4)
-        text = self._cut(doc.text, self.doc_budget - len(self.tokenizer(title, add_special_tokens=False)["input_ids"]))
+        title, title_tokens = self._cut(doc.title, self.doc_budget // 4)
+        text, _ = self._cut(doc.text, self.doc_budget - title_tokens)
         c = self.cfg
         return QueryRequest(
             doc.doc_id,
@@ -143,6 +144,13 @@ def malformed(query: str, doc: Document, cfg: SynthesisConfig) -> str | None:
     if f.max_copied_words and longest_copied_run(ws, words(f"{doc.title} {doc.text}")) > f.max_copied_words:
         return "copied_span"
     return None
+
+
+def judge(raw: str, finish_reason: str | None, doc: Document, cfg: SynthesisConfig) -> tuple[str, str | None]:
+    """An answer as a query, and why it is not well-formed (the report's reason) or None: the first filter,
+    and the progress bar's share."""
+    text = clean_query(raw, cfg.prompt.strip_prefixes, cfg.prompt.sentences)
+    return text, malformed(text, doc, cfg) if finished(raw, finish_reason) else "unfinished"
 
 
 def fold(query: str) -> str:

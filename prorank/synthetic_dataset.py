@@ -17,7 +17,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from prorank.data import DataError, load_local, text_lines
+from prorank.data import DataError, jsonl_records, load_local, parse_queries
+from prorank.files import write_whole
 
 LOG = "generations.jsonl"
 SETTINGS = "generation.json"
@@ -38,7 +39,7 @@ class GenerationLog:
                     f"{self.path} was written with other synthesis settings ({', '.join(changed)}): "
                     "give another synthesis.output, or delete the folder to start over"
                 )
-        _write_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
+        write_whole(settings_path, json.dumps(settings, indent=2) + "\n")
         self._drop_cut_line()
 
     def _drop_cut_line(self) -> None:
@@ -53,13 +54,8 @@ class GenerationLog:
                 os.fsync(f.fileno())
 
     def records(self) -> Iterator[dict]:
-        if not self.path.is_file():
-            return
-        for lineno, line in text_lines(self.path):
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{self.path}:{lineno}: malformed JSON ({err.msg})") from None
+        if self.path.is_file():
+            yield from (row for _, row in jsonl_records(self.path))
 
     def done(self) -> set[str]:
         return {r["doc_id"] for r in self.records()}
@@ -76,9 +72,7 @@ class GenerationLog:
 def reserved_query_ids(corpus_folder: str | Path) -> set[str]:
     """The query ids the corpus folder already uses (none without a queries.jsonl)."""
     path = Path(corpus_folder) / "queries.jsonl"
-    if not path.is_file():
-        return set()
-    return {json.loads(line).get("_id", "") for _, line in text_lines(path) if line.strip()}
+    return set(parse_queries(jsonl_records(path), str(path))) if path.is_file() else set()
 
 
 def write_beir_folder(
@@ -104,8 +98,8 @@ def write_beir_folder(
         rows += [{"_id": q, "text": real.queries[q]} for q in real.query_ids]
         pairs += [(q, d, s) for q, docs in real.qrels.items() for d, s in docs.items()]
     (root / "qrels").mkdir(parents=True, exist_ok=True)
-    _write_atomic(root / "queries.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(
+    write_whole(root / "queries.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_whole(
         root / "qrels" / "train.tsv", "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in pairs)
     )
     link = root / "corpus.jsonl"
@@ -113,14 +107,5 @@ def write_beir_folder(
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(target)
-    _write_atomic(root / REPORT, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_whole(root / REPORT, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return root
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prorank.config import DataConfig
 from prorank.data import load_dataset
-from prorank.eval.metrics import evaluate
+from prorank.eval.metrics import evaluate, scored_to_run
+from prorank.eval.rerank import scored_ranking, top_runs
 from prorank.eval.runs import read_run
 from prorank.fusion import FusionSettings, fuse
 
@@ -34,22 +35,20 @@ def main() -> None:
 
     dataset = load_dataset(DataConfig(path=args.data, split=args.split))
     first = read_run(args.first_stage, dataset.queries, dataset.corpus)
-    model = read_run(args.model, dataset.queries, dataset.corpus, args.depth)
-    top = {q: dict(hits[: args.depth]) for q, hits in first.items()}
-    scored = {q: {d: s for d, s in model[q] if d in top[q]} for q in top if q in model}
+    model = {q: dict(hits) for q, hits in read_run(args.model, dataset.queries, dataset.corpus).items()}
+    # The model's score of each query's top `depth`, in first-stage order: what `prorank eval` fuses.
+    scores = {q: [model[q][d] for d, _ in hits[: args.depth]] for q, hits in first.items() if q in model}
+    ranking = {q: first[q] for q in scores}
     curve = []
     for i in range(round(1 / args.step) + 1):
         w = round(i * args.step, 6)
         settings = FusionSettings(method="wsum", params={"weights": [round(1 - w, 6), w]}, norm="min-max")
-        fused = fuse({q: top[q] for q in scored}, scored, settings)
-        run = {}
-        for q, scores in fused.items():
-            ranked = sorted(scores.items(), key=lambda x: -x[1])
-            tail = [d for d, _ in first[q][args.depth :]]
-            run[q] = {d: float(len(ranked) + len(tail) - r) for r, d in enumerate([d for d, _ in ranked] + tail)}
-        figures = evaluate(dataset.eval_qrels, run)
-        curve.append({"model_weight": w, "ndcg@10": round(figures["nDCG@10"], 4)})
-        print(f"model weight {w:.2f}: nDCG@10 {figures['nDCG@10']:.4f}")
+        fused = fuse(*top_runs(ranking, args.depth, scores), settings)
+        fused_scores = {q: [fused[q][d] for d, _ in hits[: args.depth]] for q, hits in ranking.items()}
+        run = scored_to_run(scored_ranking(ranking, args.depth, fused_scores))
+        ndcg = evaluate(dataset.eval_qrels, run)["nDCG@10"]
+        curve.append({"model_weight": w, "ndcg@10": round(ndcg, 4)})
+        print(f"model weight {w:.2f}: nDCG@10 {ndcg:.4f}")
     if args.output:
         report = {"diagnosis": "not a result: a weight read off this curve is tuned on the split", **vars(args)}
         report.update(output=str(args.output), curve=curve)
