@@ -83,29 +83,34 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
         builder = QueryPromptBuilder(load_tokenizer(writer), sc, cfg.actors.max_model_len)
     except ValueError as err:
         raise ConfigError(f"synthesis: {err}") from None
-    generations = GenerationLog(sc.output, {**sc.generation_settings(), "model": writer})
+    generations = GenerationLog(
+        sc.output, {**sc.generation_settings(), "model": writer}, fill=SynthesisConfig.filled_settings
+    )
     done = generations.done()
     todo = [d for d in doc_ids if d not in done]
     stopped = ""
 
     with ExitStack() as stack:
-        start_ray(cfg, stack)
-        halt: list[str] = []
-        if signals:
-            signals.install(on_stop=lambda: halt.append(f"{signals.name} received"))
-        control = start_control(cfg.train.job_name)
-        stack.callback(ray_kill, control)
-        # The writer's engine: no weight sync; judgments' sampling and prompt are not used here.
-        sampling = cfg.sampling.model_copy(update={"seed": sc.seed})  # the engines' generators
-        pool = ActorPool(writer, cfg.actors, sampling, cfg.prompt).start(wait=False)
-        stack.callback(pool.shutdown)
-        clock = time.monotonic()
-        if todo:
-            stopped = _write(pool, control, cfg, builder, corpus, todo, generations, halt, len(done), show_progress)
-        if signals:
-            signals.disarm()
+        pool, actors, clock = None, 0, time.monotonic()
+        # A finished log without the model-score filter needs no engine: the filters and the folder only.
+        if todo or sc.filters.model_score_keep is not None:
+            start_ray(cfg, stack)
+            halt: list[str] = []
+            if signals:
+                signals.install(on_stop=lambda: halt.append(f"{signals.name} received"))
+            control = start_control(cfg.train.job_name)
+            stack.callback(ray_kill, control)
+            # The writer's engine: no weight sync; judgments' sampling and prompt are not used here.
+            sampling = cfg.sampling.model_copy(update={"seed": sc.seed})  # the engines' generators
+            pool = ActorPool(writer, cfg.actors, sampling, cfg.prompt).start(wait=False)
+            stack.callback(pool.shutdown)
+            clock = time.monotonic()
+            if todo:
+                stopped = _write(pool, control, cfg, builder, corpus, todo, generations, halt, len(done), show_progress)
+            if signals:
+                signals.disarm()
+            actors = pool.size
         gen_seconds = time.monotonic() - clock
-        actors = pool.size
 
         clock = time.monotonic()
         by_doc = {r["doc_id"]: r for r in generations.records()}
@@ -113,7 +118,7 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
         rules = sc
         if stopped:  # a stop is quick: the partial folder skips the model-score filter (a pass over every pair)
             rules = sc.model_copy(update={"filters": sc.filters.model_copy(update={"model_score_keep": None})})
-        score = _pair_scorer(pool) if rules.filters.model_score_keep is not None else None
+        score = _pair_scorer(pool) if pool and rules.filters.model_score_keep is not None else None
         filtered = run_filters(order, corpus, rules, cfg.bm25, score)
         filter_seconds = time.monotonic() - clock
 

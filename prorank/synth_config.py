@@ -4,7 +4,7 @@ that keep those leading back to their document, and the BEIR folder they become 
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from prorank.section import Section
 
@@ -101,3 +101,13 @@ class SynthesisConfig(Section):
             include={"corpus", "model", "documents", "doc_ids", "seed", "queries_per_document", "temperature"}
             | {"top_p", "max_tokens", "prompt"}
         )
+
+    @classmethod
+    def filled_settings(cls, stored: dict) -> dict:
+        """`generation_settings` as a log written by an older version would give them now: keys added since
+        at their defaults. Settings that no longer validate come back as they are (and will differ)."""
+        try:
+            filled = cls.model_validate({"output": "", **stored}).generation_settings()
+        except ValidationError:
+            return stored
+        return {**filled, "model": stored.get("model")}  # the writer's resolved folder, as the log holds it

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prorank.data import DataError, jsonl_records, load_local, parse_queries
@@ -26,13 +26,16 @@ REPORT = "synthesis.json"
 
 
 class GenerationLog:
-    def __init__(self, output: str | Path, settings: dict):
+    """`fill` completes the settings an older log was written with (keys added since, at their defaults), so
+    that a new setting left at its default does not refuse a log written before it existed."""
+
+    def __init__(self, output: str | Path, settings: dict, fill: Callable[[dict], dict] = dict):
         self.root = Path(output)
         self.path = self.root / LOG
         self.root.mkdir(parents=True, exist_ok=True)
         settings_path = self.root / SETTINGS
         if settings_path.is_file():
-            before = json.loads(settings_path.read_text())
+            before = fill(json.loads(settings_path.read_text()))
             changed = sorted(k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k))
             if changed and self.path.is_file() and self.path.stat().st_size:
                 raise DataError(

@@ -8,12 +8,14 @@ import json
 import os
 
 import pytest
+import ray
 from typer.testing import CliRunner
 
 from prorank.config import BM25Config, DataConfig
+from prorank.config_file import load_config
 from prorank.data import DataError, load_corpus, load_dataset
 from prorank.driver.cli import app
-from prorank.driver.synthesis import pick_documents
+from prorank.driver.synthesis import pick_documents, synthesize
 from prorank.query_filters import run_filters
 from prorank.query_writing import clean_query, finished, longest_copied_run, malformed
 from prorank.synth_config import DEFAULT_STRIP, SynthesisConfig
@@ -151,6 +153,19 @@ def test_the_log_survives_a_cut_line_and_refuses_other_settings(tmp_path):
         GenerationLog(tmp_path, {"model": "m", "seed": 1})
 
 
+def test_a_log_from_before_a_new_setting_resumes(tmp_path):
+    # A log written before `prompt.sentences` existed: the new key at its default is the same writer.
+    sc = SynthesisConfig(corpus="c", output=str(tmp_path))
+    now = {**sc.generation_settings(), "model": "m"}
+    older = json.loads(json.dumps(now))
+    del older["prompt"]["sentences"]
+    GenerationLog(tmp_path, older).append([{"doc_id": "a", "texts": ["x"]}])
+    assert GenerationLog(tmp_path, now, fill=SynthesisConfig.filled_settings).done() == {"a"}
+    with pytest.raises(DataError, match="prompt"):  # a changed value is still refused
+        other = {**now, "prompt": {**now["prompt"], "sentences": 2}}
+        GenerationLog(tmp_path, other, fill=SynthesisConfig.filled_settings)
+
+
 def test_the_folder_is_a_beir_dataset_linking_the_corpus(scifact_dir, tmp_path):
     out = tmp_path / "synth"
     out.mkdir()
@@ -179,3 +194,21 @@ def test_train_refuses_a_synthesis_it_would_not_train_on(scifact_dir, tmp_path):
     result = runner.invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 2 and "must be data.path" in result.output, result.output
     assert not (tmp_path / "synth").exists()
+
+
+def test_a_finished_log_becomes_the_folder_without_an_engine(corpus, scifact_dir, tiny_model_dir, tmp_path):
+    # Every drawn document is in the log and no filter needs the model: no Ray, no actor, only the filters.
+    docs = [d for d in corpus if len(corpus[d].title.split()) >= 5][:3]
+    out = tmp_path / "synth"
+    cfg = load_config(
+        None,
+        [f"data.path={out}", "data.split=train", f"model.path={tiny_model_dir}"]
+        + [f"synthesis.corpus={scifact_dir}", f"synthesis.output={out}", f"synthesis.doc_ids=[{','.join(docs)}]"],
+    )
+    settings = {**cfg.synthesis.generation_settings(), "model": str(tiny_model_dir)}
+    log = GenerationLog(out, settings)
+    log.append([{"doc_id": d, "texts": [corpus[d].title, ""], "finish_reasons": ["stop", "stop"]} for d in docs])
+    report = synthesize(cfg, show_progress=False)
+    assert not ray.is_initialized() and report["actors"] == 0 and report["complete"]
+    assert report["documents"]["written_this_run"] == 0 and report["queries"]["dropped"]["empty"] == 3
+    assert set(load_dataset(DataConfig(path=str(out), split="train")).query_ids) == {f"syn-{d}-0" for d in docs}
