@@ -88,6 +88,7 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
     )
     done = generations.done()
     todo = [d for d in doc_ids if d not in done]
+    earlier = _earlier_report(sc.output) if done else {}  # a resume adds to the writing time, not replaces it
     stopped = ""
 
     with ExitStack() as stack:
@@ -125,7 +126,7 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
     complete = not stopped and len(order) == len(doc_ids) and bool(filtered.kept)
     new = len(order) - len(done)
     report = _report(
-        cfg, writer, doc_ids, order, filtered, corpus, (gen_seconds, new, filter_seconds), actors, complete
+        cfg, writer, doc_ids, order, filtered, corpus, (gen_seconds, new, filter_seconds), actors, complete, earlier
     )
     report["stopped"] = stopped
     report["seconds"]["total"] = round(time.monotonic() - started, 1)
@@ -198,9 +199,19 @@ def _pair_scorer(pool):
     return score
 
 
-def _report(cfg, writer, doc_ids, order, filtered, corpus, timing, actors, complete) -> dict:
+def _earlier_report(output: str) -> dict:
+    path = Path(output) / REPORT
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # a report cut or unreadable: this run's figures only
+
+
+def _report(cfg, writer, doc_ids, order, filtered, corpus, timing, actors, complete, earlier) -> dict:
     sc = cfg.synthesis
     gen_seconds, new, filter_seconds = timing
+    before = (earlier.get("seconds") or {}).get("generation") or 0.0
+    speed = round(new / gen_seconds, 3) if gen_seconds and new else earlier.get("documents_per_second")
     rng = random.Random(sc.seed)
     examples = rng.sample(filtered.kept, min(sc.examples, len(filtered.kept)))
     return {
@@ -213,8 +224,9 @@ def _report(cfg, writer, doc_ids, order, filtered, corpus, timing, actors, compl
         # How easy the kept queries are for the first stage: their source's rank in the round trip.
         "round_trip_ranks": _rank_bins([c.rank for c in filtered.kept if c.rank is not None]),
         "include_split": sc.include_split,
-        "seconds": {"generation": round(gen_seconds, 1), "filters": round(filter_seconds, 1)},
-        "documents_per_second": round(new / gen_seconds, 3) if gen_seconds and new else None,
+        # generation: every run's writing so far; documents/s: the last run that wrote any
+        "seconds": {"generation": round(before + gen_seconds, 1), "filters": round(filter_seconds, 1)},
+        "documents_per_second": speed,
         "actors": actors,
         "examples": [
             {

@@ -208,7 +208,10 @@ def test_a_finished_log_becomes_the_folder_without_an_engine(corpus, scifact_dir
     settings = {**cfg.synthesis.generation_settings(), "model": str(tiny_model_dir)}
     log = GenerationLog(out, settings)
     log.append([{"doc_id": d, "texts": [corpus[d].title, ""], "finish_reasons": ["stop", "stop"]} for d in docs])
+    (out / "synthesis.json").write_text(json.dumps({"seconds": {"generation": 270.0}, "documents_per_second": 0.74}))
     report = synthesize(cfg, show_progress=False)
     assert not ray.is_initialized() and report["actors"] == 0 and report["complete"]
+    # The earlier run's writing time is kept: a resume adds to it rather than reporting 0 s.
+    assert report["seconds"]["generation"] >= 270.0 and report["documents_per_second"] == 0.74
     assert report["documents"]["written_this_run"] == 0 and report["queries"]["dropped"]["empty"] == 3
     assert set(load_dataset(DataConfig(path=str(out), split="train")).query_ids) == {f"syn-{d}-0" for d in docs}
