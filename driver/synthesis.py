@@ -14,7 +14,6 @@ section whose output is not complete yet, so one command takes a corpus to a tra
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -35,7 +34,7 @@ from prorank.progress import progress
 from prorank.query_filters import run_filters
 from prorank.query_writing import QueryPromptBuilder, judge
 from prorank.synth_config import SynthesisConfig
-from prorank.synthetic_dataset import REPORT, GenerationLog, write_beir_folder
+from prorank.synthetic_dataset import REPORT, GenerationLog, read_report, write_beir_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +43,7 @@ CONTROL_EVERY_SECONDS = 5.0
 
 def synthesis_complete(sc: SynthesisConfig) -> bool:
     """Whether `sc.output` holds a finished synthesis made with exactly these settings."""
-    report = Path(sc.output) / REPORT
-    if not report.is_file():
-        return False
-    done = json.loads(report.read_text())
+    done = read_report(sc.output)
     return bool(done.get("complete")) and done.get("config") == sc.model_dump()
 
 
@@ -88,7 +84,7 @@ def synthesize(cfg: ProRankConfig, show_progress: bool = True, signals: StopSign
     )
     done = generations.done()
     todo = [d for d in doc_ids if d not in done]
-    earlier = _earlier_report(sc.output) if done else {}  # a resume adds to the writing time, not replaces it
+    earlier = read_report(sc.output) if done else {}  # a resume adds to the writing time, not replaces it
     stopped = ""
 
     with ExitStack() as stack:
@@ -197,14 +193,6 @@ def _pair_scorer(pool):
         return scores
 
     return score
-
-
-def _earlier_report(output: str) -> dict:
-    path = Path(output) / REPORT
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}  # a report cut or unreadable: this run's figures only
 
 
 def _report(cfg, writer, doc_ids, order, filtered, corpus, timing, actors, complete, earlier) -> dict:

@@ -72,6 +72,16 @@ class GenerationLog:
             os.fsync(f.fileno())
 
 
+def read_report(output: str | Path) -> dict:
+    """The folder's report, {} when there is none or it cannot be read: it is made from the log, and the next
+    synthesis writes it again."""
+    path = Path(output) / REPORT
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def reserved_query_ids(corpus_folder: str | Path) -> set[str]:
     """The query ids the corpus folder already uses (none without a queries.jsonl)."""
     path = Path(corpus_folder) / "queries.jsonl"
