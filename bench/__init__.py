@@ -20,6 +20,22 @@ def data_model_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def recipe_parser(doc: str) -> argparse.ArgumentParser:
+    """`data_model_parser` plus the recipe a bench measures: --config (configs/scifact-cpu.yaml) and
+    `section.key=value` overrides on top of it; `load_recipe(args)` reads them."""
+    ap = data_model_parser(doc)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "scifact-cpu.yaml"), help="the recipe measured")
+    ap.add_argument("overrides", nargs="*", help="section.key=value on top of the recipe")
+    return ap
+
+
+def load_recipe(args: argparse.Namespace):
+    """The checked config of `recipe_parser`'s arguments, pointed at --data and --model."""
+    from prorank.config_file import load_config  # noqa: PLC0415 pydantic configs: only for the benches that measure a recipe
+
+    return load_config(args.config, args.overrides, {"data.path": args.data, "model.path": args.model})
+
+
 def recipe(name: str, data: str, model: str) -> dict:
     """configs/<name>.yaml as a dict, pointed at `data` and `model`, without its eval outputs (a bench
     writes its own); the caller changes what it measures, then `write_config`s it."""

@@ -1,15 +1,16 @@
-"""Stage-2 score steps per second, on real SciFact queries (a positive + BM25 hard negatives each):
-the plain float32 torch loop of issue 14's learner against the levers of the quality recipe, in one run.
+"""Stage-2 score steps on real SciFact queries (a positive + BM25 hard negatives each), with the recipe's
+settings (configs/scifact-cpu.yaml unless --config: negatives, prompt length, trained layers, learner),
+against the machine's GEMM rate measured in the same run.
 
-1. The machine's GEMM rate, float32 and bf16, on the shapes of SmolLM2's MLP: the ceiling.
-2. One process, plain torch: a whole optimizer step (forward, backward, AdamW) in float32, then with
-   bf16 autocast (`learner.mixed_precision`), without the shared prefix (each prompt whole, padded), and
-   with all layers trained instead of the top N.
-3. The real learner (Ray + DeepSpeed ZeRO-2): 2 ranks x 1 thread (issue 14) against 1 rank x 2 threads,
-   float32 and bf16 autocast, one query per rank per step.
+1. The GEMM rate, float32 and bf16, on the shape of SmolLM2's MLP: the ceiling.
+2. One process, plain torch, the learner's kernels (attention, fused AdamW): a whole optimizer step
+   (forward, backward, AdamW) in float32, then with bf16 autocast: what the model's arithmetic costs.
+3. The real learner (Ray + DeepSpeed ZeRO), one query per rank per step: the recipe's setting (ranks x
+   threads, precision), then the other split of the cores (2 ranks x 1 thread, or 1 x 2).
 
-Each line: pairs (query, candidate) per second, its ratio to the float32 torch loop, and the achieved
-FLOP/s as a fraction of the measured bf16 GEMM rate. Nothing else should run on the machine meanwhile.
+Each line: seconds per query-step, pairs (query, candidate) per second, its ratio to the float32 torch
+loop, and the achieved FLOP/s as a fraction of the GEMM rate in the recipe's precision (bf16 where the CPU
+has bf16 units, else float32). Nothing else should run on the machine meanwhile.
 
     .venv/bin/python -m bench.score_step --data ../shared/data/scifact --model models/SmolLM2-135M-Instruct
 """
@@ -18,25 +19,27 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import data_model_parser
+from bench import load_recipe, recipe_parser
 from prorank.batches import PromptSampler, RankingSampler
 from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, DataConfig, StageLearnerConfig, TrainConfig
+from prorank.config import BM25Config, DataConfig, ProRankConfig, StageLearnerConfig, TrainConfig, WeightSyncConfig
 from prorank.data import load_dataset
 from prorank.learner.objectives import RankingObjective
-from prorank.learner.precision import forward_precision
-from prorank.learner.rank import freeze_below
+from prorank.learner.precision import forward_precision, uses_bf16
+from prorank.learner.rank import attention_kernel, freeze_below
 from prorank.learner.score_step import score_micro_batch_loss
-from prorank.models import load_tokenizer
+from prorank.models import load_tokenizer, native_bf16, resolve_model
 from prorank.prompt import PromptBuilder
 from prorank.scoring import common_prefix_length
 from prorank.stage_config import RankingLoss, ScoreConfig, WarmupConfig
+from prorank.weights.transport import GrpcTransport
 
 
 def gemm_rate(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
@@ -88,23 +91,40 @@ def make_groups(data: str, model: str, queries: int, negatives: int, max_length:
     return sampler.batch(0, queries), builder
 
 
-def torch_loop_rate(
-    model_dir: str, groups, builder, mixed: str, trainable: int | None, steps: int, shared_prefix: bool = True
-):
-    """(pairs/s, seconds per query) of `steps` AdamW steps, one query each, in this process."""
+def job_batches(cfg: ProRankConfig, steps: int) -> tuple[list, PromptBuilder]:
+    """The first `steps` queries of the score stage of `prorank train` with `cfg` (one query a step), exactly
+    as its sampler draws them: the same held-out queries, negatives and prompts, so that a bench step and
+    the job's step of the same number do the same arithmetic."""
+    tc, sc = cfg.train, cfg.score
+    ds = load_dataset(cfg.data.model_copy(update={"split": tc.split}))
+    depth = max(cfg.warmup.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth)
+    ranking = bm25_search(ds, ds.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
+    prompts = PromptSampler(ds, ranking, tc, cfg.warmup, cfg.reward.relevance_threshold)
+    builder = PromptBuilder.from_config(load_tokenizer(resolve_model(cfg.model)), cfg.prompt)
+    sampler = RankingSampler(prompts, ranking, sc, builder, tc.seed, cfg.reward.relevance_threshold)
+    return [sampler.batch(step, 1)[0] for step in range(steps)], builder
+
+
+PHASES = ("forward_seconds", "backward_seconds", "optimizer_seconds")
+
+
+def torch_loop_rate(model_dir: str, groups, builder, lc: StageLearnerConfig, mix: RankingLoss, bf16: bool, steps: int):
+    """(model, seconds per query) of `steps` AdamW steps, one query each, in this process, with the
+    learner's kernels (`lc.attention`, fused AdamW) and frozen layers."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if trainable:
-        freeze_below(model, trainable, torch.bfloat16 if mixed == "bf16" else None)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation=attention_kernel(lc.attention, "cpu")
+    )
+    if lc.trainable_layers:
+        freeze_below(model, lc.trainable_layers, torch.bfloat16 if bf16 else None)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     pad = builder.tokenizer.pad_token_id
 
     def step(g):
-        with forward_precision(mixed == "bf16", "cpu"):
-            loss, _ = score_micro_batch_loss(model, [g], 1.0, mix, builder.answer_ids, pad, shared_prefix)
+        with forward_precision(bf16, "cpu"):
+            loss, _ = score_micro_batch_loss(model, [g], 1.0, mix, builder.answer_ids, pad)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -113,54 +133,51 @@ def torch_loop_rate(
     start = time.perf_counter()
     for i in range(steps):
         step(groups[i % len(groups)])
-    seconds = (time.perf_counter() - start) / steps
-    return model, len(groups[0].prompt_ids) / seconds, seconds
+    return model, (time.perf_counter() - start) / steps
 
 
-def learner_rate(model_dir: str, groups, ranks: int, threads: int, mixed: str, trainable: int | None, steps: int):
-    """(pairs/s, seconds per query) of the real learner: `ranks` DeepSpeed ranks of `threads` threads,
-    one query per rank per step."""
+def learner_rate(model_dir: str, groups, lc: StageLearnerConfig, sc: ScoreConfig, steps: int) -> tuple[float, dict]:
+    """Seconds per query of the real learner with `lc` (its ranks, threads and precision), one query per
+    rank per step, and rank 0's mean seconds a step in its forward, backward and optimizer step."""
     from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, which importing this module does not
 
-    cfg = StageLearnerConfig(
-        num_ranks=ranks,
-        threads=threads,
-        num_cpus=1,
-        mixed_precision=mixed,
-        lr=1e-5,
-        groups_per_step=ranks,
-        micro_batch_groups=1,
-        beta=0.0,
-        trainable_layers=trainable,
-    )
-    mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
-    learner = LearnerGroup(model_dir, cfg, RankingObjective(mix, ranks, 1))
+    ranks = lc.num_ranks
+    cfg = lc.model_copy(update={"num_cpus": 1, "groups_per_step": ranks, "micro_batch_groups": 1})
+    sc = sc.model_copy(update={"queries_per_step": ranks, "micro_batch_queries": 1})
+    # As in the job, rank 0 serves the weight transport (idle between syncs): what it runs beside the
+    # steps is part of the step time the job logs.
+    sender = GrpcTransport(secrets.token_hex(16), WeightSyncConfig()).sender()
+    learner = LearnerGroup(model_dir, cfg, RankingObjective.of(sc), sender=sender)
     try:
+        learner.serve_weights()
         batches = [groups[i : i + ranks] for i in range(0, len(groups) - ranks + 1, ranks)]
         learner.step(batches[0])  # warm-up
         start = time.perf_counter()
-        for i in range(steps):
-            learner.step(batches[i % len(batches)])
-        seconds = (time.perf_counter() - start) / (steps * ranks)
+        figures = [learner.step(batches[i % len(batches)]) for i in range(steps)]
+        phases: dict[str, Any] = {k: sum(f[k] for f in figures) / steps for k in figures[0] if k in PHASES}
+        phases["step_seconds"] = [f["step_seconds"] for f in figures]
+        return (time.perf_counter() - start) / (steps * ranks), phases
     finally:
         learner.shutdown()
-    return len(groups[0].prompt_ids) / seconds, seconds
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = data_model_parser(__doc__)
-    ap.add_argument("--queries", type=int, default=6)
-    ap.add_argument("--negatives", type=int, default=15)
-    ap.add_argument("--max-length", type=int, default=192, help="query + document tokens (prompt.max_length)")
-    ap.add_argument("--trainable-layers", type=int, default=10)
+    ap = recipe_parser(__doc__)
+    ap.add_argument("--queries", type=int, default=6, help="the job's first N score steps' queries, cycled")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after one warm-up)")
     ap.add_argument("--skip-learner", action="store_true", help="only the single-process loops (no Ray)")
+    ap.add_argument("--recipe-only", action="store_true", help="of the learner, only the recipe's setting")
     ap.add_argument("--output", default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
+    cfg = load_recipe(args)
+    sc, lc = cfg.score, cfg.score_learner()
+    mix = sc.ranking_loss()
+    bf16 = uses_bf16(lc.mixed_precision, "cpu")
+    precision = "bfloat16" if bf16 else "float32"
 
-    groups, builder = make_groups(args.data, args.model, args.queries, args.negatives, args.max_length)
+    groups, builder = job_batches(cfg, args.queries)
     peak = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
     cpu = cpu_kind()
     print(
@@ -169,54 +186,63 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"{len(groups)} queries x {len(groups[0].prompt_ids)} candidates, "
-        f"{sum(len(p) for p in groups[0].prompt_ids) / len(groups[0].prompt_ids):.0f} tokens a prompt",
+        f"{sum(len(p) for p in groups[0].prompt_ids) / len(groups[0].prompt_ids):.0f} tokens a prompt; "
+        f"top {lc.trainable_layers or 'all'} layers trained; the recipe computes in {precision}",
         flush=True,
     )
 
-    top = args.trainable_layers
-    rows: dict[str, tuple[float, float, int | None]] = {}
-    model, rate, sec = torch_loop_rate(args.model, groups, builder, "no", top, args.steps)
-    rows[f"torch loop, float32, top {top} layers"] = (rate, sec, top)
-    _, rate, sec = torch_loop_rate(args.model, groups, builder, "bf16", top, args.steps)
-    rows[f"torch loop, bf16 autocast, top {top} layers"] = (rate, sec, top)
-    _, rate, sec = torch_loop_rate(args.model, groups, builder, "bf16", top, args.steps, shared_prefix=False)
-    rows[f"torch loop, bf16 autocast, top {top} layers, no shared prefix"] = (rate, sec, top)
-    _, rate, sec = torch_loop_rate(args.model, groups, builder, "bf16", None, args.steps)
-    rows["torch loop, bf16 autocast, all layers"] = (rate, sec, None)
+    rows: dict[str, float] = {}
+    phases: dict[str, dict] = {}  # the learner's rank 0: seconds in its forward, backward, optimizer step
+    model, rows["torch loop, float32"] = torch_loop_rate(args.model, groups, builder, lc, mix, False, args.steps)
+    if native_bf16("cpu") and not args.recipe_only:
+        _, rows["torch loop, bf16 autocast"] = torch_loop_rate(args.model, groups, builder, lc, mix, True, args.steps)
+    recipe = f"learner, {lc.num_ranks} rank(s) x {lc.threads or int(lc.num_cpus)} thread(s), {precision} (the recipe)"
     if not args.skip_learner:
         import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 
+        other = (2, 1) if lc.num_ranks == 1 else (1, cores)
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:
-            for ranks, threads, mixed in ((2, 1, "no"), (1, 2, "no"), (2, 1, "bf16"), (1, 2, "bf16")):
-                rate, sec = learner_rate(args.model, groups, ranks, threads, mixed, top, args.steps)
-                name = "float32" if mixed == "no" else "bf16 autocast"
-                rows[f"DeepSpeed ZeRO-2, {ranks} rank(s) x {threads} thread(s), {name}, top {top}"] = (rate, sec, top)
+            rows[recipe], phases[recipe] = learner_rate(args.model, groups, lc, sc, args.steps)
+            if not args.recipe_only:
+                split = lc.model_copy(update={"num_ranks": other[0], "threads": other[1]})
+                name = f"learner, {other[0]} rank(s) x {other[1]} thread(s), {precision}"
+                rows[name], phases[name] = learner_rate(args.model, groups, split, sc, args.steps)
         finally:
             ray.shutdown()
 
-    base = next(iter(rows.values()))[0]
+    base = rows["torch loop, float32"]
+    flops = step_flops(model, groups, lc.trainable_layers) / len(groups)
     report: dict[str, Any] = {
         "cpu": cpu,
         "cores": cores,
+        "config": args.config,
+        "overrides": args.overrides,
         "gemm_flops": peak,
+        "precision": precision,
         "candidates": len(groups[0].prompt_ids),
+        "flops_per_query": flops,
         "rows": {},
     }
-    for name, (rate, sec, trained) in rows.items():
-        flops = step_flops(model, groups, trained) / len(groups) / sec
+    for name, sec in rows.items():
         report["rows"][name] = {
-            "pairs_per_second": rate,
             "seconds_per_query": sec,
-            "ratio": rate / base,
-            "flops": flops,
-            "fraction_of_bf16_gemm": flops / peak["bfloat16"],
+            "pairs_per_second": len(groups[0].prompt_ids) / sec,
+            "ratio": base / sec,
+            "flops": flops / sec,
+            "fraction_of_gemm": flops / sec / peak[precision],
+            **({"rank0_phase_seconds": phases[name]} if name in phases else {}),
         }
         print(
-            f"{name:62s} {rate:6.2f} pairs/s  {sec:5.2f} s/query  {rate / base:5.2f}x  "
-            f"{flops / 1e9:5.0f} GFLOP/s = {flops / peak['bfloat16']:.0%} of bf16 GEMM",
+            f"{name:58s} {sec:5.2f} s/query  {len(groups[0].prompt_ids) / sec:5.2f} pairs/s  {base / sec:5.2f}x  "
+            f"{flops / sec / 1e9:4.0f} GFLOP/s = {flops / sec / peak[precision]:.0%} of {precision} GEMM",
             flush=True,
         )
+        if name in phases:
+            print(
+                "    rank 0, seconds a step: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in phases[name].items() if k != "step_seconds")
+            )
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return report

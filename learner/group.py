@@ -18,8 +18,11 @@ import ray
 from prorank import checkpoints
 from prorank.config import StageLearnerConfig
 from prorank.learner.objectives import Objective
-from prorank.learner.rank import LearnerRank
+from prorank.learner.rank import LearnerRank, rank_threads
 from prorank.weight_transport import WeightSender
+
+# What a rank's train_step reports that is not summed over the ranks.
+RANK0_FIGURES = ("grad_norm", "lr", "seconds", "forward_seconds", "backward_seconds", "optimizer_seconds")
 
 
 class LearnerError(RuntimeError):
@@ -58,7 +61,10 @@ class LearnerGroup:
             num_gpus=cfg.num_gpus,
             resources=cfg.resources or None,
             max_restarts=0,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            # Ray starts a worker with OMP_NUM_THREADS = its num_cpus (1 here); torch.set_num_threads raises
+            # torch's own count later, but a rank started with 1 ran its score steps 8% slower on 2 cores
+            # than one started with its real thread count (bench/score_step.py).
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(rank_threads(cfg))}},
         )
         self.ranks = [
             remote.remote(r, cfg.num_ranks, model_path, cfg, objective, sender if r == 0 else None, adapter)
@@ -105,12 +111,12 @@ class LearnerGroup:
         parts = self._all("train_step", per_rank=[(batch[r::k], normalizer) for r in range(k)])
         self.steps += 1
         seconds = time.perf_counter() - start
-        summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in ("grad_norm", "lr", "seconds")}
-        # The optimizer's figures are the same on every rank (one global step): rank 0's.
+        summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in RANK0_FIGURES}
+        # The optimizer's figures are the same on every rank (one global step), and the ranks step in
+        # lockstep: rank 0's, with its seconds in the forward, backward and optimizer step.
         return {
             **self.objective.metrics(batch, summed, seconds),
-            "grad_norm": parts[0]["grad_norm"],
-            "lr": parts[0]["lr"],
+            **{key: parts[0][key] for key in RANK0_FIGURES if key in parts[0] and key != "seconds"},
             "step_seconds": seconds,
         }
 

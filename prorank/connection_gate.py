@@ -111,6 +111,7 @@ class ConnectionGate:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._stop = threading.Event()
+        self.events = 0  # accepts and socket reads/writes handled
         self._thread = threading.Thread(target=self._serve, name=f"gate-{self.port}", daemon=True)
 
     @property
@@ -143,6 +144,7 @@ class ConnectionGate:
     def _serve(self) -> None:
         while not self._stop.is_set():
             for key, mask in self._selector.select(timeout=0.5):
+                self.events += 1  # read by the server's memory trimmer: is anyone there?
                 if key.fileobj is self._listener:
                     self._accept_all()
                 elif (relay := self._relays.get(cast(socket.socket, key.fileobj))) is not None:

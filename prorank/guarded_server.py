@@ -159,8 +159,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.limits, self.refusals, self._open = limits, refusals, open_methods
         self.in_flight: dict[str, int] = {}  # peer host -> authenticated calls running (on the loop thread only)
         self.total = 0
+        self.calls = 0  # every call seen, refused or not
 
     async def intercept_service(self, continuation, details):
+        self.calls += 1
         handler = await continuation(details)
         if handler is None or details.method in self._open:
             return handler
@@ -236,19 +238,31 @@ async def _cancel_the_rest() -> None:
         await asyncio.wait(tasks, timeout=10)
 
 
-def _return_freed_memory(loop: asyncio.AbstractEventLoop, every: float = 2.0) -> None:
-    """While the server's loop runs: glibc's malloc_trim every `every` s. gRPC core frees what an attack made
-    it allocate (20 s of oversized header blocks on 64 connections: ~550 MB at peak), but glibc keeps the
-    pages: measured, RSS stayed 377 -> 526 MB without this, and went 56 -> 61 MB with it. A thread of its
-    own, not the loop: a trim of a large heap takes milliseconds. Not glibc (musl, macOS): nothing to do."""
+def return_freed_memory(loop: asyncio.AbstractEventLoop, activity: Callable[[], int], every: float = 2.0) -> None:
+    """While the server's loop runs: glibc's malloc_trim every `every` s while the server is busy and for
+    `AFTER_ACTIVITY` such spells after (`activity()` counts its calls and socket events). gRPC core frees what
+    an attack made it allocate (20 s of oversized header blocks on 64 connections: ~550 MB at peak), but
+    glibc keeps the pages: measured, RSS stayed 377 -> 526 MB without this, and went 56 -> 61 MB with it.
+    Not while idle: a learner rank holds the weight server, and trimming its heap every 2 s handed back the
+    pages its next step's activations were then faulted into again (score steps 11% slower on 2 cores,
+    bench/score_step.py against `prorank train`). A thread of its own, not the loop: a trim of a large heap
+    takes milliseconds. Not glibc (musl, macOS): nothing to do."""
 
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return
+    seen, quiet = activity(), AFTER_ACTIVITY
     while not loop.is_closed():
         time.sleep(every)
-        trim(0)
+        now = activity()
+        quiet = 0 if now != seen else quiet + 1
+        seen = now
+        if quiet <= AFTER_ACTIVITY:
+            trim(0)
+
+
+AFTER_ACTIVITY = 5  # trims after the server's last call or socket event: gRPC frees some memory late
 
 
 class GuardedServer:
@@ -331,7 +345,14 @@ class GuardedServer:
         except BaseException:
             self._close_loop()
             raise
-        threading.Thread(target=_return_freed_memory, args=(self.loop,), name="malloc-trim", daemon=True).start()
+        trimmer = threading.Thread(
+            target=return_freed_memory, args=(self.loop, self.activity), name="malloc-trim", daemon=True
+        )
+        trimmer.start()
+
+    def activity(self) -> int:
+        """A count that grows with every call and (behind the connection gate) every socket event."""
+        return self.guard.calls + (self.gate.events if self.gate else 0)
 
     def stop(self, grace: float | None, first: Callable[[], Awaitable] | None = None) -> None:
         """New calls are refused at once; calls in flight get `grace` seconds, then are cancelled. `first`
