@@ -22,7 +22,15 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from prorank.config import StageLearnerConfig
 from prorank.learner.objectives import Objective
-from prorank.learner.precision import forward_precision, uses_bf16
+from prorank.learner.precision import (
+    bf16_weights,
+    fold_head_input,
+    forward_precision,
+    masters,
+    set_masters,
+    trainable_copies,
+    uses_bf16,
+)
 from prorank.learner.step import lr_lambda
 from prorank.lora import adapter_state, add_adapter, merged_state, write_adapter
 from prorank.models import load_tokenizer, save_model_dir
@@ -136,11 +144,17 @@ class LearnerRank:
         model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=dtype, attn_implementation=attention_kernel(cfg.attention, self.device_type)
         )
-        self.bf16 = uses_bf16(cfg.mixed_precision, self.device_type)
+        bf16 = uses_bf16(cfg.mixed_precision, self.device_type)
+        self.bf16_weights = bf16_weights(cfg, self.device_type)  # else autocast, when bf16
+        self.autocast = bf16 and not self.bf16_weights
         if cfg.trainable_layers is not None:
-            freeze_below(model, cfg.trainable_layers, torch.bfloat16 if self.bf16 else None)
+            freeze_below(model, cfg.trainable_layers, torch.bfloat16 if bf16 else None)
         if cfg.lora is not None:
             model = add_adapter(model, cfg.lora, self.adapter)
+        start_values = {}
+        if self.bf16_weights:
+            fold_head_input(model)
+            start_values = trainable_copies(model)
         objective = self.objective
         objective.prepare(self.model_path, load_tokenizer(self.model_path), dtype, self.gpu)
         self.micro_batches = objective.batch_size // (self.world * objective.micro_batch)
@@ -161,7 +175,7 @@ class LearnerRank:
                 "type": "AdamW",
                 "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True, "fused": True},
             },
-            "bf16": {"enabled": cfg.dtype == "bfloat16"},
+            "bf16": {"enabled": cfg.dtype == "bfloat16" or self.bf16_weights},
             "steps_per_print": 2**31 - 1,
         }
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -170,6 +184,8 @@ class LearnerRank:
             config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)),
         )
+        if start_values:
+            set_masters(self.engine.module, start_values)
 
     def train_step(self, groups: list, normalizer: float) -> dict[str, float]:
         """This rank's share of one step: micro-batches with accumulation (ZeRO-3: one summed backward),
@@ -190,7 +206,7 @@ class LearnerRank:
         pending = None  # ZeRO-3: the summed loss of this rank's micro-batches
         clock = PhaseClock()  # where the step's seconds go: the job logs them beside its own step time
         for batch in micro:
-            with clock("forward"), forward_precision(self.bf16, self.device_type):
+            with clock("forward"), forward_precision(self.autocast, self.device_type):
                 loss, stats = self.objective.loss(engine.module, batch, normalizer)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -225,10 +241,14 @@ class LearnerRank:
         return contextlib.nullcontext()
 
     def _model_state(self) -> dict[str, torch.Tensor]:
-        """The plain model's weights (with LoRA: merged), inside `_full_parameters()`."""
+        """The plain model's weights (with LoRA: merged), inside `_full_parameters()`; every rank calls it.
+        With bf16 weights the trained ones are their float32 masters (gathered from the ranks' partitions)."""
         if self.cfg.lora is not None:
             return merged_state(self.engine.module)
-        return self.engine.module.state_dict()
+        state = self.engine.module.state_dict()
+        if self.bf16_weights:
+            state.update(masters(self.engine.module))
+        return state
 
     def _version_state(self) -> dict[str, torch.Tensor]:
         """What a weight version carries (with LoRA: the adapter alone), inside `_full_parameters(lora)`."""
@@ -240,9 +260,10 @@ class LearnerRank:
         """A copy of the full weights (with LoRA: merged) as named CPU tensors on rank 0 (None elsewhere).
         A collective."""
         with self._full_parameters():
+            state = self._model_state()
             if self.rank != 0:
                 return None
-            return {k: v.detach().to("cpu", copy=True) for k, v in self._model_state().items()}
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def memory(self) -> dict[str, float]:
         """This rank's peak resident memory and optimizer state in bytes, and its trainable parameters."""
@@ -281,8 +302,9 @@ class LearnerRank:
         folder in `adapter_folder` (rank 0 writes them). A collective under ZeRO-3."""
 
         with self._full_parameters():
+            state = self._model_state()
             if self.rank == 0:
-                save_model_dir(self._model_state(), self.model_path, folder)
+                save_model_dir(state, self.model_path, folder)
                 if self.cfg.lora is not None and adapter_folder:
                     write_adapter(adapter_folder, self.cfg.lora, self.model_path, self._version_state())
 

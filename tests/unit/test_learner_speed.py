@@ -9,6 +9,7 @@ import torch
 
 from prorank import guarded_server
 from prorank.config_file import load_config
+from prorank.learner.precision import bf16_weights, fold_head_input
 from prorank.learner.rank import PhaseClock, attention_kernel, rank_threads
 
 
@@ -83,3 +84,31 @@ def test_the_trimmer_trims_while_busy_and_a_few_spells_after_then_stops(monkeypa
     guarded_server.return_freed_memory(_Loop(12), lambda: next(counts))
     last_busy = 3
     assert trims == list(range(1, last_busy + guarded_server.AFTER_ACTIVITY + 1))
+
+
+def test_bf16_weights_only_under_zero2_without_lora():
+    from prorank.config import StageLearnerConfig  # noqa: PLC0415 pydantic config: only here
+
+    def cfg(**kw):
+        return StageLearnerConfig(num_ranks=1, **kw)
+
+    assert bf16_weights(cfg(mixed_precision="bf16"), "cpu")
+    assert not bf16_weights(cfg(mixed_precision="bf16", zero_stage=3), "cpu")
+    assert not bf16_weights(cfg(mixed_precision="bf16", lora={"r": 4}), "cpu")
+    assert not bf16_weights(cfg(mixed_precision="no"), "cpu")
+
+
+def test_folded_head_gives_the_same_logits_in_every_shape(tiny_model_dir):
+    """The vocabulary head's input folded to one matrix: the same logits for the answer position
+    (stage 2) and for several completion positions (GRPO), in bf16."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 10, 11, 12]])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    folded = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    fold_head_input(folded)
+    for keep in (1, 3, 0):
+        a = plain(input_ids=ids, logits_to_keep=keep).logits
+        b = folded(input_ids=ids, logits_to_keep=keep).logits
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
