@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from bench import load_recipe, recipe_parser
-from prorank.batches import PromptSampler, RankingSampler
+from prorank.batches import PromptSampler, RankingSampler, training_candidates
 from prorank.bm25 import bm25_search
 from prorank.config import BM25Config, DataConfig, ProRankConfig, StageLearnerConfig, TrainConfig, WeightSyncConfig
 from prorank.data import load_dataset
 from prorank.learner.objectives import RankingObjective
 from prorank.learner.precision import forward_precision, uses_bf16
-from prorank.learner.rank import attention_kernel, freeze_below
+from prorank.learner.rank import attention_kernel, freeze_below, rank_threads
 from prorank.learner.score_step import score_micro_batch_loss
 from prorank.models import load_tokenizer, native_bf16, resolve_model
 from prorank.prompt import PromptBuilder
@@ -96,9 +96,7 @@ def job_batches(cfg: ProRankConfig, steps: int) -> tuple[list, PromptBuilder]:
     as its sampler draws them: the same held-out queries, negatives and prompts, so that a bench step and
     the job's step of the same number do the same arithmetic."""
     tc, sc = cfg.train, cfg.score
-    ds = load_dataset(cfg.data.model_copy(update={"split": tc.split}))
-    depth = max(cfg.warmup.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth)
-    ranking = bm25_search(ds, ds.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
+    ds, ranking = training_candidates(cfg)
     prompts = PromptSampler(ds, ranking, tc, cfg.warmup, cfg.reward.relevance_threshold)
     builder = PromptBuilder.from_config(load_tokenizer(resolve_model(cfg.model)), cfg.prompt)
     sampler = RankingSampler(prompts, ranking, sc, builder, tc.seed, cfg.reward.relevance_threshold)
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, rows["torch loop, float32"] = torch_loop_rate(args.model, groups, builder, lc, mix, False, args.steps)
     if native_bf16("cpu") and not args.recipe_only:
         _, rows["torch loop, bf16 autocast"] = torch_loop_rate(args.model, groups, builder, lc, mix, True, args.steps)
-    recipe = f"learner, {lc.num_ranks} rank(s) x {lc.threads or int(lc.num_cpus)} thread(s), {precision} (the recipe)"
+    recipe = f"learner, {lc.num_ranks} rank(s) x {rank_threads(lc)} thread(s), {precision} (the recipe)"
     if not args.skip_learner:
         import ray  # noqa: PLC0415 Ray: heavy, needed only by the job and its actors
 

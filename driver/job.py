@@ -27,10 +27,8 @@ from pathlib import Path
 
 from prorank import checkpoints
 from prorank.actors.pool import ActorPool
-from prorank.batches import PromptSampler
-from prorank.bm25 import bm25_search
+from prorank.batches import PromptSampler, training_candidates
 from prorank.config_file import ConfigError
-from prorank.data import load_dataset
 from prorank.driver.control import start_control
 from prorank.driver.dev_eval import DevEval, load_dev_sets
 from prorank.driver.loop import BusyClock, Job, StopFlag, run_stage
@@ -74,10 +72,8 @@ def train(cfg, resume: bool = False, progress: bool = True, on_start=None, signa
     if sc.init_from:
         check_model_layout(checkpoint_model_dir(sc.init_from), cfg.prompt.layout)
     out = Path(tc.output_dir)
-    data_cfg = cfg.data.model_copy(update={"split": tc.split})
-    dataset = load_dataset(data_cfg)
-    depth = max(wc.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
-    ranking = bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
+    data_cfg = cfg.data.model_copy(update={"split": tc.split})  # the reward replicas' qrels
+    dataset, ranking = training_candidates(cfg)
     more_dev = load_dev_sets(cfg, dataset.name)  # train.dev_sets: loaded and checked before anything starts
     token = _job_token(cfg)
     # A second job on this folder is refused here: after the inputs are checked (a bad one leaves no

@@ -21,8 +21,8 @@ from prorank.learner.objectives import Objective
 from prorank.learner.rank import LearnerRank, rank_threads
 from prorank.weight_transport import WeightSender
 
-# What a rank's train_step reports that is not summed over the ranks.
-RANK0_FIGURES = ("grad_norm", "lr", "seconds", "forward_seconds", "backward_seconds", "optimizer_seconds")
+# What a rank's train_step reports that is the same on every rank (or, for seconds, in lockstep): rank 0's.
+RANK0_FIGURES = ("grad_norm", "lr", "forward_seconds", "backward_seconds", "optimizer_seconds")
 
 
 class LearnerError(RuntimeError):
@@ -111,12 +111,12 @@ class LearnerGroup:
         parts = self._all("train_step", per_rank=[(batch[r::k], normalizer) for r in range(k)])
         self.steps += 1
         seconds = time.perf_counter() - start
-        summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in RANK0_FIGURES}
+        summed = {key: sum(p[key] for p in parts) for key in parts[0] if key not in (*RANK0_FIGURES, "seconds")}
         # The optimizer's figures are the same on every rank (one global step), and the ranks step in
         # lockstep: rank 0's, with its seconds in the forward, backward and optimizer step.
         return {
             **self.objective.metrics(batch, summed, seconds),
-            **{key: parts[0][key] for key in RANK0_FIGURES if key in parts[0] and key != "seconds"},
+            **{key: parts[0][key] for key in RANK0_FIGURES},
             "step_seconds": seconds,
         }
 

@@ -240,15 +240,17 @@ class LearnerRank:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        """The plain model's weights (with LoRA: merged), inside `_full_parameters()`; every rank calls it.
-        With bf16 weights the trained ones are their float32 masters (gathered from the ranks' partitions)."""
+    def _masters(self) -> dict[str, torch.Tensor]:
+        """With bf16 weights, the trained weights' float32 masters (else none). A collective: each rank
+        holds a partition of them."""
+        return masters(self.engine.module) if self.bf16_weights else {}
+
+    def _model_state(self, trained_masters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The plain model's weights (with LoRA: merged), the trained ones as `_masters()` gave them,
+        inside `_full_parameters()`."""
         if self.cfg.lora is not None:
             return merged_state(self.engine.module)
-        state = self.engine.module.state_dict()
-        if self.bf16_weights:
-            state.update(masters(self.engine.module))
-        return state
+        return {**self.engine.module.state_dict(), **trained_masters}
 
     def _version_state(self) -> dict[str, torch.Tensor]:
         """What a weight version carries (with LoRA: the adapter alone), inside `_full_parameters(lora)`."""
@@ -260,10 +262,10 @@ class LearnerRank:
         """A copy of the full weights (with LoRA: merged) as named CPU tensors on rank 0 (None elsewhere).
         A collective."""
         with self._full_parameters():
-            state = self._model_state()
+            trained = self._masters()
             if self.rank != 0:
                 return None
-            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            return {k: v.detach().to("cpu", copy=True) for k, v in self._model_state(trained).items()}
 
     def memory(self) -> dict[str, float]:
         """This rank's peak resident memory and optimizer state in bytes, and its trainable parameters."""
@@ -302,9 +304,9 @@ class LearnerRank:
         folder in `adapter_folder` (rank 0 writes them). A collective under ZeRO-3."""
 
         with self._full_parameters():
-            state = self._model_state()
+            trained = self._masters()
             if self.rank == 0:
-                save_model_dir(state, self.model_path, folder)
+                save_model_dir(self._model_state(trained), self.model_path, folder)
                 if self.cfg.lora is not None and adapter_folder:
                     write_adapter(adapter_folder, self.cfg.lora, self.model_path, self._version_state())
 

@@ -11,12 +11,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from prorank.bm25 import Ranking
-from prorank.config import TrainConfig
-from prorank.data import BeirDataset
+from prorank.bm25 import Ranking, bm25_search
+from prorank.config import ProRankConfig, TrainConfig
+from prorank.data import BeirDataset, load_dataset
 from prorank.prompt import PromptBuilder, document_text
 from prorank.rollout import RolloutRequest
 from prorank.stage_config import ScoreConfig, WarmupConfig
+
+
+def training_candidates(cfg: ProRankConfig) -> tuple[BeirDataset, Ranking]:
+    """The split `prorank train` trains on and its BM25 candidates, deep enough for the warmup's and the
+    score stage's negatives and for the dev evaluation (bench/score_step.py draws the job's steps from it)."""
+    tc, sc = cfg.train, cfg.score
+    dataset = load_dataset(cfg.data.model_copy(update={"split": tc.split}))
+    depth = max(cfg.warmup.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
+    return dataset, bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
 
 
 @dataclass(slots=True)

@@ -112,3 +112,10 @@ def test_folded_head_gives_the_same_logits_in_every_shape(tiny_model_dir):
         b = folded(input_ids=ids, logits_to_keep=keep).logits
         assert a.shape == b.shape
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_an_unknown_attention_kernel_is_refused_naming_the_key(tmp_path):
+    from prorank.config_file import ConfigError  # noqa: PLC0415 only here
+
+    with pytest.raises(ConfigError, match="learner.attention"):
+        load_config(None, ["learner.attention=flash"], {"data.path": str(tmp_path)})
