@@ -2,11 +2,15 @@
 settings (configs/scifact-cpu.yaml unless --config: negatives, prompt length, trained layers, learner),
 against the machine's GEMM rate measured in the same run.
 
-1. The GEMM rate, float32 and bf16, on the shape of SmolLM2's MLP: the ceiling.
-2. One process, plain torch, the learner's kernels (attention, fused AdamW): a whole optimizer step
+1. The GEMM rate, float32 and bf16, on the shape of SmolLM2's MLP: the machine's ceiling.
+2. The step's own matrix products at their real shapes (forward through every layer, both gradients
+   through the trained ones), timed alone on all the cores, as the GEMM rate is: the step's ceiling,
+   were everything else (norms, attention, casts, the optimizer) free.
+3. One process, plain torch, the learner's kernels (attention, fused AdamW): a whole optimizer step
    (forward, backward, AdamW) in float32, then with bf16 autocast: what the model's arithmetic costs.
-3. The real learner (Ray + DeepSpeed ZeRO), one query per rank per step: the recipe's setting (ranks x
-   threads, precision), then the other split of the cores (2 ranks x 1 thread, or 1 x 2).
+4. The real learner (Ray + DeepSpeed ZeRO), one query per rank per step (the job's queries, in its
+   order): the recipe's setting (ranks x threads, precision), then the other split of the cores (2 ranks
+   x 1 thread, or 1 x 2).
 
 Each line: seconds per query-step, pairs (query, candidate) per second, its ratio to the float32 torch
 loop, and the achieved FLOP/s as a fraction of the GEMM rate in the recipe's precision (bf16 where the CPU
@@ -80,6 +84,41 @@ def step_flops(model, groups, trainable: int | None) -> float:
     return tokens * per_layer * (2 * len(layers) + 4 * trained)
 
 
+def step_matmuls(model, group, trainable: int | None) -> list[tuple[int, int, int]]:
+    """(m, k, n) of each matrix product of one step on `group` that `step_flops` counts: every layer's
+    weights forward on the shared prefix's rows and on the candidates' own rows, and through the trained
+    layers backward the input gradient ([rows, out] @ [out, in]) and the weight gradient ([in, rows] @
+    [rows, out])."""
+    layers = model.get_decoder().layers
+    trained = len(layers) if trainable is None else trainable
+    prefix = common_prefix_length(group.prompt_ids)
+    row_counts = (prefix, sum(len(p) - prefix for p in group.prompt_ids))
+    weights = [tuple(p.shape) for p in layers[0].parameters() if p.dim() == 2]  # (out, in) of each Linear
+    shapes = []
+    for layer in range(len(layers)):
+        for out, inp in weights:
+            for rows in row_counts:
+                shapes.append((rows, inp, out))
+                if layer >= len(layers) - trained:
+                    shapes += [(rows, out, inp), (inp, rows, out)]
+    return shapes
+
+
+def matmul_seconds(shapes: list[tuple[int, int, int]], dtype: torch.dtype, repeats: int = 3) -> float:
+    """Seconds to run the products of `shapes` one after another in `dtype` (the best of `repeats`): what
+    a step would take if everything but its matrix products were free."""
+    operands = [(torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)) for m, k, n in set(shapes)]
+    by_shape = {(a.shape[0], a.shape[1], b.shape[1]): (a, b) for a, b in operands}
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms the kernels up
+        start = time.perf_counter()
+        for shape in shapes:
+            a, b = by_shape[shape]
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def make_groups(data: str, model: str, queries: int, negatives: int, max_length: int):
 
     ds = load_dataset(DataConfig(path=data, split="train"))
@@ -91,16 +130,18 @@ def make_groups(data: str, model: str, queries: int, negatives: int, max_length:
     return sampler.batch(0, queries), builder
 
 
-def job_batches(cfg: ProRankConfig, steps: int) -> tuple[list, PromptBuilder]:
-    """The first `steps` queries of the score stage of `prorank train` with `cfg` (one query a step), exactly
-    as its sampler draws them: the same held-out queries, negatives and prompts, so that a bench step and
-    the job's step of the same number do the same arithmetic."""
+def job_batches(cfg: ProRankConfig, queries: int) -> tuple[list, PromptBuilder]:
+    """The first `queries` queries of the score stage of `prorank train` with `cfg`, exactly as its sampler
+    draws them (`score.queries_per_step` a step): the same held-out queries, negatives and prompts, so that
+    the bench's steps and the job's first steps do the same arithmetic."""
     tc, sc = cfg.train, cfg.score
     ds, ranking = training_candidates(cfg)
     prompts = PromptSampler(ds, ranking, tc, cfg.warmup, cfg.reward.relevance_threshold)
     builder = PromptBuilder.from_config(load_tokenizer(resolve_model(cfg.model)), cfg.prompt)
     sampler = RankingSampler(prompts, ranking, sc, builder, tc.seed, cfg.reward.relevance_threshold)
-    return [sampler.batch(step, 1)[0] for step in range(steps)], builder
+    size = sc.queries_per_step
+    groups = [g for step in range(-(-queries // size)) for g in sampler.batch(step, size)]
+    return groups[:queries], builder
 
 
 PHASES = ("forward_seconds", "backward_seconds", "optimizer_seconds")
@@ -191,7 +232,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows: dict[str, float] = {}
     phases: dict[str, dict] = {}  # the learner's rank 0: seconds in its forward, backward, optimizer step
+    # The ceiling of the recipe's step: its own matrix products at their real shapes, timed alone.
+    ceiling = f"the step's matrix products alone, {precision} (a ceiling, not a step)"
     model, rows["torch loop, float32"] = torch_loop_rate(args.model, groups, builder, lc, mix, False, args.steps)
+    some = groups[:6]  # per query, a few queries suffice (and 48 would take minutes)
+    rows[ceiling] = sum(
+        matmul_seconds(step_matmuls(model, g, lc.trainable_layers), getattr(torch, precision)) for g in some
+    ) / len(some)
     if native_bf16("cpu") and not args.recipe_only:
         _, rows["torch loop, bf16 autocast"] = torch_loop_rate(args.model, groups, builder, lc, mix, True, args.steps)
     recipe = f"learner, {lc.num_ranks} rank(s) x {rank_threads(lc)} thread(s), {precision} (the recipe)"
@@ -232,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
             **({"rank0_phase_seconds": phases[name]} if name in phases else {}),
         }
         print(
-            f"{name:58s} {sec:5.2f} s/query  {len(groups[0].prompt_ids) / sec:5.2f} pairs/s  {base / sec:5.2f}x  "
+            f"{name:66s} {sec:5.2f} s/query  {len(groups[0].prompt_ids) / sec:5.2f} pairs/s  {base / sec:5.2f}x  "
             f"{flops / sec / 1e9:4.0f} GFLOP/s = {flops / sec / peak[precision]:.0%} of {precision} GEMM",
             flush=True,
         )

@@ -121,7 +121,7 @@ def test_deepspeed_score_steps_match_single_process(ray_local, tiny_model_dir, s
 
 
 def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model_dir, scifact_dir, tmp_path):
-    """The quality recipe's learner (configs/scifact-cpu.yaml: one rank of 2 threads, bf16 mixed precision,
+    """The quality recipe's learner (configs/scifact-cpu.yaml: 2 ranks of 1 thread, bf16 mixed precision,
     the CPU's attention kernel, fused AdamW), on the tiny model: the losses of 3 steps within 3% of the
     float32 single-process steps (plain torch: sdpa attention, AdamW unfused); trained weights and optimizer
     stay float32, the frozen bottom is held in bf16, each step reports where its seconds went, and the
@@ -133,7 +133,7 @@ def test_mixed_precision_score_steps_stay_close_to_float32(ray_local, tiny_model
     tokenizer = load_tokenizer(str(tiny_model_dir))
     groups, builder = ranking_groups(scifact_dir, tokenizer)
     recipe = yaml.safe_load((ROOT / "configs" / "scifact-cpu.yaml").read_text())["learner"]
-    assert recipe["num_ranks"] == 1 and recipe["mixed_precision"] == "auto"
+    assert recipe["num_ranks"] == 2 and recipe["mixed_precision"] == "auto"
     learner_section = {**recipe, "mixed_precision": "bf16", "trainable_layers": 1}  # bf16 even without bf16 units
     cfg = StageLearnerConfig(**learner_section, lr=2e-3, beta=0.0)
     mix = RankingLoss(weights={"contrastive": 1.0, "pairwise": 0.0, "pointwise": 0.0}, temperature=1.0)
