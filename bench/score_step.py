@@ -70,22 +70,14 @@ def cpu_kind() -> str:
 
 
 def step_flops(model, groups, trainable: int | None) -> float:
-    """Matrix-product FLOPs of one step over `groups`: 2 per weight per token forward through every layer,
-    4 more backward through the trained ones (weight and input gradients); embeddings and the one-position
-    vocabulary head left out. Tokens are those computed: the shared prefix once per query."""
-
-    layers = model.get_decoder().layers
-    per_layer = sum(p.numel() for p in layers[0].parameters() if p.dim() == 2)
-    trained = len(layers) if trainable is None else trainable
-    tokens = sum(
-        common_prefix_length(g.prompt_ids) + sum(len(p) - common_prefix_length(g.prompt_ids) for p in g.prompt_ids)
-        for g in groups
-    )
-    return tokens * per_layer * (2 * len(layers) + 4 * trained)
+    """Matrix-product FLOPs of one step over `groups`: 2 per (m, k, n) product of `step_matmuls`, i.e. 2 per
+    weight per token forward through every layer, 4 more backward through the trained ones; embeddings and
+    the one-position vocabulary head left out. Tokens are those computed: the shared prefix once per query."""
+    return float(sum(2 * m * k * n for g in groups for m, k, n in step_matmuls(model, g, trainable)))
 
 
 def step_matmuls(model, group, trainable: int | None) -> list[tuple[int, int, int]]:
-    """(m, k, n) of each matrix product of one step on `group` that `step_flops` counts: every layer's
+    """(m, k, n) of each matrix product of one step on `group`, the ones `step_flops` counts: every layer's
     weights forward on the shared prefix's rows and on the candidates' own rows, and through the trained
     layers backward the input gradient ([rows, out] @ [out, in]) and the weight gradient ([in, rows] @
     [rows, out])."""
