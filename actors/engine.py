@@ -204,11 +204,13 @@ class RolloutEngine:
             for r, out in zip(requests, outputs)
         ]
 
-    def score(self, pairs: list[tuple[str, str]]) -> dict:
+    def score(self, pairs: list[tuple[str, str]], judge: list[tuple[str, str]] | None = None) -> dict:
         """Relevance scores, logit("1") - logit("0") at the answer position, of (query, document text)
         pairs under the weights this engine serves now, and that version: the dev evaluation runs here,
         where the model already is. One generated token per prompt, with the logprobs of exactly the two
-        answer tokens; at temperature 1 their difference is the difference of the logits."""
+        answer tokens; at temperature 1 their difference is the difference of the logits. `judge`: more
+        pairs whose greedy answer (the rollouts' prompt and max_tokens, temperature 0) comes back as text,
+        under "judgments" (the warmup's judgment accuracy)."""
         from vllm import SamplingParams  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
         from vllm.inputs import TokensPrompt  # noqa: PLC0415 vLLM: heavy (~5 s), optional extra, needed only by the rollout actors
 
@@ -223,9 +225,21 @@ class RolloutEngine:
         for out in outputs:
             first = out.outputs[0].logprobs[0]  # token id -> Logprob, for the answer tokens
             scores.append(first[one].logprob - first[zero].logprob)
+        judgments = []
+        if judge:
+            greedy = SamplingParams(n=1, temperature=0.0, max_tokens=self.params.max_tokens)
+            prompts = [TokensPrompt(prompt_token_ids=p) for p in self.builder.encode_batch(judge)]
+            outputs = self.llm.generate(prompts, greedy, use_tqdm=False, lora_request=self.lora_request)
+            judgments = [out.outputs[0].text for out in outputs]
         seconds = time.perf_counter() - start
         self.busy_seconds += seconds
-        return {"scores": scores, "version": self.version, "seconds": seconds, "actor": self.name}
+        return {
+            "scores": scores,
+            "judgments": judgments,
+            "version": self.version,
+            "seconds": seconds,
+            "actor": self.name,
+        }
 
     def sync_weights(
         self, address: str, upstream: str | None = None, version: int | None = None, wait_seconds: float | None = None

@@ -280,16 +280,18 @@ class ActorPool:
                 "actor %s refused a weights version and serves %d: %s", name, answer["version"], answer["error"][:300]
             )
 
-    def score(self, pairs: list[tuple[str, str]], exclude: Container[str] = ()) -> tuple[ObjectRef, str]:
+    def score(
+        self, pairs: list[tuple[str, str]], exclude: Container[str] = (), judge: list[tuple[str, str]] | None = None
+    ) -> tuple[ObjectRef, str]:
         """Score (query, document text) pairs on the least loaded actor (not one in `exclude`), after the
-        calls already queued to it (so under the newest version it was sent). Returns the call's ObjectRef
-        and the actor's name; the ref's value is {"scores", "version", "seconds", "actor"}: hand it to
-        `scored` when ready."""
+        calls already queued to it (so under the newest version it was sent), and give the greedy answers
+        to `judge`. Returns the call's ObjectRef and the actor's name; the ref's value is {"scores",
+        "judgments", "version", "seconds", "actor"}: hand it to `scored` when ready."""
         live = [s for s in self.slots.values() if not s.draining and s.ready_ref is None and s.name not in exclude]
         if not live:
             raise PoolError("no rollout actor is ready to score the dev pairs")
         slot = min(live, key=lambda s: s.load)
-        return slot.handle.score.remote(pairs), slot.name
+        return slot.handle.score.remote(pairs, judge), slot.name
 
     def scored(self, value: dict) -> dict:
         """Take a `score` answer in (its seconds count as the actor's busy time); returns it."""

@@ -33,9 +33,18 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), rest.split()
 
 
+def job_file(base: Path, out: Path, fixed: list[str], overrides: list[str]) -> Path:
+    """The base config with `fixed` and then `overrides` applied, written beside `out` and validated: a
+    wrong key fails here, before any variant runs (bench/warmup_levers.py writes its jobs here too)."""
+    raw = apply_overrides(yaml.safe_load(base.read_text()), fixed + overrides)
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(raw))
+    load_config(path)
+    return path
+
+
 def job_config(base: Path, out: Path, init: str, hours: float, overrides: list[str]) -> Path:
     """The base config as a score-only job from `init`, stopped at `hours`, writing only under `out`."""
-    raw = yaml.safe_load(base.read_text())
     fixed = [
         "train.stages=[score]",
         f"score.init_from={init}",
@@ -45,11 +54,7 @@ def job_config(base: Path, out: Path, init: str, hours: float, overrides: list[s
         "eval.output=null",
         "eval.tensorboard_dir=null",
     ]
-    raw = apply_overrides(raw, fixed + overrides)
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(raw))
-    load_config(path)  # a wrong key fails here, before any variant runs
-    return path
+    return job_file(base, out, fixed, overrides)
 
 
 def curve(metrics: Path) -> dict:

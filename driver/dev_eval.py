@@ -6,6 +6,11 @@ set's figures are logged under its name (dev/<name>/ndcg@10, the held-out set's 
 name), the first set's also as dev/ndcg@10, which the progress line, the plots and the summary show.
 `train.best_dev` names the set whose figure picks the best checkpoint kept.
 
+Beside the rankings, `train.dev_judgments` held-out (query, document) pairs, half of them relevant (a
+held-out query's positive, or a hard negative from its BM25 top 30, whatever the stages sample): the actor answers each
+greedily, and dev/judgment_accuracy is the share answered with the qrels' label, dev/judgment_format the
+share in the reward's format (an answer out of format counts as wrong). What the warmup teaches.
+
 The actor scores with vLLM: the logprobs of "0" and "1" at the answer position, whose difference is the
 score `prorank eval` computes with transformers (the same prompts; equal within 1e-3 in float32, see
 tests/integration/test_actors.py). The call is queued behind the weight pull just sent to that actor, so it
@@ -16,6 +21,7 @@ loads no model.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,11 +29,13 @@ import ray
 from ray.exceptions import RayActorError
 
 from prorank.actors.pool import PoolError
+from prorank.batches import JUDGMENT_NEGATIVE_DEPTH
 from prorank.bm25 import Ranking, bm25_search
 from prorank.config_file import ConfigError
 from prorank.data import BeirDataset, load_dataset
 from prorank.eval.metrics import evaluate, ranked_to_run
 from prorank.eval.rerank import candidate_pairs, rerank_by_scores
+from prorank.prompt import INVALID, document_text, parse_judgment
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,27 @@ def dev_set(name: str, dataset: BeirDataset, ranking: Ranking, query_ids: list[s
     bm25_order = {q: [d for d, _ in h] for q, h in ranking.items()}
     bm25 = evaluate(dataset.eval_qrels, ranked_to_run(bm25_order))["nDCG@10"]
     return DevSet(name, dataset, ranking, candidate_pairs(dataset, ranking, depth), bm25)
+
+
+def judgment_pairs(
+    dataset: BeirDataset, ranking: Ranking, query_ids: list[str], count: int, depth: int, threshold: int, seed: int
+) -> tuple[list[tuple[str, str]], list[int]]:
+    """Up to `count` balanced (query, document text) pairs of `query_ids` and their labels: each query's
+    positives in turn (the first of every query, then the second, ...), each with a seeded hard negative
+    from its BM25 top `depth`, until count // 2 positives are taken."""
+    rng = random.Random(f"{seed}:judgments")
+    positives = {q: sorted(d for d, s in dataset.qrels[q].items() if s >= threshold) for q in query_ids}
+    negatives = {
+        q: [d for d, _ in ranking.get(q, [])[:depth] if dataset.qrels[q].get(d, 0) < threshold] for q in query_ids
+    }
+    chosen: list[tuple[str, str, int]] = []
+    for turn in range(max((len(p) for p in positives.values()), default=0)):
+        for q in query_ids:
+            if len(chosen) < count - 1 and turn < len(positives[q]) and negatives[q]:
+                chosen += [(q, positives[q][turn], 1), (q, rng.choice(negatives[q]), 0)]
+    docs = dataset.corpus
+    pairs = [(dataset.queries[q], document_text(docs[d].title, docs[d].text)) for q, d, _ in chosen]
+    return pairs, [label for _, _, label in chosen]
 
 
 def load_dev_sets(cfg, held_out: str) -> list[DevSet]:
@@ -77,6 +106,11 @@ class DevEval:
         self.sets = held_out + list(more)
         self.enabled = bool(self.sets)
         self.flat = [p for s in self.sets for pairs in s.pairs.values() for p in pairs]
+        rc, count = cfg.reward, cfg.train.dev_judgments
+        self.judge, self.labels = judgment_pairs(
+            dataset, ranking, query_ids, count, JUDGMENT_NEGATIVE_DEPTH, rc.relevance_threshold, cfg.train.seed
+        )
+        self.strict = rc.strict_format  # the reward's format rule
         self.bm25 = self.sets[0].bm25 if self.sets else None  # the first set's, as dev/bm25_ndcg@10
         best = cfg.train.best_dev or (self.sets[0].name if self.sets else "")
         self.best_key = f"dev/{best}/ndcg@10"  # what picks the best checkpoint
@@ -97,7 +131,7 @@ class DevEval:
 
     def _send(self) -> None:
         try:
-            self.pending, self.actor = self.pool.score(self.flat, exclude=self.lost)
+            self.pending, self.actor = self.pool.score(self.flat, exclude=self.lost, judge=self.judge)
         except PoolError as err:  # every actor is starting (or waiting for a node): the next one is due soon
             self.pending = None
             self.skipped += 1
@@ -136,4 +170,8 @@ class DevEval:
             figures.update({f"dev/{dev.name}/{key}": v for key, v in named.items()})
             if index == 0:
                 figures.update({f"dev/{key}": v for key, v in named.items()})
+        if self.labels:  # held-out pairs of balanced relevance, answered greedily
+            answers = [parse_judgment(text, strict=self.strict) for text in value["judgments"]]
+            figures["dev/judgment_accuracy"] = sum(a == y for a, y in zip(answers, self.labels)) / len(self.labels)
+            figures["dev/judgment_format"] = sum(a != INVALID for a in answers) / len(self.labels)
         return {**figures, "dev/seconds": value["seconds"], "dev/skipped": float(self.skipped)}

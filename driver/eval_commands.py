@@ -261,17 +261,29 @@ def compare_command(
 
 
 def plot_command(
-    run: Annotated[Path, typer.Argument(help="A run folder (train.output_dir) or its metrics.jsonl.")],
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Run folders (train.output_dir) or their metrics.jsonl, each optionally LABEL=PATH: one curve each."
+        ),
+    ],
     output: Annotated[Path, typer.Option(help="The PNG to write.")],
-    title: Annotated[str, typer.Option(help="Figure title; default: the run folder.")] = "",
+    title: Annotated[str, typer.Option(help="Figure title; default: the run folders.")] = "",
     rewards: Annotated[bool, typer.Option(help="Also the warmup's reward curves, and dev nDCG@10 by step.")] = False,
 ) -> None:
-    """Plot dev nDCG@10 against wall-clock hours (BM25 on the same queries as a line) from metrics.jsonl;
-    with --rewards, by step beside the warmup's reward and format-reward curves."""
+    """Plot dev nDCG@10 against wall-clock hours (BM25 on the same queries as a line) from metrics.jsonl,
+    several runs on one axis (an A/B at equal clock); with --rewards, by step beside the warmup's reward and
+    format-reward curves."""
 
-    metrics = run / "metrics.jsonl" if run.is_dir() else run
+    named = []
+    for run in runs:
+        label, _, path = run.partition("=") if "=" in run and not Path(run).exists() else ("", "", run)
+        folder = Path(path)
+        named.append(
+            (label or (folder.name if len(runs) > 1 else ""), folder / "metrics.jsonl" if folder.is_dir() else folder)
+        )
     try:
-        typer.echo(f"wrote {plot_dev_curve(metrics, output, title, rewards)}")
+        typer.echo(f"wrote {plot_dev_curve(named, output, title, rewards)}")
     except PlotError as err:
         fail(err)
 

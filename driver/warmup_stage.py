@@ -13,12 +13,14 @@ the rest with truncated importance sampling (`warmup.tis_cap`).
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from prorank.reward.client import groups_from_results
+from prorank.reward.scoring import informative
 from prorank.rollout import RolloutRequest, ScoredGroup
 
 if TYPE_CHECKING:
@@ -64,20 +66,47 @@ class WarmupStage:
             pool.submit(requests)
         results = _collect(pool, requests, self.inbox)
         waited = time.perf_counter() - clock
+        results, regenerated = _fresh(pool, results, requests, self.inbox, step, wc.max_staleness)
+        clock = time.perf_counter()
+        answers = _score(self.rewards, results)
+        reward_seconds = time.perf_counter() - clock
+        drawn = Drawn(results, answers, regenerated)
+        if wc.dynamic_sampling:
+            drawn = self._refill(step, drawn)
+        scored, sampling = drawn.batch(self.batch_size, wc.dynamic_sampling_tolerance)
+        if sampling["rollout/short_groups"]:
+            log.warning(
+                "step %d: dynamic sampling found %d informative group(s) of %d after %d extra round(s); "
+                "the step trains on them and %d dropped ones",
+                step, self.batch_size - sampling["rollout/short_groups"], self.batch_size,
+                wc.dynamic_sampling_rounds, sampling["rollout/short_groups"],
+            )  # fmt: skip
         self.pending = None
         if wc.mode == "async" and step + 1 < wc.steps:
             self.pending = job.prompts.batch(step + 1, self.batch_size)
             pool.submit(self.pending)  # generated while the learner trains on this step
-        results, regenerated = _fresh(pool, results, requests, self.inbox, step, wc.max_staleness)
-
-        clock = time.perf_counter()
-        scored, reward_metrics = _score(self.rewards, results)
-        reward_seconds = time.perf_counter() - clock
         train_metrics = self.learner.step(scored)
-        metrics = {**reward_metrics, **{f"train/{k}": v for k, v in train_metrics.items()}}
-        metrics.update(_rollout_metrics(results, waited, step + 1, regenerated))
+        metrics = {**_reward_metrics(drawn.answers), **{f"train/{k}": v for k, v in train_metrics.items()}}
+        metrics.update(_rollout_metrics(drawn.results, waited, step + 1, drawn.regenerated))
+        metrics.update(sampling)
         metrics["time/wait_rewards_seconds"] = reward_seconds
         return metrics, train_metrics["step_seconds"]
+
+    def _refill(self, step: int, drawn: Drawn) -> Drawn:
+        """Dynamic sampling: fresh prompts for the step until it has `groups_per_step` informative groups
+        or `dynamic_sampling_rounds` extra rounds were drawn. Each round draws the groups still missing over
+        the share informative so far (at most 4x), and keeps the async staleness bound (`_fresh`)."""
+        wc, pool, clock = self.job.cfg.warmup, self.job.pool, time.perf_counter()
+        tolerance = wc.dynamic_sampling_tolerance
+        while (have := drawn.informative(tolerance)) < self.batch_size and drawn.rounds < wc.dynamic_sampling_rounds:
+            share = max(have / len(drawn.results), 0.25)
+            requests = self.job.prompts.batch(step, math.ceil((self.batch_size - have) / share), drawn.rounds + 1)
+            pool.submit(requests)
+            results = _collect(pool, requests, self.inbox)
+            results, regenerated = _fresh(pool, results, requests, self.inbox, step, wc.max_staleness)
+            drawn.add(results, _score(self.rewards, results), regenerated)
+        drawn.seconds = time.perf_counter() - clock
+        return drawn
 
     def sync_due(self, step: int, dev_due: bool) -> bool:
         return True  # the next step samples from the actors: they need this step's weights
@@ -115,16 +144,19 @@ def _fresh(pool, results: list, requests: list, inbox: dict, step: int, max_stal
     return [next(redone) if r.request_id in stale else r for r in results], len(stale)
 
 
-def _score(rewards, results: list) -> tuple[list, dict[str, float]]:
-    """Rewards for every group, as ScoredGroups for the learner, and the reward figures of the step."""
-
+def _score(rewards, results: list) -> list:
+    """The reward service's answer for every group, in order; an error naming the first group it refused."""
     answers = rewards.score(groups_from_results(results))
     failed = [a for a in answers if a.error]
     if failed:
         raise RuntimeError(
             f"reward service refused {len(failed)} group(s); first: {failed[0].request_id}: {failed[0].error}"
         )
-    scored = [ScoredGroup.from_result(r, [c.total for c in a.rewards]) for r, a in zip(results, answers)]
+    return answers
+
+
+def _reward_metrics(answers: list) -> dict[str, float]:
+    """The reward figures of every group the step drew (dropped ones included: what the policy answers)."""
     flat = [c for a in answers for c in a.rewards]
     metrics = {}
     for name in ("total", "format", "relevance"):
@@ -135,7 +167,46 @@ def _score(rewards, results: list) -> tuple[list, dict[str, float]]:
     metrics["train/judgment_accuracy"] = statistics.fmean(c.relevance for c in flat)  # invalid counts as wrong
     metrics["train/judgment_accuracy_valid"] = statistics.fmean(c.relevance for c in valid) if valid else 0.0
     metrics["train/positive_rate"] = statistics.fmean(a.label for a in answers)
-    return scored, metrics
+    return metrics
+
+
+@dataclass
+class Drawn:
+    """The groups a step drew (its batch, then dynamic sampling's rounds) and their rewards."""
+
+    results: list
+    answers: list
+    regenerated: int = 0
+    rounds: int = 0  # extra rounds drawn by dynamic sampling
+    seconds: float = 0.0  # their seconds
+
+    def add(self, results: list, answers: list, regenerated: int) -> None:
+        self.results += results
+        self.answers += answers
+        self.regenerated += regenerated
+        self.rounds += 1
+
+    def totals(self, index: int) -> list[float]:
+        return [c.total for c in self.answers[index].rewards]
+
+    def informative(self, tolerance: float) -> int:
+        return sum(informative(self.totals(i), tolerance) for i in range(len(self.results)))
+
+    def batch(self, size: int, tolerance: float) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """The step's `size` groups: informative ones first, in the order drawn (without dynamic sampling
+        the step's own batch, whole), topped up with uninformative ones; and the sampling figures."""
+        useful = [i for i in range(len(self.results)) if informative(self.totals(i), tolerance)]
+        rest = sorted(set(range(len(self.results))) - set(useful))
+        chosen = (useful + rest)[:size] if self.rounds else list(range(size))
+        short = max(0, size - len(useful)) if self.rounds else 0
+        groups = [ScoredGroup.from_result(self.results[i], self.totals(i)) for i in chosen]
+        return groups, {
+            "rollout/useful_groups": float(min(len(useful), size) if self.rounds else len(set(useful) & set(chosen))),
+            "rollout/dropped_share": 1 - len(useful) / len(self.results) if self.rounds else 0.0,
+            "rollout/refill_rounds": float(self.rounds),
+            "rollout/refill_seconds": self.seconds,
+            "rollout/short_groups": float(short),
+        }
 
 
 def _rollout_metrics(results: list, waited: float, step: int, regenerated: int) -> dict[str, float]:

@@ -18,13 +18,18 @@ from prorank.prompt import PromptBuilder, document_text
 from prorank.rollout import RolloutRequest
 from prorank.stage_config import ScoreConfig, WarmupConfig
 
+# The dev judgments' negatives come from BM25's top this many, whatever a stage samples: one yardstick for
+# every config (driver/dev_eval.py).
+JUDGMENT_NEGATIVE_DEPTH = 30
+
 
 def training_candidates(cfg: ProRankConfig) -> tuple[BeirDataset, Ranking]:
     """The split `prorank train` trains on and its BM25 candidates, deep enough for the warmup's and the
     score stage's negatives and for the dev evaluation (bench/score_step.py draws the job's steps from it)."""
     tc, sc = cfg.train, cfg.score
     dataset = load_dataset(cfg.data.model_copy(update={"split": tc.split}))
-    depth = max(cfg.warmup.hard_negative_depth, tc.dev_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
+    stage_depth = max(cfg.warmup.hard_negative_depth, sc.hard_negative_depth if "score" in tc.stages else 0)
+    depth = max(stage_depth, tc.dev_depth, JUDGMENT_NEGATIVE_DEPTH if tc.dev_judgments else 0)
     return dataset, bm25_search(dataset, dataset.query_ids, cfg.bm25.model_copy(update={"top_k": depth}))
 
 
@@ -79,10 +84,12 @@ class PromptSampler:
         }
         self.dev_query_ids, self.train_query_ids = held_out_split(dataset, train, relevance_threshold)
 
-    def batch(self, step: int, size: int) -> list[RolloutRequest]:
+    def batch(self, step: int, size: int, refill: int = 0) -> list[RolloutRequest]:
         """`size` prompts for `step`: queries drawn in a step-seeded order, each giving its positives
-        and negatives_per_positive hard negatives for each."""
-        rng = random.Random(f"{self.seed}:{step}")
+        and negatives_per_positive hard negatives for each. `refill` r > 0: the r-th draw of fresh prompts
+        for the step (dynamic sampling), seeded apart from the step's own, its request ids too."""
+        rng = random.Random(f"{self.seed}:{step}" + (f":refill{refill}" if refill else ""))
+        tag = f"s{step}" + (f"r{refill}" if refill else "")
         out: list[RolloutRequest] = []
         while len(out) < size:
             for qid in rng.sample(self.train_query_ids, len(self.train_query_ids)):
@@ -93,7 +100,7 @@ class PromptSampler:
                     doc = self.dataset.corpus[doc_id]
                     out.append(
                         RolloutRequest(
-                            f"s{step}-{len(out)}",
+                            f"{tag}-{len(out)}",
                             qid,
                             doc_id,
                             self.dataset.queries[qid],

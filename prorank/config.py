@@ -285,14 +285,14 @@ class TrainConfig(Section):
     max_train_queries: int | None = Field(None, ge=1)  # a subset, for quick runs
     dev_queries: int = Field(50, ge=0)  # training queries held out for dev nDCG@10 (never sampled)
     dev_depth: int = Field(10, ge=1)  # BM25 candidates the model reranks per dev query
+    dev_judgments: int = Field(64, ge=0)  # held-out pairs, half relevant, whose greedy answer dev/judgment_* checks
     # More dev sets, each logged as dev/<name>/...: a seeded sample of another dataset's (or split's)
     # queries, reranked like the held-out ones. The held-out set is named after the training data.
     dev_sets: list[DevSet] = []
     # The dev set whose nDCG@10 picks the best checkpoint kept; None: the first (the held-out queries, or
     # the first of dev_sets without them). Never a split you report on: its figures would then be tuned.
     best_dev: str | None = None
-    # With both stages: dev nDCG@10 of the warmup's final weights too (the score stage's "before"; the
-    # warmup teaches the answer format, not the ranking). false: one evaluation less (the quickstart).
+    # With both stages: the dev figures of the warmup's final weights too. false: one evaluation less.
     dev_between_stages: bool = True
     keep_checkpoints: int = Field(3, ge=1)  # the newest N step folders of each stage, plus the best by dev
     # A checkpoint that would not fit (the last one's size > the free space): stop the job cleanly, or

@@ -44,6 +44,13 @@ class WarmupConfig(GrpoSettings):
     hard_negative_depth: int = Field(30, ge=1)  # negatives come from this BM25 top-k, minus the positives
     dev_every: int = Field(10, ge=0)  # steps; 0: only before and after the stage
     checkpoint_every: int = Field(50, ge=0)  # steps; 0: only at the end
+    # DAPO's dynamic sampling: a group whose G rewards spread (population std) by at most
+    # `dynamic_sampling_tolerance` gives GRPO no gradient; it is dropped and fresh prompts are drawn until
+    # the step has groups_per_step, for at most `dynamic_sampling_rounds` extra rollout rounds (then the
+    # step trains on what it has, topped up with dropped groups: driver/warmup_stage.py).
+    dynamic_sampling: bool = False
+    dynamic_sampling_tolerance: float = Field(0.0, ge=0)  # > 0 for graded rewards: "all about equal"
+    dynamic_sampling_rounds: int = Field(3, ge=1)
 
 
 class RankingLoss(Section):

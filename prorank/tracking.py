@@ -12,6 +12,8 @@ CONSOLE = [
     ("train/reward/total_mean", "reward"),
     ("train/reward/format_mean", "format"),
     ("train/judgment_accuracy", "acc"),
+    ("rollout/dropped_share", "dropped"),
+    ("dev/judgment_accuracy", "dev acc"),
     ("train/kl", "kl"),
     ("rollout/judgments_per_second", "j/s"),
     ("score/loss", "score loss"),

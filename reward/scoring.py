@@ -39,3 +39,9 @@ def group_stats(scores: Sequence[CompletionScore]) -> tuple[float, float]:
     """Mean and population std of the group's totals (what GRPO normalises with)."""
     totals = [s.total for s in scores]
     return fmean(totals), pstdev(totals)
+
+
+def informative(totals: Sequence[float], tolerance: float = 0.0) -> bool:
+    """Whether a group's G rewards spread (population std, what GRPO normalises with) by more than
+    `tolerance`: a group that does not gives GRPO no gradient (dynamic sampling drops it)."""
+    return len(totals) > 1 and pstdev(totals) > tolerance

@@ -24,7 +24,7 @@ class _Pool:
         self.scores, self.dead_first, self.busy = scores, dead_first, 0.0
         self.calls: list = []
 
-    def score(self, pairs, exclude=()):
+    def score(self, pairs, exclude=(), judge=None):
         from prorank.actors.pool import PoolError  # noqa: PLC0415 pulls torch, which importing this module does not
 
         self.calls.append(set(exclude))
@@ -34,9 +34,10 @@ class _Pool:
             return actor.ping.remote(), "rollout-0"
         if "rollout-1" in exclude:
             raise PoolError("no rollout actor is ready to score the dev pairs")
-        return ray.put(
-            {"scores": self.scores[: len(pairs)], "version": 7, "seconds": 0.5, "actor": "rollout-1"}
-        ), "rollout-1"
+        # Every judgment "1", then text: right on the relevant half, in the format, but for the lenient check.
+        answers = ["1 yes"] * len(judge or [])
+        value = {"scores": self.scores[: len(pairs)], "judgments": answers, "version": 7, "seconds": 0.5}
+        return ray.put({**value, "actor": "rollout-1"}), "rollout-1"
 
     def scored(self, value):
         self.busy += value["seconds"]
@@ -67,7 +68,22 @@ def test_figures_at_the_version_measured_and_a_lost_actor_replaced(ray_local, de
     assert version == 7 and figures["dev/seconds"] == 0.5 and pool.busy == 0.5
     assert figures["dev/ndcg@10"] > figures["dev/bm25_ndcg@10"] and figures["dev/skipped"] == 1
     assert pool.calls == ([set(), {"rollout-0"}] if dead_first else [set()])
+    # The balanced judgment pairs: a positive and a hard negative per query, all answered "1" (strict: out
+    # of the format, which counts as wrong).
+    assert 2 * sum(dev.labels) == len(dev.labels) >= 2 * len(queries)
+    assert figures["dev/judgment_accuracy"] == 0 and figures["dev/judgment_format"] == 0
     assert dev.finished() is None  # nothing under way any more
+
+
+def test_judgment_figures_follow_the_reward_format(ray_local, dev_setup):
+    from prorank.driver.dev_eval import DevEval  # noqa: PLC0415 pulls torch, which importing this module does not
+
+    cfg, data, ranking, queries, oracle = dev_setup
+    cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"strict_format": False})})
+    dev = DevEval(cfg, data, ranking, queries, _Pool(oracle, dead_first=False))
+    dev.start()
+    _, figures = dev.finished(wait=True)
+    assert figures["dev/judgment_accuracy"] == 0.5 and figures["dev/judgment_format"] == 1.0
 
 
 def test_no_actor_ready_skips_the_evaluation(ray_local, dev_setup):

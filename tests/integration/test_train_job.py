@@ -41,6 +41,12 @@ def finished_runs(tmp_path_factory, answering_model, scifact_dir, arguana_dir) -
         stages, updates = (
             ("warmup,score", {"train": arguana}) if mode == "sync" else ("warmup", {"actors": {"num_actors": 1}})
         )
+        if mode == "async":  # dynamic sampling told that no group is informative: every step draws to its bound
+            updates["warmup"] = {
+                "dynamic_sampling": True,
+                "dynamic_sampling_tolerance": 100.0,
+                "dynamic_sampling_rounds": 2,
+            }
         config = job_config(tmp, answering_model, scifact_dir, mode, stages=stages, updates=updates)
         jobs[mode] = (start_job(config, tag), tag, tmp)
     runs = {}
@@ -78,6 +84,16 @@ def test_train_end_to_end(mode, finished_runs):
     if mode == "async":
         assert any(m["rollout/staleness_max"] == 1 for m in steps)  # really one step off-policy
     assert any("dev/ndcg@10" in m for m in lines if m["step"] == 0)
+    dev = [m for m in lines if "dev/judgment_accuracy" in m]  # greedy answers to balanced held-out pairs
+    assert dev[0]["step"] == 0 and all(0 <= m["dev/judgment_accuracy"] <= m["dev/judgment_format"] <= 1 for m in dev)
+    if mode == "async":  # each step drew 8 groups, then 2 rounds of 4x the 8 missing, dropped them all, and
+        # trained on its own 8 (the refills' staleness within the bound, asserted above)
+        for m in steps:
+            assert m["rollout/refill_rounds"] == 2 and m["rollout/groups"] == 8 + 2 * 32
+            assert m["rollout/dropped_share"] == 1 and m["rollout/short_groups"] == 8
+            assert m["rollout/useful_groups"] == 0 and m["rollout/refill_seconds"] > 0
+    else:
+        assert all(m["rollout/refill_rounds"] == 0 and m["rollout/dropped_share"] == 0 for m in steps)
     assert (run / "checkpoints" / "LATEST").read_text() == f"step-{STEPS}"
     assert (run / "checkpoints" / f"step-{STEPS}" / "model" / "model.safetensors").is_file()
 
@@ -129,6 +145,7 @@ def test_two_named_dev_sets_are_logged_apart(finished_runs, scifact_dir):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {f"dev/{held_out}/ndcg@10", "dev/arguana/ndcg@10", "dev/arguana/mrr@10"} <= tags
+    assert {"dev/judgment_accuracy", "dev/judgment_format", "rollout/dropped_share"} <= tags
     assert len(events.Scalars("dev/arguana/ndcg@10")) == len(dev)
 
 

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from prorank.driver.cli import app
 from prorank.models import native_bf16, resolve_dtype
 from prorank.plots import PlotError, dev_curve, plot_dev_curve, reward_curve
 from prorank.tracking import RunLog
@@ -51,8 +53,30 @@ def test_dev_curve_and_plot(tmp_path):
     curve = dev_curve(tmp_path / "metrics.jsonl")
     assert curve["hours"] == [0.1, 0.5] and curve["ndcg"] == [0.40, 0.55] and curve["steps"] == [0, 3]
     assert curve["bm25"] == 0.70 and curve["score_start"] == 0.3
-    png = plot_dev_curve(tmp_path / "metrics.jsonl", tmp_path / "out" / "dev.png")
+    png = plot_dev_curve([("", tmp_path / "metrics.jsonl")], tmp_path / "out" / "dev.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_runs_on_one_axis_through_the_cli(tmp_path):
+    """`prorank plot A=run-a B=run-b`: an A/B at equal clock; a run without dev figures fails before drawing."""
+    for name, ndcg in (("a", 0.5), ("b", 0.6)):
+        (tmp_path / name).mkdir()
+        records = [{"step": 0, "time/wall_hours": 0.1, "dev/ndcg@10": 0.4, "dev/bm25_ndcg@10": 0.7}]
+        records.append({"step": 9, "time/wall_hours": 0.4, "score/loss": 1.0, "dev/ndcg@10": ndcg})
+        _write(tmp_path / name / "metrics.jsonl", records)
+    png = tmp_path / "ab.png"
+    result = CliRunner().invoke(
+        app, ["plot", f"score only={tmp_path / 'a'}", f"warmup={tmp_path / 'b'}", "--output", str(png)]
+    )
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "c").mkdir()
+    _write(tmp_path / "c" / "metrics.jsonl", [{"step": 0, "time/wall_hours": 0.1}])
+    result = CliRunner().invoke(
+        app, ["plot", str(tmp_path / "a"), str(tmp_path / "c"), "--output", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code != 0 and "c/metrics.jsonl: no dev/ndcg@10 figures" in result.output
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_reward_curve_and_the_quickstart_picture(tmp_path):
@@ -63,8 +87,15 @@ def test_reward_curve_and_the_quickstart_picture(tmp_path):
         {"step": 12, "time/wall_hours": 0.5, "score/loss": 1.5, "dev/ndcg@10": 0.55, "dev/bm25_ndcg@10": 0.70},
     ]
     _write(tmp_path / "metrics.jsonl", records)
-    assert reward_curve(tmp_path / "metrics.jsonl") == {"steps": [1, 2], "total": [0.1, 1.2], "format": [0.0, 0.9]}
-    png = plot_dev_curve(tmp_path / "metrics.jsonl", tmp_path / "curves.png", rewards=True)
+    curve = reward_curve(tmp_path / "metrics.jsonl")
+    assert curve == {
+        "steps": [1, 2],
+        "total": [0.1, 1.2],
+        "format": [0.0, 0.9],
+        "judged_steps": [],
+        "judgment_accuracy": [],
+    }
+    png = plot_dev_curve([("", tmp_path / "metrics.jsonl")], tmp_path / "curves.png", rewards=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
