@@ -72,7 +72,7 @@ class WarmupStage:
         reward_seconds = time.perf_counter() - clock
         drawn = Drawn(results, answers, regenerated)
         if wc.dynamic_sampling:
-            drawn = self._refill(step, drawn)
+            drawn = self.refill(step, drawn)
         scored, sampling = drawn.batch(self.batch_size, wc.dynamic_sampling_tolerance)
         if sampling["rollout/short_groups"]:
             log.warning(
@@ -92,7 +92,7 @@ class WarmupStage:
         metrics["time/wait_rewards_seconds"] = reward_seconds
         return metrics, train_metrics["step_seconds"]
 
-    def _refill(self, step: int, drawn: Drawn) -> Drawn:
+    def refill(self, step: int, drawn: Drawn) -> Drawn:
         """Dynamic sampling: fresh prompts for the step until it has `groups_per_step` informative groups
         or `dynamic_sampling_rounds` extra rounds were drawn. Each round draws the groups still missing over
         the share informative so far (at most 4x), and keeps the async staleness bound (`_fresh`)."""

@@ -5,6 +5,7 @@ curves and dev nDCG@10 by step."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def reward_curve(metrics_file: str | Path) -> dict[str, list[float]]:
 
 
 def plot_dev_curve(
-    runs: list[tuple[str, str | Path]], output: str | Path, title: str = "", rewards: bool = False
+    runs: Sequence[tuple[str, str | Path]], output: str | Path, title: str = "", rewards: bool = False
 ) -> Path:
     """Write the PNG: each run's dev nDCG@10 per evaluation (runs: (label, metrics.jsonl), one curve each,
     for A/Bs at equal clock), BM25's on the same queries as a line; with `rewards`, by step, and the

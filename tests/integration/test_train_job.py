@@ -38,15 +38,11 @@ def finished_runs(tmp_path_factory, answering_model, scifact_dir, arguana_dir) -
         # the driver's, one actor shows it (each vLLM engine costs ~13 s of CPU to start).
         # The sync run also watches a second dev set, ArguAna's (train.dev_sets), logged under its own name.
         arguana = {"dev_sets": [{"path": str(arguana_dir), "split": "test", "queries": 4}]}
-        stages, updates = (
-            ("warmup,score", {"train": arguana}) if mode == "sync" else ("warmup", {"actors": {"num_actors": 1}})
-        )
+        stages = "warmup,score" if mode == "sync" else "warmup"
+        updates: dict[str, dict] = {"train": arguana} if mode == "sync" else {"actors": {"num_actors": 1}}
         if mode == "async":  # dynamic sampling told that no group is informative: every step draws to its bound
-            updates["warmup"] = {
-                "dynamic_sampling": True,
-                "dynamic_sampling_tolerance": 100.0,
-                "dynamic_sampling_rounds": 2,
-            }
+            ds = {"dynamic_sampling": True, "dynamic_sampling_tolerance": 100.0, "dynamic_sampling_rounds": 2}
+            updates["warmup"] = ds
         config = job_config(tmp, answering_model, scifact_dir, mode, stages=stages, updates=updates)
         jobs[mode] = (start_job(config, tag), tag, tmp)
     runs = {}

@@ -74,7 +74,7 @@ class _Prompts:
 
 class _Pool:
     def __init__(self, version: int):
-        self.version, self.waiting = version, []
+        self.version, self.waiting = version, list[GroupResult]()
 
     def submit(self, requests):
         self.waiting += [_result(r.request_id, self.version) for r in requests]
@@ -98,7 +98,7 @@ def _stage(rounds: int, version: int = 3, staleness: int = 1) -> SimpleNamespace
 def test_refills_draw_fresh_prompts_until_the_step_is_full():
     stage = _stage(rounds=3)
     first = [_result(f"s3-{i}", version=2) for i in range(8)]
-    drawn = WarmupStage._refill(stage, 3, Drawn(first, _Rewards().score(first)))
+    drawn = WarmupStage.refill(stage, 3, Drawn(first, _Rewards().score(first)))
     # No informative group yet: 4x the 8 missing, twice; the second refill fills the step, the third is not drawn.
     assert stage.job.prompts.asked == [(3, 32, 1), (3, 32, 2)]
     groups, figures = drawn.batch(8, tolerance=0.0)
@@ -109,7 +109,7 @@ def test_refills_draw_fresh_prompts_until_the_step_is_full():
 def test_refills_stop_at_the_bound_and_keep_the_staleness_bound():
     stage = _stage(rounds=1, version=1, staleness=1)  # the actors serve version 1 at step 3: 2 behind
     first = [_result(f"s3-{i}", version=2) for i in range(8)]
-    drawn = WarmupStage._refill(stage, 3, Drawn(first, _Rewards().score(first)))
+    drawn = WarmupStage.refill(stage, 3, Drawn(first, _Rewards().score(first)))
     assert stage.job.prompts.asked == [(3, 32, 1)]
     # The refill's groups were too stale: each generated again (by the same stand-in pool, still at 1).
     assert drawn.regenerated == 32 and all(r.request_id.endswith("+") for r in drawn.results[8:])
