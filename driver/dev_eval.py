@@ -7,9 +7,10 @@ name), the first set's also as dev/ndcg@10, which the progress line, the plots a
 `train.best_dev` names the set whose figure picks the best checkpoint kept.
 
 Beside the rankings, `train.dev_judgments` held-out (query, document) pairs, half of them relevant (a
-held-out query's positive, or a hard negative from its BM25 top 30, whatever the stages sample): the actor answers each
-greedily, and dev/judgment_accuracy is the share answered with the qrels' label, dev/judgment_format the
-share in the reward's format (an answer out of format counts as wrong). What the warmup teaches.
+held-out query's positive, or a hard negative from its BM25 top 30, whatever the stages sample): the
+actor answers each greedily, and dev/judgment_accuracy is the share answered with the qrels' label,
+dev/judgment_format the share in the reward's format (an answer out of format counts as wrong). What the
+warmup teaches.
 
 The actor scores with vLLM: the logprobs of "0" and "1" at the answer position, whose difference is the
 score `prorank eval` computes with transformers (the same prompts; equal within 1e-3 in float32, see
