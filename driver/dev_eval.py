@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from prorank.actors.pool import PoolError
-from prorank.batches import JUDGMENT_NEGATIVE_DEPTH
+from prorank.batches import JUDGMENT_NEGATIVE_DEPTH, hard_negatives
 from prorank.bm25 import Ranking, bm25_search
 from prorank.config_file import ConfigError
 from prorank.data import BeirDataset, load_dataset
@@ -67,9 +67,7 @@ def judgment_pairs(
     from its BM25 top `depth`, until count // 2 positives are taken."""
     rng = random.Random(f"{seed}:judgments")
     positives = {q: sorted(d for d, s in dataset.qrels[q].items() if s >= threshold) for q in query_ids}
-    negatives = {
-        q: [d for d, _ in ranking.get(q, [])[:depth] if dataset.qrels[q].get(d, 0) < threshold] for q in query_ids
-    }
+    negatives = {q: hard_negatives(ranking, dataset.qrels, q, depth, threshold) for q in query_ids}
     chosen: list[tuple[str, str, int]] = []
     for turn in range(max((len(p) for p in positives.values()), default=0)):
         for q in query_ids:

@@ -201,7 +201,7 @@ class Drawn:
         short = max(0, size - len(useful)) if self.rounds else 0
         groups = [ScoredGroup.from_result(self.results[i], self.totals(i)) for i in chosen]
         return groups, {
-            "rollout/useful_groups": float(min(len(useful), size) if self.rounds else len(set(useful) & set(chosen))),
+            "rollout/useful_groups": float(min(len(useful), size)),  # without refills every group drawn is trained on
             "rollout/dropped_share": 1 - len(useful) / len(self.results) if self.rounds else 0.0,
             "rollout/refill_rounds": float(self.rounds),
             "rollout/refill_seconds": self.seconds,
