@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING
 
 import safetensors.torch
 
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig
-from prorank.lora import base_weights, merge_into, vllm_rank, write_adapter
-from prorank.models import load_tokenizer, safetensors_views
-from prorank.prompt import PromptBuilder, parse_judgment
-from prorank.query_writing import QueryRequest, WrittenQueries
-from prorank.rollout import Completion, GroupResult, RolloutRequest
-from prorank.weight_transport import WeightReceiver
+from prorank.corpus.query_writing import QueryRequest, WrittenQueries
+from prorank.model.lora import base_weights, merge_into, vllm_rank, write_adapter
+from prorank.model.models import load_tokenizer, safetensors_views
+from prorank.model.prompt import PromptBuilder, parse_judgment
+from prorank.run.rollout import Completion, GroupResult, RolloutRequest
+from prorank.run.weight_transport import WeightReceiver
+from prorank.settings.config import ActorConfig, PromptConfig, SamplingConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from prorank.config import LoraSettings
+    from prorank.settings.config import LoraSettings
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from prorank.actors.engine import RolloutEngine
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig
-from prorank.rollout import GroupResult, RolloutRequest
-from prorank.weight_transport import ReceiverFactory
+from prorank.run.rollout import GroupResult, RolloutRequest
+from prorank.run.weight_transport import ReceiverFactory
+from prorank.settings.config import ActorConfig, PromptConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class _Slot:
 
 class ActorPool:
     """`receivers`: makes each actor's end of the weight transport from its name (the driver's choice of
-    transport, prorank/weight_transport.py); None: the actors serve their start weights only."""
+    transport, prorank/run/weight_transport.py); None: the actors serve their start weights only."""
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from prorank.config import MOVED
+from prorank.settings.config import MOVED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
 
 def load_recipe(args: argparse.Namespace):
     """The checked config of `recipe_parser`'s arguments, pointed at --data and --model."""
-    from prorank.config_file import load_config  # noqa: PLC0415 pydantic configs: only for the benches that measure a recipe
+    from prorank.settings.config_file import load_config  # noqa: PLC0415 pydantic configs: only for the benches that measure a recipe
 
     return load_config(args.config, args.overrides, {"data.path": args.data, "model.path": args.model})
 
@@ -57,7 +57,7 @@ def write_config(cfg: dict, out: Path) -> Path:
 
 def for_tree(cfg: dict, code: Path) -> dict:
     """`cfg` (this tree's sections) as the code at `code` reads it: an A/B's A side may predate `warmup:`,
-    whose keys then sat in `learner:` and `train:` (prorank.config.MOVED says where each went)."""
+    whose keys then sat in `learner:` and `train:` (prorank.settings.config.MOVED says where each went)."""
     if (code / "prorank" / "stage_config.py").is_file() or "warmup" not in cfg:
         return cfg
     old = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items() if k != "warmup"}

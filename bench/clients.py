@@ -22,12 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, ModelConfig
-from prorank.data import load_local
-from prorank.export import export_model
-from prorank.models import load_causal_lm, model_context
-from prorank.prompt import PromptBuilder
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import load_local
+from prorank.model.models import load_causal_lm, model_context
+from prorank.model.prompt import PromptBuilder
+from prorank.release.export import export_model
+from prorank.settings.config import BM25Config, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ROOT / "scripts" / "clients"
@@ -83,7 +83,7 @@ def cross_encoder(folder: Path, pairs: list[tuple[str, str]]) -> list[float]:
 
 def our_scores(folder: Path, candidates: dict[str, list[tuple[str, str]]], max_length: int) -> dict[str, list[float]]:
     """What `prorank eval` ranks by: its scorer on each query's candidates, float32."""
-    from prorank.scoring import score_query  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.model.scoring import score_query  # noqa: PLC0415 pulls torch, which importing this module does not
 
     model, tok = load_causal_lm(ModelConfig(path=str(folder)))
     builder = PromptBuilder(tok, max_length, limit=model_context(model))

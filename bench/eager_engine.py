@@ -20,7 +20,7 @@ import time
 
 from bench import data_model_parser
 from bench.rollout import scifact_requests
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig
+from prorank.settings.config import ActorConfig, PromptConfig, SamplingConfig
 
 
 def _cpu() -> float:

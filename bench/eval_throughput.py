@@ -14,14 +14,14 @@ import time
 import torch
 
 from bench import data_model_parser
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, DataConfig, ModelConfig
-from prorank.data import load_dataset
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import load_dataset
 from prorank.eval.metrics import evaluate, ranked_to_run
 from prorank.eval.rerank import rerank
-from prorank.models import load_causal_lm, native_bf16
-from prorank.prompt import PromptBuilder, document_text
-from prorank.scoring import score_pairs
+from prorank.model.models import load_causal_lm, native_bf16
+from prorank.model.prompt import PromptBuilder, document_text
+from prorank.model.scoring import score_pairs
+from prorank.settings.config import BM25Config, DataConfig, ModelConfig
 
 
 def main() -> None:

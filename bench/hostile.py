@@ -37,9 +37,9 @@ from bench.critical_path import worktree
 from bench.hostile_peers import Attack, hold_idle, oversized_headers, rapid_reset
 from bench.peak_rss import PeakRss
 from bench.served import TOKEN, Served
-from prorank.config import RewardConfig
 from prorank.protocol import reward_pb2, weights_pb2
 from prorank.reward.client import RewardError, SyncRewardClient, client_options
+from prorank.settings.config import RewardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE, REPORT, FETCH = (

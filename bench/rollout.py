@@ -11,11 +11,11 @@ import os
 import time
 
 from bench import data_model_parser
-from prorank.config import ActorConfig, DataConfig, ModelConfig, PromptConfig, SamplingConfig
-from prorank.data import load_dataset
-from prorank.models import load_causal_lm
-from prorank.prompt import PromptBuilder
-from prorank.rollout import RolloutRequest
+from prorank.corpus.data import load_dataset
+from prorank.model.models import load_causal_lm
+from prorank.model.prompt import PromptBuilder
+from prorank.run.rollout import RolloutRequest
+from prorank.settings.config import ActorConfig, DataConfig, ModelConfig, PromptConfig, SamplingConfig
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

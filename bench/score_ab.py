@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from bench.critical_path import ROOT, run, write_report
-from prorank.config_file import apply_overrides, load_config
+from prorank.settings.config_file import apply_overrides, load_config
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

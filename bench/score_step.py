@@ -31,18 +31,25 @@ from typing import Any
 import torch
 
 from bench import load_recipe, recipe_parser
-from prorank.batches import PromptSampler, RankingSampler, training_candidates
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, DataConfig, ProRankConfig, StageLearnerConfig, TrainConfig, WeightSyncConfig
-from prorank.data import load_dataset
+from prorank.corpus.batches import PromptSampler, RankingSampler, training_candidates
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import load_dataset
 from prorank.learner.objectives import RankingObjective
 from prorank.learner.precision import forward_precision, uses_bf16
 from prorank.learner.rank import attention_kernel, freeze_below, rank_threads
 from prorank.learner.score_step import score_micro_batch_loss
-from prorank.models import load_tokenizer, native_bf16, resolve_model
-from prorank.prompt import PromptBuilder
-from prorank.scoring import common_prefix_length
-from prorank.stage_config import RankingLoss, ScoreConfig, WarmupConfig
+from prorank.model.models import load_tokenizer, native_bf16, resolve_model
+from prorank.model.prompt import PromptBuilder
+from prorank.model.scoring import common_prefix_length
+from prorank.settings.config import (
+    BM25Config,
+    DataConfig,
+    ProRankConfig,
+    StageLearnerConfig,
+    TrainConfig,
+    WeightSyncConfig,
+)
+from prorank.settings.stage_config import RankingLoss, ScoreConfig, WarmupConfig
 from prorank.weights.transport import GrpcTransport
 
 

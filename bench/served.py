@@ -13,7 +13,7 @@ TOKEN = "bench-token"
 # Runs in the server's process, from either tree: only what both versions of the API have.
 SERVE = """
 import sys, torch
-from prorank.config import RewardConfig
+from prorank.settings.config import RewardConfig
 if sys.argv[1] == "reward":
     from prorank.reward.server import RewardServer
     qrels = {f"q{i}": {f"d{i}": 1} for i in range(1000)}
@@ -21,7 +21,7 @@ if sys.argv[1] == "reward":
 else:
     from prorank.weights.server import WeightServer
     if sys.argv[1].endswith("-gate"):  # behind the accept layer (this tree only: A has none)
-        from prorank.guarded_server import ServerLimits
+        from prorank.guard.guarded_server import ServerLimits
         server = WeightServer("%s", limits=ServerLimits(max_connections_per_peer=16)).start()
     else:
         server = WeightServer("%s").start()

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import yaml
 
-from prorank.models import build_answering_model
+from prorank.corpus.batches import positive_pairs
+from prorank.corpus.data import load_local
+from prorank.model.models import build_answering_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # A frozen relay: longer than a receiver waits for it (keepalive 5 + 5 s on a flowing stream, gRPC's 20 s
@@ -329,7 +331,8 @@ def main() -> None:
     try:
         model = args.model
         if not model:
-            model = str(build_answering_model(work / "model", args.data))
+            pairs = positive_pairs(load_local(args.data, "train"))
+            model = str(build_answering_model(work / "model", pairs))
         report = soak(args.data, model, work, args.steps, args.actor_kills, args.replica_kills, args.cuts)
     finally:
         shutil.rmtree(work, ignore_errors=True)

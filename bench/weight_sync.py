@@ -17,9 +17,9 @@ import time
 
 import grpc
 
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
+from prorank.guard.security import auth_metadata
 from prorank.protocol import weights_pb2
-from prorank.security import auth_metadata
+from prorank.settings.config import ActorConfig, PromptConfig, SamplingConfig, WeightSyncConfig
 
 TOKEN = "bench-token"
 

@@ -23,9 +23,9 @@ import statistics
 import time
 from pathlib import Path
 
-from prorank.data import load_local
-from prorank.models import load_tokenizer
-from prorank.prompt import PromptBuilder, document_text
+from prorank.corpus.data import load_local
+from prorank.model.models import load_tokenizer
+from prorank.model.prompt import PromptBuilder, document_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

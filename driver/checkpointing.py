@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prorank import checkpoints
 from prorank.learner.group import LearnerError
+from prorank.run import checkpoints
 
 if TYPE_CHECKING:
     from prorank.driver.loop import Job, Stage

@@ -14,9 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prorank.checkpoints import CheckpointError
-from prorank.config_file import ConfigError, load_config
-from prorank.data import DataError, load_dataset
+from prorank.corpus.data import DataError, load_dataset
 from prorank.driver.cli_options import (
     ConfigOpt,
     DataOpt,
@@ -32,11 +30,13 @@ from prorank.driver.control import NAMESPACE, find_control
 from prorank.driver.eval_commands import compare_command, eval_command, export_command, plot_command
 from prorank.driver.stop import StopSignals
 from prorank.driver.synth_command import synthesize_command
-from prorank.grpc_core_log import fold_grpc_core_lines
-from prorank.models import ModelError, build_tiny_model, convert_gguf, find_smollm2_gguf
-from prorank.prompt import PromptError
-from prorank.run_lock import FolderInUse
-from prorank.security import SecurityError
+from prorank.guard.grpc_core_log import fold_grpc_core_lines
+from prorank.guard.security import SecurityError
+from prorank.model.models import ModelError, build_tiny_model, convert_gguf, find_smollm2_gguf
+from prorank.model.prompt import PromptError
+from prorank.run.checkpoints import CheckpointError
+from prorank.run.run_lock import FolderInUse
+from prorank.settings.config_file import ConfigError, load_config
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -9,7 +9,7 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
-from prorank.config_file import ConfigError
+from prorank.settings.config_file import ConfigError
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. bm25.k1=1.2")]

@@ -30,13 +30,13 @@ import ray
 from ray.exceptions import RayActorError
 
 from prorank.actors.pool import PoolError
-from prorank.batches import JUDGMENT_NEGATIVE_DEPTH, hard_negatives
-from prorank.bm25 import Ranking, bm25_search
-from prorank.config_file import ConfigError
-from prorank.data import BeirDataset, load_dataset
+from prorank.corpus.batches import JUDGMENT_NEGATIVE_DEPTH, hard_negatives
+from prorank.corpus.bm25 import Ranking, bm25_search
+from prorank.corpus.data import BeirDataset, load_dataset
 from prorank.eval.metrics import evaluate, ranked_to_run
 from prorank.eval.rerank import candidate_pairs, rerank_by_scores
-from prorank.prompt import INVALID, document_text, parse_judgment
+from prorank.model.prompt import INVALID, document_text, parse_judgment
+from prorank.settings.config_file import ConfigError
 
 log = logging.getLogger(__name__)
 

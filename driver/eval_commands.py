@@ -9,9 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prorank.config import ModelConfig
-from prorank.config_file import ConfigError, load_config
-from prorank.data import DataError
+from prorank.corpus.data import DataError
 from prorank.driver.cli_options import (
     ConfigOpt,
     Overrides,
@@ -24,11 +22,13 @@ from prorank.driver.cli_options import (
     source_values,
 )
 from prorank.eval.compare import compare_runs, p_value_records, p_values
-from prorank.export import adapter_of, export_adapter, export_model
-from prorank.fusion import FusionSettings, Method
-from prorank.models import ModelError, checkpoint_model_dir, load_causal_lm
-from prorank.plots import PlotError, plot_dev_curve
-from prorank.prompt import PromptError
+from prorank.model.models import ModelError, checkpoint_model_dir, load_causal_lm
+from prorank.model.prompt import PromptError
+from prorank.release.export import adapter_of, export_adapter, export_model
+from prorank.release.fusion import FusionSettings, Method
+from prorank.run.plots import PlotError, plot_dev_curve
+from prorank.settings.config import ModelConfig
+from prorank.settings.config_file import ConfigError, load_config
 
 
 def eval_command(

@@ -12,7 +12,7 @@ goes on (driver/dev_eval.py); every `checkpoint_every` steps a checkpoint (DeepS
 model folder; driver/checkpointing.py keeps the last few) that `resume` continues from, with the same data
 order. A stage whose checkpoint is already complete is skipped. Everything started is stopped in reverse
 order on success, on error and on a signal: SIGTERM or SIGINT end the job after its step with a checkpoint
-(driver/stop.py). One job at a time holds the output folder (prorank/run_lock.py).
+(driver/stop.py). One job at a time holds the output folder (prorank/run/run_lock.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from prorank import checkpoints
 from prorank.actors.pool import ActorPool
-from prorank.batches import PromptSampler, training_candidates
-from prorank.config_file import ConfigError
+from prorank.corpus.batches import PromptSampler, training_candidates
 from prorank.driver.control import start_control
 from prorank.driver.dev_eval import DevEval, load_dev_sets
 from prorank.driver.loop import BusyClock, Job, StopFlag, run_stage
@@ -38,13 +36,15 @@ from prorank.driver.stop import StopNow, StopSignals
 from prorank.driver.synthesis import synthesis_complete, synthesize
 from prorank.driver.warmup_stage import WarmupStage
 from prorank.driver.weight_sync import WeightSync
-from prorank.models import checkpoint_model_dir, resolve_model
-from prorank.prompt import check_model_layout
+from prorank.guard.security import TOKEN_ENV, load_token
+from prorank.model.models import checkpoint_model_dir, resolve_model
+from prorank.model.prompt import check_model_layout
 from prorank.reward.client import SyncRewardClient, client_options
 from prorank.reward.replica import ReplicaSet
-from prorank.run_lock import lock_output
-from prorank.security import TOKEN_ENV, load_token
-from prorank.tracking import RunLog
+from prorank.run import checkpoints
+from prorank.run.run_lock import lock_output
+from prorank.run.tracking import RunLog
+from prorank.settings.config_file import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -20,24 +20,24 @@ from typing import TYPE_CHECKING, Protocol
 import ray
 from tqdm import tqdm
 
-from prorank import checkpoints
 from prorank.driver.checkpointing import save_checkpoint
 from prorank.driver.control import wanted_actors
+from prorank.run import checkpoints
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
     from prorank.actors.pool import ActorPool
-    from prorank.batches import PromptSampler
-    from prorank.config import ProRankConfig
-    from prorank.data import BeirDataset
+    from prorank.corpus.batches import PromptSampler
+    from prorank.corpus.data import BeirDataset
     from prorank.driver.dev_eval import DevEval
     from prorank.driver.stop import StopSignals
     from prorank.driver.weight_sync import WeightSync
     from prorank.learner.group import LearnerGroup
     from prorank.reward.client import SyncRewardClient
     from prorank.reward.replica import ReplicaSet
-    from prorank.tracking import RunLog
+    from prorank.run.tracking import RunLog
+    from prorank.settings.config import ProRankConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from prorank.actors.pool import PoolError
-from prorank.batches import RankingSampler, policy_negatives
-from prorank.prompt import document_text
+from prorank.corpus.batches import RankingSampler, policy_negatives
+from prorank.model.prompt import document_text
 
 log = logging.getLogger(__name__)
 

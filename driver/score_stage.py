@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prorank import checkpoints
-from prorank.batches import RankingSampler
-from prorank.models import load_tokenizer
-from prorank.prompt import PromptBuilder
+from prorank.corpus.batches import RankingSampler
+from prorank.model.models import load_tokenizer
+from prorank.model.prompt import PromptBuilder
+from prorank.run import checkpoints
 
 if TYPE_CHECKING:
     from prorank.driver.loop import Job

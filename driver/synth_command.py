@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from prorank.config_file import ConfigError, load_config
-from prorank.data import DataError
+from prorank.corpus.data import DataError
 from prorank.driver.cli_options import ConfigOpt, Overrides, fail, fail_on_full_disk, given
 from prorank.driver.stop import StopSignals
-from prorank.models import ModelError
+from prorank.model.models import ModelError
+from prorank.settings.config_file import ConfigError, load_config
 
 
 def synthesize_command(

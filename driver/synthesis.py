@@ -8,8 +8,8 @@ section whose output is not complete yet, so one command takes a corpus to a tra
 2. The rollout actors (actors/pool.py, without weight sync) write `queries_per_document` queries for each
    document not yet in the log, in chunks over the pool; `prorank scale actors N --job <train.job_name>`
    resizes the pool meanwhile, `prorank stop` or SIGTERM/SIGINT end it cleanly (what was written stays).
-3. The filters (prorank/query_filters.py) run over the whole log, the folder and its report are written
-   (prorank/synthetic_dataset.py).
+3. The filters (prorank/corpus/query_filters.py) run over the whole log, the folder and its report are written
+   (prorank/corpus/synthetic_dataset.py).
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ from pathlib import Path
 import ray
 
 from prorank.actors.pool import ActorPool
-from prorank.config import ProRankConfig
-from prorank.config_file import ConfigError
-from prorank.data import DataError, Document, load_corpus, load_local
+from prorank.corpus.data import DataError, Document, load_corpus, load_local
+from prorank.corpus.query_filters import run_filters
+from prorank.corpus.query_writing import QueryPromptBuilder, judge
+from prorank.corpus.synthetic_dataset import REPORT, GenerationLog, read_report, write_beir_folder
 from prorank.driver.control import start_control, wanted_actors
 from prorank.driver.ray_session import ray_kill, start_ray
 from prorank.driver.stop import StopSignals
-from prorank.models import check_model_folder, load_tokenizer, resolve_model
-from prorank.progress import progress
-from prorank.query_filters import run_filters
-from prorank.query_writing import QueryPromptBuilder, judge
-from prorank.synth_config import SynthesisConfig
-from prorank.synthetic_dataset import REPORT, GenerationLog, read_report, write_beir_folder
+from prorank.model.models import check_model_folder, load_tokenizer, resolve_model
+from prorank.run.progress import progress
+from prorank.settings.config import ProRankConfig
+from prorank.settings.config_file import ConfigError
+from prorank.settings.synth_config import SynthesisConfig
 
 log = logging.getLogger(__name__)
 

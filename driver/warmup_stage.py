@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from prorank.reward.client import groups_from_results
 from prorank.reward.scoring import informative
-from prorank.rollout import RolloutRequest, ScoredGroup
+from prorank.run.rollout import RolloutRequest, ScoredGroup
 
 if TYPE_CHECKING:
     from prorank.driver.loop import Job

@@ -18,18 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prorank.config import EvalDataset, EvalModel, ProRankConfig
-from prorank.config_file import ConfigError
-from prorank.data import BeirDataset, load_dataset
+from prorank.corpus.data import BeirDataset, load_dataset
 from prorank.eval.compare import compare_in_memory, p_value_records
 from prorank.eval.fusion import choose_fusion
 from prorank.eval.metrics import evaluate, scored_to_run
 from prorank.eval.rerank import first_stage, rerank_depth
 from prorank.eval.run import EvalReport, Scorer, check_output_file, evaluate_dataset, write_tensorboard
 from prorank.eval.runs import write_run
-from prorank.files import write_whole
-from prorank.models import load_causal_lm, resolve_model
-from prorank.prompt import check_model_layout
+from prorank.model.models import load_causal_lm, resolve_model
+from prorank.model.prompt import check_model_layout
+from prorank.run.files import write_whole
+from prorank.settings.config import EvalDataset, EvalModel, ProRankConfig
+from prorank.settings.config_file import ConfigError
 
 log = logging.getLogger(__name__)
 MEASURES = ("nDCG@10", "RR@10", "R@100")
@@ -63,7 +63,7 @@ class Benchmark:
             },
             "average": self.average,
             "settings": self.settings,
-            "table": markdown_table(self),  # what a model card shows (prorank/model_card.py)
+            "table": markdown_table(self),  # what a model card shows (prorank/release/model_card.py)
         }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from prorank.data import DataError, text_lines
+from prorank.corpus.data import DataError, text_lines
 from prorank.eval.runs import RunFileError, read_run
 
 METRICS = {"ndcg@10": "nDCG@10", "mrr@10": "RR@10", "recall@100": "R@100"}  # ranx's name -> ours

@@ -1,7 +1,7 @@
 """Which fusion `prorank eval` and `prorank export` use, and its tuning on held-out training queries.
 
 The parameters (wsum's weights, rrf's k) are chosen by ranx's grid search on the training split's dev
-queries (prorank.batches.held_out_split: the queries neither stage trained on), reranked exactly as the
+queries (prorank.corpus.batches.held_out_split: the queries neither stage trained on), reranked exactly as the
 evaluation reranks: the same first stage, depth, prompt and model. Test queries never take part.
 """
 
@@ -11,14 +11,14 @@ import logging
 import time
 from collections.abc import Sequence
 
-from prorank.batches import held_out_split
-from prorank.config import ProRankConfig
-from prorank.config_file import ConfigError
-from prorank.data import load_dataset
+from prorank.corpus.batches import held_out_split
+from prorank.corpus.data import load_dataset
 from prorank.eval.rerank import first_stage, model_scores, rerank_depth, top_runs
-from prorank.fusion import FusionSettings, Method, tune
-from prorank.models import model_context
-from prorank.prompt import PromptBuilder, model_prompt_settings
+from prorank.model.models import model_context
+from prorank.model.prompt import PromptBuilder, model_prompt_settings
+from prorank.release.fusion import FusionSettings, Method, tune
+from prorank.settings.config import ProRankConfig
+from prorank.settings.config_file import ConfigError
 
 log = logging.getLogger(__name__)
 

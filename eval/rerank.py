@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from prorank.bm25 import Ranking, bm25_name, bm25_search
-from prorank.config import ProRankConfig
-from prorank.data import BeirDataset
+from prorank.corpus.bm25 import Ranking, bm25_name, bm25_search
+from prorank.corpus.data import BeirDataset
 from prorank.eval.runs import monotone, read_run
-from prorank.progress import progress as progress_bar
-from prorank.prompt import PromptBuilder, document_text
-from prorank.scoring import score_query
+from prorank.model.prompt import PromptBuilder, document_text
+from prorank.model.scoring import score_query
+from prorank.run.progress import progress as progress_bar
+from prorank.settings.config import ProRankConfig
 
 log = logging.getLogger(__name__)
 

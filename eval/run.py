@@ -19,18 +19,18 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from prorank.bm25 import Ranking
-from prorank.config import ProRankConfig
-from prorank.config_file import ConfigError
-from prorank.data import BeirDataset, load_dataset
+from prorank.corpus.bm25 import Ranking
+from prorank.corpus.data import BeirDataset, load_dataset
 from prorank.eval.fusion import choose_fusion
 from prorank.eval.metrics import evaluate, per_query, scored_to_run
 from prorank.eval.rerank import first_stage, model_scores, rerank_depth, scored_ranking, top_runs
 from prorank.eval.runs import monotone, write_run
-from prorank.files import write_whole
-from prorank.fusion import FusionSettings, fuse
-from prorank.models import load_causal_lm, model_context, resolve_model
-from prorank.prompt import PromptBuilder, check_model_layout
+from prorank.model.models import load_causal_lm, model_context, resolve_model
+from prorank.model.prompt import PromptBuilder, check_model_layout
+from prorank.release.fusion import FusionSettings, fuse
+from prorank.run.files import write_whole
+from prorank.settings.config import ProRankConfig
+from prorank.settings.config_file import ConfigError
 
 
 @dataclass

@@ -14,8 +14,8 @@ import tempfile
 from collections.abc import Container, Sequence
 from pathlib import Path
 
-from prorank.bm25 import Ranking
-from prorank.data import DataError, text_lines
+from prorank.corpus.bm25 import Ranking
+from prorank.corpus.data import DataError, text_lines
 
 RUN_FORMAT = "qid Q0 docid rank score tag"
 

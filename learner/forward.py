@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prorank.padding import pad_rows
-from prorank.scoring import encode_prefix
+from prorank.model.padding import pad_rows
+from prorank.model.scoring import encode_prefix
 
 
 @dataclass

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import ray
 
-from prorank import checkpoints
-from prorank.config import StageLearnerConfig
 from prorank.learner.objectives import Objective
 from prorank.learner.rank import LearnerRank, rank_threads
-from prorank.weight_transport import WeightSender
+from prorank.run import checkpoints
+from prorank.run.weight_transport import WeightSender
+from prorank.settings.config import StageLearnerConfig
 
 # What a rank's train_step reports that is the same on every rank (or, for seconds, in lockstep): rank 0's.
 RANK0_FIGURES = ("grad_norm", "lr", "forward_seconds", "backward_seconds", "optimizer_seconds")
@@ -144,7 +144,7 @@ class LearnerGroup:
         return self._all("publish", version, receivers)[0]
 
     def save(self, root: str | Path, driver_state: dict | None = None) -> Path:
-        """Write a checkpoint of this step under `root` atomically (prorank/checkpoints.py: a crash at any
+        """Write a checkpoint of this step under `root` atomically (prorank/run/checkpoints.py: a crash at any
         point leaves the previous one and LATEST intact). Its model/ holds the full weights as a model
         folder transformers loads (rank 0 writes it); with LoRA merged, and adapter/ the adapter alone."""
         tmp = checkpoints.start(root, self.steps)

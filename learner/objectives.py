@@ -18,14 +18,14 @@ from typing import Any, Protocol
 
 import torch
 
-from prorank.batches import RankingGroup
-from prorank.config import StageLearnerConfig
+from prorank.corpus.batches import RankingGroup
 from prorank.learner.score_losses import check_losses
 from prorank.learner.score_step import score_micro_batch_loss
 from prorank.learner.step import micro_batch_loss, step_normalizer
-from prorank.prompt import answer_token_ids
-from prorank.rollout import ScoredGroup
-from prorank.stage_config import RankingLoss, ScoreConfig
+from prorank.model.prompt import answer_token_ids
+from prorank.run.rollout import ScoredGroup
+from prorank.settings.config import StageLearnerConfig
+from prorank.settings.stage_config import RankingLoss, ScoreConfig
 
 
 class Objective(Protocol):

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from prorank.models import native_bf16
+from prorank.model.models import native_bf16
 
 
 def uses_bf16(mode: str, device: str) -> bool:

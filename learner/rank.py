@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from prorank.config import StageLearnerConfig
 from prorank.learner.objectives import Objective
 from prorank.learner.precision import (
     bf16_weights,
@@ -32,9 +31,10 @@ from prorank.learner.precision import (
     uses_bf16,
 )
 from prorank.learner.step import lr_lambda
-from prorank.lora import adapter_state, add_adapter, merged_state, write_adapter
-from prorank.models import load_tokenizer, save_model_dir
-from prorank.weight_transport import WeightSender
+from prorank.model.lora import adapter_state, add_adapter, merged_state, write_adapter
+from prorank.model.models import load_tokenizer, save_model_dir
+from prorank.run.weight_transport import WeightSender
+from prorank.settings.config import StageLearnerConfig
 
 
 def freeze_below(model, trainable_layers: int, frozen_dtype: torch.dtype | None = None) -> None:
@@ -88,9 +88,9 @@ def attention_kernel(setting: str, device: str) -> str:
 
 class LearnerRank:
     """`objective`: what a step optimises (learner/objectives.py: GRPO, or the ranking losses). `sender`:
-    the weight transport's learner end (prorank/weight_transport.py), used on rank 0. With `cfg.lora` the
+    the weight transport's learner end (prorank/run/weight_transport.py), used on rank 0. With `cfg.lora` the
     model is wrapped by peft and only its adapter trains, from `adapter` (a peft folder) or fresh; a weight
-    version is then the adapter alone, and checkpoints hold it beside the merged model (prorank/lora.py)."""
+    version is then the adapter alone, and checkpoints hold it beside the merged model (prorank/model/lora.py)."""
 
     def __init__(
         self,

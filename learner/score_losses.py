@@ -5,7 +5,7 @@ A row is one query's candidates: its positives and k hard negatives. `labels` ar
 one value per row, so that the caller can average rows over a global batch split across ranks.
 
 A new loss: write it here as a pure function of (scores, labels, mask, temperature) -> [B], add it to
-LOSSES, and give it a weight in ScoreConfig.ranking_loss (prorank/config.py) and the config section.
+LOSSES, and give it a weight in ScoreConfig.ranking_loss (prorank/settings/config.py) and the config section.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from prorank.stage_config import RankingLoss
+from prorank.settings.stage_config import RankingLoss
 
 
 def listwise_contrastive(

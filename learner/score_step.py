@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from prorank.batches import RankingGroup
+from prorank.corpus.batches import RankingGroup
 from prorank.learner.score_losses import pairs_ordered, ranking_losses, score_margin
-from prorank.padding import pad_rows
-from prorank.prompt import relevance_score
-from prorank.scoring import answer_logits
-from prorank.stage_config import RankingLoss
+from prorank.model.padding import pad_rows
+from prorank.model.prompt import relevance_score
+from prorank.model.scoring import answer_logits
+from prorank.settings.stage_config import RankingLoss
 
 
 def padded_rows(groups: Sequence[RankingGroup], scores: Sequence[torch.Tensor]):

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from prorank.config import StageLearnerConfig
 from prorank.learner.forward import naive_group_logprobs, pad_completions, shared_prefix_group_logprobs
 from prorank.learner.grpo import batch_normalizer, group_advantages, grpo_loss, token_weights
-from prorank.padding import pad_rows
-from prorank.rollout import ScoredGroup
+from prorank.model.padding import pad_rows
+from prorank.run.rollout import ScoredGroup
+from prorank.settings.config import StageLearnerConfig
 
 
 def lr_lambda(cfg: StageLearnerConfig):

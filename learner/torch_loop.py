@@ -8,9 +8,9 @@ import time
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from prorank.config import StageLearnerConfig
 from prorank.learner.step import lr_lambda, micro_batch_loss, step_normalizer
-from prorank.rollout import ScoredGroup
+from prorank.run.rollout import ScoredGroup
+from prorank.settings.config import StageLearnerConfig
 
 
 class TorchLearner:

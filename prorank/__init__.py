@@ -1,4 +1,6 @@
-"""ProRank RL shared core: config, data, first-stage retrieval, prompt and score, models.
+"""ProRank RL's shared core, in rooms by concern (lowest first; a room imports only those before it):
+`settings` (configuration), `guard` (the services' guard), `run` (a run's files), `model` (the model and its
+prompt), `corpus` (data and the first stage), `release` (what a user takes away).
 
 `from prorank import Reranker` is the Python API to a trained model (loaded lazily, so that importing
 the core stays light).
@@ -11,7 +13,7 @@ of the A/B benches, run with PYTHONPATH at its root, imports its own roles throu
 
 def __getattr__(name: str):
     if name in ("Reranker", "RankedDocument"):
-        from prorank import reranker  # noqa: PLC0415 on first use: every `import prorank.x` runs this file
+        from prorank.release import reranker  # noqa: PLC0415 on first use: every `import prorank.x` runs this file
 
         return getattr(reranker, name)
     raise AttributeError(f"module 'prorank' has no attribute {name!r}")

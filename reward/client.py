@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from prorank.config import RewardConfig
+from prorank.guard.security import auth_metadata, channel_credentials
 from prorank.protocol import reward_pb2, reward_pb2_grpc
-from prorank.rollout import GroupResult
-from prorank.security import auth_metadata, channel_credentials
+from prorank.run.rollout import GroupResult
+from prorank.settings.config import RewardConfig
 
 # CANCELLED too: a replica that stops mid-call cancels the calls in flight (this client never cancels one).
 # RESOURCE_EXHAUSTED: the replica has its reward.max_calls (or per-peer) calls in flight already.

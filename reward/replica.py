@@ -6,11 +6,11 @@ import logging
 
 import ray
 
-from prorank.config import DataConfig, RewardConfig
-from prorank.data import load_dataset
-from prorank.grpc_core_log import fold_grpc_core_lines
+from prorank.corpus.data import load_dataset
+from prorank.guard.grpc_core_log import fold_grpc_core_lines
+from prorank.guard.security import announced_address
 from prorank.reward.server import RewardServer
-from prorank.security import announced_address
+from prorank.settings.config import DataConfig, RewardConfig
 
 log = logging.getLogger(__name__)
 

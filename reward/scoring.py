@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import fmean, pstdev
 
-from prorank.config import RewardConfig
-from prorank.prompt import INVALID, parse_judgment
+from prorank.model.prompt import INVALID, parse_judgment
+from prorank.settings.config import RewardConfig
 
 
 @dataclass(frozen=True, slots=True)

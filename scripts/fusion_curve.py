@@ -14,12 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from prorank.config import DataConfig
-from prorank.data import load_dataset
+from prorank.corpus.data import load_dataset
 from prorank.eval.metrics import evaluate, scored_to_run
 from prorank.eval.rerank import scored_ranking, top_runs
 from prorank.eval.runs import read_run
-from prorank.fusion import FusionSettings, fuse
+from prorank.release.fusion import FusionSettings, fuse
+from prorank.settings.config import DataConfig
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prorank.eval.compare import compare_runs, p_values
 from prorank.eval.runs import write_run
-from prorank.fusion import FusionSettings, fuse, fuse_lists, tune
+from prorank.release.fusion import FusionSettings, fuse, fuse_lists, tune
 
 
 def warm(width: int) -> None:

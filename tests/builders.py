@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from prorank.config import LoraSettings, StageLearnerConfig
 from prorank.learner.forward import naive_group_logprobs
-from prorank.lora import add_adapter
-from prorank.prompt import PromptBuilder
-from prorank.rollout import ScoredGroup
+from prorank.model.lora import add_adapter
+from prorank.model.prompt import PromptBuilder
+from prorank.run.rollout import ScoredGroup
+from prorank.settings.config import LoraSettings, StageLearnerConfig
 
 LORA = LoraSettings(r=8, alpha=16)
 

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from prorank.config import ModelConfig
-from prorank.data import load_local
-from prorank.models import build_answering_model, build_tiny_model, convert_gguf, find_smollm2_gguf, load_causal_lm
+from prorank.corpus.batches import positive_pairs
+from prorank.corpus.data import load_local
+from prorank.model.models import (
+    build_answering_model,
+    build_tiny_model,
+    convert_gguf,
+    find_smollm2_gguf,
+    load_causal_lm,
+)
+from prorank.settings.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("PRORANK_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))
@@ -110,7 +117,8 @@ def answering_model(tmp_path_factory, scifact_dir):
     """The tiny random model, nudged so that about a fifth of its first sampled tokens are "0" or "1":
     like an instruct model, it must sometimes answer in format for GRPO to have a signal to follow."""
 
-    return build_answering_model(tmp_path_factory.mktemp("answering-model"), scifact_dir)
+    pairs = positive_pairs(load_local(scifact_dir, "train"))
+    return build_answering_model(tmp_path_factory.mktemp("answering-model"), pairs)
 
 
 # Two tiers, by folder. tests/unit/ is the fast tier (`bash scripts/test.sh tests/unit`, about a minute): no

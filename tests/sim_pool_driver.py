@@ -10,9 +10,9 @@ import sys
 import ray
 
 from prorank.actors.pool import ActorPool
-from prorank.config import ActorConfig, PromptConfig, SamplingConfig
-from prorank.data import load_local
-from prorank.rollout import RolloutRequest
+from prorank.corpus.data import load_local
+from prorank.run.rollout import RolloutRequest
+from prorank.settings.config import ActorConfig, PromptConfig, SamplingConfig
 
 
 def main(address: str, model: str, scifact: str, n: int) -> None:

@@ -1,6 +1,6 @@
 """The weight transport: every version the learner publishes, to every live vLLM engine, without a restart.
 
-Both ends of the wire live here, behind the interface in prorank/weight_transport.py that the learner
+Both ends of the wire live here, behind the interface in prorank/run/weight_transport.py that the learner
 (publish a version) and the actors (pull it, apply it between two chunks) are handed by the driver:
 
 - transport.py   the gRPC implementation of the two ends (GrpcTransport makes them from the job's token

@@ -16,8 +16,8 @@ import time
 
 import grpc
 
+from prorank.guard.security import auth_metadata, channel_credentials
 from prorank.protocol import weights_pb2, weights_pb2_grpc
-from prorank.security import auth_metadata, channel_credentials
 from prorank.weights.codec import (
     CHANNEL_OPTIONS,
     Spec,

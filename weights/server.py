@@ -25,9 +25,9 @@ from collections.abc import Container, Iterable, Mapping
 import grpc
 import torch
 
-from prorank.guarded_server import GuardedServer, RefusalLog, ServerLimits, parse_request
+from prorank.guard.guarded_server import GuardedServer, RefusalLog, ServerLimits, parse_request
+from prorank.guard.security import announced_address
 from prorank.protocol import weights_pb2
-from prorank.security import announced_address
 from prorank.weights.codec import CHANNEL_OPTIONS, CHUNK_BYTES, Packed, pack, stream_messages
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ NO_GATE = ServerLimits(max_connections_per_peer=0)  # as weights.max_connections
 
 class WeightServer:
     """The publisher behind a token-checked (optionally TLS) gRPC server; binds 127.0.0.1 by default.
-    `limits` caps the calls in flight (see prorank/guarded_server.py); at most half of them wait for a
+    `limits` caps the calls in flight (see prorank/guard/guarded_server.py); at most half of them wait for a
     version, so reports and transfers always find room."""
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The gRPC weight transport: the two ends the learner and the actors are handed (prorank/weight_transport.py).
+"""The gRPC weight transport: the two ends the learner and the actors are handed (prorank/run/weight_transport.py).
 
 Sender: rank 0's WeightServer (weights/server.py), packing each version from the parameters in place.
 Receiver: pulls with weights/receiver.py into a reused safetensors blob, verifies it, has the engine apply
@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from prorank.config import LoraSettings, WeightSyncConfig
-from prorank.guarded_server import ServerLimits
-from prorank.lora import adapter_specs_model
+from prorank.guard.guarded_server import ServerLimits
+from prorank.model.lora import adapter_specs_model
 from prorank.protocol import weights_pb2
-from prorank.weight_transport import Apply
+from prorank.run.weight_transport import Apply
+from prorank.settings.config import LoraSettings, WeightSyncConfig
 from prorank.weights import codec
 from prorank.weights.codec import WeightError, sent_bytes
 from prorank.weights.receiver import pull_newest, report
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 class GrpcTransport:
     """The job's choice of transport: its token and settings, and the two ends made from them. `lora`: the
-    learner's LoRA settings when a version is an adapter (prorank/lora.py), else None (the full weights)."""
+    learner's LoRA settings when a version is an adapter (prorank/model/lora.py), else None (the full weights)."""
 
     def __init__(self, token: str, cfg: WeightSyncConfig, lora: LoraSettings | None = None):
         self.token, self.cfg, self.lora = token, cfg, lora

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prorank.models import safetensors_views
+from prorank.model.models import safetensors_views
 
 
 class WeightLoaderExtension:

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from prorank.security import load_token
+from prorank.guard.security import load_token
 
 
 def answer(proc, timeout: float = 600.0) -> dict:

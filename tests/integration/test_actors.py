@@ -15,13 +15,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 from prorank.actors.pool import ActorPool  # noqa: E402
-from prorank.bm25 import bm25_search  # noqa: E402
-from prorank.config import ActorConfig, BM25Config, PromptConfig, SamplingConfig, WeightSyncConfig  # noqa: E402
+from prorank.corpus.bm25 import bm25_search  # noqa: E402
 from prorank.eval.rerank import candidate_pairs, rerank, rerank_by_scores  # noqa: E402
-from prorank.models import load_tokenizer  # noqa: E402
-from prorank.prompt import INVALID, PromptBuilder, parse_judgment  # noqa: E402
-from prorank.rollout import RolloutRequest  # noqa: E402
-from prorank.scoring import score_query  # noqa: E402
+from prorank.model.models import load_tokenizer  # noqa: E402
+from prorank.model.prompt import INVALID, PromptBuilder, parse_judgment  # noqa: E402
+from prorank.model.scoring import score_query  # noqa: E402
+from prorank.run.rollout import RolloutRequest  # noqa: E402
+from prorank.settings.config import ActorConfig, BM25Config, PromptConfig, SamplingConfig, WeightSyncConfig  # noqa: E402
 from prorank.weights.server import WeightServer  # noqa: E402
 from prorank.weights.transport import GrpcTransport  # noqa: E402
 

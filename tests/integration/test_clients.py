@@ -28,10 +28,10 @@ from bench.clients import (
     scifact_candidates,
     vllm,
 )
-from prorank.data import load_local
-from prorank.export import export_model
-from prorank.models import load_tokenizer
-from prorank.prompt import PromptBuilder, document_text
+from prorank.corpus.data import load_local
+from prorank.model.models import load_tokenizer
+from prorank.model.prompt import PromptBuilder, document_text
+from prorank.release.export import export_model
 from tests.jobs import ROOT, gone, job_config, start_job
 
 TRAINED_LENGTH = 192

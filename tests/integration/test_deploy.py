@@ -23,7 +23,7 @@ import yaml
 from bench.fanout import rate_bits
 from deploy.sim.cluster import SimCluster
 from deploy.sim.netns import SimError, can_create_namespaces
-from prorank.config_file import load_config
+from prorank.settings.config_file import load_config
 from tests.jobs import ROOT, job_config, step_lines
 
 DEPLOY = ROOT / "deploy"

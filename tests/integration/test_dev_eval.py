@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, ProRankConfig
+from prorank.corpus.bm25 import bm25_search
+from prorank.settings.config import BM25Config, ProRankConfig
 
 ray = pytest.importorskip("ray")
 

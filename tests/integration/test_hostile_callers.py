@@ -22,13 +22,13 @@ import torch
 
 from bench.hostile_peers import Attack, hold_idle
 from bench.peak_rss import PeakRss
-from prorank import guarded_server
-from prorank.config import RewardConfig
-from prorank.guarded_server import RefusalLog, ServerLimits
+from prorank.guard import guarded_server
+from prorank.guard.guarded_server import RefusalLog, ServerLimits
+from prorank.guard.security import auth_metadata
 from prorank.protocol import reward_pb2, weights_pb2
 from prorank.reward.client import SyncRewardClient, client_options
 from prorank.reward.server import RewardServer
-from prorank.security import auth_metadata
+from prorank.settings.config import RewardConfig
 from prorank.weights.codec import TransferError
 from prorank.weights.receiver import fetch_version, report
 from prorank.weights.server import WeightPublisher, WeightServer
@@ -101,7 +101,7 @@ def test_bodies_without_the_token_are_not_read_into_memory(tmp_path):
     (warmed up by two such rounds first: measured over 8 rounds, RSS grows ~9 MB in the first two, then
     stays flat, so the start is the server's steady state)."""
     code = (
-        "import sys; from prorank.config import RewardConfig; from reward.server import RewardServer; "
+        "import sys; from prorank.settings.config import RewardConfig; from reward.server import RewardServer; "
         f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start(); "
         "print(s.address, flush=True); sys.stdin.read()"
     )

@@ -44,7 +44,7 @@ def test_http2_floods_across_64_connections(shape):
     a fixed 5 s wait once read +10.2 MB in CI where 3-4 MB is usual here."""
     flood = rapid_reset if shape == "rapid reset" else oversized_headers
     code = (
-        "import sys; from prorank.config import RewardConfig; from reward.server import RewardServer; "
+        "import sys; from prorank.settings.config import RewardConfig; from reward.server import RewardServer; "
         f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start(); "
         "print(s.address, flush=True); sys.stdin.read()"
     )

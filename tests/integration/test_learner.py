@@ -10,11 +10,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from prorank.config import WeightSyncConfig
 from prorank.learner.forward import naive_group_logprobs
 from prorank.learner.objectives import GrpoObjective
 from prorank.learner.torch_loop import TorchLearner
-from prorank.models import load_tokenizer
+from prorank.model.models import load_tokenizer
+from prorank.settings.config import WeightSyncConfig
 from prorank.weights.receiver import fetch_version
 from prorank.weights.transport import GrpcTransport
 from tests.builders import learner_config, scifact_groups

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prorank.config import (
+from prorank.model.models import load_tokenizer
+from prorank.settings.config import (
     ActorConfig,
     LoraSettings,
     PromptConfig,
@@ -15,7 +16,6 @@ from prorank.config import (
     SamplingConfig,
     WeightSyncConfig,
 )
-from prorank.models import load_tokenizer
 from tests.builders import LORA, learner_config, peft_model, scifact_groups
 from tests.integration.test_actors import hf_logprobs, requests_from
 from tests.integration.test_score_learning_ranks import ranking_groups, torch_steps
@@ -88,7 +88,7 @@ def test_adapter_versions_reach_live_vllm_actors_and_checkpoints_resume(
     from prorank.actors.pool import ActorPool  # noqa: PLC0415 pulls ray, torch, which importing this module does not
     from prorank.learner.group import LearnerGroup  # noqa: PLC0415 pulls ray, torch, which importing this module does not
     from prorank.learner.objectives import RankingObjective  # noqa: PLC0415 pulls torch, which importing this module does not
-    from prorank.lora import adapter_state  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.model.lora import adapter_state  # noqa: PLC0415 pulls torch, which importing this module does not
     from prorank.weights.server import WeightServer  # noqa: PLC0415 pulls torch, which importing this module does not
     from prorank.weights.transport import GrpcTransport  # noqa: PLC0415 pulls torch, which importing this module does not
 

@@ -12,11 +12,11 @@ import time
 import grpc
 import pytest
 
-from prorank.config import RewardConfig
+from prorank.guard.security import auth_metadata
 from prorank.protocol import reward_pb2
 from prorank.reward.client import RewardClient, RewardError, SyncRewardClient, client_options
 from prorank.reward.server import SERVICE, RewardServer
-from prorank.security import auth_metadata
+from prorank.settings.config import RewardConfig
 
 TOKEN = "hardening-token"
 

@@ -3,10 +3,10 @@ real SciFact train qrels. (The service itself: tests/unit/test_reward.py.)"""
 
 from __future__ import annotations
 
-from prorank.config import DataConfig, RewardConfig
 from prorank.protocol import reward_pb2
 from prorank.reward.client import SyncRewardClient
 from prorank.reward.replica import start_replicas
+from prorank.settings.config import DataConfig, RewardConfig
 
 TOKEN = "test-token-123"
 

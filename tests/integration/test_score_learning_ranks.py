@@ -10,16 +10,16 @@ import torch
 import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
-from prorank.batches import RankingGroup
-from prorank.config import ProRankConfig, StageLearnerConfig
-from prorank.data import load_local
+from prorank.corpus.batches import RankingGroup
+from prorank.corpus.data import load_local
 from prorank.learner.objectives import RankingObjective
 from prorank.learner.rank import freeze_below
 from prorank.learner.score_step import score_micro_batch_loss
 from prorank.learner.step import lr_lambda
-from prorank.models import load_tokenizer
-from prorank.prompt import PromptBuilder, document_text
-from prorank.stage_config import RankingLoss
+from prorank.model.models import load_tokenizer
+from prorank.model.prompt import PromptBuilder, document_text
+from prorank.settings.config import ProRankConfig, StageLearnerConfig
+from prorank.settings.stage_config import RankingLoss
 
 ROOT = Path(__file__).resolve().parents[2]
 

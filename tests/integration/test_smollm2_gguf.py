@@ -4,10 +4,10 @@ GGUF model itself."""
 import pytest
 import torch
 
-from prorank.config import ModelConfig
-from prorank.models import find_smollm2_gguf, load_causal_lm
-from prorank.prompt import PromptBuilder, relevance_score
-from prorank.scoring import answer_logits
+from prorank.model.models import find_smollm2_gguf, load_causal_lm
+from prorank.model.prompt import PromptBuilder, relevance_score
+from prorank.model.scoring import answer_logits
+from prorank.settings.config import ModelConfig
 
 
 def test_smollm2_from_gguf_matches_the_gguf_model(smollm2_dir):

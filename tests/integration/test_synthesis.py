@@ -13,10 +13,10 @@ import sys
 import time
 import uuid
 
-from prorank.config import DataConfig
-from prorank.data import load_corpus, load_dataset
+from prorank.corpus.data import load_corpus, load_dataset
 from prorank.driver.synthesis import pick_documents
-from prorank.synth_config import SynthesisConfig
+from prorank.settings.config import DataConfig
+from prorank.settings.synth_config import SynthesisConfig
 from tests.jobs import ROOT, gone, job_config, leftovers, start_job
 
 DOCUMENTS = 16

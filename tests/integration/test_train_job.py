@@ -18,11 +18,11 @@ import pytest
 from typer.testing import CliRunner
 
 from prorank import Reranker
-from prorank.config import ModelConfig
-from prorank.data import load_local
+from prorank.corpus.data import load_local
 from prorank.driver.cli import app
-from prorank.models import load_causal_lm
-from prorank.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
+from prorank.model.models import load_causal_lm
+from prorank.model.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
+from prorank.settings.config import ModelConfig
 from tests.jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job
 
 
@@ -152,7 +152,7 @@ def test_exported_model_scores_like_prorank_eval(finished_runs, scifact_dir, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
     from prorank.eval.rerank import rerank  # noqa: PLC0415 pulls torch, which importing this module does not
-    from prorank.scoring import score_pairs  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.model.scoring import score_pairs  # noqa: PLC0415 pulls torch, which importing this module does not
 
     out = tmp_path / "exported"
     result = CliRunner().invoke(app, ["export", str(finished_runs["sync"]), "--output", str(out)])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from prorank import checkpoints
+from prorank.run import checkpoints
 from tests.jobs import gone, job_config, start_job, step_lines
 
 

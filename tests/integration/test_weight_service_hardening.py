@@ -12,9 +12,9 @@ import grpc
 import pytest
 import torch
 
-from prorank.guarded_server import ServerLimits
+from prorank.guard.guarded_server import ServerLimits
+from prorank.guard.security import auth_metadata
 from prorank.protocol import weights_pb2, weights_pb2_grpc
-from prorank.security import auth_metadata
 from prorank.weights import server as weight_service
 from prorank.weights.receiver import fetch_version
 from prorank.weights.server import SERVICE, WeightServer

@@ -7,7 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.roles import ROLES
+from tests.roles import ROLES, ROOMS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +43,10 @@ def test_the_wheel_holds_each_module_once(tmp_path):
     names = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith((".py", ".proto", ".pyi"))]
     assert len(names) == len(set(names)) and all(n.startswith("prorank/") for n in names), names
     expected = {f"prorank/{p.relative_to(ROOT / 'prorank')}" for p in (ROOT / "prorank").glob("*.py")}
+    for room in ROOMS:
+        expected |= {
+            f"prorank/{room}/{p.relative_to(ROOT / 'prorank' / room)}" for p in (ROOT / "prorank" / room).rglob("*.py")
+        }
     for role in ROLES:
         expected |= {f"prorank/{role}/{p.relative_to(ROOT / role)}" for p in (ROOT / role).rglob("*.py")}
     assert set(n for n in names if n.endswith(".py")) == expected

@@ -1,6 +1,6 @@
-from prorank.bm25 import bm25_search, cache_root
-from prorank.config import BM25Config
+from prorank.corpus.bm25 import bm25_search, cache_root
 from prorank.eval.metrics import evaluate, ranked_to_run
+from prorank.settings.config import BM25Config
 
 
 def _ndcg(dataset, ranking):

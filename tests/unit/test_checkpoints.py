@@ -1,4 +1,4 @@
-"""prorank/checkpoints.py: the layout every reader and the learner agree on."""
+"""prorank/run/checkpoints.py: the layout every reader and the learner agree on."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from prorank import checkpoints
-from prorank.models import checkpoint_model_dir
-from prorank.run_lock import FolderInUse, lock_output
+from prorank.model.models import checkpoint_model_dir
+from prorank.run import checkpoints
+from prorank.run.run_lock import FolderInUse, lock_output
 
 
 def _model(folder):
@@ -89,7 +89,7 @@ def test_a_second_holder_of_an_output_folder_is_refused_and_a_dead_one_leaves_no
         [
             sys.executable,
             "-c",
-            "import sys, time; from prorank.run_lock import lock_output; "
+            "import sys, time; from prorank.run.run_lock import lock_output; "
             f"h = lock_output({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

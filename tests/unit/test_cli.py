@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prorank import checkpoints
-from prorank.config_file import ConfigError
 from prorank.driver.cli import app, source_values
+from prorank.run import checkpoints
+from prorank.settings.config_file import ConfigError
 
 runner = CliRunner()
 

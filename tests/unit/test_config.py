@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bench.score_ab import ROOT, job_config, parse_variant
-from prorank.config_file import ConfigError, load_config
+from prorank.settings.config_file import ConfigError, load_config
 
 
 def test_defaults_and_yaml_with_overrides(tmp_path):

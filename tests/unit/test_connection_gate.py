@@ -1,4 +1,4 @@
-"""The accept layer in front of our gRPC servers (prorank/connection_gate.py): connections past the cap per
+"""The accept layer in front of our gRPC servers (prorank/guard/connection_gate.py): connections past the cap per
 peer host, or in all, are reset at once and logged with the key to raise; the kept ones reach gRPC, which
 sees the real caller. Loopback: the "other host" is 127.0.0.2 (every 127.x.y.z is loopback on Linux)."""
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from bench.hostile_peers import ATTACKER, PREFACE, SETTINGS, frame
-from prorank.config import RewardConfig
 from prorank.protocol import reward_pb2
 from prorank.reward.client import SyncRewardClient
 from prorank.reward.server import RewardServer
+from prorank.settings.config import RewardConfig
 
 TOKEN = "gate-token"
 
@@ -60,7 +60,7 @@ def server():
 
 
 def test_a_host_past_its_cap_is_reset_and_logged_while_others_are_served(server, caplog):
-    caplog.set_level(logging.WARNING, logger="prorank.guarded_server")
+    caplog.set_level(logging.WARNING, logger="prorank.guard.guarded_server")
     held = [connect(server.address) for _ in range(3)]
     assert None not in held
     assert connect(server.address) is None
@@ -92,7 +92,7 @@ def test_connections_in_all_are_capped(server):
 
 def test_grpc_sees_the_real_caller(server, caplog):
     """A call without the token is refused and logged under the caller's host, not the relay's address."""
-    caplog.set_level(logging.WARNING, logger="prorank.guarded_server")
+    caplog.set_level(logging.WARNING, logger="prorank.guard.guarded_server")
     client = SyncRewardClient([server.address], "wrong-token", timeout=5.0, retries=0)
     with pytest.raises(Exception, match="UNAUTHENTICATED"):
         client.score([reward_pb2.Group(request_id="r", query_id="q1", doc_id="d1", completions=["1"])])

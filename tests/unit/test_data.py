@@ -1,8 +1,8 @@
 import pytest
 
-from prorank.config import DataConfig
-from prorank.data import DataError, load_dataset, load_hub, load_local
+from prorank.corpus.data import DataError, load_dataset, load_hub, load_local
 from prorank.eval.metrics import evaluate
+from prorank.settings.config import DataConfig
 from tests.conftest import write_beir
 
 DOCS = [{"_id": "d1", "title": "T1", "text": "alpha"}, {"_id": "d2", "title": "", "text": "beta"}]
@@ -73,7 +73,7 @@ def test_data_as_published_is_kept_and_counted(tmp_path, caplog):
 
     docs = DOCS + [{"_id": "d3", "title": "", "text": ""}]
     root = write_beir(tmp_path / "ds", docs, QUERIES, ["q1\td1\t1", "q1\td9\t1", "q2\td2\t1", "q7\td1\t1"])
-    with caplog.at_level("WARNING", logger="prorank.data"):
+    with caplog.at_level("WARNING", logger="prorank.corpus.data"):
         ds = load_local(root, "test")
     assert ds.corpus["d3"].text == "" and ds.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
     assert ds.missing_docs == {"q1": {"d9": 1}} and ds.eval_qrels == {"q1": {"d1": 1, "d9": 1}, "q2": {"d2": 1}}

@@ -11,17 +11,17 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from prorank.batches import hard_negatives
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, DataConfig, ProRankConfig
-from prorank.config_file import ConfigError, load_config
-from prorank.data import load_dataset
+from prorank.corpus.batches import hard_negatives
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import load_dataset
 from prorank.driver.cli import app
 from prorank.eval.metrics import evaluate
 from prorank.eval.rerank import candidate_pairs, first_stage
 from prorank.eval.runs import write_run
-from prorank.model_card import model_card
-from prorank.progress import progress
+from prorank.release.model_card import model_card
+from prorank.run.progress import progress
+from prorank.settings.config import BM25Config, DataConfig, ProRankConfig
+from prorank.settings.config_file import ConfigError, load_config
 
 runner = CliRunner()
 
@@ -36,7 +36,7 @@ def _own_ids(ranking) -> list[str]:
 
 
 def test_arguana_bm25_applies_beir_identical_id_rule(arguana, arguana_dir):
-    """The rule is ArguAna's without a word in the config (prorank/data.py declares it), and it is what
+    """The rule is ArguAna's without a word in the config (prorank/corpus/data.py declares it), and it is what
     makes BM25 the figure BEIR reports: 0.493 with it, 0.366 with the query's own argument kept."""
     assert arguana.ignore_identical_ids
     ranking = bm25_search(arguana, arguana.query_ids, BM25Config(top_k=100))

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from prorank.batches import PromptSampler
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, TrainConfig
-from prorank.data import load_local
+from prorank.corpus.batches import PromptSampler
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import load_local
 from prorank.driver.warmup_stage import Drawn, WarmupStage
 from prorank.reward.scoring import informative
-from prorank.rollout import Completion, GroupResult, RolloutRequest
-from prorank.stage_config import WarmupConfig
+from prorank.run.rollout import Completion, GroupResult, RolloutRequest
+from prorank.settings.config import BM25Config, TrainConfig
+from prorank.settings.stage_config import WarmupConfig
 
 
 def test_spread_tolerance_on_graded_rewards():

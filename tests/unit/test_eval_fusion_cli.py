@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from prorank import Reranker
 from prorank.driver.cli import app
 from prorank.eval.runs import read_run
-from prorank.fusion import FusionSettings, fuse_lists
+from prorank.release.fusion import FusionSettings, fuse_lists
 
 runner = CliRunner()
 

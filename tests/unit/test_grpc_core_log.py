@@ -1,4 +1,4 @@
-"""gRPC core's own log lines folded (prorank/grpc_core_log.py): the first of a kind as written, the rest
+"""gRPC core's own log lines folded (prorank/guard/grpc_core_log.py): the first of a kind as written, the rest
 counted in one line; every other line passed on at once, a fatal traceback included."""
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ CORE = (
 
 
 def run(body: str) -> subprocess.CompletedProcess:
-    code = "import os, sys; from prorank.grpc_core_log import fold_grpc_core_lines; fold_grpc_core_lines(60)\n" + body
+    code = (
+        "import os, sys; from prorank.guard.grpc_core_log import fold_grpc_core_lines; fold_grpc_core_lines(60)\n"
+        + body
+    )
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 

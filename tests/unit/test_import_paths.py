@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.roles import ROLES
+from tests.roles import ROLES, ROOMS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,3 +61,10 @@ def test_the_type_checker_resolves_a_role_import_to_its_file(tmp_path):
     )
     assert "import-not-found" not in out.stdout and "Cannot find" not in out.stdout, out.stdout
     assert 'Revealed type is "def (self: prorank.learner.group.LearnerGroup' in out.stdout, out.stdout
+
+
+def test_the_rooms_of_the_core_are_folders_the_build_lists():
+    folders = sorted(
+        p.name for p in (ROOT / "prorank").iterdir() if p.is_dir() and not p.is_symlink() and p.name[0] != "_"
+    )
+    assert folders == sorted(ROOMS), folders

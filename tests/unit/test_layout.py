@@ -1,9 +1,12 @@
 """The architecture rule, by folder: core <- roles <- driver, all in the one import package `prorank`.
 
-The core (prorank/, and the wire definitions in protocol/) imports no role and not the driver; a role
+The core (the rooms of prorank/, and the wire definitions in protocol/) imports no role and not the driver,
+and its rooms are layered in the order of ROOMS: a room imports only itself and the rooms before it (the
+guard imports none of them; the model reads settings and a run's files; the corpus builds prompts; what a
+user takes away is made of everything before it). No module sits loose in prorank/ beside them. A role
 (actors/, reward/, learner/, weights/, eval/) imports the core and no other role: what two roles share goes
 through the core (the learner and the actors are handed the weight transport's ends by the driver,
-prorank/weight_transport.py); the driver (driver/) sits on top and may import everything. No module uses
+prorank/run/weight_transport.py); the driver (driver/) sits on top and may import everything. No module uses
 another module's private (underscored) names (third-party internals, such as protobuf's varint coder in
 weights/codec.py, are not ours to police here).
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+ROOMS = ["settings", "guard", "run", "model", "corpus", "release"]  # the core's rooms, lowest first
 CORE = {"prorank", "protocol"}
 ROLES = {"actors", "reward", "learner", "weights", "eval"}
 DRIVER = "driver"
@@ -24,7 +28,7 @@ TOP_LEVEL = {"actors", "reward", "learner", "protocol", "eval", "driver", "weigh
 
 
 def _module_of(name: str) -> str:
-    """The folder an absolute import name lives in: prorank.learner.rank -> learner, prorank.data -> prorank."""
+    """The folder an absolute import name lives in: prorank.learner.rank -> learner, prorank.corpus.data -> prorank."""
     parts = name.split(".")
     if parts[0] != "prorank":
         return parts[0]
@@ -43,7 +47,7 @@ def _folders_imported(path: Path) -> set[str]:
         elif node.module and node.level == 0:
             names.add(_module_of(node.module))
             if node.module == "prorank":  # `from prorank import weights` names a subpackage
-                names |= {a.name for a in node.names if a.name in ROLES | {DRIVER}}
+                names |= {a.name for a in node.names if a.name in ROLES | {DRIVER, *ROOMS}}
     return names
 
 
@@ -54,10 +58,28 @@ def _files(folder: str) -> list[Path]:
 
 
 def test_core_imports_no_role_and_not_the_driver():
-    for folder in CORE:
+    for folder in [*(f"prorank/{room}" for room in ROOMS), "protocol"]:
         for path in _files(folder):
             bad = _folders_imported(path) & (ROLES | {DRIVER})
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_a_room_of_the_core_imports_only_the_rooms_before_it(room):
+    later = set(ROOMS[ROOMS.index(room) + 1 :])
+    for path in _files(f"prorank/{room}"):
+        bad = _folders_imported(path) & later
+        assert not bad, f"{path.relative_to(ROOT)} imports the later room(s) {bad} (order: {' < '.join(ROOMS)})"
+
+
+def test_the_core_is_its_rooms_each_with_a_docstring():
+    loose = sorted(p.name for p in (ROOT / "prorank").glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"modules outside a room of prorank/: {loose}"
+    folders = {p.name for p in (ROOT / "prorank").iterdir() if p.is_dir() and not p.is_symlink() and p.name[0] != "_"}
+    assert folders == set(ROOMS), folders ^ set(ROOMS)
+    for room in ROOMS:
+        doc = ast.get_docstring(ast.parse((ROOT / "prorank" / room / "__init__.py").read_text()))
+        assert doc and len(doc.splitlines()) == 1, f"prorank/{room}/__init__.py: a one-line docstring"
 
 
 @pytest.mark.parametrize("role", sorted(ROLES))

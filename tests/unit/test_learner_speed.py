@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prorank import guarded_server
-from prorank.config_file import load_config
+from prorank.guard import guarded_server
 from prorank.learner.precision import bf16_weights, fold_head_input
 from prorank.learner.rank import PhaseClock, attention_kernel, rank_threads
+from prorank.settings.config_file import load_config
 
 
 def test_attention_kernel_is_eager_on_cpu_and_sdpa_on_gpu_unless_set():
@@ -24,7 +24,7 @@ def test_eager_attention_matches_sdpa_on_a_padded_batch(tiny_model_dir):
     """The kernel choice changes the speed, not the scores: left-padded prompts on a shared prefix."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.scoring import answer_logits  # noqa: PLC0415 pulls torch-heavy scoring only here
+    from prorank.model.scoring import answer_logits  # noqa: PLC0415 pulls torch-heavy scoring only here
 
     prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 12, 13], [5, 6, 7, 14, 15, 16, 17, 18]]
     logits = {}
@@ -87,7 +87,7 @@ def test_the_trimmer_trims_while_busy_and_a_few_spells_after_then_stops(monkeypa
 
 
 def test_bf16_weights_only_under_zero2_without_lora():
-    from prorank.config import StageLearnerConfig  # noqa: PLC0415 pydantic config: only here
+    from prorank.settings.config import StageLearnerConfig  # noqa: PLC0415 pydantic config: only here
 
     def cfg(**kw):
         return StageLearnerConfig(num_ranks=1, **kw)
@@ -115,7 +115,7 @@ def test_folded_head_gives_the_same_logits_in_every_shape(tiny_model_dir):
 
 
 def test_an_unknown_attention_kernel_is_refused_naming_the_key(tmp_path):
-    from prorank.config_file import ConfigError  # noqa: PLC0415 only here
+    from prorank.settings.config_file import ConfigError  # noqa: PLC0415 only here
 
     with pytest.raises(ConfigError, match="learner.attention"):
         load_config(None, ["learner.attention=flash"], {"data.path": str(tmp_path)})

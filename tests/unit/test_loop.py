@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from prorank import checkpoints
 from prorank.driver import checkpointing
 from prorank.driver.loop import run_stage
+from prorank.run import checkpoints
 
 
 class FakeLearner:
@@ -172,7 +172,7 @@ def test_a_resumed_stage_sends_its_weights_first_and_a_stopped_one_still_saves(t
 
 
 class WritingLearner(FakeLearner):
-    """Commits real step folders of 1,000 bytes (prorank/checkpoints.py), as the learner does."""
+    """Commits real step folders of 1,000 bytes (prorank/run/checkpoints.py), as the learner does."""
 
     steps = 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prorank.config import (
+from prorank.settings.config import (
     LoraSettings,
     ProRankConfig,
     StageLearnerConfig,
@@ -30,7 +30,7 @@ def test_a_saved_adapter_of_other_settings_is_refused_naming_file_and_key(tiny_m
     """The score stage continues the warmup's adapter: one saved with another r or alpha is named, not loaded."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.lora import adapter_state, add_adapter, write_adapter  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.model.lora import adapter_state, add_adapter, write_adapter  # noqa: PLC0415 pulls torch, which importing this module does not
 
     other = LoraSettings(r=4, alpha=8)
     folder = write_adapter(
@@ -50,7 +50,7 @@ def test_merged_state_is_peft_merge_and_the_model_is_left_as_it_was(tiny_model_d
     from peft import PeftModel  # noqa: PLC0415 peft: heavy (imports transformers), only with learner.lora
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 transformers: heavy, loaded only where a model or tokenizer is
 
-    from prorank.lora import (  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.model.lora import (  # noqa: PLC0415 pulls torch, which importing this module does not
         adapter_specs_model,
         adapter_state,
         base_weights,

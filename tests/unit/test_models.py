@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from prorank.config import ModelConfig
-from prorank.models import ModelError, checkpoint_model_dir, resolve_model
-from prorank.prompt import answer_token_ids
+from prorank.model.models import ModelError, checkpoint_model_dir, resolve_model
+from prorank.model.prompt import answer_token_ids
+from prorank.settings.config import ModelConfig
 
 
 def test_tiny_model_shape(tiny_model_dir, tiny_model):

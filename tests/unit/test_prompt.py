@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from prorank.prompt import (
+from prorank.model.prompt import (
     CHAT_PREFIX,
     CHAT_SUFFIX,
     INVALID,
@@ -16,7 +16,7 @@ from prorank.prompt import (
     prompt_text,
     relevance_score,
 )
-from prorank.scoring import answer_logits
+from prorank.model.scoring import answer_logits
 
 LONG_DOC = "The protein binds the receptor and the cells respond to the treatment. " * 60
 

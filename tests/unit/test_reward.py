@@ -14,13 +14,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prorank.config import RewardConfig
-from prorank.data import load_local
+from prorank.corpus.data import load_local
+from prorank.guard.security import SecurityError, auth_metadata
 from prorank.protocol import reward_pb2
 from prorank.reward.client import RewardError, SyncRewardClient, client_options
 from prorank.reward.scoring import label_of, score_completions
 from prorank.reward.server import RewardServer
-from prorank.security import SecurityError, auth_metadata
+from prorank.settings.config import RewardConfig
 from tests.jobs import env_without_token, serve_reward
 
 TOKEN = "test-token-123"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config
-from prorank.data import DataError
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import DataError
 from prorank.eval.compare import compare_runs, p_values, read_qrels
 from prorank.eval.runs import RunFileError, monotone, read_run, write_run
-from prorank.fusion import FusionSettings, fuse, fuse_lists, tune
+from prorank.release.fusion import FusionSettings, fuse, fuse_lists, tune
+from prorank.settings.config import BM25Config
 
 QUERIES, CORPUS = {"q1", "q2"}, {"a", "b", "c", "d"}
 

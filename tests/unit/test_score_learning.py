@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 
-from prorank.batches import PromptSampler, RankingGroup, RankingSampler, policy_negatives
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config, TrainConfig
-from prorank.data import load_local
+from prorank.corpus.batches import PromptSampler, RankingGroup, RankingSampler, policy_negatives
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import load_local
 from prorank.learner.objectives import RankingObjective
 from prorank.learner.rank import freeze_below
 from prorank.learner.score_losses import (
@@ -24,10 +23,11 @@ from prorank.learner.score_losses import (
     score_margin,
 )
 from prorank.learner.score_step import score_micro_batch_loss
-from prorank.models import load_tokenizer
-from prorank.prompt import PromptBuilder, document_text
-from prorank.scoring import answer_logits
-from prorank.stage_config import RankingLoss, ScoreConfig, WarmupConfig
+from prorank.model.models import load_tokenizer
+from prorank.model.prompt import PromptBuilder, document_text
+from prorank.model.scoring import answer_logits
+from prorank.settings.config import BM25Config, TrainConfig
+from prorank.settings.stage_config import RankingLoss, ScoreConfig, WarmupConfig
 
 T = torch.tensor
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from prorank.learner.forward import naive_group_logprobs, shared_prefix_group_logprobs
-from prorank.prompt import PromptBuilder
+from prorank.model.prompt import PromptBuilder
 
 
 def test_shared_prefix_equals_naive_forward(tiny_model):

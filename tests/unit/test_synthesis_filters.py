@@ -10,16 +10,16 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from prorank.config import BM25Config, DataConfig
-from prorank.config_file import load_config
-from prorank.data import DataError, load_corpus, load_dataset
+from prorank.corpus.data import DataError, load_corpus, load_dataset
+from prorank.corpus.query_filters import run_filters
+from prorank.corpus.query_writing import clean_query, finished, longest_copied_run, malformed
+from prorank.corpus.synthetic_dataset import GenerationLog, write_beir_folder
 from prorank.driver import synthesis as synthesis_driver
 from prorank.driver.cli import app
 from prorank.driver.synthesis import pick_documents, synthesize
-from prorank.query_filters import run_filters
-from prorank.query_writing import clean_query, finished, longest_copied_run, malformed
-from prorank.synth_config import DEFAULT_STRIP, SynthesisConfig
-from prorank.synthetic_dataset import GenerationLog, write_beir_folder
+from prorank.settings.config import BM25Config, DataConfig
+from prorank.settings.config_file import load_config
+from prorank.settings.synth_config import DEFAULT_STRIP, SynthesisConfig
 
 runner = CliRunner()
 

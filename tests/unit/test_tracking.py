@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from prorank.driver.cli import app
-from prorank.models import native_bf16, resolve_dtype
-from prorank.plots import PlotError, dev_curve, plot_dev_curve, reward_curve
-from prorank.tracking import RunLog
+from prorank.model.models import native_bf16, resolve_dtype
+from prorank.run.plots import PlotError, dev_curve, plot_dev_curve, reward_curve
+from prorank.run.tracking import RunLog
 
 
 def _lines(run):

@@ -9,8 +9,8 @@ import pytest
 import safetensors.torch
 import torch
 
+from prorank.guard.security import auth_metadata
 from prorank.protocol import weights_pb2, weights_pb2_grpc
-from prorank.security import auth_metadata
 from prorank.weights.codec import (
     TransferError,
     WeightError,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from prorank.fusion import FusionSettings
-from prorank.prompt import ANSWERS, LAYOUT, TASK_PROMPT
+from prorank.model.prompt import ANSWERS, LAYOUT, TASK_PROMPT
+from prorank.release.fusion import FusionSettings
 
 MEASURES = ("nDCG@10", "RR@10", "R@100")
 

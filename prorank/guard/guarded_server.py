@@ -10,7 +10,7 @@ request, so it holds no handler and its body is never parsed or copied into Pyth
 reach the server before the refusal sit in the HTTP/2 stream's flow-control window (`stream_window_kb`)
 and are dropped with the stream.
 Connections are capped per peer host and in total by the accept layer in front of gRPC
-(prorank/connection_gate.py). Authenticated calls are capped per peer host and in total
+(prorank/guard/connection_gate.py). Authenticated calls are capped per peer host and in total
 (RESOURCE_EXHAUSTED beyond, which clients retry). Every refusal is logged at most once per peer host and
 kind per `log_every_seconds`, with a count.
 """
@@ -33,8 +33,8 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from prorank.connection_gate import ConnectionGate, peer_host
-from prorank.security import server_credentials
+from prorank.guard.connection_gate import ConnectionGate, peer_host
+from prorank.guard.security import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ServerLimits:
 
     @classmethod
     def of(cls, cfg) -> ServerLimits:
-        """From a service's config section (prorank.service_config.ServiceLimits: reward.*, weights.*)."""
+        """From a service's config section (prorank.settings.service_config.ServiceLimits: reward.*, weights.*)."""
         return cls(
             cfg.max_calls,
             cfg.max_calls_per_peer,

@@ -18,12 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
-from prorank import checkpoints
-from prorank.config import PromptConfig
-from prorank.fusion import FusionSettings
-from prorank.model_card import model_card
-from prorank.models import ModelError, check_model_folder, checkpoint_model_dir, load_tokenizer
-from prorank.prompt import (
+from prorank.model.models import ModelError, check_model_folder, checkpoint_model_dir, load_tokenizer
+from prorank.model.prompt import (
     ANSWERS,
     CHAT_PREFIX,
     CHAT_SUFFIX,
@@ -37,6 +33,10 @@ from prorank.prompt import (
     check_layout,
     model_prompt_settings,
 )
+from prorank.release.fusion import FusionSettings
+from prorank.release.model_card import model_card
+from prorank.run import checkpoints
+from prorank.settings.config import PromptConfig
 
 # Transformers 5 names a plain fast tokenizer `TokenizersBackend`; transformers 4 knows it by this name.
 TOKENIZER_CLASS_V4 = "PreTrainedTokenizerFast"
@@ -134,7 +134,7 @@ def export_model(
 
 def _check_source(model: Path) -> None:
     """A damaged checkpoint is refused before anything is written: its step's file list (sizes as
-    written, prorank/checkpoints.py) when it is a checkpoint's model, and the weights' own headers."""
+    written, prorank/run/checkpoints.py) when it is a checkpoint's model, and the weights' own headers."""
 
     step = model.parent
     if model.name == checkpoints.MODEL and (step / checkpoints.STATE).is_file():
@@ -146,7 +146,7 @@ def _check_source(model: Path) -> None:
 def adapter_of(checkpoint: str | Path) -> Path:
     """The LoRA adapter folder of a run trained with `learner.lora` (the checkpoint's adapter/, beside the
     model/ that holds the merged model); a ModelError when there is none."""
-    from prorank.lora import ADAPTER_CONFIG  # noqa: PLC0415 pulls torch, which importing this module does not
+    from prorank.model.lora import ADAPTER_CONFIG  # noqa: PLC0415 pulls torch, which importing this module does not
 
     source = Path(checkpoint_model_dir(str(checkpoint))).parent / checkpoints.ADAPTER
     if not (source / ADAPTER_CONFIG).is_file():

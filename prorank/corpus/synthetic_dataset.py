@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prorank.data import DataError, jsonl_records, load_local, parse_queries
-from prorank.files import write_whole
+from prorank.corpus.data import DataError, jsonl_records, load_local, parse_queries
+from prorank.run.files import write_whole
 
 LOG = "generations.jsonl"
 SETTINGS = "generation.json"

@@ -1,7 +1,7 @@
 """The filters between written queries and training data, in the order they run; each can be switched off
 (`synthesis.filters`) and each reports how many it let through:
 
-1. well-formed (prorank/query_writing.py's `malformed`): an answer the writer finished, not empty, within
+1. well-formed (prorank/corpus/query_writing.py's `malformed`): an answer the writer finished, not empty, within
    the length bounds, not the same words over and over, not a long span copied from its document;
 2. duplicates: the same words as a query kept before (anywhere in the corpus);
 3. round trip: its source document in the first stage's (BM25's) top `round_trip_k` for it;
@@ -14,12 +14,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from prorank.bm25 import bm25_search
-from prorank.config import BM25Config
-from prorank.data import BeirDataset, Document
-from prorank.prompt import document_text
-from prorank.query_writing import fold, judge
-from prorank.synth_config import SynthesisConfig
+from prorank.corpus.bm25 import bm25_search
+from prorank.corpus.data import BeirDataset, Document
+from prorank.corpus.query_writing import fold, judge
+from prorank.model.prompt import document_text
+from prorank.settings.config import BM25Config
+from prorank.settings.synth_config import SynthesisConfig
 
 # (query text, document text) pairs -> the model's relevance scores
 PairScorer = Callable[[list[tuple[str, str]]], list[float]]

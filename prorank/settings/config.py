@@ -1,4 +1,4 @@
-"""Typed configuration: one pydantic model per section of the YAML file (`prorank/config_file.py` reads it).
+"""Typed configuration: one pydantic model per section of the YAML file (`prorank/settings/config_file.py` reads it).
 
 Every section forbids unknown keys, so a typo is an error that names the key instead of a silently
 ignored setting. The whole config is validated once, at start-up, by `config_file.load_config`.
@@ -10,15 +10,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prorank.section import Section
-from prorank.service_config import RewardConfig, WeightSyncConfig
-from prorank.stage_config import GrpoSettings, Schedule, ScoreConfig, WarmupConfig
-from prorank.synth_config import SynthesisConfig
+from prorank.settings.section import Section
+from prorank.settings.service_config import RewardConfig, WeightSyncConfig
+from prorank.settings.stage_config import GrpoSettings, Schedule, ScoreConfig, WarmupConfig
+from prorank.settings.synth_config import SynthesisConfig
 
 
 class DataConfig(Section):
     """Where a BEIR-format dataset comes from: a local folder first, the Hugging Face hub as fallback, and
-    the rules of the collection (prorank/data.py applies them wherever its documents are retrieved)."""
+    the rules of the collection (prorank/corpus/data.py applies them wherever its documents are retrieved)."""
 
     path: str | None = None
     hub_id: str | None = "BeIR/scifact"
@@ -29,7 +29,7 @@ class DataConfig(Section):
     # What reports, run folders and dev figures call it (dev/<name>/ndcg@10); None: the folder's name.
     name: str | None = Field(None, pattern=r"^[\w.-]+$")
     # A document whose id is the query's own id is never a candidate (BEIR's `ignore_identical_ids`:
-    # ArguAna's queries are arguments of its corpus). None: as prorank/data.py declares for the collection
+    # ArguAna's queries are arguments of its corpus). None: as prorank/corpus/data.py declares for the collection
     # (IDENTICAL_IDS_IGNORED: ArguAna, Quora), else false.
     ignore_identical_ids: bool | None = None
 
@@ -53,7 +53,7 @@ class BM25Config(Section):
 
 
 class PromptConfig(Section):
-    """The (query, document) prompt: the released ProRank layout (`prorank/prompt.py`) and its budget."""
+    """The (query, document) prompt: the released ProRank layout (`prorank/model/prompt.py`) and its budget."""
 
     layout: Literal["mxbai-v2"] = "mxbai-v2"
     # Tokens of the query and document, as `MxbaiRerankV2(max_length=...)`: the query is cut at 3/4 of it,
@@ -108,7 +108,7 @@ class EvalConfig(Section):
     output: str | None = None  # the report (JSON): metrics, per-query nDCG@10, settings
     run_out: str | None = None  # the final ranking as a TREC run file
     all_runs: bool = False  # also every system's run beside run_out: <stem>.<system><suffix>
-    # Fusion of the model's score with the first stage's (prorank/fusion.py, ranx): auto = the model's own
+    # Fusion of the model's score with the first stage's (prorank/release/fusion.py, ranx): auto = the model's own
     # (its prorank.json), none, or wsum / rrf tuned on held-out training queries (train.dev_queries).
     fusion: Literal["auto", "none", "wsum", "rrf"] = "auto"
     fusion_step: float = Field(0.05, gt=0, le=0.5)  # the wsum weights' grid
@@ -155,7 +155,7 @@ class ActorConfig(Section):
 class LoraSettings(Section):
     """Low-rank adapters (peft's LoRA) instead of full fine-tuning: the base model stays frozen in both
     stages, only the adapters train (a fraction of the optimizer state), and a weight version sent to the
-    actors is the adapters alone (megabytes), which vLLM serves on the base (prorank/lora.py)."""
+    actors is the adapters alone (megabytes), which vLLM serves on the base (prorank/model/lora.py)."""
 
     r: int = Field(16, ge=1, le=512)  # vLLM serves ranks up to 512
     alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / r

@@ -1,5 +1,5 @@
 """Reading a config: a YAML file, typed `section.key` values and `section.key=value` overrides on top,
-validated once at start-up against `prorank.config.ProRankConfig`. Every error names the file and key.
+validated once at start-up against `prorank.settings.config.ProRankConfig`. Every error names the file and key.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from prorank.config import ProRankConfig
+from prorank.settings.config import ProRankConfig
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from prorank.config import LoraSettings
+from prorank.settings.config import LoraSettings
 
 # Applies a complete version inside the inference engine: (version, safetensors blob) -> None.
 Apply = Callable[[int, bytearray], None]
@@ -41,7 +41,7 @@ class WeightReceiver(Protocol):
     """An actor's end, made in the driver (picklable until first used) and used inside the actor."""
 
     version: int  # the version the actor serves: the last one applied
-    lora: LoraSettings | None  # set when a version is a LoRA adapter for the base model (prorank/lora.py)
+    lora: LoraSettings | None  # set when a version is a LoRA adapter for the base model (prorank/model/lora.py)
     relays: bool  # whether actors hand each version on to the next one (a pipeline)
     vllm_extension: str  # the class vLLM's workers load (LLM(worker_extension_cls=...)) to apply a version
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from prorank import checkpoints
-from prorank.config import ModelConfig
-from prorank.data import load_local
-from prorank.prompt import PromptBuilder, answer_token_ids
+from prorank.model.prompt import PromptBuilder, answer_token_ids
+from prorank.run import checkpoints
+from prorank.settings.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -315,17 +314,18 @@ def checkpoint_model_dir(path: str) -> str:
     return path
 
 
-def build_answering_model(output_dir: str | Path, data_path: str | Path, rate: float = 0.2, seed: int = 3) -> Path:
+def build_answering_model(
+    output_dir: str | Path, pairs: list[tuple[str, str]], rate: float = 0.2, seed: int = 3
+) -> Path:
     """The tiny random model (`build_tiny_model`), nudged so that about `rate` of its first sampled tokens
-    on `data_path`'s training prompts are "0" or "1": like an instruct model, it must sometimes answer in
-    format for GRPO to have a signal to follow. For tests and benchmarks of the training loop."""
+    on the prompts of `pairs` (query, document text; `prorank.corpus.batches.positive_pairs`) are "0" or
+    "1": like an instruct model, it must sometimes answer in format for GRPO to have a signal to follow.
+    For tests and benchmarks of the training loop."""
     import torch  # noqa: PLC0415 torch: heavy (~1.6 s), imported where tensors are used so the CLI and core stay light
 
     folder = build_tiny_model(output_dir, seed=seed)
     model, tokenizer = load_causal_lm(ModelConfig(path=str(folder)))
     builder = PromptBuilder(tokenizer, 176)
-    data = load_local(data_path, "train")
-    pairs = [(data.queries[q], data.corpus[d].text) for q in data.query_ids[:8] for d in list(data.qrels[q])[:1]]
     with torch.no_grad():
         hidden = torch.stack(
             [

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from prorank.padding import pad_rows
-from prorank.prompt import PromptBuilder, relevance_score
+from prorank.model.padding import pad_rows
+from prorank.model.prompt import PromptBuilder, relevance_score
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

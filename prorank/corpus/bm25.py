@@ -17,9 +17,9 @@ from pathlib import Path
 
 import Stemmer
 
-from prorank.config import BM25Config
-from prorank.data import BeirDataset
-from prorank.files import write_whole
+from prorank.corpus.data import BeirDataset
+from prorank.run.files import write_whole
+from prorank.settings.config import BM25Config
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from prorank.bm25 import Ranking, bm25_search
-from prorank.config import ProRankConfig, TrainConfig
-from prorank.data import BeirDataset, load_dataset
-from prorank.prompt import PromptBuilder, document_text
-from prorank.rollout import RolloutRequest
-from prorank.stage_config import ScoreConfig, WarmupConfig
+from prorank.corpus.bm25 import Ranking, bm25_search
+from prorank.corpus.data import BeirDataset, load_dataset
+from prorank.model.prompt import PromptBuilder, document_text
+from prorank.run.rollout import RolloutRequest
+from prorank.settings.config import ProRankConfig, TrainConfig
+from prorank.settings.stage_config import ScoreConfig, WarmupConfig
 
 # The dev judgments' negatives come from BM25's top this many, whatever a stage samples: one yardstick for
 # every config (driver/dev_eval.py).
@@ -52,7 +52,7 @@ def hard_negatives(ranking: Ranking, qrels: dict, qid: str, depth: int, threshol
 def held_out_split(dataset: BeirDataset, cfg: TrainConfig, relevance_threshold: int = 1) -> tuple[list[str], list[str]]:
     """(dev query ids, training query ids) of the training split: `cfg.dev_queries` of the queries with a
     relevant document, drawn by `cfg.seed`, are held out from both stages. The one definition of that set:
-    dev nDCG@10 is measured on it, and fusion weights are tuned on it (prorank/fusion.py)."""
+    dev nDCG@10 is measured on it, and fusion weights are tuned on it (prorank/release/fusion.py)."""
     usable = [q for q in dataset.query_ids if any(s >= relevance_threshold for s in dataset.qrels[q].values())]
     if cfg.max_train_queries:
         usable = usable[: cfg.max_train_queries + cfg.dev_queries]
@@ -110,6 +110,13 @@ class PromptSampler:
                 if len(out) >= size:
                     break
         return out[:size]
+
+
+def positive_pairs(dataset: BeirDataset, n: int = 8) -> list[tuple[str, str]]:
+    """(query, document text) of the first positive of each of the dataset's first `n` queries."""
+    return [
+        (dataset.queries[q], dataset.corpus[d].text) for q in dataset.query_ids[:n] for d in list(dataset.qrels[q])[:1]
+    ]
 
 
 def policy_negatives(scores: dict[str, float], positives: list[str], count: int, guard: float) -> tuple[list[str], int]:

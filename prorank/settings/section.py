@@ -1,4 +1,4 @@
-"""The base of every config section (`prorank/config.py`, `prorank/service_config.py`)."""
+"""The base of every config section (`prorank/settings/config.py`, `prorank/settings/service_config.py`)."""
 
 from __future__ import annotations
 

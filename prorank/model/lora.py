@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from huggingface_hub import snapshot_download
 
-from prorank.config import LoraSettings
+from prorank.settings.config import LoraSettings
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # The ranks vLLM's LoRA kernels are built for (vllm.config.lora.MaxLoRARanks): the engine takes the

@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from prorank.config import DataConfig
+from prorank.settings.config import DataConfig
 
 log = logging.getLogger(__name__)
 

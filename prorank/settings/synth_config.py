@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from prorank.section import Section
+from prorank.settings.section import Section
 
 # SciFact-style: the main finding of an abstract as a claim. Measured on SmolLM2-135M-Instruct: a few-shot
 # prompt made it copy the examples; an instruction alone gives claim-like sentences after a stock prefix.

@@ -1,7 +1,7 @@
 """What every gRPC service of ours shares: a bearer token on every call, optional TLS.
 
 Services bind 127.0.0.1 unless configured otherwise and refuse to start without a token; the check of
-each call (and the limits on callers) is prorank/guarded_server.py's.
+each call (and the limits on callers) is prorank/guard/guarded_server.py's.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the model's chat template) and answers (K sampled texts), and how an answer beco
 
 The prompt is built by the driver, so an engine only samples (actors.engine.RolloutEngine.write_queries);
 the answers are cleaned and judged well-formed here, before the corpus-level filters
-(prorank/query_filters.py) run.
+(prorank/corpus/query_filters.py) run.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from prorank.data import Document
-from prorank.synth_config import SynthesisConfig
+from prorank.corpus.data import Document
+from prorank.settings.synth_config import SynthesisConfig
 
 
 @dataclass(frozen=True, slots=True)

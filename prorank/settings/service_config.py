@@ -1,5 +1,5 @@
 """Config sections of the two gRPC services (the reward service and the weight service): where they
-listen, their token and TLS, and what callers may hold (prorank/guarded_server.py; SECURITY.md)."""
+listen, their token and TLS, and what callers may hold (prorank/guard/guarded_server.py; SECURITY.md)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from prorank.section import Section
+from prorank.settings.section import Section
 
 
 class ServiceLimits(Section):
-    """What callers of one of our gRPC servers may hold (prorank/guarded_server.py; SECURITY.md)."""
+    """What callers of one of our gRPC servers may hold (prorank/guard/guarded_server.py; SECURITY.md)."""
 
     max_calls: int = Field(256, ge=1)  # authenticated calls in flight in total; more get RESOURCE_EXHAUSTED
     max_calls_per_peer: int = Field(64, ge=1)  # authenticated calls in flight from one host
@@ -26,7 +26,7 @@ class ServiceLimits(Section):
     # A connection with no call in flight for this long is sent GOAWAY and closed; our clients reconnect
     # on their next call (milliseconds on a LAN).
     idle_connection_seconds: float = Field(10.0, gt=0)
-    # Connections one host may hold (prorank/connection_gate.py): one per engine, client and relay is what
+    # Connections one host may hold (prorank/guard/connection_gate.py): one per engine, client and relay is what
     # our own processes open, so raise it past 16 only for more processes per node than that. 0: none
     # (gRPC's own accept, no cap). A flood needs many connections: with 4 it held, with 32-64 it did not.
     max_connections_per_peer: int = Field(16, ge=0)

@@ -1,7 +1,7 @@
 """The two training stages' config sections, each owning its steps, learning rate and schedule, dev and
 checkpoint cadence and what a step samples: `warmup:` (stage 1, GRPO prompt warmup) and `score:` (stage 2,
 fine-grained score learning). The job around them is `train:`, the learner's ranks and precision `learner:`
-(prorank/config.py, which also joins a stage's settings with the learner's: `ProRankConfig.warmup_learner`).
+(prorank/settings/config.py, which also joins a stage's settings with the learner's: `ProRankConfig.warmup_learner`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prorank.section import Section
+from prorank.settings.section import Section
 
 Schedule = Literal["constant", "linear", "cosine"]
 

@@ -7,7 +7,7 @@
 
 Scores are logit("1") - logit("0") at the answer position of the mxbai-rerank-v2 prompt layout, the same
 numbers `prorank eval` ranks by. With `first_stage_scores`, the ranking is by the fusion `prorank export`
-stored in the model's prorank.json (chosen on held-out training queries; prorank/fusion.py).
+stored in the model's prorank.json (chosen on held-out training queries; prorank/release/fusion.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prorank.config import ModelConfig
-from prorank.fusion import FusionSettings, fuse_lists
-from prorank.models import checkpoint_model_dir, load_causal_lm, model_context
-from prorank.prompt import PromptBuilder, check_model_layout
+from prorank.model.models import checkpoint_model_dir, load_causal_lm, model_context
+from prorank.model.prompt import PromptBuilder, check_model_layout
+from prorank.release.fusion import FusionSettings, fuse_lists
+from prorank.settings.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Reranker:
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         """The relevance score of each document for `query`, in the documents' order."""
-        from prorank.scoring import score_query  # noqa: PLC0415 pulls torch, which importing this module does not
+        from prorank.model.scoring import score_query  # noqa: PLC0415 pulls torch, which importing this module does not
 
         if not documents:
             return []
