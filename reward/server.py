@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from prorank.guard.guarded_server import GuardedServer, RefusalLog, ServerLimits, clip, parse_or_problem
+from prorank.guard.guarded_server import GuardedServer, ServerLimits
+from prorank.guard.refusals import RefusalLog, clip, parse_or_problem
 from prorank.guard.security import load_token
 from prorank.protocol import reward_pb2
 from prorank.reward.scoring import group_stats, label_of, score_completions

@@ -25,7 +25,8 @@ from collections.abc import Container, Iterable, Mapping
 import grpc
 import torch
 
-from prorank.guard.guarded_server import GuardedServer, RefusalLog, ServerLimits, parse_request
+from prorank.guard.guarded_server import GuardedServer, ServerLimits
+from prorank.guard.refusals import RefusalLog, parse_request
 from prorank.guard.security import announced_address
 from prorank.protocol import weights_pb2
 from prorank.weights.codec import CHANNEL_OPTIONS, CHUNK_BYTES, Packed, pack, stream_messages

@@ -1,5 +1,6 @@
 """The accept layer in front of our gRPC servers: it caps the connections one peer host (and everyone
-together) may hold, then relays each connection it keeps to the gRPC server behind it.
+together) may hold, then relays each connection it keeps to the gRPC server behind it, holding a connection
+without an authenticated call to a budget on the streams it opens and resets (prorank/guard/stream_budget.py).
 
 Why: gRPC has no per-peer connection limit, and a few hosts with many connections are what floods
 need. Measured on 2 cores (issue 34; BENCHMARKS.md): 20 s of header blocks past gRPC's metadata limit,
@@ -24,14 +25,20 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
+
+from prorank.guard.stream_budget import BudgetLimits, FrameCounter, StreamBudget
 
 log = logging.getLogger(__name__)
 
 PIPE_BYTES = 1024 * 1024  # what a pipe between the two sockets holds (F_SETPIPE_SZ)
 SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+PEEK = 65536  # the most bytes read at once from a connection whose frames are counted
+RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends RST at once
+RECENT_PEERS = 4096  # closed connections whose caller is still named (a refusal logged after the close)
 
 
 def peer_host(peer: str) -> str:
@@ -51,8 +58,9 @@ class _Relay:
     """One kept connection: the caller's socket and ours to the gRPC server, and a pipe each way that holds
     what one side sent until the other takes it (the kernel moves the bytes: `os.splice`, no copy here)."""
 
-    def __init__(self, outer: socket.socket, inner: socket.socket, host: str, name: str):
+    def __init__(self, outer: socket.socket, inner: socket.socket, host: str, name: str, frames: FrameCounter | None):
         self.outer, self.inner, self.host, self.name = outer, inner, host, name
+        self.frames = frames  # counted until an authenticated call (None: trusted, or no budget)
         self.pipes: dict[socket.socket, tuple[int, int]] = {}  # from this socket: (read end, write end)
         self.pending = {outer: 0, inner: 0}  # bytes read from this socket, in its pipe, not yet written on
         self.eof = {outer: False, inner: False}
@@ -87,12 +95,20 @@ class _Relay:
 class ConnectionGate:
     """Listens on (host, port) for TCP, keeps at most `max_per_host` connections per peer host and
     `max_total` in all, and relays the kept ones to the Unix socket `backend` (see `backend_address`).
-    `refused(peer, kind, detail)` hears of each refused connection (our RefusalLog)."""
+    `refused(peer, kind, detail)` hears of each refused or closed connection (our RefusalLog). With
+    `budget`, a connection is held to it until `trust` names it."""
 
     def __init__(
-        self, host: str, port: int, max_per_host: int, max_total: int, refused: Callable[[str, str, str], None]
+        self,
+        host: str,
+        port: int,
+        max_per_host: int,
+        max_total: int,
+        refused: Callable[[str, str, str], None],
+        budget: BudgetLimits | None = None,
     ):
         self.max_per_host, self.max_total, self._refused = max_per_host, max_total, refused
+        self.budget = StreamBudget(budget) if budget else None
         family, _, _, _, address = socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -106,6 +122,8 @@ class ConnectionGate:
         self.backend = os.path.join(self._folder, "grpc.sock")
         self._names = (f"prorank-gate-{os.getpid()}-{id(self):x}-{n}" for n in itertools.count())
         self._peers: dict[str, str] = {}  # 'unix-abstract:<name>' -> the caller's peer, read by gRPC's threads
+        self._recent: OrderedDict[str, str] = OrderedDict()  # the same, for the last RECENT_PEERS closed
+        self._by_name: dict[str, _Relay] = {}
         self._per_host: dict[str, int] = {}
         self._relays: dict[socket.socket, _Relay] = {}
         self._selector = selectors.DefaultSelector()
@@ -120,8 +138,15 @@ class ConnectionGate:
         return f"unix:{self.backend}"
 
     def real_peer(self, peer: str) -> str:
-        """gRPC's `context.peer()` of a relayed call -> the caller's own ('ipv4:10.0.0.5:41234')."""
-        return self._peers.get(peer, peer)
+        """gRPC's `context.peer()` of a relayed call -> the caller's own ('ipv4:10.0.0.5:41234'), also
+        for a connection closed since (a refusal is often logged after its caller has gone)."""
+        return self._peers.get(peer) or self._recent.get(peer, peer)
+
+    def trust(self, peer: str) -> None:
+        """The connection of gRPC's `peer` carried an authenticated call: no budget for it from now on.
+        From any thread (the relay's counter is dropped, not changed)."""
+        if (relay := self._by_name.get(peer)) is not None:
+            relay.frames = None
 
     @property
     def connections(self) -> int:
@@ -164,8 +189,12 @@ class ConnectionGate:
     def _admit(self, outer: socket.socket, peer: str) -> None:
         host = peer_host(peer)
         held = self._per_host.get(host, 0)
+        cooling = self.budget.cooling_left(host) if self.budget else 0.0
         problem = (
-            f"{held} connections from {host}; at most {self.max_per_host} (max_connections_per_peer)"
+            f"{host} went past the unauthenticated budget; its connections are refused for {cooling:.1f} s more "
+            "(abuse_cooldown_seconds)"
+            if cooling
+            else f"{held} connections from {host}; at most {self.max_per_host} (max_connections_per_peer)"
             if held >= self.max_per_host
             else f"{self.connections} connections; at most {self.max_total} (max_connections)"
             if self.connections >= self.max_total
@@ -183,15 +212,16 @@ class ConnectionGate:
                 inner.close()
                 inner, problem = None, f"the gRPC server behind the gate did not accept: {err}"
         if problem is not None or inner is None:
-            outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
             outer.close()
             self._refused(peer, "CONNECTION", problem or "the gRPC server behind the gate did not accept")
             return
         outer.setblocking(False)
         inner.setblocking(False)
         outer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        relay = _Relay(outer, inner, host, f"unix-abstract:{name}")
+        relay = _Relay(outer, inner, host, f"unix-abstract:{name}", FrameCounter() if self.budget else None)
         self._peers[relay.name] = peer
+        self._by_name[relay.name] = relay
         self._per_host[host] = held + 1
         for sock in (outer, inner):
             self._relays[sock] = relay
@@ -206,8 +236,18 @@ class ConnectionGate:
                     sock.shutdown(socket.SHUT_WR)
             if mask & selectors.EVENT_READ and not relay.pending[sock]:
                 read, write = relay.pipe(sock)
+                limit = PIPE_BYTES
+                if sock is relay.outer and (frames := relay.frames) is not None and frames.parsing:
+                    try:
+                        peeked = sock.recv(PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):  # woken for nothing
+                        peeked = b""
+                    if peeked and self.budget and (problem := self.budget.charge(frames, peeked)):
+                        self._expel(relay, problem)
+                        return
+                    limit = len(peeked) or PIPE_BYTES  # exactly what was counted (none: its end of file)
                 try:
-                    n = os.splice(sock.fileno(), write, PIPE_BYTES, flags=SPLICE)
+                    n = os.splice(sock.fileno(), write, limit, flags=SPLICE)
                 except (BlockingIOError, InterruptedError):  # woken for nothing
                     n = None
                 if n == 0:
@@ -223,6 +263,25 @@ class ConnectionGate:
             return
         for s in (relay.outer, relay.inner):
             self._watch(s, relay.events(s))
+
+    def _expel(self, relay: _Relay, problem: str) -> None:
+        """`relay`'s caller went past the budget: close it (RST), with its host's other connections still
+        without an authenticated call, and refuse the host's new ones for the cooldown."""
+        assert self.budget is not None  # only a budgeted connection is charged
+        self.budget.cool_down(relay.host)
+        peer = self._peers.get(relay.name, relay.host)
+        others = [r for r in {id(r): r for r in self._relays.values()}.values() if r.host == relay.host]
+        expelled = [r for r in others if r is relay or r.frames is not None]
+        for r in expelled:
+            r.outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+            self._close(r)
+        cooldown = self.budget.limits.cooldown_seconds
+        self._refused(
+            peer,
+            "BUDGET",
+            f"{problem}; closed {len(expelled)} unauthenticated connection(s) of {relay.host}, whose new connections "
+            f"are refused for {cooldown:g} s (abuse_cooldown_seconds)",
+        )
 
     def _watch(self, sock: socket.socket, events: int) -> None:
         """Wait for `events` on `sock`; none (its caller has finished sending and nothing waits for it):
@@ -242,7 +301,11 @@ class ConnectionGate:
         if self._relays.pop(relay.outer, None) is None:
             return
         self._relays.pop(relay.inner, None)
-        self._peers.pop(relay.name, None)
+        self._by_name.pop(relay.name, None)
+        if (peer := self._peers.pop(relay.name, None)) is not None:
+            self._recent[relay.name] = peer
+            if len(self._recent) > RECENT_PEERS:
+                self._recent.popitem(last=False)
         if (left := self._per_host[relay.host] - 1) > 0:
             self._per_host[relay.host] = left
         else:

@@ -10,9 +10,11 @@ request, so it holds no handler and its body is never parsed or copied into Pyth
 reach the server before the refusal sit in the HTTP/2 stream's flow-control window (`stream_window_kb`)
 and are dropped with the stream.
 Connections are capped per peer host and in total by the accept layer in front of gRPC
-(prorank/guard/connection_gate.py). Authenticated calls are capped per peer host and in total
-(RESOURCE_EXHAUSTED beyond, which clients retry). Every refusal is logged at most once per peer host and
-kind per `log_every_seconds`, with a count.
+(prorank/guard/connection_gate.py), which also holds a connection without an authenticated call to a budget
+on the streams it opens and resets (prorank/guard/stream_budget.py: HTTP/2 rapid reset). Authenticated
+calls are capped per peer host and in total (RESOURCE_EXHAUSTED beyond, which clients retry). Every refusal
+is logged, naming the caller, at most once per peer host and kind per `log_every_seconds`, with a count
+(prorank/guard/refusals.py).
 """
 
 from __future__ import annotations
@@ -25,16 +27,15 @@ import logging
 import resource
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from prorank.guard.connection_gate import ConnectionGate, peer_host
+from prorank.guard.connection_gate import ConnectionGate
+from prorank.guard.refusals import RefusalLog
 from prorank.guard.security import server_credentials
+from prorank.guard.stream_budget import BudgetLimits
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,27 @@ class ServerLimits:
     idle_connection_seconds: float = 10.0  # a connection without a call in flight this long is closed
     max_connections_per_peer: int = 16  # connections one host may hold; 0: no accept layer (gRPC's own)
     max_connections: int = 4096  # connections held in all (with the accept layer)
+    budget: BudgetLimits = BudgetLimits()  # a connection without an authenticated call (with the accept layer)
 
     @classmethod
     def of(cls, cfg) -> ServerLimits:
         """From a service's config section (prorank.settings.service_config.ServiceLimits: reward.*, weights.*)."""
         return cls(
-            cfg.max_calls,
-            cfg.max_calls_per_peer,
-            cfg.max_streams_per_connection,
-            cfg.stream_window_kb,
-            cfg.log_refusals_every_seconds,
-            cfg.handshake_timeout_seconds,
-            cfg.idle_connection_seconds,
-            cfg.max_connections_per_peer,
-            cfg.max_connections,
+            max_calls=cfg.max_calls,
+            max_calls_per_peer=cfg.max_calls_per_peer,
+            max_streams_per_connection=cfg.max_streams_per_connection,
+            stream_window_kb=cfg.stream_window_kb,
+            log_every_seconds=cfg.log_refusals_every_seconds,
+            handshake_timeout_seconds=cfg.handshake_timeout_seconds,
+            idle_connection_seconds=cfg.idle_connection_seconds,
+            max_connections_per_peer=cfg.max_connections_per_peer,
+            max_connections=cfg.max_connections,
+            budget=BudgetLimits(
+                streams=cfg.max_unauthenticated_streams_per_second,
+                resets=cfg.max_unauthenticated_resets_per_second,
+                resets_total=cfg.max_unauthenticated_resets_per_second_total,
+                cooldown_seconds=cfg.abuse_cooldown_seconds,
+            ),
         )
 
 
@@ -85,78 +93,20 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-class RefusalLog:
-    """Logs a refusal at most once per (peer host, kind) per `every` seconds, with how many there were
-    since; a bounded table, so a flood of peers cannot grow it."""
-
-    def __init__(self, every: float, max_peers: int = 4096, real_peer: Callable[[str], str] = str):
-        self.every, self.max_peers, self.real_peer = every, max_peers, real_peer
-        self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()  # -> (last logged, count since)
-        self._lock = threading.Lock()
-        self.logged = 0  # lines written (the tests count them)
-
-    def host(self, peer: str) -> str:
-        """gRPC's `context.peer()` -> the caller's host (through the accept layer, if there is one)."""
-        return peer_host(self.real_peer(peer))
-
-    def refused(self, peer: str, kind: str, detail: str) -> None:
-        key, now = (self.host(peer), kind), time.monotonic()
-        with self._lock:
-            last, count = self._seen.pop(key, (float("-inf"), 0))
-            count += 1
-            if now - last < self.every:
-                self._seen[key] = (last, count)
-                return
-            self._seen[key] = (now, 0)
-            while len(self._seen) > self.max_peers:
-                self._seen.popitem(last=False)
-            self.logged += 1
-        log.warning(
-            "refused %s from %s, %s: %s (%d such refusal(s) from this host since its last line)",
-            "a connection" if kind == "CONNECTION" else "a call",
-            key[0],
-            kind,
-            detail,
-            count,
-        )
-
-    async def refuse(self, context, code: grpc.StatusCode, message: str) -> NoReturn:
-        """Log (rate-limited) and end the call with `code`; raises, as `context.abort` does."""
-        self.refused(context.peer(), code.name, message)
-        await context.abort(code, message)
-        raise RuntimeError(f"gRPC's abort returned for {context.peer()}")  # it raises: never reached
-
-
-def clip(text: str, limit: int = 100) -> str:
-    """Client input quoted in an error, cut to `limit` characters: an error never grows with the input."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def parse_or_problem(message_type, raw: bytes):
-    """`raw` parsed as `message_type`, or why it cannot be (a str)."""
-    try:
-        return message_type.FromString(raw)
-    except DecodeError:
-        return f"malformed request: not a {message_type.DESCRIPTOR.full_name}"
-
-
-async def parse_request(message_type, raw: bytes, context, refusals: RefusalLog):
-    """`raw` parsed as `message_type`; a malformed one ends the call with INVALID_ARGUMENT (logged once
-    per peer and interval, no traceback)."""
-    parsed = parse_or_problem(message_type, raw)
-    if isinstance(parsed, str):
-        await refusals.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, parsed)
-    return parsed
-
-
 class CallGuard(grpc.aio.ServerInterceptor):
     """The token, from the headers; then the per-peer and total caps on authenticated calls in flight."""
 
     def __init__(
-        self, token: str, limits: ServerLimits, refusals: RefusalLog, open_methods: frozenset[str] = frozenset()
+        self,
+        token: str,
+        limits: ServerLimits,
+        refusals: RefusalLog,
+        open_methods: frozenset[str] = frozenset(),
+        trust: Callable[[str], None] | None = None,
     ):
         self._expected = f"Bearer {token}".encode()
         self.limits, self.refusals, self._open = limits, refusals, open_methods
+        self.trust = trust or (lambda peer: None)  # told the peer of each authenticated call (the gate's budget)
         self.in_flight: dict[str, int] = {}  # peer host -> authenticated calls running (on the loop thread only)
         self.total = 0
         self.calls = 0  # every call seen, refused or not
@@ -217,6 +167,7 @@ def _counted(handler, guard: CallGuard):
         raise TypeError(f"{behavior.__qualname__}: write the stream with context.write, not yield")
 
     async def counted(request, context):
+        guard.trust(context.peer())
         if problem := guard.enter(context.peer()):
             await guard.refusals.refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
         try:
@@ -292,11 +243,12 @@ class GuardedServer:
                     limits.max_connections_per_peer,
                     limits.max_connections,
                     lambda *refusal: self.refusals.refused(*refusal),
+                    limits.budget,
                 )
             except OSError as err:  # as gRPC's own bind failure reads
                 raise RuntimeError(f"cannot listen on {host}:{port}: {err}") from None
         self.refusals = RefusalLog(limits.log_every_seconds, real_peer=self.gate.real_peer if self.gate else str)
-        self.guard = CallGuard(token, limits, self.refusals, open_methods)
+        self.guard = CallGuard(token, limits, self.refusals, open_methods, self.gate.trust if self.gate else None)
         self.loop = asyncio.new_event_loop()
         self._stop_lock = threading.Lock()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-server", daemon=True)

@@ -31,6 +31,14 @@ class ServiceLimits(Section):
     # (gRPC's own accept, no cap). A flood needs many connections: with 4 it held, with 32-64 it did not.
     max_connections_per_peer: int = Field(16, ge=0)
     max_connections: int = Field(4096, ge=1)  # connections held from all hosts together
+    # With the accept layer: a connection that has not yet carried an authenticated call may open and reset
+    # this many HTTP/2 streams a second (rapid reset; prorank/guard/stream_budget.py). Past it, it and its
+    # host's other such connections are closed, and the host's new connections refused for the cooldown.
+    # Our clients send the token on their first call, so they meet none of this.
+    max_unauthenticated_streams_per_second: int = Field(256, ge=1)
+    max_unauthenticated_resets_per_second: int = Field(16, ge=1)
+    max_unauthenticated_resets_per_second_total: int = Field(256, ge=1)  # from all such connections together
+    abuse_cooldown_seconds: float = Field(10.0, ge=0)
 
 
 class ServiceConfig(ServiceLimits):

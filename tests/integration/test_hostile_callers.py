@@ -22,8 +22,9 @@ import torch
 
 from bench.hostile_peers import Attack, hold_idle
 from bench.peak_rss import PeakRss
-from prorank.guard import guarded_server
-from prorank.guard.guarded_server import RefusalLog, ServerLimits
+from prorank.guard import refusals as refusal_log
+from prorank.guard.guarded_server import ServerLimits
+from prorank.guard.refusals import RefusalLog
 from prorank.guard.security import auth_metadata
 from prorank.protocol import reward_pb2, weights_pb2
 from prorank.reward.client import SyncRewardClient, client_options
@@ -186,7 +187,7 @@ def test_malformed_messages_are_invalid_argument_and_logged_once(reward_server, 
 
 def test_refusals_are_logged_once_per_host_and_interval_with_a_count(monkeypatch, caplog):
     now = [1000.0]
-    monkeypatch.setattr(guarded_server.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(refusal_log.time, "monotonic", lambda: now[0])
     refusals = RefusalLog(every=10.0, max_peers=2)
     with caplog.at_level(logging.WARNING):
         for port in range(100):

@@ -1,5 +1,5 @@
-"""HTTP/2 floods without the token, from another loopback host, against a reward server process of its own:
-every legitimate call beside the attack is answered, and the server's memory comes back once it ends.
+"""HTTP/2 floods without the token, from other loopback hosts, against a server process of its own: every
+legitimate call beside the attack is answered, and the server's memory comes back once it ends.
 (The callers that hold calls, send garbage or too many calls: tests/integration/test_hostile_callers.py.)"""
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
-from bench.hostile_peers import oversized_headers, rapid_reset
+from bench.hostile_peers import attacking_hosts, oversized_headers, rapid_reset
 from bench.peak_rss import PeakRss
-from prorank.protocol import reward_pb2
+from prorank.guard.security import auth_metadata
+from prorank.protocol import reward_pb2, weights_pb2
 from prorank.reward.client import RewardError, SyncRewardClient
 
 TOKEN = "flood-token"
-SCORE = "/prorank.reward.v1.Reward/Score"
+SCORE, FETCH = "/prorank.reward.v1.Reward/Score", "/prorank.weights.v1.Weights/Fetch"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,7 +29,7 @@ def group(i: int = 0) -> reward_pb2.Group:
     return reward_pb2.Group(request_id=f"r{i}", query_id="q1", doc_id="d1", completions=["1", "0"])
 
 
-@pytest.mark.parametrize("shape", ["rapid reset", "oversized headers"])
+@pytest.mark.parametrize("shape", ["oversized headers"])
 def test_http2_floods_across_64_connections(shape):
     """Without the token, on 64 connections for 10 s from another loopback host, against a reward server
     process of its own after a 5 s round that warms it up: HTTP/2 rapid reset (HEADERS then RST_STREAM,
@@ -97,3 +99,91 @@ def test_http2_floods_across_64_connections(shape):
         proc.stdin.close()
         proc.kill()
         proc.wait(timeout=30)
+
+
+SERVERS = {  # a server process of its own, printing its address; the weight server with its accept layer on
+    "reward": "from prorank.settings.config import RewardConfig; from prorank.reward.server import RewardServer; "
+    f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start()",
+    "weights": "import torch; from prorank.guard.guarded_server import ServerLimits; "
+    "from prorank.weights.server import WeightServer; "
+    f"s = WeightServer('{TOKEN}', limits=ServerLimits(max_connections_per_peer=16)).start(); "
+    "s.publisher.publish(1, {'w': torch.arange(2**14, dtype=torch.float32)})",
+}
+
+
+def legitimate_call(channel: grpc.Channel, service: str) -> None:
+    """One raw call with a 2 s deadline and no retry: a Score, or a whole Fetch of version 1."""
+    if service == "reward":
+        request = reward_pb2.ScoreRequest(groups=[group()]).SerializeToString()
+        reply = reward_pb2.ScoreResponse.FromString(
+            channel.unary_unary(SCORE)(request, metadata=auth_metadata(TOKEN), timeout=2.0)
+        )
+        assert reply.groups[0].label == 1
+    else:
+        request = weights_pb2.FetchRequest(min_version=0, receiver="legitimate").SerializeToString()
+        assert list(channel.unary_stream(FETCH)(request, metadata=auth_metadata(TOKEN), timeout=2.0))
+
+
+@pytest.mark.parametrize("service", ["reward", "weights"])
+def test_rapid_reset_from_4_hosts_loses_no_legitimate_call(service, tmp_path):
+    """HTTP/2 rapid reset without the token from 4 loopback hosts (127.0.0.2-5), each on 15 connections for
+    10 s (a connection closed is opened again at once), after a 3 s round that warms the server up. Beside
+    it, from 127.0.0.1, raw calls with a 2 s deadline and no retry, every fourth on a new connection: none is
+    lost. The budget on unauthenticated resets closes the attacking connections (the server's log names
+    them, 127.0.0.x and port) and cools their hosts down; RSS is back within 10 MB of the start."""
+    log = tmp_path / "server.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", f"import sys; {SERVERS[service]}; print(s.address, flush=True); sys.stdin.read()"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    path = SCORE if service == "reward" else FETCH
+    try:
+        address = proc.stdout.readline().strip()
+        asyncio.run(rapid_reset(address, path, 15, seconds=3, hosts=4))  # the warm-up round
+        time.sleep(4.0)  # freed memory goes back to the system every 2 s
+        kept = grpc.insecure_channel(address)
+        legitimate_call(kept, service)
+        with PeakRss(proc.pid) as rss:
+            start, sent, failed, answered = rss.rss(), {}, [], 0
+            attack = lambda: sent.update(n=asyncio.run(rapid_reset(address, path, 15, 10, hosts=4)))  # noqa: E731
+            attacker = threading.Thread(target=attack, daemon=True)
+            attacker.start()
+            while attacker.is_alive():
+                fresh = grpc.insecure_channel(address) if answered % 4 == 3 else None
+                try:
+                    legitimate_call(fresh or kept, service)
+                    answered += 1
+                except grpc.RpcError as err:
+                    failed.append((err.code().name, err.details()))
+                finally:
+                    if fresh is not None:
+                        fresh.close()
+                time.sleep(0.1)
+            attacker.join(timeout=30)
+            settled = [rss.rss()]  # freed memory goes back every 2 s: wait (bounded) until it has
+            for _ in range(40):
+                if settled[-1] <= start + 10 and len(settled) >= 10:
+                    break
+                time.sleep(0.5)
+                settled.append(rss.rss())
+        legitimate_call(kept, service)
+        kept.close()
+        print(
+            f"{service}: {sent['n']} streams reset, legitimate calls {answered} answered, {len(failed)} failed; "
+            f"RSS {start:.0f} -> peak {rss.peak:.0f} -> {settled[-1]:.0f} MB"
+        )
+        assert sent["n"] > 1000 and answered >= 20 and not failed, (sent, answered, failed)
+        assert settled[-1] <= start + 10, (start, rss.peak, [round(r) for r in settled])
+    finally:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait(timeout=30)
+    closed = [line for line in log.read_text().splitlines() if "closed the connection of" in line]
+    hosts = {h for h in attacking_hosts(4) if any(f"ipv4:{h}:" in line for line in closed)}
+    assert closed and hosts, log.read_text()[-2000:]
+    assert all("BUDGET" in line and "unix-abstract" not in line for line in closed), closed[:3]
