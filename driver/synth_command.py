@@ -9,6 +9,7 @@ import typer
 
 from prorank.corpus.data import DataError
 from prorank.driver.cli_options import ConfigOpt, Overrides, fail, fail_on_full_disk, given
+from prorank.driver.processes import ending_descendants
 from prorank.driver.stop import StopSignals
 from prorank.model.models import ModelError
 from prorank.settings.config_file import ConfigError, load_config
@@ -46,15 +47,16 @@ def synthesize_command(
         fail(err)
     signals = StopSignals(cfg.train.stop_grace_seconds)
     signals.install()
-    try:
-        report = synthesize(cfg, show_progress=True, signals=signals)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
-        fail(err)
-    except KeyboardInterrupt:
-        typer.echo("stopped at once: what was written is in the log; run the same command to go on", err=True)
-        raise typer.Exit(signals.exit_code) from None
-    except OSError as err:
-        fail_on_full_disk(err, cfg.synthesis.output)
+    with ending_descendants():  # the actors' engines and Ray: all ended before we go on
+        try:
+            report = synthesize(cfg, show_progress=True, signals=signals)
+        except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+            fail(err)
+        except KeyboardInterrupt:
+            typer.echo("stopped at once: what was written is in the log; run the same command to go on", err=True)
+            raise typer.Exit(signals.exit_code) from None
+        except OSError as err:
+            fail_on_full_disk(err, cfg.synthesis.output)
     q = report["queries"]
     rates = ", ".join(f"{name} {s['pass_rate']:.0%}" for name, s in q["filters"].items())
     where = Path(cfg.synthesis.output)

@@ -110,10 +110,10 @@ def leftovers(tag: str) -> list[str]:
     return found
 
 
-def gone(tag: str, timeout: float = 90) -> list[str]:
-    """The job's processes still running once they had `timeout` s to end (an empty list when none). Ray's
-    workers end when they see their raylet gone; on 2 busy cores (three test workers) one of a finished job's
-    vLLM engines was still there after 30 s."""
+def gone(tag: str, timeout: float = 60) -> list[str]:
+    """The processes of a run killed from outside (SIGKILL to all, a crashed node) still running once they
+    had `timeout` s to end. A command that returns ends its own first (driver/processes.py): check those
+    with `leftovers` at once."""
     deadline = time.monotonic() + timeout
     while (left := leftovers(tag)) and time.monotonic() < deadline:
         time.sleep(1)

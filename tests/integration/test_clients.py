@@ -32,7 +32,7 @@ from prorank.corpus.data import load_local
 from prorank.model.models import load_tokenizer
 from prorank.model.prompt import PromptBuilder, document_text
 from prorank.release.export import export_model
-from tests.jobs import ROOT, gone, job_config, start_job
+from tests.jobs import ROOT, job_config, leftovers, start_job
 
 TRAINED_LENGTH = 192
 LONG_QUERY = "Does vitamin C supplementation lower the risk of scurvy in sailors on long voyages? " * 12
@@ -197,7 +197,7 @@ def test_finetune_a_released_model_round_trip(tiny_model_dir, scifact_dir, tmp_p
     proc = start_job(config, tag)
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-4000:]
-    assert not gone(tag), "processes left running"
+    assert not leftovers(tag), "processes left running when the job returned"
     run = tmp_path / "run-sync"
     synced = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     synced = [m for m in synced if "weights/bytes" in m]

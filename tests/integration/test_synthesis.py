@@ -95,7 +95,7 @@ def test_a_killed_synthesis_resumes_without_duplicates_and_the_job_trains_on_it(
     first.send_signal(signal.SIGTERM)
     said, _ = first.communicate(timeout=120)
     assert first.returncode == 143 and "stopped (SIGTERM received) after" in said, said[-3000:]
-    assert "Traceback" not in said and not gone(tag, timeout=60)
+    assert "Traceback" not in said and not leftovers(tag)  # all ended when the command returned
     stopped = json.loads((out / "synthesis.json").read_text())
     assert stopped["stopped"] == "SIGTERM received" and not stopped["complete"]
     after_term = _doc_ids(log)
@@ -116,7 +116,7 @@ def test_a_killed_synthesis_resumes_without_duplicates_and_the_job_trains_on_it(
     job = start_job(config, tag)
     output, _ = job.communicate(timeout=900)
     assert job.returncode == 0, output[-4000:]
-    assert not gone(tag)
+    assert not leftovers(tag)
     records = [json.loads(x) for x in log.read_text().splitlines()]
     written = [r["doc_id"] for r in records]
     assert len(written) == len(set(written)) == DOCUMENTS and written[: len(before)] == before

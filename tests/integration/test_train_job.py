@@ -23,7 +23,7 @@ from prorank.driver.cli import app
 from prorank.model.models import load_causal_lm
 from prorank.model.prompt import CHAT_PREFIX, CHAT_SUFFIX, TASK_PROMPT, PromptBuilder, document_text
 from prorank.settings.config import ModelConfig
-from tests.jobs import ROOT, SCORE_STEPS, STEPS, gone, job_config, port_free, start_job
+from tests.jobs import ROOT, SCORE_STEPS, STEPS, job_config, leftovers, port_free, start_job
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def finished_runs(tmp_path_factory, answering_model, scifact_dir, arguana_dir) -
     for mode, (proc, tag, tmp) in jobs.items():
         output, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"{mode}: {output[-4000:]}"
-        assert not gone(tag), "processes left running"
+        assert not leftovers(tag), "processes left running when the job returned"
         runs[mode] = tmp / f"run-{mode}"
     return runs
 

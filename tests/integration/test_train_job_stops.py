@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from prorank.run import checkpoints
-from tests.jobs import gone, job_config, start_job, step_lines
+from tests.jobs import job_config, leftovers, start_job, step_lines
 
 
 def _wait_for_step(proc, metrics: Path, step: int, timeout: float = 600) -> None:
@@ -58,7 +58,7 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143 and time.monotonic() - sent < 60, output[-4000:]
     assert "SIGTERM received" not in output and "Traceback" not in output, output[-4000:]  # not Ray's stack dump
-    assert not gone(tag), "processes left running after SIGTERM"
+    assert not leftovers(tag), "processes left running when the job returned after SIGTERM"
     lines = step_lines(metrics)
     last = lines[-1]["step"]
     assert f"stopped by SIGTERM after step {last}:" in output and "--resume" in output, output[-2000:]
@@ -85,7 +85,7 @@ def test_sigterm_ends_the_step_with_a_checkpoint_and_resume_goes_on(tmp_path, an
     assert proc.returncode == 130 and "stopped at once" in output, output[-4000:]
     warning = f"resuming from {root / f'step-{previous}'}: the newer checkpoint is damaged: {damaged}: 1,000 bytes"
     assert warning in output, output[-3000:]
-    assert not gone(tag), "processes left running after two signals"
+    assert not leftovers(tag), "processes left running when the job returned after two signals"
     steps = [m["step"] for m in step_lines(metrics)]
     assert steps[: previous + 1] == list(range(1, previous + 2)), steps  # none skipped or repeated
     assert (root / f"damaged-step-{last}").is_dir() and (root / "LATEST").read_text() != f"step-{last}"
@@ -129,7 +129,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_job_and_keeps_the_previous(tmp
         assert proc.returncode == 2, output[-4000:]
         assert "no room for the checkpoint of warmup step 20" in output and "step-10 is kept" in output, output[-3000:]
         assert "--resume" in output and "Traceback" not in output, output[-3000:]
-        assert not gone(tag)
+        assert not leftovers(tag), "processes left running when the job returned its error"
         assert checkpoints.latest(root) == first and checkpoints.problems(first) == []
         assert [p.name for p in checkpoints.steps_on_disk(root)] == ["step-10"]
         assert not list(root.glob(".tmp-*"))
