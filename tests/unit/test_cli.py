@@ -261,3 +261,26 @@ def test_eval_output_on_a_full_disk_is_refused_before_scoring(scifact_dir, tmp_p
         assert "Traceback" not in res.output and list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "folder"),
+    [
+        ([], "runs/quickstart/train"),
+        (["score.steps=100"], "runs/quickstart/train"),
+        (["train.output_dir=/tmp/q a", "score.steps=1"], "/tmp/q a"),
+        (["--output-dir", "out/b"], "out/b"),
+        (["--output-dir=out/c", "train.output_dir=out/d"], "out/d"),
+    ],
+)
+def test_the_quickstart_plots_the_folder_its_arguments_chose(args, folder):
+    """scripts/quickstart.sh trains into, and plots, the folder its extra arguments name (issue 47: it
+    plotted runs/quickstart/train whatever the job had written to)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "quickstart.sh"
+    out = subprocess.run(
+        ["bash", "-c", 'source "$0" && output_dir_of "$@"', str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and out.stdout == f"{folder}\n", (out.stdout, out.stderr)
