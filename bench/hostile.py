@@ -252,12 +252,18 @@ def load(tree: Path, clients: int = 32, calls: int = 200) -> dict:
         server.close()
 
 
+def count(sent) -> int:
+    """What an attack returns, as one number: calls or resets sent, or connections opened (IdleTally)."""
+    return sent if isinstance(sent, int) else sent.opened
+
+
 def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # this process holds 2,000
     shapes = {
         "rapid reset, 64 connections": lambda a: rapid_reset(a, SCORE, 64, seconds),
+        "rapid reset, 4 hosts x 15 connections": lambda a: rapid_reset(a, SCORE, 15, seconds, hosts=4),
         "oversized headers, 64 connections": lambda a: oversized_headers(a, SCORE, 64, seconds),
         "2,000 idle connections": lambda a: hold_idle(a, 2000, seconds),
     }
@@ -269,7 +275,10 @@ def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
             client.score(small_groups())
             with PeakRss(server.proc.pid) as rss:
                 start, times, failed = rss.rss(), [], []
-                attacker = threading.Thread(target=lambda: asyncio.run(attack(server.address)), daemon=True)
+                sent: dict[str, int] = {}
+                attacker = threading.Thread(
+                    target=lambda: sent.update(n=count(asyncio.run(attack(server.address)))), daemon=True
+                )
                 attacker.start()
                 while attacker.is_alive():
                     if shape.endswith("idle connections"):  # a new connection for each call
@@ -288,6 +297,7 @@ def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
             rows.append(
                 {
                     "shape": shape,
+                    "sent": sent.get("n"),  # calls or resets sent (connections, for the idle ones)
                     "answered": len(times),
                     "failed": len(failed),
                     "failures": failed,
@@ -298,7 +308,8 @@ def floods(tree: Path, seconds: float = 20.0) -> list[dict]:
                 }
             )
             print(
-                f"  {shape}: answered {len(times)}, failed {len(failed)} {sorted(set(failed))}, worst "
+                f"  {shape}: sent {sent.get('n')}, answered {len(times)}, failed {len(failed)} "
+                f"{sorted(set(failed))}, worst "
                 f"{rows[-1]['worst_s']:.2f} s; RSS {start:.0f} -> {rss.peak:.0f} -> {after:.0f} MB",
                 flush=True,
             )

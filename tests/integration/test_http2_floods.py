@@ -127,7 +127,8 @@ def legitimate_call(channel: grpc.Channel, service: str) -> None:
 @pytest.mark.parametrize("service", ["reward", "weights"])
 def test_rapid_reset_from_4_hosts_loses_no_legitimate_call(service, tmp_path):
     """HTTP/2 rapid reset without the token from 4 loopback hosts (127.0.0.2-5), each on 15 connections for
-    10 s (a connection closed is opened again at once), after a 3 s round that warms the server up. Beside
+    7 s (a connection closed is opened again at once), after a 2 s round that warms the server up (its hosts'
+    cooldown ends ~5 s into the attack, which then comes back and is closed again). Beside
     it, from 127.0.0.1, raw calls with a 2 s deadline and no retry, every fourth on a new connection: none is
     lost. The budget on unauthenticated resets closes the attacking connections (the server's log names
     them, 127.0.0.x and port) and cools their hosts down; RSS is back within 10 MB of the start."""
@@ -144,13 +145,13 @@ def test_rapid_reset_from_4_hosts_loses_no_legitimate_call(service, tmp_path):
     path = SCORE if service == "reward" else FETCH
     try:
         address = proc.stdout.readline().strip()
-        asyncio.run(rapid_reset(address, path, 15, seconds=3, hosts=4))  # the warm-up round
-        time.sleep(4.0)  # freed memory goes back to the system every 2 s
+        asyncio.run(rapid_reset(address, path, 15, seconds=2, hosts=4))  # the warm-up round
+        time.sleep(3.0)  # freed memory goes back to the system every 2 s
         kept = grpc.insecure_channel(address)
         legitimate_call(kept, service)
         with PeakRss(proc.pid) as rss:
             start, sent, failed, answered = rss.rss(), {}, [], 0
-            attack = lambda: sent.update(n=asyncio.run(rapid_reset(address, path, 15, 10, hosts=4)))  # noqa: E731
+            attack = lambda: sent.update(n=asyncio.run(rapid_reset(address, path, 15, 7, hosts=4)))  # noqa: E731
             attacker = threading.Thread(target=attack, daemon=True)
             attacker.start()
             while attacker.is_alive():
@@ -177,7 +178,7 @@ def test_rapid_reset_from_4_hosts_loses_no_legitimate_call(service, tmp_path):
             f"{service}: {sent['n']} streams reset, legitimate calls {answered} answered, {len(failed)} failed; "
             f"RSS {start:.0f} -> peak {rss.peak:.0f} -> {settled[-1]:.0f} MB"
         )
-        assert sent["n"] > 1000 and answered >= 20 and not failed, (sent, answered, failed)
+        assert sent["n"] > 1000 and answered >= 15 and not failed, (sent, answered, failed)
         assert settled[-1] <= start + 10, (start, rss.peak, [round(r) for r in settled])
     finally:
         proc.stdin.close()
