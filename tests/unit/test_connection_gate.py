@@ -63,6 +63,13 @@ def score(address: str) -> int:
         client.close()
 
 
+def assert_one_line(caplog, pattern: str) -> None:
+    """Exactly one log line of the kind `pattern` starts with (its kind: the word after the peer), and it matches."""
+    kind = pattern.split(", ", 1)[1].split(":", 1)[0]
+    lines = [r.getMessage() for r in caplog.records if f", {kind}:" in r.getMessage()]
+    assert len(lines) == 1 and re.match(pattern, lines[0]), lines
+
+
 @pytest.fixture
 def server():
     srv = RewardServer(
@@ -78,12 +85,11 @@ def test_a_host_past_its_cap_is_reset_and_logged_while_others_are_served(server,
     assert None not in held
     assert connect(server.address) is None
     assert score(server.address) == 1  # from 127.0.0.1: another host, its own allowance
-    [line] = [r.getMessage() for r in caplog.records if "CONNECTION" in r.getMessage()]
-    assert re.match(
+    assert_one_line(
+        caplog,
         rf"refused a connection from ipv4:{ATTACKER}:\d+, CONNECTION: 3 connections from "
         rf"ipv4:{ATTACKER}; at most 3 \(max_connections_per_peer\)",
-        line,
-    ), line
+    )
     held.pop().close()  # a connection ends: the host may open another (once the gate has seen it end)
     deadline, again = time.monotonic() + 10, None
     while again is None and time.monotonic() < deadline:
@@ -204,12 +210,11 @@ def test_a_connection_past_the_reset_budget_is_closed_and_its_host_cools_down(ca
         assert closed_by_server(attacker) and closed_by_server(idle)
         assert connect(srv.address) is None  # cooling down
         assert score(srv.address) == 1  # 127.0.0.1: served
-        [line] = [r.getMessage() for r in caplog.records if "BUDGET" in r.getMessage()]
-        assert re.match(
+        assert_one_line(
+            caplog,
             rf"closed the connection of ipv4:{ATTACKER}:\d+, BUDGET: \d+ streams reset in 1 s; at most 4 "
             rf"\(max_unauthenticated_resets_per_second\); closed 2 unauthenticated connection\(s\) of ipv4:{ATTACKER}",
-            line,
-        ), line
+        )
         refused = [r.getMessage() for r in caplog.records if "CONNECTION" in r.getMessage()]
         assert refused and "(abuse_cooldown_seconds)" in refused[0], refused
         deadline, again = time.monotonic() + 10, None
