@@ -42,15 +42,31 @@ def describe(process: psutil.Process) -> str:
         return f"pid {process.pid}"
 
 
-def end_descendants(grace: float = 30.0, term_wait: float = 10.0) -> list[str]:
-    """Wait up to `grace` s for every descendant of this process to end (reaping them), then SIGTERM those
-    left and SIGKILL those still there after `term_wait` s; returns the ones alive after all that, named."""
-    me = psutil.Process()
+def descendants(spare: frozenset[psutil.Process] = frozenset()) -> list[psutil.Process]:
+    """This process's descendants, but those in `spare` and theirs (a caller's Ray started the job's
+    workers under its own raylet: they are that Ray's). A psutil.Process equals another only with the same
+    pid and start time, so a reused pid is not spared."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process not in spare and not spare.intersection(process.parents()):
+                found.append(process)
+        except psutil.Error:  # ended meanwhile
+            pass
+    return found
+
+
+def end_descendants(
+    grace: float = 30.0, term_wait: float = 10.0, spare: frozenset[psutil.Process] = frozenset()
+) -> list[str]:
+    """Wait up to `grace` s for every descendant of this process but `spare` (those it had before the
+    command: a caller's Ray, a test's servers) to end, reaping them; then SIGTERM those left and SIGKILL
+    those still there after `term_wait` s. Returns the ones alive after all that, named."""
     deadline = time.monotonic() + grace
-    while (left := me.children(recursive=True)) and time.monotonic() < deadline:
+    while (left := descendants(spare)) and time.monotonic() < deadline:
         psutil.wait_procs(left, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
     for signal_them in (psutil.Process.terminate, psutil.Process.kill):
-        if not (left := me.children(recursive=True)):
+        if not (left := descendants(spare)):
             return []
         names = ", ".join(map(describe, left))
         log.warning("%d process(es) still running; %s: %s", len(left), signal_them.__name__, names)
@@ -60,16 +76,18 @@ def end_descendants(grace: float = 30.0, term_wait: float = 10.0) -> list[str]:
             except psutil.Error:
                 pass
         psutil.wait_procs(left, timeout=term_wait)
-    return [describe(p) for p in me.children(recursive=True)]
+    return [describe(p) for p in descendants(spare)]
 
 
 @contextmanager
 def ending_descendants(grace: float = 10.0) -> Iterator[None]:
-    """Around a command: adopt its orphans; at its end, however it ends, end its descendants
-    (`end_descendants`) and say on stderr which, if any, could not be ended."""
+    """Around a command: adopt its orphans; at its end, however it ends, end the descendants it started
+    (`end_descendants`; those this process had before are left alone) and say on stderr which, if any,
+    could not be ended."""
+    before = frozenset(descendants())
     adopt_orphans()
     try:
         yield
     finally:
-        if left := end_descendants(grace):
+        if left := end_descendants(grace, spare=before):
             print(f"could not end {len(left)} process(es) this command started: {', '.join(left)}", file=sys.stderr)
