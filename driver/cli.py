@@ -114,7 +114,7 @@ def train_command(
     def started() -> None:  # once the data and model are checked: a bad input gets its error alone
         typer.echo(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}", err=True)
 
-    with ending_descendants():  # the actors' engines, ranks, replicas and Ray: all ended before we exit
+    with ending_descendants():  # the actors' engines, ranks, replicas and Ray: all ended before we report
         try:
             summary = train(cfg, resume=resume, progress=True, on_start=started, signals=signals)
         except (
@@ -138,27 +138,27 @@ def train_command(
             raise typer.Exit(signals.exit_code) from None
         except OSError as err:
             fail_on_full_disk(err, cfg.train.output_dir)
-        if signals.received or summary["preempted"]:
-            by = signals.name if signals.received else "`prorank stop --preempt`"
-            typer.echo(
-                f"stopped by {by} after step {summary['steps']}: checkpoint of it written under "
-                f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}",
-                err=True,
-            )
-            raise typer.Exit(signals.exit_code if signals.received else 143)
-        if summary["stopped"].startswith(NO_ROOM):
-            fail(f"stopped after step {summary['steps']}: {summary['stopped']}; free some space, then: {again}")
-        final, dev = summary["final"], summary["dev"]
-        figures = [f"reward {final['train/reward/total_mean']:.3f}"] if "train/reward/total_mean" in final else []
-        if "train/reward/format_mean" in final:
-            figures.append(f"format reward {final['train/reward/format_mean']:.3f} at the warmup's last step")
-        if dev:
-            before = f"{dev[0]['ndcg@10']:.4f} (step {dev[0]['step']}) -> " if len(dev) > 1 else ""
-            figures.append(f"dev nDCG@10 {before}{dev[-1]['ndcg@10']:.4f} (BM25 {summary['dev_bm25'] or 0:.4f})")
+    if signals.received or summary["preempted"]:
+        by = signals.name if signals.received else "`prorank stop --preempt`"
         typer.echo(
-            f"done: {summary['steps']} steps; {', '.join(figures) or 'no figures'}; model in {summary['model']}; "
-            f"summary in {Path(cfg.train.output_dir) / 'summary.json'}"
+            f"stopped by {by} after step {summary['steps']}: checkpoint of it written under "
+            f"{cfg.train.output_dir}; every actor and server was stopped; continue with: {again}",
+            err=True,
         )
+        raise typer.Exit(signals.exit_code if signals.received else 143)
+    if summary["stopped"].startswith(NO_ROOM):
+        fail(f"stopped after step {summary['steps']}: {summary['stopped']}; free some space, then: {again}")
+    final, dev = summary["final"], summary["dev"]
+    figures = [f"reward {final['train/reward/total_mean']:.3f}"] if "train/reward/total_mean" in final else []
+    if "train/reward/format_mean" in final:
+        figures.append(f"format reward {final['train/reward/format_mean']:.3f} at the warmup's last step")
+    if dev:
+        before = f"{dev[0]['ndcg@10']:.4f} (step {dev[0]['step']}) -> " if len(dev) > 1 else ""
+        figures.append(f"dev nDCG@10 {before}{dev[-1]['ndcg@10']:.4f} (BM25 {summary['dev_bm25'] or 0:.4f})")
+    typer.echo(
+        f"done: {summary['steps']} steps; {', '.join(figures) or 'no figures'}; model in {summary['model']}; "
+        f"summary in {Path(cfg.train.output_dir) / 'summary.json'}"
+    )
 
 
 @app.command("convert-gguf")

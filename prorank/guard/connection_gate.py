@@ -123,7 +123,7 @@ class ConnectionGate:
         self._names = (f"prorank-gate-{os.getpid()}-{id(self):x}-{n}" for n in itertools.count())
         self._peers: dict[str, str] = {}  # 'unix-abstract:<name>' -> the caller's peer, read by gRPC's threads
         self._recent: OrderedDict[str, str] = OrderedDict()  # the same, for the last RECENT_PEERS closed
-        self._by_name: dict[str, _Relay] = {}
+        self._by_name: dict[str, _Relay] = {}  # each relay once, by its name
         self._per_host: dict[str, int] = {}
         self._relays: dict[socket.socket, _Relay] = {}
         self._selector = selectors.DefaultSelector()
@@ -160,7 +160,7 @@ class ConnectionGate:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        for relay in {id(r): r for r in self._relays.values()}.values():
+        for relay in list(self._by_name.values()):
             self._close(relay)
         self._selector.close()
         self._listener.close()
@@ -270,8 +270,7 @@ class ConnectionGate:
         assert self.budget is not None  # only a budgeted connection is charged
         self.budget.cool_down(relay.host)
         peer = self._peers.get(relay.name, relay.host)
-        others = [r for r in {id(r): r for r in self._relays.values()}.values() if r.host == relay.host]
-        expelled = [r for r in others if r is relay or r.frames is not None]
+        expelled = [r for r in self._by_name.values() if r is relay or (r.host == relay.host and r.frames is not None)]
         for r in expelled:
             r.outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
             self._close(r)

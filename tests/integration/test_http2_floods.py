@@ -29,43 +29,28 @@ def group(i: int = 0) -> reward_pb2.Group:
     return reward_pb2.Group(request_id=f"r{i}", query_id="q1", doc_id="d1", completions=["1", "0"])
 
 
-@pytest.mark.parametrize("shape", ["oversized headers"])
-def test_http2_floods_across_64_connections(shape):
+def test_oversized_headers_across_64_connections():
     """Without the token, on 64 connections for 10 s from another loopback host, against a reward server
-    process of its own after a 5 s round that warms it up: HTTP/2 rapid reset (HEADERS then RST_STREAM,
-    stream after stream), or calls whose header block (10,000 headers) is past gRPC's metadata limit; a
-    connection the server refuses or closes is opened again at once. Legitimate Score calls (a 5 s
-    deadline, no retry) go on beside it, and RSS is measured once the attack has ended.
+    process of its own after a 5 s round that warms it up: calls whose header block (10,000 headers) is past
+    gRPC's metadata limit; a connection the server refuses or closes is opened again at once. Legitimate
+    Score calls (a 5 s deadline, no retry) go on beside it, and RSS is measured once the attack has ended.
+    (Rapid reset: test_rapid_reset_from_4_hosts_loses_no_legitimate_call, below.)
 
     Every legitimate call is answered: the cap on connections per host (16) leaves the attacker 16 of its
-    64 (without it, 1-4 of ~60 oversized-header calls timed out on 2 cores). RSS: rapid reset grows it by a
-    few MB a round (~4.5 MB per 3 M resets, inside gRPC core: noticed, not fixed), bounded here at +25 MB;
-    oversized headers: back within 10 MB of the start, from a peak of ~240 (the server returns freed memory to the
-    system every 2 s; without that it stayed +150 MB). Not 10%: from a 57 MB start CI once ended 6.0 MB up.
-    RSS is read every 0.5 s for at least 5 s and at most 20 s after the attack, until it is within the bound:
-    a fixed 5 s wait once read +10.2 MB in CI where 3-4 MB is usual here."""
-    flood = rapid_reset if shape == "rapid reset" else oversized_headers
-    code = (
-        "import sys; from prorank.settings.config import RewardConfig; from reward.server import RewardServer; "
-        f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start(); "
-        "print(s.address, flush=True); sys.stdin.read()"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    64 (without it, 1-4 of ~60 oversized-header calls timed out on 2 cores). RSS: back within 10 MB of the
+    start, from a peak of ~240 (the server returns freed memory to the system every 2 s; without that it
+    stayed +150 MB). Not 10%: from a 57 MB start CI once ended 6.0 MB up. RSS is read every 0.5 s for at
+    least 5 s and at most 20 s after the attack, until it is within the bound: a fixed 5 s wait once read
+    +10.2 MB in CI where 3-4 MB is usual here."""
+    proc = start_server("reward", subprocess.DEVNULL)
     try:
         address = proc.stdout.readline().strip()
-        asyncio.run(flood(address, SCORE, 64, seconds=5))  # the warm-up round
+        asyncio.run(oversized_headers(address, SCORE, 64, seconds=5))  # the warm-up round
         time.sleep(5.0)  # freed memory goes back to the system every 2 s
         client = SyncRewardClient([address], TOKEN, timeout=5.0, retries=0)
         with PeakRss(proc.pid) as rss:
             start, sent, failed = rss.rss(), {}, []
-            attack = lambda: sent.update(n=asyncio.run(flood(address, SCORE, 64, 10)))  # noqa: E731
+            attack = lambda: sent.update(n=asyncio.run(oversized_headers(address, SCORE, 64, 10)))  # noqa: E731
             attacker = threading.Thread(target=attack, daemon=True)
             attacker.start()
             answered = 0
@@ -78,19 +63,14 @@ def test_http2_floods_across_64_connections(shape):
                     failed.append(err.code)
                 time.sleep(0.2)
             attacker.join(timeout=30)
-            bound = start + (25 if shape == "rapid reset" else 10)
-            settled = [rss.rss()]  # freed memory goes back every 2 s: wait (bounded) until it has
-            for _ in range(40):
-                if settled[-1] <= bound and len(settled) >= 10:
-                    break
-                time.sleep(0.5)
-                settled.append(rss.rss())
+            bound = start + 10
+            settled = settled_rss(rss, bound)
             after = settled[-1]
         (res,) = client.score([group()])  # answered once the attack is over
         client.close()
         print(
-            f"{shape}: {sent['n']} sent, legitimate calls {answered} answered, {len(failed)} failed {failed}; "
-            f"RSS {start:.0f} -> peak {rss.peak:.0f} -> {after:.0f} MB"
+            f"oversized headers: {sent['n']} sent, legitimate calls {answered} answered, {len(failed)} failed "
+            f"{failed}; RSS {start:.0f} -> peak {rss.peak:.0f} -> {after:.0f} MB"
         )
         assert sent["n"] > 1000 and res.label == 1, (sent, answered, failed)
         assert answered >= 10 and not failed, (answered, failed)
@@ -109,6 +89,26 @@ SERVERS = {  # a server process of its own, printing its address; the weight ser
     f"s = WeightServer('{TOKEN}', limits=ServerLimits(max_connections_per_peer=16)).start(); "
     "s.publisher.publish(1, {'w': torch.arange(2**14, dtype=torch.float32)})",
 }
+
+
+def start_server(service: str, stderr) -> subprocess.Popen:
+    """SERVERS[service] in a process of its own; its first line of output is its address."""
+    code = f"import sys; {SERVERS[service]}; print(s.address, flush=True); sys.stdin.read()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+
+
+def settled_rss(rss: PeakRss, bound: float) -> list[float]:
+    """RSS read every 0.5 s after an attack (freed memory goes back every 2 s), for at least 5 s and until
+    it is within `bound`, at most 20 s: the readings."""
+    settled = [rss.rss()]
+    for _ in range(40):
+        if settled[-1] <= bound and len(settled) >= 10:
+            break
+        time.sleep(0.5)
+        settled.append(rss.rss())
+    return settled
 
 
 def legitimate_call(channel: grpc.Channel, service: str) -> None:
@@ -134,14 +134,7 @@ def test_rapid_reset_from_4_hosts_loses_no_legitimate_call(service, tmp_path):
     them, 127.0.0.x and port) and cools their hosts down; RSS is back within 10 MB of the start."""
     log = tmp_path / "server.log"
     with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", f"import sys; {SERVERS[service]}; print(s.address, flush=True); sys.stdin.read()"],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
+        proc = start_server(service, err)
     path = SCORE if service == "reward" else FETCH
     try:
         address = proc.stdout.readline().strip()
@@ -166,12 +159,7 @@ def test_rapid_reset_from_4_hosts_loses_no_legitimate_call(service, tmp_path):
                         fresh.close()
                 time.sleep(0.1)
             attacker.join(timeout=30)
-            settled = [rss.rss()]  # freed memory goes back every 2 s: wait (bounded) until it has
-            for _ in range(40):
-                if settled[-1] <= start + 10 and len(settled) >= 10:
-                    break
-                time.sleep(0.5)
-                settled.append(rss.rss())
+            settled = settled_rss(rss, start + 10)
         legitimate_call(kept, service)
         kept.close()
         print(
