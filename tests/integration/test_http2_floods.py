@@ -29,58 +29,6 @@ def group(i: int = 0) -> reward_pb2.Group:
     return reward_pb2.Group(request_id=f"r{i}", query_id="q1", doc_id="d1", completions=["1", "0"])
 
 
-def test_oversized_headers_across_64_connections():
-    """Without the token, on 64 connections for 10 s from another loopback host, against a reward server
-    process of its own after a 5 s round that warms it up: calls whose header block (10,000 headers) is past
-    gRPC's metadata limit; a connection the server refuses or closes is opened again at once. Legitimate
-    Score calls (a 5 s deadline, no retry) go on beside it, and RSS is measured once the attack has ended.
-    (Rapid reset: test_rapid_reset_from_4_hosts_loses_no_legitimate_call, below.)
-
-    Every legitimate call is answered: the cap on connections per host (16) leaves the attacker 16 of its
-    64 (without it, 1-4 of ~60 oversized-header calls timed out on 2 cores). RSS: back within 10 MB of the
-    start, from a peak of ~240 (the server returns freed memory to the system every 2 s; without that it
-    stayed +150 MB). Not 10%: from a 57 MB start CI once ended 6.0 MB up. RSS is read every 0.5 s for at
-    least 5 s and at most 20 s after the attack, until it is within the bound: a fixed 5 s wait once read
-    +10.2 MB in CI where 3-4 MB is usual here."""
-    proc = start_server("reward", subprocess.DEVNULL)
-    try:
-        address = proc.stdout.readline().strip()
-        asyncio.run(oversized_headers(address, SCORE, 64, seconds=5))  # the warm-up round
-        time.sleep(5.0)  # freed memory goes back to the system every 2 s
-        client = SyncRewardClient([address], TOKEN, timeout=5.0, retries=0)
-        with PeakRss(proc.pid) as rss:
-            start, sent, failed = rss.rss(), {}, []
-            attack = lambda: sent.update(n=asyncio.run(oversized_headers(address, SCORE, 64, 10)))  # noqa: E731
-            attacker = threading.Thread(target=attack, daemon=True)
-            attacker.start()
-            answered = 0
-            while attacker.is_alive():
-                try:
-                    (res,) = client.score([group(answered)])
-                    assert res.label == 1
-                    answered += 1
-                except RewardError as err:
-                    failed.append(err.code)
-                time.sleep(0.2)
-            attacker.join(timeout=30)
-            bound = start + 10
-            settled = settled_rss(rss, bound)
-            after = settled[-1]
-        (res,) = client.score([group()])  # answered once the attack is over
-        client.close()
-        print(
-            f"oversized headers: {sent['n']} sent, legitimate calls {answered} answered, {len(failed)} failed "
-            f"{failed}; RSS {start:.0f} -> peak {rss.peak:.0f} -> {after:.0f} MB"
-        )
-        assert sent["n"] > 1000 and res.label == 1, (sent, answered, failed)
-        assert answered >= 10 and not failed, (answered, failed)
-        assert after <= bound, (start, rss.peak, [round(r) for r in settled])
-    finally:
-        proc.stdin.close()
-        proc.kill()
-        proc.wait(timeout=30)
-
-
 SERVERS = {  # a server process of its own, printing its address; the weight server with its accept layer on
     "reward": "from prorank.settings.config import RewardConfig; from prorank.reward.server import RewardServer; "
     f"s = RewardServer({{'q1': {{'d1': 1}}}}, RewardConfig(port=0), '{TOKEN}').start()",
@@ -176,3 +124,55 @@ def test_rapid_reset_from_4_hosts_loses_no_legitimate_call(service, tmp_path):
     hosts = {h for h in attacking_hosts(4) if any(f"ipv4:{h}:" in line for line in closed)}
     assert closed and hosts, log.read_text()[-2000:]
     assert all("BUDGET" in line and "unix-abstract" not in line for line in closed), closed[:3]
+
+
+def test_oversized_headers_across_64_connections():
+    """Without the token, on 64 connections for 10 s from another loopback host, against a reward server
+    process of its own after a 5 s round that warms it up: calls whose header block (10,000 headers) is past
+    gRPC's metadata limit; a connection the server refuses or closes is opened again at once. Legitimate
+    Score calls (a 5 s deadline, no retry) go on beside it, and RSS is measured once the attack has ended.
+    (Rapid reset: test_rapid_reset_from_4_hosts_loses_no_legitimate_call, below.)
+
+    Every legitimate call is answered: the cap on connections per host (16) leaves the attacker 16 of its
+    64 (without it, 1-4 of ~60 oversized-header calls timed out on 2 cores). RSS: back within 10 MB of the
+    start, from a peak of ~240 (the server returns freed memory to the system every 2 s; without that it
+    stayed +150 MB). Not 10%: from a 57 MB start CI once ended 6.0 MB up. RSS is read every 0.5 s for at
+    least 5 s and at most 20 s after the attack, until it is within the bound: a fixed 5 s wait once read
+    +10.2 MB in CI where 3-4 MB is usual here."""
+    proc = start_server("reward", subprocess.DEVNULL)
+    try:
+        address = proc.stdout.readline().strip()
+        asyncio.run(oversized_headers(address, SCORE, 64, seconds=5))  # the warm-up round
+        time.sleep(5.0)  # freed memory goes back to the system every 2 s
+        client = SyncRewardClient([address], TOKEN, timeout=5.0, retries=0)
+        with PeakRss(proc.pid) as rss:
+            start, sent, failed = rss.rss(), {}, []
+            attack = lambda: sent.update(n=asyncio.run(oversized_headers(address, SCORE, 64, 10)))  # noqa: E731
+            attacker = threading.Thread(target=attack, daemon=True)
+            attacker.start()
+            answered = 0
+            while attacker.is_alive():
+                try:
+                    (res,) = client.score([group(answered)])
+                    assert res.label == 1
+                    answered += 1
+                except RewardError as err:
+                    failed.append(err.code)
+                time.sleep(0.2)
+            attacker.join(timeout=30)
+            bound = start + 10
+            settled = settled_rss(rss, bound)
+            after = settled[-1]
+        (res,) = client.score([group()])  # answered once the attack is over
+        client.close()
+        print(
+            f"oversized headers: {sent['n']} sent, legitimate calls {answered} answered, {len(failed)} failed "
+            f"{failed}; RSS {start:.0f} -> peak {rss.peak:.0f} -> {after:.0f} MB"
+        )
+        assert sent["n"] > 1000 and res.label == 1, (sent, answered, failed)
+        assert answered >= 10 and not failed, (answered, failed)
+        assert after <= bound, (start, rss.peak, [round(r) for r in settled])
+    finally:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait(timeout=30)
